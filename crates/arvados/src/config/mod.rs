@@ -1,0 +1,520 @@
+//! The Arvados cluster configuration as the dispatcher reads it.
+//!
+//! Owns: the typed structs for every key the dispatcher uses (spec Appendix A), their defaults
+//! (equal to Arvados' `config.default.yml`, checked by a test against the real file), and the
+//! loader (`load`) that finds the file, picks the cluster, and reports bad values with their
+//! full key path. Keys the dispatcher does not use are accepted and ignored.
+//! `DriverParameters` stays raw YAML: each cloud driver parses its own.
+
+mod load;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use load::{ConfigError, ConfigSource, load_cluster, load_cluster_from_str};
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// One cluster's configuration (`Clusters.<id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Cluster {
+    /// The cluster map key (5 characters); set by the loader, not read from the file.
+    #[serde(rename = "ClusterID", skip_deserializing)]
+    pub cluster_id: String,
+    #[serde(rename = "SystemRootToken")]
+    pub system_root_token: String,
+    #[serde(rename = "ManagementToken")]
+    pub management_token: String,
+    #[serde(rename = "Services")]
+    pub services: Services,
+    #[serde(rename = "PostgreSQL")]
+    pub postgresql: PostgreSql,
+    #[serde(rename = "API")]
+    pub api: Api,
+    #[serde(rename = "TLS")]
+    pub tls: Tls,
+    #[serde(rename = "SystemLogs")]
+    pub system_logs: SystemLogs,
+    #[serde(rename = "Containers")]
+    pub containers: Containers,
+    /// Keyed by the Arvados instance type name.
+    #[serde(rename = "InstanceTypes", deserialize_with = "instance_type_map")]
+    pub instance_types: BTreeMap<String, InstanceType>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            cluster_id: String::new(),
+            system_root_token: String::new(),
+            management_token: String::new(),
+            services: Services::default(),
+            postgresql: PostgreSql::default(),
+            api: Api::default(),
+            tls: Tls::default(),
+            system_logs: SystemLogs::default(),
+            containers: Containers::default(),
+            instance_types: BTreeMap::new(),
+        }
+    }
+}
+
+/// `Services`: only the entries the dispatcher uses are typed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Services {
+    #[serde(rename = "Controller")]
+    pub controller: Service,
+    #[serde(rename = "DispatchCloud")]
+    pub dispatch_cloud: Service,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Service {
+    /// Keyed by internal URL.
+    #[serde(rename = "InternalURLs", deserialize_with = "url_keyed_map")]
+    pub internal_urls: BTreeMap<String, ServiceInstance>,
+    #[serde(rename = "ExternalURL", deserialize_with = "optional_url")]
+    pub external_url: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceInstance {
+    #[serde(rename = "ListenURL", deserialize_with = "optional_url")]
+    pub listen_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PostgreSql {
+    /// libpq-style connection parameters (`host`, `port`, `user`, `password`, `dbname`, …).
+    #[serde(rename = "Connection", deserialize_with = "string_map")]
+    pub connection: BTreeMap<String, String>,
+    #[serde(rename = "ConnectionPool")]
+    pub connection_pool: i64,
+}
+
+impl Default for PostgreSql {
+    fn default() -> Self {
+        let connection = ["host", "port", "user", "password", "dbname"]
+            .into_iter()
+            .map(|k| (k.to_string(), String::new()))
+            .collect();
+        PostgreSql {
+            connection,
+            connection_pool: 32,
+        }
+    }
+}
+
+impl PostgreSql {
+    /// True when a database is configured, so the single-dispatcher lock must be taken.
+    pub fn is_configured(&self) -> bool {
+        self.connection.values().any(|v| !v.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Api {
+    #[serde(rename = "MaxConcurrentRequests")]
+    pub max_concurrent_requests: i64,
+    #[serde(rename = "MaxItemsPerResponse")]
+    pub max_items_per_response: i64,
+    #[serde(rename = "RequestTimeout", with = "units::duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            max_concurrent_requests: 64,
+            max_items_per_response: 1000,
+            request_timeout: secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Tls {
+    #[serde(rename = "Insecure")]
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SystemLogs {
+    #[serde(rename = "Format")]
+    pub format: String,
+    #[serde(rename = "LogLevel")]
+    pub log_level: String,
+}
+
+impl Default for SystemLogs {
+    fn default() -> Self {
+        SystemLogs {
+            format: "json".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// `Containers` (spec Appendix A.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Containers {
+    #[serde(rename = "CrunchRunCommand")]
+    pub crunch_run_command: String,
+    #[serde(rename = "CrunchRunArgumentsList")]
+    pub crunch_run_arguments_list: Vec<String>,
+    #[serde(rename = "RuntimeEngine")]
+    pub runtime_engine: String,
+    /// PEM text, or `file:///abs/path`. Secret: never logged.
+    #[serde(rename = "DispatchPrivateKey")]
+    pub dispatch_private_key: String,
+    #[serde(rename = "StaleLockTimeout", with = "units::duration")]
+    pub stale_lock_timeout: Duration,
+    #[serde(rename = "ReserveExtraRAM", with = "units::byte_size")]
+    pub reserve_extra_ram: i64,
+    #[serde(rename = "LocalKeepBlobBuffersPerVCPU")]
+    pub local_keep_blob_buffers_per_vcpu: i64,
+    #[serde(rename = "MaximumPriceFactor")]
+    pub maximum_price_factor: f64,
+    #[serde(rename = "PreemptiblePriceFactor")]
+    pub preemptible_price_factor: f64,
+    #[serde(rename = "AlwaysUsePreemptibleInstances")]
+    pub always_use_preemptible_instances: bool,
+    #[serde(rename = "MaxDispatchAttempts")]
+    pub max_dispatch_attempts: i64,
+    #[serde(rename = "DefaultKeepCacheRAM", with = "units::byte_size")]
+    pub default_keep_cache_ram: i64,
+    #[serde(rename = "MinRetryPeriod", with = "units::duration")]
+    pub min_retry_period: Duration,
+    #[serde(rename = "CloudVMs")]
+    pub cloud_vms: CloudVms,
+}
+
+impl Default for Containers {
+    fn default() -> Self {
+        Containers {
+            crunch_run_command: "crunch-run".into(),
+            crunch_run_arguments_list: Vec::new(),
+            runtime_engine: "docker".into(),
+            dispatch_private_key: String::new(),
+            stale_lock_timeout: secs(60),
+            reserve_extra_ram: 550 << 20,
+            local_keep_blob_buffers_per_vcpu: 1,
+            maximum_price_factor: 1.5,
+            preemptible_price_factor: 0.0,
+            always_use_preemptible_instances: false,
+            max_dispatch_attempts: 10,
+            default_keep_cache_ram: 0,
+            min_retry_period: Duration::ZERO,
+            cloud_vms: CloudVms::default(),
+        }
+    }
+}
+
+/// `Containers.CloudVMs` (spec Appendix A.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CloudVms {
+    #[serde(rename = "Enable")]
+    pub enable: bool,
+    /// A port number or service name; YAML integers are accepted too.
+    #[serde(rename = "SSHPort", deserialize_with = "string_or_number")]
+    pub ssh_port: String,
+    #[serde(rename = "PollInterval", with = "units::duration")]
+    pub poll_interval: Duration,
+    #[serde(rename = "BootProbeCommand")]
+    pub boot_probe_command: String,
+    #[serde(rename = "ProbeInterval", with = "units::duration")]
+    pub probe_interval: Duration,
+    #[serde(rename = "MaxProbesPerSecond")]
+    pub max_probes_per_second: f64,
+    #[serde(rename = "TimeoutSignal", with = "units::duration")]
+    pub timeout_signal: Duration,
+    #[serde(rename = "TimeoutStaleRunLock", with = "units::duration")]
+    pub timeout_stale_run_lock: Duration,
+    #[serde(rename = "TimeoutTERM", with = "units::duration")]
+    pub timeout_term: Duration,
+    #[serde(rename = "MaxCloudOpsPerSecond")]
+    pub max_cloud_ops_per_second: f64,
+    #[serde(rename = "MaxConcurrentInstanceCreateOps")]
+    pub max_concurrent_instance_create_ops: i64,
+    #[serde(rename = "MaxInstances")]
+    pub max_instances: i64,
+    #[serde(rename = "MaxRunningContainersPerInstance")]
+    pub max_running_containers_per_instance: i64,
+    #[serde(rename = "InitialQuotaEstimate")]
+    pub initial_quota_estimate: i64,
+    #[serde(rename = "SupervisorFraction")]
+    pub supervisor_fraction: f64,
+    #[serde(rename = "SyncInterval", with = "units::duration")]
+    pub sync_interval: Duration,
+    #[serde(rename = "TimeoutIdle", with = "units::duration")]
+    pub timeout_idle: Duration,
+    #[serde(rename = "TimeoutBooting", with = "units::duration")]
+    pub timeout_booting: Duration,
+    #[serde(rename = "TimeoutProbe", with = "units::duration")]
+    pub timeout_probe: Duration,
+    #[serde(rename = "TimeoutShutdown", with = "units::duration")]
+    pub timeout_shutdown: Duration,
+    #[serde(rename = "ImageID")]
+    pub image_id: String,
+    #[serde(rename = "InstanceInitCommand")]
+    pub instance_init_command: String,
+    #[serde(rename = "DeployRunnerBinary")]
+    pub deploy_runner_binary: String,
+    #[serde(rename = "DeployRunnerDirectory")]
+    pub deploy_runner_directory: String,
+    #[serde(rename = "DeployPublicKey")]
+    pub deploy_public_key: bool,
+    #[serde(rename = "ResourceTags", deserialize_with = "string_map")]
+    pub resource_tags: BTreeMap<String, String>,
+    #[serde(rename = "TagKeyPrefix")]
+    pub tag_key_prefix: String,
+    #[serde(rename = "Driver")]
+    pub driver: String,
+    /// Driver-specific settings, merged over Arvados' defaults; each driver parses its own.
+    #[serde(rename = "DriverParameters")]
+    pub driver_parameters: serde_norway::Value,
+}
+
+impl Default for CloudVms {
+    fn default() -> Self {
+        CloudVms {
+            enable: false,
+            ssh_port: "22".into(),
+            poll_interval: secs(10),
+            boot_probe_command: "systemctl is-system-running".into(),
+            probe_interval: secs(10),
+            max_probes_per_second: 10.0,
+            timeout_signal: secs(5),
+            timeout_stale_run_lock: secs(5),
+            timeout_term: secs(120),
+            max_cloud_ops_per_second: 10.0,
+            max_concurrent_instance_create_ops: 1,
+            max_instances: 64,
+            max_running_containers_per_instance: 0,
+            initial_quota_estimate: 0,
+            supervisor_fraction: 0.5,
+            sync_interval: secs(60),
+            timeout_idle: secs(60),
+            timeout_booting: secs(600),
+            timeout_probe: secs(600),
+            timeout_shutdown: secs(10),
+            image_id: String::new(),
+            instance_init_command: String::new(),
+            deploy_runner_binary: "/proc/self/exe".into(),
+            deploy_runner_directory: "/tmp/arvados-crunch-run".into(),
+            deploy_public_key: true,
+            resource_tags: BTreeMap::new(),
+            tag_key_prefix: "Arvados".into(),
+            driver: "ec2".into(),
+            driver_parameters: default_driver_parameters(),
+        }
+    }
+}
+
+/// Arvados' default `DriverParameters` (EC2 and Azure keys), which a cluster's own
+/// `DriverParameters` is merged over, key by key, as Arvados does.
+pub fn default_driver_parameters() -> serde_norway::Value {
+    const DEFAULTS: &str = r#"
+AccessKeyID: ""
+SecretAccessKey: ""
+Region: ""
+SecurityGroupIDs: {}
+SubnetID: ""
+EBSVolumeType: gp2
+IAMInstanceProfile: ""
+SpotPriceUpdateInterval: 24h
+EBSPrice: 0.10
+InstanceTypeQuotaGroups:
+  a: standard
+  c: standard
+  d: standard
+  h: standard
+  i: standard
+  m: standard
+  r: standard
+  t: standard
+  z: standard
+  vt: g
+  p5: p5
+SubscriptionID: ""
+ClientID: ""
+ClientSecret: ""
+TenantID: ""
+CloudEnvironment: AzurePublicCloud
+Location: centralus
+ResourceGroup: ""
+NetworkResourceGroup: ""
+Network: ""
+Subnet: ""
+ImageResourceGroup: ""
+SharedImageGalleryName: ""
+SharedImageGalleryImageVersion: ""
+StorageAccount: ""
+BlobContainer: ""
+DeleteDanglingResourcesAfter: 20s
+AdminUsername: crunch
+"#;
+    serde_norway::from_str(DEFAULTS).expect("built-in DriverParameters defaults are valid YAML")
+}
+
+/// One entry of `InstanceTypes` (spec Appendix A.4), with the derived fields filled in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InstanceType {
+    /// The map key; a `Name` given in the file must equal it.
+    #[serde(rename = "Name")]
+    pub name: String,
+    /// The cloud's own type name; defaults to `name`.
+    #[serde(rename = "ProviderType")]
+    pub provider_type: String,
+    #[serde(rename = "VCPUs")]
+    pub vcpus: i64,
+    #[serde(rename = "RAM", with = "units::byte_size")]
+    pub ram: i64,
+    /// Derived: `included_scratch + added_scratch` (a configured value is ignored).
+    #[serde(rename = "Scratch", with = "units::byte_size")]
+    pub scratch: i64,
+    #[serde(rename = "IncludedScratch", with = "units::byte_size")]
+    pub included_scratch: i64,
+    #[serde(rename = "AddedScratch", with = "units::byte_size")]
+    pub added_scratch: i64,
+    /// Hourly price in dollars (also the EC2 spot bid).
+    #[serde(rename = "Price")]
+    pub price: f64,
+    #[serde(rename = "Preemptible")]
+    pub preemptible: bool,
+    #[serde(rename = "GPU")]
+    pub gpu: GpuFeatures,
+    /// Legacy pre-`GPU` form; converted into `gpu` by the loader.
+    #[serde(rename = "CUDA", skip_serializing)]
+    pub cuda: Option<LegacyCuda>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpuFeatures {
+    /// `cuda`, `rocm`, or empty for no GPU.
+    #[serde(rename = "Stack")]
+    pub stack: String,
+    #[serde(rename = "DriverVersion", deserialize_with = "string_or_number")]
+    pub driver_version: String,
+    #[serde(rename = "HardwareTarget", deserialize_with = "string_or_number")]
+    pub hardware_target: String,
+    #[serde(rename = "DeviceCount")]
+    pub device_count: i64,
+    /// Per-GPU memory.
+    #[serde(rename = "VRAM", with = "units::byte_size")]
+    pub vram: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LegacyCuda {
+    #[serde(rename = "DriverVersion", deserialize_with = "string_or_number")]
+    pub driver_version: String,
+    #[serde(rename = "HardwareCapability", deserialize_with = "string_or_number")]
+    pub hardware_capability: String,
+    #[serde(rename = "DeviceCount")]
+    pub device_count: i64,
+}
+
+// ---- field deserializers -------------------------------------------------------------------
+
+/// Go's config treats some strings loosely (`SSHPort: 22`, `DriverVersion: 11.0`); accept a
+/// YAML number where a string is expected, keeping its text.
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum S {
+        Str(String),
+        Int(i64),
+        Float(f64),
+    }
+    Ok(
+        match S::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("invalid value: expected a string or a number"))?
+        {
+            S::Str(s) => s,
+            S::Int(i) => i.to_string(),
+            S::Float(f) => {
+                let s = f.to_string();
+                // YAML `11.0` must stay "11.0", not "11".
+                if s.contains('.') { s } else { format!("{s}.0") }
+            }
+        },
+    )
+}
+
+fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    struct W(#[serde(deserialize_with = "string_or_number")] String);
+    let m: BTreeMap<String, W> = BTreeMap::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, W(v))| (k, v)).collect())
+}
+
+fn check_url<E: serde::de::Error>(s: &str) -> Result<(), E> {
+    url::Url::parse(s)
+        .map(|_| ())
+        .map_err(|e| E::custom(format!("invalid URL {s:?}: {e}")))
+}
+
+fn optional_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if !s.is_empty() {
+        check_url::<D::Error>(&s)?;
+    }
+    Ok(s)
+}
+
+fn url_keyed_map<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, ServiceInstance>, D::Error> {
+    let m: BTreeMap<String, ServiceInstance> = BTreeMap::deserialize(d)?;
+    for k in m.keys() {
+        check_url::<D::Error>(k)?;
+    }
+    Ok(m)
+}
+
+fn instance_type_map<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, InstanceType>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = BTreeMap<String, InstanceType>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of instance types keyed by name")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = a.next_entry::<String, InstanceType>()? {
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(serde::de::Error::custom(
+                "must be a map keyed by instance type name, not a list",
+            ))
+        }
+    }
+    d.deserialize_any(V)
+}

@@ -1,0 +1,246 @@
+//! Arvados API records as a dispatcher reads them: containers, container lists and API tokens.
+//!
+//! Every field has a default, so partial (`select=…`) responses decode; unknown fields are
+//! ignored; `null` decodes as the field's empty value (Rails sends null where the Go controller
+//! sends `""` or `0`, and clients must not care).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Container states (`arvados-api-contract.md` A.2.1).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+pub enum ContainerState {
+    #[default]
+    Queued,
+    Locked,
+    Running,
+    Complete,
+    Cancelled,
+}
+
+impl ContainerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerState::Queued => "Queued",
+            ContainerState::Locked => "Locked",
+            ContainerState::Running => "Running",
+            ContainerState::Complete => "Complete",
+            ContainerState::Cancelled => "Cancelled",
+        }
+    }
+
+    /// Complete and Cancelled never change again (except Complete→Cancelled by an admin).
+    pub fn is_final(self) -> bool {
+        matches!(self, ContainerState::Complete | ContainerState::Cancelled)
+    }
+}
+
+impl std::fmt::Display for ContainerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A container record. Fields not selected in a request keep their defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Container {
+    #[serde(deserialize_with = "nullable")]
+    pub uuid: String,
+    #[serde(deserialize_with = "nullable")]
+    pub owner_uuid: String,
+    #[serde(deserialize_with = "nullable")]
+    pub state: ContainerState,
+    #[serde(deserialize_with = "nullable")]
+    pub priority: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub locked_by_uuid: String,
+    #[serde(deserialize_with = "nullable")]
+    pub lock_count: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub auth_uuid: String,
+    #[serde(deserialize_with = "nullable")]
+    pub container_image: String,
+    #[serde(deserialize_with = "nullable")]
+    pub command: Vec<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub cwd: String,
+    #[serde(deserialize_with = "nullable")]
+    pub environment: BTreeMap<String, String>,
+    #[serde(deserialize_with = "nullable")]
+    pub output_path: String,
+    #[serde(deserialize_with = "nullable")]
+    pub mounts: BTreeMap<String, Mount>,
+    #[serde(deserialize_with = "nullable")]
+    pub runtime_constraints: RuntimeConstraints,
+    #[serde(deserialize_with = "nullable")]
+    pub scheduling_parameters: SchedulingParameters,
+    #[serde(deserialize_with = "nullable")]
+    pub runtime_status: serde_json::Map<String, serde_json::Value>,
+    #[serde(deserialize_with = "nullable")]
+    pub runtime_user_uuid: String,
+    pub exit_code: Option<i64>,
+    #[serde(deserialize_with = "nullable")]
+    pub log: String,
+    #[serde(deserialize_with = "nullable")]
+    pub output: String,
+    #[serde(deserialize_with = "nullable")]
+    pub progress: f64,
+    #[serde(deserialize_with = "nullable")]
+    pub cost: f64,
+    #[serde(deserialize_with = "nullable")]
+    pub gateway_address: String,
+    pub created_at: Option<DateTime<Utc>>,
+    pub modified_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// `runtime_constraints`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RuntimeConstraints {
+    #[serde(rename = "API", deserialize_with = "nullable")]
+    pub api: bool,
+    #[serde(deserialize_with = "nullable")]
+    pub ram: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub vcpus: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub keep_cache_ram: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub keep_cache_disk: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub gpu: GpuConstraints,
+}
+
+/// `runtime_constraints.gpu`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpuConstraints {
+    #[serde(deserialize_with = "nullable")]
+    pub device_count: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub driver_version: String,
+    #[serde(deserialize_with = "nullable")]
+    pub hardware_target: Vec<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub stack: String,
+    /// Per-GPU memory in bytes.
+    #[serde(deserialize_with = "nullable")]
+    pub vram: i64,
+}
+
+/// `scheduling_parameters`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SchedulingParameters {
+    #[serde(deserialize_with = "nullable")]
+    pub partitions: Vec<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub preemptible: bool,
+    #[serde(deserialize_with = "nullable")]
+    pub max_run_time: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub supervisor: bool,
+}
+
+/// One entry of `mounts`. The dispatcher only needs `kind` and `capacity` (tmp mounts).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Mount {
+    #[serde(deserialize_with = "nullable")]
+    pub kind: String,
+    #[serde(deserialize_with = "nullable")]
+    pub writable: bool,
+    #[serde(deserialize_with = "nullable")]
+    pub portable_data_hash: String,
+    #[serde(deserialize_with = "nullable")]
+    pub uuid: String,
+    #[serde(deserialize_with = "nullable")]
+    pub device_type: String,
+    #[serde(deserialize_with = "nullable")]
+    pub path: String,
+    pub content: Option<serde_json::Value>,
+    #[serde(deserialize_with = "nullable")]
+    pub exclude_from_output: bool,
+    #[serde(deserialize_with = "nullable")]
+    pub capacity: i64,
+}
+
+/// A page of `GET /arvados/v1/containers`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ContainerList {
+    #[serde(deserialize_with = "nullable")]
+    pub items: Vec<Container>,
+    /// Present only with `count=exact`.
+    pub items_available: Option<i64>,
+    #[serde(deserialize_with = "nullable")]
+    pub offset: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub limit: i64,
+}
+
+/// `GET /arvados/v1/api_client_authorizations/current`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApiClientAuthorization {
+    #[serde(deserialize_with = "nullable")]
+    pub uuid: String,
+    /// The secret part only. Never log it.
+    #[serde(deserialize_with = "nullable", skip_serializing)]
+    pub api_token: String,
+    #[serde(deserialize_with = "nullable")]
+    pub owner_uuid: String,
+    #[serde(deserialize_with = "nullable")]
+    pub scopes: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Decode `null` as the type's default.
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_contract_example_and_nulls() {
+        let j = r#"{"kind":"arvados#container","uuid":"zzzzz-dz642-queuedcontainer","state":"Queued",
+          "priority":1125898203478111744,"created_at":"2024-05-01T12:00:00.123456000Z",
+          "container_image":"fa3c1a9cb6783f85f2ecda037e07b8c3+167","locked_by_uuid":null,
+          "exit_code":null,"unknown_field":{"a":1},
+          "runtime_constraints":{"API":false,"gpu":{"device_count":0,"driver_version":"","hardware_target":[],"stack":"","vram":0},
+            "keep_cache_disk":2147483648,"keep_cache_ram":0,"ram":1073741824,"vcpus":1},
+          "scheduling_parameters":{"max_run_time":0,"partitions":[],"preemptible":false,"supervisor":false}}"#;
+        let c: Container = serde_json::from_str(j).unwrap();
+        assert_eq!(c.priority, 1_125_898_203_478_111_744);
+        assert_eq!(c.state, ContainerState::Queued);
+        assert_eq!(c.locked_by_uuid, "");
+        assert_eq!(c.exit_code, None);
+        assert_eq!(c.runtime_constraints.keep_cache_disk, 2 << 30);
+        assert_eq!(
+            c.created_at.unwrap().timestamp_nanos_opt(),
+            Some(1_714_564_800_123_456_000)
+        );
+    }
+
+    #[test]
+    fn wrong_types_fail_to_decode() {
+        let err = serde_json::from_str::<Container>(r#"{"runtime_constraints":{"vcpus":1.5}}"#);
+        assert!(err.is_err());
+        let err = serde_json::from_str::<Container>(r#"{"state":"Exploded"}"#);
+        assert!(err.is_err());
+    }
+}

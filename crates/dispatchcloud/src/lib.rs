@@ -1,0 +1,6 @@
+//! The cloud dispatcher proper: container queue, instance-type choice, scheduler, worker pool,
+//! SSH executor, management API and metrics, and the service wiring that joins them. It reaches
+//! Arvados through the `arvados` crate and clouds only through the `cloud` traits; it never
+//! imports a concrete driver.
+//!
+//! Status: not yet implemented (see the queue/scheduler, worker pool and service issues).

@@ -1,0 +1,10 @@
+//! Wire-level test doubles shared by tests, benchmarks and `simulate`.
+//!
+//! Owns: the fake Arvados API server (`fake_api`, also the `fake-arvados` binary). Later
+//! additions belong here too: the stub cloud driver whose VMs are in-process SSH servers, the
+//! fake crunch-run, fault-injecting proxies. Test doubles speak the real protocols; nothing
+//! here mocks one of our own traits where a wire-level fake can stand in.
+
+pub mod fake_api;
+
+pub use fake_api::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind, StateChange};
