@@ -518,3 +518,91 @@ fn instance_type_map<'de, D: Deserializer<'de>>(
     }
     d.deserialize_any(V)
 }
+
+// ---- redaction -----------------------------------------------------------------------------
+
+const REDACTED: &str = "[redacted]";
+
+fn redact(s: &mut String) {
+    if !s.is_empty() {
+        *s = REDACTED.to_string();
+    }
+}
+
+/// Driver parameter names that hold secrets (matched case-insensitively as substrings).
+const SECRET_KEY_PARTS: &[&str] = &[
+    "secret",
+    "password",
+    "token",
+    "privatekey",
+    "jsonkey",
+    "credential",
+];
+
+fn redact_yaml(v: &mut serde_norway::Value) {
+    match v {
+        serde_norway::Value::Mapping(m) => {
+            for (k, child) in m.iter_mut() {
+                let key = k.as_str().unwrap_or_default().to_ascii_lowercase();
+                let secret = SECRET_KEY_PARTS.iter().any(|p| key.contains(p));
+                match child {
+                    serde_norway::Value::String(s) if secret => redact(s),
+                    _ if secret && !child.is_null() => {
+                        *child = serde_norway::Value::String(REDACTED.into())
+                    }
+                    _ => redact_yaml(child),
+                }
+            }
+        }
+        serde_norway::Value::Sequence(s) => s.iter_mut().for_each(redact_yaml),
+        _ => {}
+    }
+}
+
+impl Cluster {
+    /// A copy safe to print or serve: tokens, keys and passwords replaced by `[redacted]`
+    /// (empty ones stay empty, so an operator can still see what is unset).
+    pub fn redacted(&self) -> Cluster {
+        let mut c = self.clone();
+        redact(&mut c.system_root_token);
+        redact(&mut c.management_token);
+        redact(&mut c.containers.dispatch_private_key);
+        if let Some(p) = c.postgresql.connection.get_mut("password") {
+            redact(p);
+        }
+        redact_yaml(&mut c.containers.cloud_vms.driver_parameters);
+        c
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_empty_values_kept() {
+        let mut c = Cluster::default();
+        c.system_root_token = "root-secret".into();
+        c.containers.dispatch_private_key = "-----BEGIN OPENSSH PRIVATE KEY-----".into();
+        c.postgresql
+            .connection
+            .insert("password".into(), "pw".into());
+        c.containers.cloud_vms.driver_parameters["SecretAccessKey"] =
+            serde_norway::Value::String("aws-secret".into());
+        let r = c.redacted();
+        let text = serde_norway::to_string(&r).unwrap();
+        for secret in ["root-secret", "BEGIN OPENSSH", "aws-secret", "password: pw"] {
+            assert!(!text.contains(secret), "{secret} leaked");
+        }
+        assert_eq!(r.system_root_token, "[redacted]");
+        assert_eq!(r.management_token, "");
+        assert_eq!(
+            r.containers.cloud_vms.driver_parameters["Region"].as_str(),
+            Some("")
+        );
+        assert_eq!(
+            r.containers.cloud_vms.driver_parameters["ClientSecret"].as_str(),
+            Some("")
+        );
+    }
+}
