@@ -20,8 +20,10 @@ fn real_default_config_loads_as_cluster_xxxxx() {
 #[test]
 fn built_in_defaults_equal_config_default_yml() {
     let loaded = load_cluster(&ConfigSource { path: fixture() }, Some("xxxxx")).unwrap();
-    let mut ours = Cluster::default();
-    ours.cluster_id = "xxxxx".into();
+    let ours = Cluster {
+        cluster_id: "xxxxx".into(),
+        ..Cluster::default()
+    };
     // Compare section by section first, for a readable failure.
     assert_eq!(loaded.containers.cloud_vms, ours.containers.cloud_vms);
     assert_eq!(loaded.containers, ours.containers);

@@ -371,8 +371,10 @@ mod tests {
     fn minimal_cluster_gets_arvados_defaults() {
         let c = load("Clusters:\n  zzzzz: {}\n").unwrap();
         assert_eq!(c.cluster_id, "zzzzz");
-        let mut want = Cluster::default();
-        want.cluster_id = "zzzzz".into();
+        let want = Cluster {
+            cluster_id: "zzzzz".into(),
+            ..Cluster::default()
+        };
         assert_eq!(c, want);
         assert_eq!(c.containers.cloud_vms.timeout_idle, Duration::from_secs(60));
         assert_eq!(c.containers.reserve_extra_ram, 550 << 20);

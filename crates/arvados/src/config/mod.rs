@@ -21,7 +21,7 @@ fn secs(n: u64) -> Duration {
 }
 
 /// One cluster's configuration (`Clusters.<id>`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Cluster {
     /// The cluster map key (5 characters); set by the loader, not read from the file.
@@ -46,23 +46,6 @@ pub struct Cluster {
     /// Keyed by the Arvados instance type name.
     #[serde(rename = "InstanceTypes", deserialize_with = "instance_type_map")]
     pub instance_types: BTreeMap<String, InstanceType>,
-}
-
-impl Default for Cluster {
-    fn default() -> Self {
-        Cluster {
-            cluster_id: String::new(),
-            system_root_token: String::new(),
-            management_token: String::new(),
-            services: Services::default(),
-            postgresql: PostgreSql::default(),
-            api: Api::default(),
-            tls: Tls::default(),
-            system_logs: SystemLogs::default(),
-            containers: Containers::default(),
-            instance_types: BTreeMap::new(),
-        }
-    }
 }
 
 /// `Services`: only the entries the dispatcher uses are typed.
@@ -581,8 +564,10 @@ mod redaction_tests {
 
     #[test]
     fn secrets_are_redacted_and_empty_values_kept() {
-        let mut c = Cluster::default();
-        c.system_root_token = "root-secret".into();
+        let mut c = Cluster {
+            system_root_token: "root-secret".into(),
+            ..Cluster::default()
+        };
         c.containers.dispatch_private_key = "-----BEGIN OPENSSH PRIVATE KEY-----".into();
         c.postgresql
             .connection

@@ -12,9 +12,9 @@ use std::time::Duration;
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let invalid = || format!("invalid duration {s:?}");
     let body = s.strip_prefix('+').unwrap_or(s);
-    if body.starts_with('-') {
+    if let Some(magnitude) = body.strip_prefix('-') {
         // "-0s" is still zero in Go; anything else is negative.
-        return match parse_duration(&body[1..]) {
+        return match parse_duration(magnitude) {
             Ok(d) if d.is_zero() => Ok(d),
             Ok(_) => Err(format!("invalid duration {s:?}: must not be negative")),
             Err(_) => Err(invalid()),

@@ -65,18 +65,26 @@ async fn main() -> anyhow::Result<()> {
     for spec in generate_workload(args.containers, args.seed) {
         fake.add_container(&spec);
     }
-    println!("fake-arvados listening on {}", fake.base_url());
-    println!("ARVADOS_API_HOST={}", fake.api_host());
-    wait_for_signal().await;
+    // Handlers first, so a SIGTERM sent as soon as the URL is read is handled.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    // Whoever started us may close our stdout after reading the URL: never die of EPIPE.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "fake-arvados listening on {}", fake.base_url());
+        let _ = out.flush();
+    }
+    tracing::info!(
+        "ARVADOS_API_HOST={} ({} containers)",
+        fake.api_host(),
+        args.containers
+    );
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
     fake.shutdown().await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -354,7 +354,7 @@ pub fn sort(records: &mut [&Map<String, Value>], keys: &[OrderKey], select: Opti
         }
     }
     if let Some(sel) = select {
-        all.retain(|k| sel.iter().any(|s| *s == k.attr));
+        all.retain(|k| sel.contains(&k.attr));
     }
     records.sort_by(|a, b| {
         for k in &all {

@@ -60,10 +60,10 @@ fn guess(key: &str, v: &str) -> Value {
             .map(Value::from)
             .unwrap_or_else(|_| Value::from(v));
     }
-    if v.starts_with('[') || v.starts_with('{') || v.starts_with('"') {
-        if let Ok(j) = serde_json::from_str(v) {
-            return j;
-        }
+    if (v.starts_with('[') || v.starts_with('{') || v.starts_with('"'))
+        && let Ok(j) = serde_json::from_str(v)
+    {
+        return j;
     }
     Value::from(v)
 }
