@@ -69,7 +69,13 @@ impl ClientConfig {
 
     /// A client from `ARVADOS_API_HOST`, `ARVADOS_API_TOKEN` and `ARVADOS_API_HOST_INSECURE`.
     pub fn from_env() -> Result<Self, ApiError> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// `from_env` with the variables supplied by `get` (testable without touching the process
+    /// environment).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, ApiError> {
+        let var = |k: &str| get(k).filter(|v| !v.is_empty());
         let host = var("ARVADOS_API_HOST")
             .ok_or_else(|| ApiError::Config("ARVADOS_API_HOST is not set".into()))?;
         let token = var("ARVADOS_API_TOKEN")
@@ -347,17 +353,14 @@ impl Client {
             rb = rb.body(b);
         }
         let shown_url = url.to_string();
-        let resp = rb.send().await.map_err(|e| ApiError::Transport {
+        let transport = |e: reqwest::Error| ApiError::Transport {
             method: method_name.clone(),
             url: shown_url.clone(),
             message: error_chain(&e),
-        })?;
+        };
+        let resp = rb.send().await.map_err(transport)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ApiError::Transport {
-            method: method_name.clone(),
-            url: shown_url.clone(),
-            message: error_chain(&e),
-        })?;
+        let bytes = resp.bytes().await.map_err(transport)?;
         if status == StatusCode::SERVICE_UNAVAILABLE {
             *self
                 .inner
@@ -565,6 +568,27 @@ mod tests {
             api_host_url("http://127.0.0.1:8000").unwrap().as_str(),
             "http://127.0.0.1:8000/"
         );
+    }
+
+    #[test]
+    fn config_from_environment_variables() {
+        let vars = |host: &'static str, insecure: Option<&'static str>| {
+            move |k: &str| match k {
+                "ARVADOS_API_HOST" => Some(host.to_string()),
+                "ARVADOS_API_TOKEN" => Some("tok".to_string()),
+                "ARVADOS_API_HOST_INSECURE" => insecure.map(str::to_string),
+                _ => None,
+            }
+        };
+        let c = ClientConfig::from_vars(vars("ctrl.example:8443", Some("true"))).unwrap();
+        assert_eq!(c.base_url.as_str(), "https://ctrl.example:8443/");
+        assert!(c.insecure);
+        let c = ClientConfig::from_vars(vars("http://127.0.0.1:9", Some("0"))).unwrap();
+        assert_eq!(c.base_url.as_str(), "http://127.0.0.1:9/");
+        assert!(!c.insecure);
+        assert!(!ClientConfig::from_vars(vars("h", None)).unwrap().insecure);
+        let err = ClientConfig::from_vars(|_| None).unwrap_err().to_string();
+        assert!(err.contains("ARVADOS_API_HOST is not set"), "{err}");
     }
 
     #[test]

@@ -36,6 +36,14 @@ fn client_for(fake: &FakeArvados, token: &str) -> Client {
     .unwrap()
 }
 
+/// How many container list requests the fake has served.
+fn list_requests(f: &FakeArvados) -> usize {
+    f.requests()
+        .iter()
+        .filter(|r| r.path == "/arvados/v1/containers")
+        .count()
+}
+
 fn select() -> Option<Vec<String>> {
     Some(SELECT.iter().map(|s| s.to_string()).collect())
 }
@@ -88,12 +96,7 @@ async fn offset_paging_by_priority_over_several_pages() {
     let prios: Vec<i64> = all.iter().map(|c| c.priority).collect();
     assert_eq!(prios, (1..=25).rev().collect::<Vec<_>>());
     // 3 full-or-partial pages and the empty page that ends paging.
-    let lists = f
-        .requests()
-        .iter()
-        .filter(|r| r.path == "/arvados/v1/containers")
-        .count();
-    assert_eq!(lists, 4);
+    assert_eq!(list_requests(&f), 4);
 
     // The stop callback ends paging early.
     let some = c
@@ -151,12 +154,7 @@ async fn uuid_keyset_paging_over_several_pages() {
     assert_eq!(got, uuids[..12]);
     assert!(mine.iter().all(|c| c.state == ContainerState::Locked));
     // 5 + 5 + 2 + the empty page.
-    let lists = f
-        .requests()
-        .iter()
-        .filter(|r| r.path == "/arvados/v1/containers")
-        .count();
-    assert_eq!(lists, 4);
+    assert_eq!(list_requests(&f), 4);
 }
 
 #[tokio::test]
