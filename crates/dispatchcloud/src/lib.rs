@@ -3,4 +3,7 @@
 //! Arvados through the `arvados` crate and clouds only through the `cloud` traits; it never
 //! imports a concrete driver.
 //!
-//! Status: not yet implemented (see the queue/scheduler, worker pool and service issues).
+//! Status: instance-type choice (`node_size`) is done; the queue, scheduler, worker pool, SSH
+//! executor and management API are still to come.
+
+pub mod node_size;
