@@ -102,7 +102,6 @@ pub fn parse_filters(v: &Value) -> Result<Vec<Filter>, String> {
     if list.len() == 3
         && list[0].is_string()
         && list[1].is_string()
-        && !list[2].is_array()
         && list.iter().all(|x| !x.is_array())
     {
         return Ok(vec![parse_one(list)?]);
