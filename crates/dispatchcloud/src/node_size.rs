@@ -4,10 +4,11 @@
 //! packs containers onto instances with `InstanceResources`.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use arvados::InstanceType;
 use arvados::config::{Cluster, Containers};
-use arvados::types::Container;
+use arvados::types::{Container, GpuConstraints};
 
 const MIB: i64 = 1 << 20;
 
@@ -161,96 +162,147 @@ pub fn version_less(a: &str, b: &str) -> Result<bool, String> {
 
 /// The eligible instance types for a container, cheapest first (among equal prices, the
 /// roomiest), keeping only those costing at most `MaximumPriceFactor` × the cheapest (spec §6.2).
+/// Convenience form of [`TypeChooser::choose`] for one-off calls.
 pub fn choose_instance_types(
     cluster: &Cluster,
     ctr: &Container,
 ) -> Result<Vec<InstanceType>, ChooseError> {
-    if cluster.instance_types.is_empty() {
-        return Err(ChooseError::NoInstanceTypes);
-    }
-    let need = resources_needed(&cluster.containers, ctr);
-    let factor = cluster.containers.maximum_price_factor.max(1.0);
-    let gpu = &ctr.runtime_constraints.gpu;
-    if !matches!(gpu.stack.as_str(), "" | "cuda" | "rocm") {
-        return Err(ChooseError::ConstraintsNotSatisfiable {
-            message: format!(
-                "Invalid GPU stack {:?}, expected to be blank or one of 'cuda' or 'rocm'",
-                gpu.stack
-            ),
-            available_types: Vec::new(),
+    TypeChooser::new(cluster)
+        .choose(ctr)
+        .map(|v| v.into_iter().map(|it| (*it).clone()).collect())
+}
+
+/// Instance-type choice prepared once per config: the types are sorted in preference order up
+/// front, so choosing for one container is a filter over that list with no sorting and no
+/// cloning beyond reference counts. The queue keeps one and calls it for every new container.
+#[derive(Debug, Clone)]
+pub struct TypeChooser {
+    containers: Containers,
+    /// Cheapest first; equal prices: more RAM, more VCPUs, more scratch, then name.
+    preferred: Vec<Arc<InstanceType>>,
+    factor: f64,
+}
+
+impl TypeChooser {
+    pub fn new(cluster: &Cluster) -> Self {
+        let mut preferred: Vec<Arc<InstanceType>> = cluster
+            .instance_types
+            .values()
+            .map(|it| Arc::new(it.clone()))
+            .collect();
+        preferred.sort_by(|a, b| {
+            a.price
+                .total_cmp(&b.price)
+                .then(b.ram.cmp(&a.ram))
+                .then(b.vcpus.cmp(&a.vcpus))
+                .then(b.scratch.cmp(&a.scratch))
+                .then_with(|| a.name.cmp(&b.name))
         });
-    }
-    let gpu_ok = |it: &InstanceType| -> bool {
-        if gpu.device_count <= 0 {
-            return true;
+        TypeChooser {
+            containers: cluster.containers.clone(),
+            preferred,
+            factor: cluster.containers.maximum_price_factor.max(1.0),
         }
-        let driver_ok = matches!(
-            version_less(&it.gpu.driver_version, &gpu.driver_version),
-            Ok(false)
-        );
-        let targets = &gpu.hardware_target;
-        let capability_ok = match gpu.stack.as_str() {
-            "cuda" => match targets.len() {
-                0 => false,
-                1 => matches!(
-                    version_less(&it.gpu.hardware_target, &targets[0]),
-                    Ok(false)
+    }
+
+    /// What the container needs (spec §6.1) under this chooser's config.
+    pub fn resources_needed(&self, ctr: &Container) -> InstanceResources {
+        resources_needed(&self.containers, ctr)
+    }
+
+    /// The eligible types for `ctr`, cheapest first, within the price band.
+    pub fn choose(&self, ctr: &Container) -> Result<Vec<Arc<InstanceType>>, ChooseError> {
+        self.choose_for(ctr, &self.resources_needed(ctr))
+    }
+
+    /// As [`choose`](Self::choose), with the needs already computed.
+    pub fn choose_for(
+        &self,
+        ctr: &Container,
+        need: &InstanceResources,
+    ) -> Result<Vec<Arc<InstanceType>>, ChooseError> {
+        if self.preferred.is_empty() {
+            return Err(ChooseError::NoInstanceTypes);
+        }
+        let gpu = &ctr.runtime_constraints.gpu;
+        if !matches!(gpu.stack.as_str(), "" | "cuda" | "rocm") {
+            return Err(ChooseError::ConstraintsNotSatisfiable {
+                message: format!(
+                    "Invalid GPU stack {:?}, expected to be blank or one of 'cuda' or 'rocm'",
+                    gpu.stack
                 ),
-                _ => targets.contains(&it.gpu.hardware_target),
-            },
-            "rocm" => targets.contains(&it.gpu.hardware_target),
-            _ => true,
-        };
-        driver_ok && capability_ok
-    };
-    let mut eligible: Vec<&InstanceType> = cluster
-        .instance_types
-        .values()
-        .filter(|it| {
-            it.scratch >= need.scratch
+                available_types: Vec::new(),
+            });
+        }
+        let preemptible = ctr.scheduling_parameters.preemptible;
+        let mut out: Vec<Arc<InstanceType>> = Vec::new();
+        let mut max_price = f64::INFINITY;
+        for it in &self.preferred {
+            if it.price > max_price {
+                break;
+            }
+            let fits = it.scratch >= need.scratch
                 && it.ram >= need.ram
                 && it.vcpus >= need.vcpus
-                && it.preemptible == ctr.scheduling_parameters.preemptible
+                && it.preemptible == preemptible
                 && it.gpu.stack == gpu.stack
                 && it.gpu.device_count >= gpu.device_count
                 && it.gpu.vram >= gpu.vram
-                && gpu_ok(it)
-        })
-        .collect();
-    if eligible.is_empty() {
-        let mut all: Vec<InstanceType> = cluster.instance_types.values().cloned().collect();
-        all.sort_by(|a, b| {
-            a.price
-                .total_cmp(&b.price)
-                .then_with(|| a.name.cmp(&b.name))
-        });
-        return Err(ChooseError::ConstraintsNotSatisfiable {
-            message: "constraints not satisfiable by any configured instance type".into(),
-            available_types: all,
-        });
+                && gpu_ok(it, gpu);
+            if fits {
+                if out.is_empty() {
+                    max_price = it.price * self.factor;
+                }
+                out.push(it.clone());
+            }
+        }
+        if out.is_empty() {
+            let mut all: Vec<InstanceType> =
+                self.preferred.iter().map(|it| (**it).clone()).collect();
+            all.sort_by(|a, b| {
+                a.price
+                    .total_cmp(&b.price)
+                    .then_with(|| a.name.cmp(&b.name))
+            });
+            return Err(ChooseError::ConstraintsNotSatisfiable {
+                message: "constraints not satisfiable by any configured instance type".into(),
+                available_types: all,
+            });
+        }
+        Ok(out)
     }
-    eligible.sort_by(|a, b| {
-        a.price
-            .total_cmp(&b.price)
-            .then(b.ram.cmp(&a.ram))
-            .then(b.vcpus.cmp(&a.vcpus))
-            .then(b.scratch.cmp(&a.scratch))
-            .then_with(|| a.name.cmp(&b.name))
-    });
-    let max_price = eligible[0].price * factor;
-    Ok(eligible
-        .into_iter()
-        .enumerate()
-        .take_while(|(i, it)| *i == 0 || it.price <= max_price)
-        .map(|(_, it)| it.clone())
-        .collect())
+}
+
+/// GPU driver and hardware-target rules (spec §6.2) for a container that wants GPUs.
+fn gpu_ok(it: &InstanceType, gpu: &GpuConstraints) -> bool {
+    if gpu.device_count <= 0 {
+        return true;
+    }
+    let driver_ok = matches!(
+        version_less(&it.gpu.driver_version, &gpu.driver_version),
+        Ok(false)
+    );
+    let targets = &gpu.hardware_target;
+    let capability_ok = match gpu.stack.as_str() {
+        "cuda" => match targets.len() {
+            0 => false,
+            1 => matches!(
+                version_less(&it.gpu.hardware_target, &targets[0]),
+                Ok(false)
+            ),
+            _ => targets.contains(&it.gpu.hardware_target),
+        },
+        "rocm" => targets.contains(&it.gpu.hardware_target),
+        _ => true,
+    };
+    driver_ok && capability_ok
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use arvados::config::GpuFeatures;
-    use arvados::types::{GpuConstraints, Mount};
+    use arvados::types::Mount;
     use std::collections::BTreeMap;
 
     const GIB: i64 = 1 << 30;

@@ -1,0 +1,543 @@
+//! The container queue (spec §5): a cache of the containers this dispatcher may act on, kept
+//! fresh by polling the Arvados API, each entry carrying its resource needs and its eligible
+//! instance types, cheapest first. Lock, unlock and cancel go through here so their results
+//! patch the cache at once and a poll that may predate them cannot undo them.
+//!
+//! The queue lock is never held across an API call (better than Go, §13.5 item 32): a poll
+//! gathers everything, including the mounts of new containers, and only then takes the lock to
+//! apply the result.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+
+use arvados::types::{Container, ContainerState};
+use arvados::{ApiError, Client, Count, Filter, InstanceType, ListOptions};
+use chrono::{DateTime, Utc};
+use serde::ser::SerializeStruct;
+use serde::{Serialize, Serializer};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::node_size::{ChooseError, InstanceResources, TypeChooser};
+
+/// The fields a poll asks for (`mounts` are fetched once, separately, for new containers).
+const SELECT: [&str; 7] = [
+    "uuid",
+    "state",
+    "priority",
+    "runtime_constraints",
+    "container_image",
+    "scheduling_parameters",
+    "created_at",
+];
+/// Stop fetching Queued pages once this many non-supervisor containers were received.
+const QUEUED_CONTAINERS_TARGET: usize = 100;
+/// Missing containers are re-fetched by uuid in batches of this size.
+const MISSING_BATCH: usize = 20;
+/// New containers whose mounts are fetched at once.
+const MOUNTS_CONCURRENCY: usize = 8;
+
+/// One cached container with what the scheduler needs to know about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueEnt {
+    /// Partial record: the polled fields (plus `locked_by_uuid` after a lock/unlock/cancel).
+    /// `mounts` is always empty.
+    pub container: Container,
+    pub instance_resources: InstanceResources,
+    /// Eligible types, cheapest first. Empty only for a container past Locked whose type
+    /// selection failed (Go would crash on such an entry, §13.5 item 31).
+    pub instance_types: Vec<Arc<InstanceType>>,
+    pub first_seen_at: DateTime<Utc>,
+}
+
+impl Serialize for QueueEnt {
+    /// Arvados' JSON: `instance_resources` with Go field names, instance types without `Name`
+    /// and `Scratch`.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = &self.instance_resources;
+        let types: Vec<_> = self
+            .instance_types
+            .iter()
+            .map(|it| {
+                json!({
+                    "ProviderType": it.provider_type,
+                    "VCPUs": it.vcpus,
+                    "RAM": it.ram,
+                    "IncludedScratch": it.included_scratch,
+                    "AddedScratch": it.added_scratch,
+                    "Price": it.price,
+                    "Preemptible": it.preemptible,
+                    "GPU": {
+                        "Stack": it.gpu.stack,
+                        "DriverVersion": it.gpu.driver_version,
+                        "HardwareTarget": it.gpu.hardware_target,
+                        "DeviceCount": it.gpu.device_count,
+                        "VRAM": it.gpu.vram,
+                    },
+                })
+            })
+            .collect();
+        let mut st = s.serialize_struct("QueueEnt", 4)?;
+        st.serialize_field("container", &self.container)?;
+        st.serialize_field(
+            "instance_resources",
+            &json!({"VCPUs": r.vcpus, "RAM": r.ram, "Scratch": r.scratch, "GPUs": r.gpus, "GPUVRAM": r.gpu_vram}),
+        )?;
+        st.serialize_field("instance_types", &types)?;
+        st.serialize_field("first_seen_at", &self.first_seen_at)?;
+        st.end()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Arc<QueueEnt>>,
+    /// Start of the last successful update.
+    updated: Option<DateTime<Utc>>,
+    /// Uuids patched from a lock/unlock/cancel response while an update is in flight.
+    dont_update: Option<HashSet<String>>,
+    /// The uuid of our token: containers locked by it are ours.
+    auth_uuid: Option<String>,
+}
+
+/// Queue metrics (spec §5.5).
+struct Metrics {
+    entries: prometheus::IntGaugeVec,
+    seen: Mutex<HashSet<(String, String)>>,
+}
+
+/// The cached container queue.
+pub struct ContainerQueue {
+    client: Client,
+    chooser: TypeChooser,
+    inner: Mutex<Inner>,
+    notify: watch::Sender<u64>,
+    metrics: Metrics,
+}
+
+impl ContainerQueue {
+    /// A queue polling through `client`, choosing types with `chooser`, registering its gauge
+    /// in `registry`. Inside a tokio runtime it also starts the metrics updater.
+    pub fn new(
+        client: Client,
+        chooser: TypeChooser,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Self>, prometheus::Error> {
+        let entries = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("queue_entries", "Number of active container entries")
+                .namespace("arvados")
+                .subsystem("dispatchcloud"),
+            &["state", "instance_type"],
+        )?;
+        registry.register(Box::new(entries.clone()))?;
+        let (notify, _) = watch::channel(0);
+        let q = Arc::new(ContainerQueue {
+            client,
+            chooser,
+            inner: Mutex::new(Inner::default()),
+            notify,
+            metrics: Metrics {
+                entries,
+                seen: Mutex::new(HashSet::new()),
+            },
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(metrics_updater(Arc::downgrade(&q), q.subscribe()));
+        }
+        Ok(q)
+    }
+
+    fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The API client (the scheduler reads its last-503 time).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// A receiver that changes whenever the cache does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    fn notify_subscribers(&self) {
+        self.notify.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Every entry, and the start time of the last completed update: a remote change made
+    /// before it is visible here. `None` before the first update.
+    pub fn entries(&self) -> (Vec<Arc<QueueEnt>>, Option<DateTime<Utc>>) {
+        let inner = self.lock_inner();
+        (inner.entries.values().cloned().collect(), inner.updated)
+    }
+
+    /// The cached entry.
+    pub fn get(&self, uuid: &str) -> Option<Arc<QueueEnt>> {
+        self.lock_inner().entries.get(uuid).cloned()
+    }
+
+    /// Drop an entry that needs nothing more from us: Complete, Cancelled, or Queued with
+    /// priority 0. Other entries stay.
+    pub fn forget(&self, uuid: &str) {
+        let mut inner = self.lock_inner();
+        let forgettable = inner.entries.get(uuid).is_some_and(|e| {
+            let c = &e.container;
+            c.state.is_final() || (c.state == ContainerState::Queued && c.priority == 0)
+        });
+        if forgettable {
+            inner.entries.remove(uuid);
+            drop(inner);
+            self.notify_subscribers();
+        }
+    }
+
+    /// Lock the container through the API and patch the cache.
+    pub async fn lock(&self, uuid: &str) -> Result<(), ApiError> {
+        let resp = self.client.lock_container(uuid).await?;
+        self.patch_from_response(uuid, &resp);
+        Ok(())
+    }
+
+    /// Unlock the container through the API and patch the cache.
+    pub async fn unlock(&self, uuid: &str) -> Result<(), ApiError> {
+        let resp = self.client.unlock_container(uuid).await?;
+        self.patch_from_response(uuid, &resp);
+        Ok(())
+    }
+
+    /// Set the container Cancelled through the API and patch the cache.
+    pub async fn cancel(&self, uuid: &str) -> Result<(), ApiError> {
+        let resp = self
+            .client
+            .update_container(uuid, &json!({"state": "Cancelled"}), None)
+            .await?;
+        self.patch_from_response(uuid, &resp);
+        Ok(())
+    }
+
+    fn patch_from_response(&self, uuid: &str, resp: &Container) {
+        let mut inner = self.lock_inner();
+        if let Some(d) = inner.dont_update.as_mut() {
+            d.insert(uuid.to_string());
+        }
+        let Some(ent) = inner.entries.get_mut(uuid) else {
+            return;
+        };
+        let e = Arc::make_mut(ent);
+        e.container.state = resp.state;
+        e.container.priority = resp.priority;
+        e.container.locked_by_uuid = resp.locked_by_uuid.clone();
+        drop(inner);
+        self.notify_subscribers();
+    }
+
+    /// Poll the API and refresh the cache (spec §5.3). On error the cache is unchanged.
+    pub async fn update(self: &Arc<Self>) -> Result<(), ApiError> {
+        let started = Utc::now();
+        let (known, auth_uuid) = {
+            let mut inner = self.lock_inner();
+            inner.dont_update = Some(HashSet::new());
+            let known: HashMap<String, ContainerState> = inner
+                .entries
+                .iter()
+                .map(|(k, e)| (k.clone(), e.container.state))
+                .collect();
+            (known, inner.auth_uuid.clone())
+        };
+        let polled = self.poll(&known, auth_uuid).await;
+        let (next, auth_uuid) = match polled {
+            Ok(x) => x,
+            Err(e) => {
+                self.lock_inner().dont_update = None;
+                return Err(e);
+            }
+        };
+        // Mounts and type choice for containers seen for the first time, outside the lock.
+        let new: Vec<Container> = next
+            .values()
+            .filter(|c| !known.contains_key(&c.uuid))
+            .cloned()
+            .collect();
+        let added = self.prepare_new(new).await;
+
+        let mut inner = self.lock_inner();
+        inner.auth_uuid = Some(auth_uuid);
+        let dont = inner.dont_update.take().unwrap_or_default();
+        let mut added: HashMap<String, QueueEnt> = added
+            .into_iter()
+            .map(|e| (e.container.uuid.clone(), e))
+            .collect();
+        for (uuid, ctr) in next.iter() {
+            if dont.contains(uuid) {
+                continue;
+            }
+            if let Some(ent) = inner.entries.get_mut(uuid) {
+                Arc::make_mut(ent).container = ctr.clone();
+            } else if let Some(ent) = added.remove(uuid) {
+                tracing::info!(
+                    ContainerUUID = %uuid,
+                    InstanceTypes = %ent.instance_types.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),
+                    "adding container to queue"
+                );
+                inner.entries.insert(uuid.clone(), Arc::new(ent));
+            }
+        }
+        inner.entries.retain(|uuid, _| {
+            let keep = dont.contains(uuid) || next.contains_key(uuid);
+            if !keep {
+                tracing::info!(ContainerUUID = %uuid, "dropping container from queue");
+            }
+            keep
+        });
+        inner.updated = Some(started);
+        drop(inner);
+        self.notify_subscribers();
+        Ok(())
+    }
+
+    /// The API side of an update: every container that belongs in the cache, by uuid.
+    async fn poll(
+        &self,
+        known: &HashMap<String, ContainerState>,
+        auth_uuid: Option<String>,
+    ) -> Result<(HashMap<String, Container>, String), ApiError> {
+        let auth_uuid = match auth_uuid {
+            Some(u) => u,
+            None => self.client.current_token().await?.uuid,
+        };
+        let select: Vec<String> = SELECT.iter().map(|s| s.to_string()).collect();
+        let mut next: HashMap<String, Container> = HashMap::new();
+
+        let mine = ListOptions {
+            filters: vec![Filter::new("locked_by_uuid", "=", auth_uuid.as_str())],
+            limit: Some(1000),
+            count: Some(Count::None),
+            select: Some(select.clone()),
+            ..Default::default()
+        };
+        for c in self.client.list_all_containers_by_uuid(&mine).await? {
+            next.insert(c.uuid.clone(), c);
+        }
+
+        let available = ListOptions {
+            filters: vec![
+                Filter::new("state", "=", "Queued"),
+                Filter::new("priority", ">", 0),
+            ],
+            order: Some("priority desc".into()),
+            limit: Some(1000),
+            count: Some(Count::None),
+            select: Some(select.clone()),
+            ..Default::default()
+        };
+        let queued = self
+            .client
+            .list_containers_by_offset(&available, |all| {
+                all.iter()
+                    .filter(|c| !c.scheduling_parameters.supervisor)
+                    .count()
+                    >= QUEUED_CONTAINERS_TARGET
+            })
+            .await?;
+        for c in queued {
+            next.insert(c.uuid.clone(), c);
+        }
+
+        let mut missing: Vec<String> = known
+            .iter()
+            .filter(|(uuid, state)| !state.is_final() && !next.contains_key(*uuid))
+            .map(|(uuid, _)| uuid.clone())
+            .collect();
+        missing.sort();
+        while !missing.is_empty() {
+            let batch: Vec<String> = missing.iter().take(MISSING_BATCH).cloned().collect();
+            let opts = ListOptions {
+                filters: vec![Filter::new("uuid", "in", batch.clone())],
+                count: Some(Count::None),
+                select: Some(select.clone()),
+                ..Default::default()
+            };
+            let found = self.client.list_all_containers_by_uuid(&opts).await?;
+            if found.is_empty() {
+                for uuid in &batch {
+                    tracing::info!(ContainerUUID = %uuid, "container not found by controller (deleted?)");
+                }
+                missing.retain(|u| !batch.contains(u));
+                continue;
+            }
+            for c in found {
+                let Some(pos) = missing.iter().position(|u| *u == c.uuid) else {
+                    tracing::error!(
+                        ContainerUUID = %c.uuid,
+                        "BUG? server response did not match requested filters, erroring out rather than risk deadlock"
+                    );
+                    return Err(ApiError::Decode {
+                        method: "GET".into(),
+                        url: "containers".into(),
+                        message: format!(
+                            "server returned container {} that was not requested",
+                            c.uuid
+                        ),
+                    });
+                };
+                missing.remove(pos);
+                next.insert(c.uuid.clone(), c);
+            }
+        }
+        Ok((next, auth_uuid))
+    }
+
+    /// Fetch mounts, compute needs and types for new containers. Containers that can never run
+    /// are cancelled in the background and left out; so are those whose mounts could not be
+    /// fetched (retried on the next update).
+    async fn prepare_new(self: &Arc<Self>, new: Vec<Container>) -> Vec<QueueEnt> {
+        let mut out = Vec::with_capacity(new.len());
+        let mut pending = new.into_iter();
+        loop {
+            let mut set = tokio::task::JoinSet::new();
+            for ctr in pending.by_ref().take(MOUNTS_CONCURRENCY) {
+                let client = self.client.clone();
+                set.spawn(async move {
+                    let mounts = client.get_container(&ctr.uuid, Some(&["mounts"])).await;
+                    (ctr, mounts)
+                });
+            }
+            if set.is_empty() {
+                return out;
+            }
+            while let Some(joined) = set.join_next().await {
+                let Ok((mut ctr, mounts)) = joined else {
+                    continue;
+                };
+                match mounts {
+                    Ok(m) => ctr.mounts = m.mounts,
+                    Err(err) => {
+                        tracing::warn!(ContainerUUID = %ctr.uuid, error = %err, "error getting mounts");
+                        if let ApiError::Decode { message, .. } = &err {
+                            self.spawn_cancel_unsatisfiable(
+                                ctr,
+                                format!(
+                                    "error getting mounts from container record: json: cannot unmarshal mounts: {message}"
+                                ),
+                            );
+                        }
+                        continue;
+                    }
+                }
+                if let Some(ent) = self.entry_for(ctr) {
+                    out.push(ent);
+                }
+            }
+        }
+    }
+
+    /// Needs and types for a new container (mounts loaded); `None` if it gets cancelled.
+    fn entry_for(self: &Arc<Self>, mut ctr: Container) -> Option<QueueEnt> {
+        let need = self.chooser.resources_needed(&ctr);
+        let chosen = self.chooser.choose_for(&ctr, &need);
+        ctr.mounts.clear();
+        let types = match chosen {
+            Ok(t) => t,
+            Err(err) => {
+                if matches!(ctr.state, ContainerState::Queued | ContainerState::Locked) {
+                    tracing::info!(ContainerUUID = %ctr.uuid, error = %err, "cancel container with no suitable instance type");
+                    self.spawn_cancel_unsatisfiable(ctr, choose_error_message(&err));
+                    return None;
+                }
+                Vec::new()
+            }
+        };
+        Some(QueueEnt {
+            container: ctr,
+            instance_resources: need,
+            instance_types: types,
+            first_seen_at: Utc::now(),
+        })
+    }
+
+    fn spawn_cancel_unsatisfiable(self: &Arc<Self>, ctr: Container, message: String) {
+        let q = self.clone();
+        tokio::spawn(async move { q.cancel_unsatisfiable(&ctr, &message).await });
+    }
+
+    /// Record why a container can never run and cancel it (locking it first if Queued, since
+    /// only the lock holder may set `runtime_status`).
+    async fn cancel_unsatisfiable(&self, ctr: &Container, message: &str) {
+        let uuid = ctr.uuid.as_str();
+        if ctr.state == ContainerState::Queued
+            && let Err(err) = self.lock(uuid).await
+        {
+            tracing::warn!(ContainerUUID = %uuid, error = %err, "lock failed");
+            return;
+        }
+        let mut failed = self
+            .client
+            .update_container(
+                uuid,
+                &json!({"runtime_status": {"error": message}}),
+                Some(&["uuid"]),
+            )
+            .await
+            .err();
+        if let Err(err) = self.cancel(uuid).await {
+            failed = Some(err);
+        }
+        if let Some(err) = failed {
+            let state = self
+                .client
+                .get_container(uuid, Some(&["state"]))
+                .await
+                .map(|c| c.state);
+            if state.ok() != Some(ContainerState::Cancelled) {
+                tracing::warn!(ContainerUUID = %uuid, error = %err, "error while trying to cancel unsatisfiable container");
+            }
+        }
+    }
+
+    /// Recompute `arvados_dispatchcloud_queue_entries`: per state and cheapest type; label
+    /// pairs seen before and now absent are set to 0.
+    pub fn update_metrics(&self) {
+        let mut counts: HashMap<(ContainerState, &str), i64> = HashMap::new();
+        let (entries, _) = self.entries();
+        for e in &entries {
+            let it = e
+                .instance_types
+                .first()
+                .map(|t| t.name.as_str())
+                .unwrap_or("");
+            *counts.entry((e.container.state, it)).or_default() += 1;
+        }
+        let mut seen = self.metrics.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (state, it) in seen.iter() {
+            self.metrics
+                .entries
+                .with_label_values(&[state.as_str(), it.as_str()])
+                .set(0);
+        }
+        for ((state, it), n) in counts {
+            self.metrics
+                .entries
+                .with_label_values(&[state.as_str(), it])
+                .set(n);
+            seen.insert((state.as_str().to_string(), it.to_string()));
+        }
+    }
+}
+
+/// The `runtime_status.error` text for a type-selection failure.
+fn choose_error_message(err: &ChooseError) -> String {
+    err.to_string()
+}
+
+async fn metrics_updater(queue: Weak<ContainerQueue>, mut rx: watch::Receiver<u64>) {
+    loop {
+        match queue.upgrade() {
+            Some(q) => q.update_metrics(),
+            None => return,
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

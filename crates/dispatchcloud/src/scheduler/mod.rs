@@ -1,0 +1,536 @@
+//! The scheduler (spec §7): decides what runs where and what to pay for.
+//!
+//! * [`plan`]: one pass as a pure function, queue snapshot + pool snapshot → [`QueuePlan`]
+//!   (locks, creates, starts, unlocks, shutdowns, statuses), using [`index`] so a pass is
+//!   near O((N + M) log M).
+//! * [`sync`]: reconciling queue and pool as a pure function → [`SyncAction`]s.
+//! * [`pool`]: the narrow interface the worker pool implements; [`stub`] implements it in
+//!   memory for tests and benchmarks.
+//! * This module: the thin async shell ([`Scheduler`]) that polls the queue, runs
+//!   `fixStaleLocks` at startup, carries plans out (never holding a lock across an API call),
+//!   and publishes metrics and the last pass's queue for the management API.
+
+pub mod index;
+pub mod plan;
+pub mod pool;
+pub mod scale;
+pub mod status;
+pub mod stub;
+pub mod sync;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arvados::config::Cluster;
+use arvados::types::ContainerState;
+use chrono::{DateTime, Utc};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use tokio::sync::{Notify, watch};
+
+pub use plan::{Limits, PoolSnapshot, QueuePlan, SchedConfig, plan_queue};
+pub use pool::{IdleBehavior, InstanceView, RunningMap, WorkerPool, WorkerState};
+pub use status::Status;
+pub use sync::{SyncAction, plan_sync};
+
+use crate::queue::{ContainerQueue, QueueEnt};
+
+/// The wakeup delay after an operation on a container was skipped because another one was
+/// still in progress (spec §7.9).
+const OP_RETRY: Duration = Duration::from_millis(250);
+
+/// The sorted queue of the last pass, with statuses.
+pub type SortedQueue = Arc<Vec<(Arc<QueueEnt>, Status)>>;
+
+/// Scheduler gauges (spec §7.7).
+struct Metrics {
+    allocated_not_started: prometheus::IntGauge,
+    over_quota: prometheus::IntGauge,
+    longest_wait: prometheus::Gauge,
+    last_503: prometheus::Gauge,
+    max_concurrent: prometheus::IntGauge,
+}
+
+fn gauge<G: Collector + Clone + 'static>(
+    registry: &prometheus::Registry,
+    g: G,
+) -> Result<G, prometheus::Error> {
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn opts(name: &str, help: &str) -> prometheus::Opts {
+    prometheus::Opts::new(name, help)
+        .namespace("arvados")
+        .subsystem("dispatchcloud")
+}
+
+impl Metrics {
+    fn new(registry: &prometheus::Registry) -> Result<Metrics, prometheus::Error> {
+        Ok(Metrics {
+            allocated_not_started: gauge(
+                registry,
+                prometheus::IntGauge::with_opts(opts(
+                    "containers_allocated_not_started",
+                    "Number of containers allocated to a worker but not started yet (worker is booting).",
+                ))?,
+            )?,
+            over_quota: gauge(
+                registry,
+                prometheus::IntGauge::with_opts(opts(
+                    "containers_not_allocated_over_quota",
+                    "Number of containers not allocated to a worker because the system has hit a quota.",
+                ))?,
+            )?,
+            longest_wait: gauge(
+                registry,
+                prometheus::Gauge::with_opts(opts(
+                    "containers_longest_wait_time_seconds",
+                    "Current longest wait time of any container since queuing, and before the start of crunch-run.",
+                ))?,
+            )?,
+            last_503: gauge(
+                registry,
+                prometheus::Gauge::with_opts(opts(
+                    "last_503_time",
+                    "Time of most recent 503 error received from API.",
+                ))?,
+            )?,
+            max_concurrent: gauge(
+                registry,
+                prometheus::IntGauge::with_opts(opts(
+                    "max_concurrent_containers",
+                    "Dynamically assigned limit on number of containers scheduled concurrency, set after receiving 503 errors from API.",
+                ))?,
+            )?,
+        })
+    }
+}
+
+/// `arvados_dispatchcloud_at_quota`, read from the pool when scraped.
+struct AtQuotaGauge<P: WorkerPool> {
+    pool: Arc<P>,
+    desc: Desc,
+}
+
+impl<P: WorkerPool> Collector for AtQuotaGauge<P> {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let g = prometheus::Gauge::with_opts(opts(
+            "at_quota",
+            "Flag indicating the cloud driver is reporting an at-quota condition.",
+        ))
+        .expect("valid gauge options");
+        g.set(if self.pool.at_quota() { 1.0 } else { 0.0 });
+        g.collect()
+    }
+}
+
+/// Settings of the async shell.
+#[derive(Debug, Clone)]
+pub struct ShellConfig {
+    pub poll_interval: Duration,
+    pub stale_lock_timeout: Duration,
+}
+
+impl ShellConfig {
+    pub fn from_cluster(cluster: &Cluster) -> ShellConfig {
+        ShellConfig {
+            poll_interval: cluster.containers.cloud_vms.poll_interval,
+            stale_lock_timeout: cluster.containers.stale_lock_timeout,
+        }
+    }
+}
+
+/// The scheduler: a loop of plan, carry out, sync, metrics.
+pub struct Scheduler<P: WorkerPool> {
+    queue: Arc<ContainerQueue>,
+    pool: Arc<P>,
+    cfg: SchedConfig,
+    shell: ShellConfig,
+    limits: Mutex<Limits>,
+    /// Per-container operation in progress (spec §7.9).
+    ops: Mutex<HashMap<String, &'static str>>,
+    wakeup: Notify,
+    last_queue: Mutex<SortedQueue>,
+    metrics: Metrics,
+}
+
+impl<P: WorkerPool> Scheduler<P> {
+    pub fn new(
+        queue: Arc<ContainerQueue>,
+        pool: Arc<P>,
+        cfg: SchedConfig,
+        shell: ShellConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Self>, prometheus::Error> {
+        let metrics = Metrics::new(registry)?;
+        let desc = Desc::new(
+            "arvados_dispatchcloud_at_quota".into(),
+            "Flag indicating the cloud driver is reporting an at-quota condition.".into(),
+            vec![],
+            HashMap::new(),
+        )?;
+        registry.register(Box::new(AtQuotaGauge {
+            pool: pool.clone(),
+            desc,
+        }))?;
+        Ok(Arc::new(Scheduler {
+            limits: Mutex::new(Limits::new(&cfg)),
+            queue,
+            pool,
+            cfg,
+            shell,
+            ops: Mutex::new(HashMap::new()),
+            wakeup: Notify::new(),
+            last_queue: Mutex::new(Arc::new(Vec::new())),
+            metrics,
+        }))
+    }
+
+    /// The queue as of the last pass, in scheduling order, with statuses.
+    pub fn queue_view(&self) -> SortedQueue {
+        self.last_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The dynamic limits as of the last pass.
+    pub fn limits(&self) -> Limits {
+        self.limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Run until `shutdown` becomes true (spec §7.2).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // First queue update, retried until it works.
+        let retry = (self.shell.poll_interval / 10).max(Duration::from_secs(1));
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.queue.update().await {
+                Ok(()) => break,
+                Err(err) => {
+                    tracing::error!(error = %err, "error updating queue");
+                    tracing::info!("waiting {retry:?} before retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+        let poller = tokio::spawn(poll_queue(
+            self.queue.clone(),
+            self.shell.poll_interval,
+            shutdown.clone(),
+        ));
+        tracing::info!("FixStaleLocks starting.");
+        let t0 = std::time::Instant::now();
+        tokio::select! {
+            _ = self.fix_stale_locks() => {}
+            _ = shutdown.changed() => { poller.abort(); return; }
+        }
+        tracing::info!(
+            "FixStaleLocks finished ({:?}), starting scheduling.",
+            t0.elapsed()
+        );
+        let mut pool_rx = self.pool.subscribe();
+        let mut queue_rx = self.queue.subscribe();
+        loop {
+            self.tick().await;
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                r = pool_rx.changed() => if r.is_err() { break },
+                r = queue_rx.changed() => if r.is_err() { break },
+                _ = self.wakeup.notified() => {}
+            }
+        }
+        poller.abort();
+    }
+
+    /// One round: plan and carry out a pass, sync, metrics.
+    pub async fn tick(self: &Arc<Self>) {
+        self.run_queue().await;
+        self.sync();
+        self.update_metrics();
+    }
+
+    /// Plan one pass and carry it out.
+    pub async fn run_queue(self: &Arc<Self>) -> QueuePlan {
+        let (entries, _) = self.queue.entries();
+        let snapshot = PoolSnapshot::take(&*self.pool, &self.cfg);
+        let plan = {
+            let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+            plan_queue(
+                &self.cfg,
+                &mut limits,
+                &entries,
+                &snapshot,
+                self.queue.client().last_503(),
+                SystemTime::now(),
+            )
+        };
+        let last_503 = self
+            .limits()
+            .last_503
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.last_503.set(last_503);
+        self.metrics.max_concurrent.set(plan.max_containers as i64);
+        self.metrics
+            .allocated_not_started
+            .set(plan.allocated_not_started as i64);
+        self.metrics
+            .over_quota
+            .set(plan.not_allocated_over_quota as i64);
+
+        for uuid in &plan.locks {
+            let s = self.clone();
+            let uuid = uuid.clone();
+            tokio::spawn(async move { s.lock_container(&uuid).await });
+        }
+        for (it, uuid) in &plan.creates {
+            tracing::info!(ContainerUUID = %uuid, InstanceType = %it.name, "creating new instance");
+            if self.pool.create(it).is_none() {
+                tracing::debug!(ContainerUUID = %uuid, InstanceType = %it.name, "pool declined to create instance");
+            }
+        }
+        for (id, ent) in &plan.starts {
+            if !self.pool.start_container(id, &ent.container) {
+                tracing::debug!(ContainerUUID = %ent.container.uuid, Instance = %id, "pool declined to start container");
+            }
+        }
+        *self.last_queue.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(plan.sorted.clone());
+        for uuid in &plan.unlocks {
+            tracing::info!(ContainerUUID = %uuid, "unlock because pool capacity is used by higher priority containers");
+            if let Err(err) = self.queue.unlock(uuid).await {
+                tracing::warn!(ContainerUUID = %uuid, error = %err, "error unlocking");
+            }
+        }
+        for id in &plan.shutdowns {
+            self.pool.shutdown(id);
+        }
+        plan
+    }
+
+    /// Take the per-container operation lock; if busy, schedule a retry soon.
+    fn op_lock(self: &Arc<Self>, uuid: &str, op: &'static str) -> bool {
+        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cur) = ops.get(uuid) {
+            tracing::debug!(ContainerUUID = %uuid, Op = cur, "uuidLock not available");
+            let s = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(OP_RETRY).await;
+                s.wakeup.notify_one();
+            });
+            return false;
+        }
+        ops.insert(uuid.to_string(), op);
+        true
+    }
+
+    fn op_unlock(&self, uuid: &str) {
+        self.ops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uuid);
+    }
+
+    async fn lock_container(self: &Arc<Self>, uuid: &str) {
+        if !self.op_lock(uuid, "lock") {
+            return;
+        }
+        match self.queue.get(uuid) {
+            Some(e) if e.container.state == ContainerState::Queued => {
+                match self.queue.lock(uuid).await {
+                    Err(err) => {
+                        tracing::warn!(ContainerUUID = %uuid, error = %err, "error locking container")
+                    }
+                    Ok(()) => match self.queue.get(uuid) {
+                        None => {
+                            tracing::error!(ContainerUUID = %uuid, "(BUG?) container disappeared from queue after Lock succeeded")
+                        }
+                        Some(e) if e.container.state != ContainerState::Locked => tracing::warn!(
+                            ContainerUUID = %uuid,
+                            "(race?) container has state={} after Lock succeeded",
+                            e.container.state
+                        ),
+                        Some(_) => {}
+                    },
+                }
+            }
+            _ => {
+                tracing::debug!(ContainerUUID = %uuid, "container no longer queued by the time we decided to lock it, doing nothing")
+            }
+        }
+        self.op_unlock(uuid);
+    }
+
+    /// Reconcile queue and pool (spec §7.6); actions run in the background.
+    pub fn sync(self: &Arc<Self>) -> Vec<SyncAction> {
+        let any_unknown = self
+            .pool
+            .count_workers()
+            .get(&WorkerState::Unknown)
+            .is_some_and(|&n| n > 0);
+        let running = self.pool.running();
+        let (entries, threshold) = self.queue.entries();
+        let actions = plan_sync(&entries, &running, threshold, any_unknown);
+        for a in &actions {
+            match a.clone() {
+                SyncAction::Forget { uuid, reason } => {
+                    tracing::info!(ContainerUUID = %uuid, "{reason}");
+                    self.queue.forget(&uuid);
+                }
+                SyncAction::Cancel { uuid, reason } => {
+                    if !self.op_lock(&uuid, "cancel") {
+                        continue;
+                    }
+                    let s = self.clone();
+                    tokio::spawn(async move {
+                        tracing::info!(ContainerUUID = %uuid, "cancelling container because {reason}");
+                        if let Err(err) = s.queue.cancel(&uuid).await {
+                            tracing::warn!(ContainerUUID = %uuid, error = %err, "error cancelling container");
+                        }
+                        s.op_unlock(&uuid);
+                    });
+                }
+                SyncAction::Requeue { uuid, reason } => {
+                    if !self.op_lock(&uuid, "requeue") {
+                        continue;
+                    }
+                    let s = self.clone();
+                    tokio::spawn(async move {
+                        tracing::info!(ContainerUUID = %uuid, "requeueing locked container because {reason}");
+                        if let Err(err) = s.queue.unlock(&uuid).await {
+                            tracing::warn!(ContainerUUID = %uuid, error = %err, "error requeueing container");
+                        }
+                        s.op_unlock(&uuid);
+                    });
+                }
+                SyncAction::Kill { uuid, reason } => {
+                    if !self.op_lock(&uuid, "kill") {
+                        continue;
+                    }
+                    self.pool.kill_container(&uuid, &reason);
+                    self.pool.forget_container(&uuid);
+                    self.op_unlock(&uuid);
+                }
+            }
+        }
+        actions
+    }
+
+    /// `containers_longest_wait_time_seconds`: the oldest Queued or Locked container with
+    /// priority > 0 that is not on a worker.
+    pub fn update_metrics(&self) {
+        let running = self.pool.running();
+        let (entries, _) = self.queue.entries();
+        self.metrics
+            .longest_wait
+            .set(longest_wait(&entries, &running, Utc::now()));
+    }
+
+    /// Requeue containers a previous dispatcher process locked that turn out not to be running
+    /// anywhere, once the adopted VMs have reported their processes (spec §7.8). Better than
+    /// Go (§13.3 item 19): the stale list is computed after the last wait, so a container a
+    /// worker reported in that last probe is not unlocked.
+    pub async fn fix_stale_locks(&self) {
+        let mut rx = self.pool.subscribe();
+        let deadline = tokio::time::Instant::now() + self.shell.stale_lock_timeout;
+        while !self.pool.loaded() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+        let stale = || -> Vec<String> {
+            let running = self.pool.running();
+            let (entries, _) = self.queue.entries();
+            let mut v: Vec<String> = entries
+                .iter()
+                .filter(|e| {
+                    e.container.state == ContainerState::Locked
+                        && !running.contains_key(&e.container.uuid)
+                })
+                .map(|e| e.container.uuid.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        let mut waited = false;
+        loop {
+            let unknown = self
+                .pool
+                .count_workers()
+                .get(&WorkerState::Unknown)
+                .copied()
+                .unwrap_or(0);
+            if unknown == 0 {
+                break;
+            }
+            if stale().is_empty() {
+                return;
+            }
+            waited = true;
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !waited {
+            return;
+        }
+        for uuid in stale() {
+            if let Err(err) = self.queue.unlock(&uuid).await {
+                tracing::warn!(ContainerUUID = %uuid, error = %err, "error unlocking stale container");
+            }
+        }
+    }
+}
+
+/// Seconds the oldest waiting container (Queued or Locked, priority > 0, not on a worker) has
+/// waited since it was created; 0 if none waits.
+pub fn longest_wait(entries: &[Arc<QueueEnt>], running: &RunningMap, now: DateTime<Utc>) -> f64 {
+    let oldest = entries
+        .iter()
+        .filter(|e| {
+            let c = &e.container;
+            matches!(c.state, ContainerState::Queued | ContainerState::Locked)
+                && c.priority > 0
+                && !running.contains_key(&c.uuid)
+        })
+        .filter_map(|e| e.container.created_at)
+        .min();
+    oldest.map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+}
+
+/// The background queue poller: update, then sleep the poll interval (or as long as the
+/// update took, if longer).
+async fn poll_queue(
+    queue: Arc<ContainerQueue>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let t0 = std::time::Instant::now();
+        if let Err(err) = queue.update().await {
+            tracing::error!(error = %err, "error updating queue");
+        }
+        let wait = interval.max(t0.elapsed());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

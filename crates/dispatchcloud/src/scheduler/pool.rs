@@ -1,0 +1,138 @@
+//! What the scheduler needs from a worker pool (spec §7.1), and nothing more: the narrow
+//! interface the worker pool implements, plus the value types it hands over. Every method is
+//! in-memory and non-blocking (creates, starts and kills proceed in the background), so the
+//! scheduler can call them from its loop. [`super::stub::StubPool`] implements it for tests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use arvados::InstanceType;
+use arvados::types::Container;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Worker states (spec §8.3), with Arvados' lower-case names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    Unknown,
+    Booting,
+    Idle,
+    Running,
+    Shutdown,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Unknown => "unknown",
+            WorkerState::Booting => "booting",
+            WorkerState::Idle => "idle",
+            WorkerState::Running => "running",
+            WorkerState::Shutdown => "shutdown",
+        }
+    }
+
+    /// Idle or running: a container can be started on it now.
+    pub fn is_ready(self) -> bool {
+        matches!(self, WorkerState::Idle | WorkerState::Running)
+    }
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Operator-set idle behaviour of a worker (spec §8.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleBehavior {
+    #[default]
+    Run,
+    Hold,
+    Drain,
+}
+
+impl IdleBehavior {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdleBehavior::Run => "run",
+            IdleBehavior::Hold => "hold",
+            IdleBehavior::Drain => "drain",
+        }
+    }
+}
+
+/// One worker as the pool reports it (and as the management API lists it). A pending create
+/// has an empty `instance`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceView {
+    pub instance: String,
+    pub address: String,
+    pub price: f64,
+    pub arvados_instance_type: String,
+    pub provider_instance_type: String,
+    pub last_container_uuid: String,
+    pub last_busy: Option<DateTime<Utc>>,
+    pub worker_state: WorkerState,
+    pub idle_behavior: IdleBehavior,
+    /// Containers starting or running on it.
+    pub running_container_uuids: Vec<String>,
+}
+
+impl InstanceView {
+    /// A view of a worker of type `it` in `state`, with nothing running.
+    pub fn new(id: &str, it: &InstanceType, state: WorkerState) -> Self {
+        InstanceView {
+            instance: id.to_string(),
+            address: String::new(),
+            price: it.price,
+            arvados_instance_type: it.name.clone(),
+            provider_instance_type: it.provider_type.clone(),
+            last_container_uuid: String::new(),
+            last_busy: None,
+            worker_state: state,
+            idle_behavior: IdleBehavior::Run,
+            running_container_uuids: Vec::new(),
+        }
+    }
+}
+
+/// uuid → when the pool noticed its crunch-run exit (`None`: starting or running).
+pub type RunningMap = HashMap<String, Option<DateTime<Utc>>>;
+
+/// The worker pool as the scheduler sees it.
+pub trait WorkerPool: Send + Sync + 'static {
+    /// Containers being started or run on any worker, plus exited ones not yet forgotten.
+    fn running(&self) -> RunningMap;
+    /// All workers, including pending creates (empty instance id).
+    fn instances(&self) -> Vec<InstanceView>;
+    /// Workers per state. Only meaningful once [`loaded`](Self::loaded) is true.
+    fn count_workers(&self) -> BTreeMap<WorkerState, usize>;
+    /// Whether the first instance list from the cloud has been loaded.
+    fn loaded(&self) -> bool;
+    /// A recent capacity error applies to this type.
+    fn at_capacity(&self, it: &InstanceType) -> bool;
+    /// Cloud quota or `MaxInstances` reached.
+    fn at_quota(&self) -> bool;
+    /// How many more instances can exist before [`at_quota`](Self::at_quota) turns true
+    /// (`None`: no known limit).
+    fn quota_headroom(&self) -> Option<usize>;
+    /// How many creates the pool would accept right now (`None`: no limit).
+    fn create_budget(&self) -> Option<usize>;
+    /// Start creating an instance; `None` if the pool declined.
+    fn create(&self, it: &InstanceType) -> Option<InstanceView>;
+    /// Destroy a booting or idle, non-hold worker.
+    fn shutdown(&self, instance_id: &str) -> bool;
+    /// Start a container on an idle or running worker with idle behaviour `run`.
+    fn start_container(&self, instance_id: &str, ctr: &Container) -> bool;
+    /// Start killing the container's crunch-run; false if none is known.
+    fn kill_container(&self, uuid: &str, reason: &str) -> bool;
+    /// Clear an exited placeholder.
+    fn forget_container(&self, uuid: &str);
+    /// A channel that changes whenever the pool does.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
