@@ -48,6 +48,37 @@ pub struct QueueEnt {
     /// selection failed (Go would crash on such an entry, §13.5 item 31).
     pub instance_types: Vec<Arc<InstanceType>>,
     pub first_seen_at: DateTime<Utc>,
+    /// Hash of `container.uuid`, so a scheduling pass can test membership without reading
+    /// the uuid string of every entry.
+    uuid_hash: u64,
+}
+
+impl QueueEnt {
+    pub fn new(
+        container: Container,
+        instance_resources: InstanceResources,
+        instance_types: Vec<Arc<InstanceType>>,
+        first_seen_at: DateTime<Utc>,
+    ) -> QueueEnt {
+        QueueEnt {
+            uuid_hash: uuid_hash(&container.uuid),
+            container,
+            instance_resources,
+            instance_types,
+            first_seen_at,
+        }
+    }
+
+    /// [`uuid_hash`] of the container's uuid.
+    pub fn uuid_hash(&self) -> u64 {
+        self.uuid_hash
+    }
+}
+
+/// The hash [`QueueEnt::uuid_hash`] holds.
+pub fn uuid_hash(uuid: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<crate::fasthash::FastHasher>::default().hash_one(uuid)
 }
 
 impl Serialize for QueueEnt {
@@ -448,12 +479,7 @@ impl ContainerQueue {
                 Vec::new()
             }
         };
-        Some(QueueEnt {
-            container: ctr,
-            instance_resources: need,
-            instance_types: types,
-            first_seen_at: Utc::now(),
-        })
+        Some(QueueEnt::new(ctr, need, types, Utc::now()))
     }
 
     fn spawn_cancel_unsatisfiable(self: &Arc<Self>, ctr: Container, message: String) {

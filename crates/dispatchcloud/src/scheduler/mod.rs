@@ -13,6 +13,8 @@
 pub mod index;
 pub mod plan;
 pub mod pool;
+#[cfg(test)]
+mod reference;
 pub mod scale;
 pub mod status;
 pub mod stub;
@@ -31,7 +33,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use tokio::sync::{Notify, watch};
 
-pub use plan::{Limits, PoolSnapshot, QueuePlan, SchedConfig, plan_queue};
+pub use plan::{Limits, PoolSnapshot, QueueOrder, QueuePlan, SchedConfig, plan_queue};
 pub use pool::{IdleBehavior, InstanceView, RunningMap, WorkerPool, WorkerState};
 pub use status::Status;
 pub use sync::{SyncAction, plan_sync};
@@ -42,8 +44,21 @@ use crate::queue::{ContainerQueue, QueueEnt};
 /// still in progress (spec §7.9).
 const OP_RETRY: Duration = Duration::from_millis(250);
 
-/// The sorted queue of the last pass, with statuses.
-pub type SortedQueue = Arc<Vec<(Arc<QueueEnt>, Status)>>;
+/// The queue as the last pass saw it: its entries and the order it left.
+#[derive(Debug, Default)]
+pub struct QueueView {
+    pub entries: Vec<Arc<QueueEnt>>,
+    pub order: QueueOrder,
+}
+
+impl QueueView {
+    /// Entries in scheduling order with their statuses.
+    pub fn sorted(&self) -> Vec<(Arc<QueueEnt>, Status)> {
+        self.order.sorted(&self.entries)
+    }
+}
+
+pub type SortedQueue = Arc<QueueView>;
 
 /// Scheduler gauges (spec §7.7).
 struct Metrics {
@@ -189,7 +204,7 @@ impl<P: WorkerPool> Scheduler<P> {
             shell,
             ops: Mutex::new(HashMap::new()),
             wakeup: Notify::new(),
-            last_queue: Mutex::new(Arc::new(Vec::new())),
+            last_queue: Mutex::new(Arc::new(QueueView::default())),
             metrics,
         }))
     }
@@ -311,7 +326,10 @@ impl<P: WorkerPool> Scheduler<P> {
                 tracing::debug!(ContainerUUID = %ent.container.uuid, Instance = %id, "pool declined to start container");
             }
         }
-        *self.last_queue.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(plan.sorted.clone());
+        *self.last_queue.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(QueueView {
+            entries,
+            order: plan.queue.clone(),
+        });
         for uuid in &plan.unlocks {
             tracing::info!(ContainerUUID = %uuid, "unlock because pool capacity is used by higher priority containers");
             if let Err(err) = self.queue.unlock(uuid).await {

@@ -16,11 +16,12 @@ use arvados::InstanceType;
 use arvados::config::Cluster;
 use arvados::types::ContainerState;
 
-use super::index::{Offer, OfferTree, Want};
-use super::pool::{IdleBehavior, InstanceView, RunningMap, WorkerPool, WorkerState};
+use super::index::InstanceIndex;
+use super::pool::{InstanceView, RunningMap, WorkerPool, WorkerState};
 use super::status::Status;
+use crate::fasthash::{FastMap, FastSet};
 use crate::node_size::InstanceResources;
-use crate::queue::QueueEnt;
+use crate::queue::{QueueEnt, uuid_hash};
 
 /// After a 503, the container limit starts growing again once this long has passed quietly.
 pub const QUIET_AFTER_503: Duration = Duration::from_secs(60);
@@ -124,8 +125,8 @@ impl PoolSnapshot {
 /// Everything one pass decided.
 #[derive(Debug, Clone, Default)]
 pub struct QueuePlan {
-    /// The queue in scheduling order, with each container's status.
-    pub sorted: Vec<(Arc<QueueEnt>, Status)>,
+    /// The queue order and statuses (finished lazily, see [`QueueOrder::sorted`]).
+    pub queue: QueueOrder,
     /// Queued containers to lock (asynchronously).
     pub locks: Vec<String>,
     /// Instances to create: the type, and the container that asked for it.
@@ -144,301 +145,78 @@ pub struct QueuePlan {
     pub max_containers: usize,
 }
 
-/// One instance during a pass.
-struct Inst {
-    id: Option<Arc<str>>,
-    ty: usize,
-    /// Position in scan order: (type rank, pending 0 / real 1, sequence).
-    pos: u64,
-    pending: bool,
-    slot: usize,
-    ready: bool,
-    usable: bool,
-    count: i64,
-    free: InstanceResources,
+/// The queue as a pass left it: indices into the entries the pass was given, first the
+/// prefix the pass sorted (every container it had to decide about), then the rest unsorted,
+/// with statuses for the prefix. [`QueueOrder::sorted`] finishes order and statuses when
+/// someone asks (the management API), so a pass never sorts or formats what nobody reads.
+#[derive(Debug, Clone, Default)]
+pub struct QueueOrder {
+    pub order: Vec<usize>,
+    /// Statuses of the sorted prefix of `order`.
+    pub statuses: Vec<Status>,
+    tail: TailState,
 }
 
-/// The instances of one type, in scan order: pending creates first, then real instances.
-struct TypeSlots {
-    it: Arc<InstanceType>,
-    name: Arc<str>,
-    rank: u64,
-    pending: OfferTree,
-    pending_insts: Vec<usize>,
-    real: OfferTree,
-    real_insts: Vec<usize>,
+/// What finishing the statuses of the unsorted tail needs from the pass.
+#[derive(Debug, Clone, Default)]
+struct TailState {
+    packable: bool,
+    /// The pass stopped early (over quota): the tail only gets queue positions.
+    stopped: bool,
+    qpos: usize,
+    over_super: usize,
+    supervisors: usize,
+    max_supervisors: usize,
+    at_quota: bool,
 }
 
-fn pos(rank: u64, pending: bool, seq: u64) -> u64 {
-    (rank << 40) | (u64::from(!pending) << 39) | seq
+impl QueuePlan {
+    /// See [`QueueOrder::sorted`].
+    pub fn sorted(&self, entries: &[Arc<QueueEnt>]) -> Vec<(Arc<QueueEnt>, Status)> {
+        self.queue.sorted(entries)
+    }
 }
 
-struct Index {
-    insts: Vec<Inst>,
-    types: Vec<TypeSlots>,
-    by_name: HashMap<String, usize>,
-    /// Type lookups by the `Arc` the queue entry holds (cheap), filled from `by_name`.
-    by_ptr: HashMap<usize, Option<usize>>,
-    limit_per_instance: i64,
-    next_pending_seq: u64,
-}
-
-impl Index {
-    fn offer(&self, i: usize) -> Offer {
-        let inst = &self.insts[i];
-        if inst.usable {
-            Offer::usable(&inst.free, inst.count, inst.ready)
-        } else {
-            Offer::NONE
-        }
-    }
-
-    fn refresh(&mut self, i: usize) {
-        let o = self.offer(i);
-        let inst = &self.insts[i];
-        let t = &mut self.types[inst.ty];
-        if inst.pending {
-            t.pending.set(inst.slot, o);
-        } else {
-            t.real.set(inst.slot, o);
-        }
-    }
-
-    fn type_of(&mut self, it: &Arc<InstanceType>) -> Option<usize> {
-        let key = Arc::as_ptr(it) as usize;
-        if let Some(t) = self.by_ptr.get(&key) {
-            return *t;
-        }
-        let t = self.by_name.get(&it.name).copied();
-        self.by_ptr.insert(key, t);
-        t
-    }
-
-    /// First instance of type `t` strictly after position `after` (or from the start) that
-    /// satisfies `want`.
-    fn first_in_type(&self, t: usize, after: Option<u64>, want: &Want) -> Option<usize> {
-        let ts = &self.types[t];
-        let (pending_from, real_from) = match after {
-            None => (0, 0),
-            Some(p) => {
-                let rank = p >> 40;
-                if rank > ts.rank {
-                    return None;
-                } else if rank < ts.rank {
-                    (0, 0)
-                } else {
-                    let pp = ts
-                        .pending_insts
-                        .partition_point(|&i| self.insts[i].pos <= p);
-                    let rp = ts.real_insts.partition_point(|&i| self.insts[i].pos <= p);
-                    (pp, rp)
-                }
-            }
-        };
-        if let Some(s) = ts.pending.find_first(pending_from, want) {
-            return Some(ts.pending_insts[s]);
-        }
-        ts.real
-            .find_first(real_from, want)
-            .map(|s| ts.real_insts[s])
-    }
-
-    fn first(&self, types: &[usize], after: Option<u64>, want: &Want) -> Option<usize> {
-        types
+impl QueueOrder {
+    /// The whole queue in scheduling order with statuses, given the entries the pass saw.
+    /// The tail the pass did not need to order (containers past the container limit) is
+    /// sorted here, and its statuses (queue positions) filled in as the pass would have.
+    pub fn sorted(&self, entries: &[Arc<QueueEnt>]) -> Vec<(Arc<QueueEnt>, Status)> {
+        let n = self.statuses.len();
+        let mut out: Vec<(Arc<QueueEnt>, Status)> = self.order[..n]
             .iter()
-            .filter_map(|&t| self.first_in_type(t, after, want))
-            .min_by_key(|&i| self.insts[i].pos)
-    }
-
-    /// Go's choice among acceptable instances in scan order: the first; replaced by a later
-    /// one with more containers, or else by a later ready one while the best is not ready.
-    fn best(&self, types: &[usize], need: &InstanceResources) -> Option<usize> {
-        let any = Want {
-            need: *need,
-            more_than: None,
-            ready: false,
-        };
-        let mut best = self.first(types, None, &any)?;
-        loop {
-            let b = &self.insts[best];
-            let busier = self.first(
-                types,
-                Some(b.pos),
-                &Want {
-                    more_than: Some(b.count),
-                    ..any
-                },
-            );
-            let readier = if b.ready {
-                None
-            } else {
-                self.first(types, Some(b.pos), &Want { ready: true, ..any })
-            };
-            let next = match (busier, readier) {
-                (Some(x), Some(y)) => Some(if self.insts[x].pos <= self.insts[y].pos {
-                    x
+            .zip(&self.statuses)
+            .map(|(&i, s)| (entries[i].clone(), s.clone()))
+            .collect();
+        let mut tail: Vec<Row> = self.order[n..]
+            .iter()
+            .map(|&i| row_for(&entries[i], i, false))
+            .collect();
+        sort_rows(&mut tail, entries, self.tail.packable);
+        let t = &self.tail;
+        let (mut qpos, mut over_super, mut supervisors) = (t.qpos, t.over_super, t.supervisors);
+        for row in tail {
+            if row.supervisor {
+                supervisors += 1;
+            }
+            let status = if row.priority < 1 && !t.stopped {
+                Status::PriorityZero(row.state)
+            } else if row.supervisor && t.max_supervisors > 0 && supervisors > t.max_supervisors {
+                over_super += 1;
+                Status::SupervisorLimit(over_super)
+            } else if matches!(row.state, ContainerState::Queued | ContainerState::Locked) {
+                qpos += 1;
+                if t.at_quota {
+                    Status::CloudLimits(qpos)
                 } else {
-                    y
-                }),
-                (x, y) => x.or(y),
-            };
-            match next {
-                Some(n) => best = n,
-                None => return Some(best),
-            }
-        }
-    }
-
-    /// Put a container on instance `i`.
-    fn place(&mut self, i: usize, need: &InstanceResources) {
-        let limit = self.limit_per_instance;
-        let inst = &mut self.insts[i];
-        inst.free.sub(need);
-        inst.count += 1;
-        if limit > 0 && inst.count >= limit {
-            inst.usable = false;
-        }
-        self.refresh(i);
-    }
-
-    /// A new pending instance of type `t` with one container on it.
-    fn add_pending(&mut self, t: usize, need: &InstanceResources) -> usize {
-        let seq = self.next_pending_seq;
-        self.next_pending_seq += 1;
-        let i = self.insts.len();
-        let ts = &self.types[t];
-        self.insts.push(Inst {
-            id: None,
-            ty: t,
-            pos: pos(ts.rank, true, seq),
-            pending: true,
-            slot: ts.pending.len(),
-            ready: false,
-            usable: true,
-            count: 0,
-            free: InstanceResources::of_type(&ts.it),
-        });
-        let slot = self.types[t].pending.push(Offer::NONE);
-        self.types[t].pending_insts.push(i);
-        debug_assert_eq!(slot, self.insts[i].slot);
-        self.place(i, need);
-        i
-    }
-}
-
-/// Scan-order key of a type: cheapest first, then roomiest.
-fn type_key_cmp(a: &InstanceType, b: &InstanceType) -> Ordering {
-    a.price
-        .total_cmp(&b.price)
-        .then(b.vcpus.cmp(&a.vcpus))
-        .then(b.ram.cmp(&a.ram))
-        .then(b.scratch.cmp(&a.scratch))
-}
-
-fn build_index(
-    cfg: &SchedConfig,
-    pool: &PoolSnapshot,
-    needs_by_uuid: &HashMap<&str, InstanceResources>,
-) -> Index {
-    let mut names: Vec<&Arc<InstanceType>> = cfg.types.values().collect();
-    names.sort_by(|a, b| type_key_cmp(a, b).then_with(|| a.name.cmp(&b.name)));
-    let mut types = Vec::with_capacity(names.len());
-    let mut by_name = HashMap::new();
-    let mut rank = 0u64;
-    for (k, it) in names.iter().enumerate() {
-        if k > 0 && type_key_cmp(names[k - 1], it) != Ordering::Equal {
-            rank += 1;
-        }
-        by_name.insert(it.name.clone(), k);
-        types.push(TypeSlots {
-            it: (*it).clone(),
-            name: Arc::from(it.name.as_str()),
-            rank,
-            pending: OfferTree::with_leaves(&[]),
-            pending_insts: Vec::new(),
-            real: OfferTree::with_leaves(&[]),
-            real_insts: Vec::new(),
-        });
-    }
-    let limit = cfg.max_running_containers_per_instance as i64;
-
-    // Real instances (and pending creates from earlier passes) in scan order.
-    let mut order: Vec<(usize, usize)> = pool
-        .instances
-        .iter()
-        .enumerate()
-        .filter_map(|(v, view)| by_name.get(&view.arvados_instance_type).map(|&t| (v, t)))
-        .collect();
-    order.sort_by(|&(va, ta), &(vb, tb)| {
-        types[ta].rank.cmp(&types[tb].rank).then_with(|| {
-            pool.instances[va]
-                .instance
-                .cmp(&pool.instances[vb].instance)
-        })
-    });
-    let mut insts = Vec::with_capacity(order.len());
-    let mut real_leaves: Vec<Vec<Offer>> = vec![Vec::new(); types.len()];
-    let mut pending_leaves: Vec<Vec<Offer>> = vec![Vec::new(); types.len()];
-    let mut seq = 0u64;
-    for (v, t) in order {
-        let view = &pool.instances[v];
-        let mut free = InstanceResources::of_type(&types[t].it);
-        for uuid in &view.running_container_uuids {
-            match needs_by_uuid.get(uuid.as_str()) {
-                Some(need) => free.sub(need),
-                None => {
-                    // Size unknown: take the instance as full.
-                    free = InstanceResources {
-                        shared_vcpu_used: free.shared_vcpu_used,
-                        ..Default::default()
-                    };
-                    break;
+                    Status::ClusterCapacity(qpos)
                 }
-            }
+            } else {
+                Status::None
+            };
+            out.push((entries[row.idx as usize].clone(), status));
         }
-        let count = view.running_container_uuids.len() as i64;
-        let pending = view.instance.is_empty();
-        let usable = view.worker_state != WorkerState::Shutdown
-            && view.idle_behavior == IdleBehavior::Run
-            && (limit == 0 || count < limit);
-        let i = insts.len();
-        let ts = &mut types[t];
-        let (leaves, list) = if pending {
-            (&mut pending_leaves[t], &mut ts.pending_insts)
-        } else {
-            (&mut real_leaves[t], &mut ts.real_insts)
-        };
-        let inst = Inst {
-            id: (!pending).then(|| Arc::from(view.instance.as_str())),
-            ty: t,
-            pos: pos(ts.rank, pending, seq),
-            pending,
-            slot: list.len(),
-            ready: view.worker_state.is_ready(),
-            usable,
-            count,
-            free,
-        };
-        seq += 1;
-        leaves.push(if usable {
-            Offer::usable(&free, count, inst.ready)
-        } else {
-            Offer::NONE
-        });
-        list.push(i);
-        insts.push(inst);
-    }
-    for (t, ts) in types.iter_mut().enumerate() {
-        ts.real = OfferTree::with_leaves(&real_leaves[t]);
-        ts.pending = OfferTree::with_leaves(&pending_leaves[t]);
-    }
-    Index {
-        insts,
-        types,
-        by_name,
-        by_ptr: HashMap::new(),
-        limit_per_instance: limit,
-        next_pending_seq: seq,
+        out
     }
 }
 
@@ -491,37 +269,192 @@ pub fn update_limits(
     }
 }
 
-/// Sort the queue: containers the pool is running first, then Locked, then priority
-/// (highest first), then first seen (oldest first), then uuid.
-pub fn sort_queue(entries: &[Arc<QueueEnt>], running: &RunningMap) -> Vec<usize> {
-    let keys: Vec<(u8, i64, i64)> = entries
+/// What the pass needs of one queue entry, packed so the 100 000-entry loops read a compact
+/// array instead of chasing each entry's pointer.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    /// Sort key: class (0: on a worker; 1: Locked; 2: anything else), then priority
+    /// descending, then first seen; packed into one integer when priorities allow.
+    key: u128,
+    priority: i64,
+    idx: u32,
+    state: ContainerState,
+    supervisor: bool,
+    running: bool,
+}
+
+/// Priorities below this pack into [`Row::key`] (Arvados' are far smaller).
+const PACKED_PRIORITY_LIMIT: i64 = 1 << 62;
+
+fn row_for(e: &QueueEnt, idx: usize, running: bool) -> Row {
+    let c = &e.container;
+    let class: u8 = if running {
+        0
+    } else if c.state == ContainerState::Locked {
+        1
+    } else {
+        2
+    };
+    let first_seen = e
+        .first_seen_at
+        .timestamp_nanos_opt()
+        .unwrap_or(e.first_seen_at.timestamp().saturating_mul(1_000_000_000));
+    let prio = (PACKED_PRIORITY_LIMIT - 1 - c.priority.clamp(0, PACKED_PRIORITY_LIMIT - 1)) as u128;
+    let seen = (first_seen as u64 ^ (1 << 63)) as u128;
+    Row {
+        key: (u128::from(class) << 126) | (prio << 64) | seen,
+        priority: c.priority,
+        idx: idx as u32,
+        state: c.state,
+        supervisor: c.scheduling_parameters.supervisor,
+        running,
+    }
+}
+
+/// Scheduling order of two rows: the packed key (or, if some priority does not pack, class,
+/// priority and first-seen compared separately), then uuid.
+fn row_order(entries: &[Arc<QueueEnt>], packable: bool) -> impl Fn(&Row, &Row) -> Ordering + '_ {
+    move |a: &Row, b: &Row| {
+        let by_key = if packable {
+            a.key.cmp(&b.key)
+        } else {
+            let class = |r: &Row| (r.key >> 126) as u8;
+            let seen = |r: &Row| r.key as u64;
+            (class(a), b.priority, seen(a)).cmp(&(class(b), a.priority, seen(b)))
+        };
+        by_key.then_with(|| {
+            entries[a.idx as usize]
+                .container
+                .uuid
+                .cmp(&entries[b.idx as usize].container.uuid)
+        })
+    }
+}
+
+fn sort_rows(rows: &mut [Row], entries: &[Arc<QueueEnt>], packable: bool) {
+    rows.sort_unstable_by(row_order(entries, packable));
+}
+
+/// Rows for every entry, in entry order, and whether all priorities pack. Also collects the
+/// needs of containers that sit on instances.
+fn build_rows<'a>(
+    entries: &'a [Arc<QueueEnt>],
+    pool: &PoolSnapshot,
+    needs: &mut FastMap<&'a str, InstanceResources>,
+) -> (Vec<Row>, bool) {
+    // Uuids the pool knows (running, or on an instance), by hash: most entries are neither,
+    // and a hash probe saves reading their uuid strings.
+    const RUNNING: u8 = 1;
+    const ON_INSTANCE: u8 = 2;
+    let mut known: FastMap<u64, u8> = FastMap::default();
+    for u in pool.running.keys() {
+        *known.entry(uuid_hash(u)).or_default() |= RUNNING;
+    }
+    let mut on_instances: FastSet<&str> = FastSet::default();
+    for v in &pool.instances {
+        for u in &v.running_container_uuids {
+            *known.entry(uuid_hash(u)).or_default() |= ON_INSTANCE;
+            on_instances.insert(u.as_str());
+        }
+    }
+    let mut packable = true;
+    let rows = entries
         .iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
+            if let Some(ahead) = entries.get(i + PREFETCH_AHEAD) {
+                prefetch_row_fields(ahead);
+            }
             let c = &e.container;
-            let class = if running.contains_key(&c.uuid) {
+            let flags = if known.is_empty() {
                 0
-            } else if c.state == ContainerState::Locked {
-                1
             } else {
-                2
+                known.get(&e.uuid_hash()).copied().unwrap_or(0)
             };
-            let seen = e
-                .first_seen_at
-                .timestamp_nanos_opt()
-                .unwrap_or(e.first_seen_at.timestamp().saturating_mul(1_000_000_000));
-            (class, -c.priority, seen)
+            let is_running = flags & RUNNING != 0 && pool.running.contains_key(&c.uuid);
+            if flags & ON_INSTANCE != 0 && on_instances.contains(c.uuid.as_str()) {
+                needs.insert(c.uuid.as_str(), e.instance_resources);
+            }
+            packable &= (0..PACKED_PRIORITY_LIMIT).contains(&c.priority);
+            row_for(e, i, is_running)
         })
         .collect();
-    let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.sort_unstable_by(|&a, &b| {
-        keys[a]
-            .cmp(&keys[b])
-            .then_with(|| entries[a].container.uuid.cmp(&entries[b].container.uuid))
-    });
-    order
+    (rows, packable)
+}
+
+/// How many rows ahead the pass asks the CPU to fetch queue entries.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Hint the CPU to load the parts of a queue entry the pass reads (its eligible types and
+/// needs): entries are scattered over the heap and visited in priority order, so without this
+/// the pass mostly waits for memory. A hint only; no effect on results.
+#[inline]
+fn prefetch_entry(e: &Arc<QueueEnt>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let types = std::ptr::from_ref(&e.instance_types).cast::<i8>();
+        let need = std::ptr::from_ref(&e.instance_resources).cast::<i8>();
+        // SAFETY: prefetching never dereferences or faults; the pointers are valid anyway.
+        #[allow(unused_unsafe)]
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(types);
+            _mm_prefetch::<_MM_HINT_T0>(need);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = e;
+}
+
+/// As [`prefetch_entry`], for the fields a row is built from.
+#[inline]
+fn prefetch_row_fields(e: &Arc<QueueEnt>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let c = &e.container;
+        let fields = [
+            std::ptr::from_ref(&c.state).cast::<i8>(),
+            std::ptr::from_ref(&c.priority).cast::<i8>(),
+            std::ptr::from_ref(&c.scheduling_parameters).cast::<i8>(),
+            std::ptr::from_ref(&e.first_seen_at).cast::<i8>(),
+        ];
+        for p in fields {
+            // SAFETY: prefetching never dereferences or faults.
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = e;
+}
+
+/// Grow the sorted prefix `rows[..*sorted]` to the `want` smallest rows (all, if `want` is
+/// past the end): partition, then sort only the new part.
+fn extend_sorted(
+    rows: &mut [Row],
+    sorted: &mut usize,
+    want: usize,
+    order: &impl Fn(&Row, &Row) -> Ordering,
+) {
+    let want = want.min(rows.len());
+    if want <= *sorted {
+        return;
+    }
+    if want < rows.len() {
+        rows[*sorted..].select_nth_unstable_by(want - *sorted - 1, order);
+    }
+    rows[*sorted..want].sort_unstable_by(order);
+    *sorted = want;
 }
 
 /// One scheduling pass (spec §7.3). `last_503` is when the API client last saw a 503.
+///
+/// Only the head of the queue that can get decisions this pass is sorted (it grows until the
+/// container limit is reached); the rest can only be told its queue position, which
+/// [`QueuePlan::sorted`] works out when asked.
 pub fn plan_queue(
     cfg: &SchedConfig,
     limits: &mut Limits,
@@ -530,24 +463,10 @@ pub fn plan_queue(
     last_503: Option<SystemTime>,
     now: SystemTime,
 ) -> QueuePlan {
-    let order = sort_queue(entries, &pool.running);
-
     // Needs of the containers on instances, to see what is left on each.
-    let mut on_instances: HashSet<&str> = HashSet::new();
-    for v in &pool.instances {
-        for u in &v.running_container_uuids {
-            on_instances.insert(u.as_str());
-        }
-    }
-    let mut needs_by_uuid: HashMap<&str, InstanceResources> = HashMap::new();
-    if !on_instances.is_empty() {
-        for e in entries {
-            if on_instances.contains(e.container.uuid.as_str()) {
-                needs_by_uuid.insert(e.container.uuid.as_str(), e.instance_resources);
-            }
-        }
-    }
-    let mut index = build_index(cfg, pool, &needs_by_uuid);
+    let mut needs_by_uuid: FastMap<&str, InstanceResources> = FastMap::default();
+    let (mut rows, packable) = build_rows(entries, pool, &mut needs_by_uuid);
+    let mut index = InstanceIndex::build(cfg, pool, &needs_by_uuid);
 
     let mut at_quota = pool.at_quota || pool.quota_headroom == Some(0);
     let max_supervisors = update_limits(
@@ -567,7 +486,7 @@ pub fn plan_queue(
         max_containers,
         ..Default::default()
     };
-    let mut statuses: Vec<Status> = vec![Status::None; order.len()];
+    let mut statuses: Vec<Status> = Vec::new();
     let mut overquota_from: Option<usize> = None;
     let mut overmaxsuper: Vec<usize> = Vec::new();
     let mut trying = pool.running.len();
@@ -575,122 +494,165 @@ pub fn plan_queue(
     let mut supervisors = 0usize;
     let mut eligible: Vec<usize> = Vec::new();
 
-    for (k, &ei) in order.iter().enumerate() {
-        let ent = &entries[ei];
-        let ctr = &ent.container;
-        let supervisor = ctr.scheduling_parameters.supervisor;
-        if supervisor {
-            supervisors += 1;
-        }
-        if pool.running.contains_key(&ctr.uuid) {
-            if matches!(ctr.state, ContainerState::Queued | ContainerState::Locked) {
-                statuses[k] = Status::Preparing;
+    let order = row_order(entries, packable);
+    let on_workers = rows.iter().filter(|r| r.running).count();
+    let limited = max_containers > 0;
+    let mut sorted = 0usize;
+    let mut want = if limited {
+        on_workers + max_containers.saturating_sub(trying) + 16
+    } else {
+        rows.len()
+    };
+    let mut k = 0usize;
+    'pass: loop {
+        extend_sorted(&mut rows, &mut sorted, want, &order);
+        statuses.resize(sorted, Status::None);
+        while k < sorted {
+            let row = rows[k];
+            if let Some(ahead) = rows.get(k + PREFETCH_AHEAD)
+                && ahead.priority > 0
+            {
+                prefetch_entry(&entries[ahead.idx as usize]);
             }
-            continue;
-        }
-        if ctr.priority < 1 {
-            statuses[k] = Status::PriorityZero(ctr.state);
-            continue;
-        }
-        if supervisor && max_supervisors > 0 && supervisors > max_supervisors {
-            overmaxsuper.push(k);
-            statuses[k] = Status::SupervisorLimit(overmaxsuper.len());
-            continue;
-        }
-        if !matches!(ctr.state, ContainerState::Queued | ContainerState::Locked) {
-            continue;
-        }
-        if max_containers > 0 && trying >= max_containers {
-            continue;
-        }
-        trying += 1;
-
-        // Best existing instance, and the cheapest type not at capacity.
-        eligible.clear();
-        for it in &ent.instance_types {
-            if let Some(t) = index.type_of(it) {
-                eligible.push(t);
+            k += 1;
+            let k = k - 1;
+            if row.supervisor {
+                supervisors += 1;
             }
-        }
-        let need = &ent.instance_resources;
-        let best = index.best(&eligible, need);
-        let available = ent
-            .instance_types
-            .iter()
-            .find(|it| !pool.at_capacity.contains(&it.name));
+            let waiting = matches!(row.state, ContainerState::Queued | ContainerState::Locked);
+            if row.running {
+                if waiting {
+                    statuses[k] = Status::Preparing;
+                }
+                continue;
+            }
+            if row.priority < 1 {
+                statuses[k] = Status::PriorityZero(row.state);
+                continue;
+            }
+            if row.supervisor && max_supervisors > 0 && supervisors > max_supervisors {
+                overmaxsuper.push(k);
+                statuses[k] = Status::SupervisorLimit(overmaxsuper.len());
+                continue;
+            }
+            if !waiting || (limited && trying >= max_containers) {
+                continue;
+            }
+            trying += 1;
 
-        match ctr.state {
-            ContainerState::Queued => {
+            // Best existing instance, and the cheapest type not at capacity.
+            let ent = &entries[row.idx as usize];
+            eligible.clear();
+            for it in &ent.instance_types {
+                if let Some(t) = index.type_of(it) {
+                    eligible.push(t);
+                }
+            }
+            let need = &ent.instance_resources;
+            let best = index.best(&eligible, need);
+            let available = if pool.at_capacity.is_empty() {
+                ent.instance_types.first()
+            } else {
+                ent.instance_types
+                    .iter()
+                    .find(|it| !pool.at_capacity.contains(&it.name))
+            };
+
+            if row.state == ContainerState::Queued {
                 if best.is_none() && at_quota {
                     overquota_from = Some(k);
-                    break;
+                    break 'pass;
                 }
                 if best.is_none() && available.is_none() {
                     continue;
                 }
-                plan.locks.push(ctr.uuid.clone());
+                plan.locks.push(ent.container.uuid.clone());
                 if let Some(b) = best {
                     index.place(b, need);
                 }
+                continue;
             }
-            ContainerState::Locked => {
-                // (Go also asks the pool to kill a leftover crunch-run "about to start"; a
-                // container with one is in `running` and was skipped above.)
-                if let Some(b) = best {
-                    index.place(b, need);
-                    let inst = &index.insts[b];
-                    match &inst.id {
-                        Some(id) if inst.ready => {
-                            plan.starts.push((id.to_string(), ent.clone()));
-                            statuses[k] = Status::Preparing;
-                        }
-                        _ => {
-                            statuses[k] = Status::NewInstance(index.types[inst.ty].name.clone());
-                            plan.allocated_not_started += 1;
-                        }
+
+            // Locked. (Go also asks the pool to kill a leftover crunch-run "about to start";
+            // a container with one is in `running` and was skipped above.)
+            if let Some(b) = best {
+                index.place(b, need);
+                let inst = &index.insts[b];
+                match inst.view {
+                    Some(v) if inst.ready => {
+                        plan.starts
+                            .push((pool.instances[v].instance.clone(), ent.clone()));
+                        statuses[k] = Status::Preparing;
                     }
-                    continue;
+                    _ => {
+                        statuses[k] = Status::NewInstance(index.types[inst.ty].name.clone());
+                        plan.allocated_not_started += 1;
+                    }
                 }
-                if at_quota {
-                    overquota_from = Some(k);
-                    break;
-                }
-                let Some(it) = available else {
-                    qpos += 1;
-                    let names: Vec<&str> =
-                        ent.instance_types.iter().map(|t| t.name.as_str()).collect();
-                    statuses[k] = Status::AllTypesAtCapacity(qpos, Arc::from(names.join(", ")));
-                    continue;
-                };
-                if create_budget == Some(0) {
-                    plan.declined_creates.push((it.clone(), ctr.uuid.clone()));
-                    continue;
-                }
-                create_budget = create_budget.map(|n| n - 1);
-                quota_headroom = quota_headroom.map(|n| n.saturating_sub(1));
-                if quota_headroom == Some(0) {
-                    at_quota = true;
-                }
-                plan.creates.push((it.clone(), ctr.uuid.clone()));
-                statuses[k] = Status::NewInstance(Arc::from(it.name.as_str()));
-                plan.allocated_not_started += 1;
-                if let Some(t) = index.type_of(it) {
+                continue;
+            }
+            if at_quota {
+                overquota_from = Some(k);
+                break 'pass;
+            }
+            let Some(it) = available else {
+                qpos += 1;
+                let names: Vec<&str> = ent.instance_types.iter().map(|t| t.name.as_str()).collect();
+                statuses[k] = Status::AllTypesAtCapacity(qpos, Arc::from(names.join(", ")));
+                continue;
+            };
+            if create_budget == Some(0) {
+                plan.declined_creates
+                    .push((it.clone(), ent.container.uuid.clone()));
+                continue;
+            }
+            create_budget = create_budget.map(|n| n - 1);
+            quota_headroom = quota_headroom.map(|n| n.saturating_sub(1));
+            if quota_headroom == Some(0) {
+                at_quota = true;
+            }
+            plan.creates.push((it.clone(), ent.container.uuid.clone()));
+            plan.allocated_not_started += 1;
+            match index.type_of(it) {
+                Some(t) => {
+                    statuses[k] = Status::NewInstance(index.types[t].name.clone());
                     index.add_pending(t, need);
                 }
+                None => statuses[k] = Status::NewInstance(Arc::from(it.name.as_str())),
             }
-            _ => {}
+        }
+        if sorted == rows.len() || (limited && trying >= max_containers) {
+            break;
+        }
+        want = want.saturating_mul(2);
+    }
+
+    // Past the sorted head, only supervisors over their limit still need a decision (unlock
+    // if Locked). Count them in order: sort just the tail's supervisors.
+    let mut tail_over_super: Vec<usize> = Vec::new();
+    if overquota_from.is_none() && max_supervisors > 0 && sorted < rows.len() {
+        let mut sup: Vec<Row> = rows[sorted..]
+            .iter()
+            .filter(|r| r.supervisor)
+            .copied()
+            .collect();
+        sup.sort_unstable_by(&order);
+        let mut n = supervisors;
+        for r in sup {
+            n += 1;
+            if r.priority >= 1 && n > max_supervisors {
+                tail_over_super.push(r.idx as usize);
+            }
         }
     }
 
-    let overquota: Vec<usize> = match overquota_from {
-        Some(k) => (k..order.len()).collect(),
-        None => Vec::new(),
-    };
-    plan.not_allocated_over_quota = overquota.len() + overmaxsuper.len();
+    let overquota_len = overquota_from.map_or(0, |k| rows.len() - k);
+    plan.not_allocated_over_quota = overquota_len + overmaxsuper.len() + tail_over_super.len();
 
-    for (k, &ei) in order.iter().enumerate() {
-        let state = entries[ei].container.state;
-        if statuses[k].is_none() && matches!(state, ContainerState::Queued | ContainerState::Locked)
+    // Queue positions for the sorted head; the tail continues from here when asked.
+    for (k, row) in rows[..sorted].iter().enumerate() {
+        if statuses[k].is_none()
+            && matches!(row.state, ContainerState::Queued | ContainerState::Locked)
         {
             qpos += 1;
             statuses[k] = if at_quota {
@@ -701,41 +663,56 @@ pub fn plan_queue(
         }
     }
 
-    if !overquota.is_empty() || !overmaxsuper.is_empty() {
-        let mut unlock: Vec<usize> = overmaxsuper.clone();
-        if pool.total_instances > 0 && overquota.len() > 1 {
-            unlock.extend_from_slice(&overquota[1..]);
-        } else {
-            unlock.extend_from_slice(&overquota);
-        }
-        for k in unlock {
-            let c = &entries[order[k]].container;
-            if c.state == ContainerState::Locked && !pool.running.contains_key(&c.uuid) {
-                plan.unlocks.push(c.uuid.clone());
-            }
-        }
+    let locked_idle = |row: &Row| row.state == ContainerState::Locked && !row.running;
+    let mut unlock_rows: Vec<Row> = overmaxsuper.iter().map(|&k| rows[k]).collect();
+    unlock_rows.extend(tail_over_super.iter().map(|&i| {
+        let e = &entries[i];
+        row_for(e, i, false)
+    }));
+    if let Some(k0) = overquota_from {
+        // Keep the head-of-line container locked when there are instances at all.
+        let skip_head = usize::from(pool.total_instances > 0 && overquota_len > 1);
+        unlock_rows.extend(rows[k0 + skip_head..sorted].iter().copied());
+        let mut rest: Vec<Row> = rows[sorted..].to_vec();
+        rest.sort_unstable_by(&order);
+        unlock_rows.extend(rest);
     }
-    if !overquota.is_empty() {
-        let placed: HashSet<&str> = index
+    for row in unlock_rows.iter().filter(|r| locked_idle(r)) {
+        plan.unlocks
+            .push(entries[row.idx as usize].container.uuid.clone());
+    }
+    if overquota_from.is_some() {
+        let placed: FastSet<usize> = index
             .insts
             .iter()
             .filter(|i| i.count > 0)
-            .filter_map(|i| i.id.as_deref())
+            .filter_map(|i| i.view)
             .collect();
-        for v in &pool.instances {
+        for (vi, v) in pool.instances.iter().enumerate() {
             if !v.instance.is_empty()
                 && v.running_container_uuids.is_empty()
-                && !placed.contains(v.instance.as_str())
+                && !placed.contains(&vi)
             {
                 plan.shutdowns.push(v.instance.clone());
             }
         }
     }
 
-    plan.sorted = order
-        .iter()
-        .zip(statuses)
-        .map(|(&ei, s)| (entries[ei].clone(), s))
-        .collect();
+    plan.queue.order = rows.iter().map(|r| r.idx as usize).collect();
+    plan.queue.statuses = statuses;
+    plan.queue.tail = TailState {
+        packable,
+        stopped: overquota_from.is_some(),
+        qpos,
+        over_super: overmaxsuper.len(),
+        supervisors,
+        // After an over-quota stop Go counts no further supervisors.
+        max_supervisors: if overquota_from.is_some() {
+            0
+        } else {
+            max_supervisors
+        },
+        at_quota,
+    };
     plan
 }

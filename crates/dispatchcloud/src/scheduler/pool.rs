@@ -3,7 +3,7 @@
 //! in-memory and non-blocking (creates, starts and kills proceed in the background), so the
 //! scheduler can call them from its loop. [`super::stub::StubPool`] implements it for tests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use arvados::InstanceType;
@@ -11,6 +11,8 @@ use arvados::types::Container;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use crate::fasthash::FastMap;
 
 /// Worker states (spec §8.3), with Arvados' lower-case names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,7 +104,7 @@ impl InstanceView {
 }
 
 /// uuid → when the pool noticed its crunch-run exit (`None`: starting or running).
-pub type RunningMap = HashMap<String, Option<DateTime<Utc>>>;
+pub type RunningMap = FastMap<String, Option<DateTime<Utc>>>;
 
 /// The worker pool as the scheduler sees it.
 pub trait WorkerPool: Send + Sync + 'static {

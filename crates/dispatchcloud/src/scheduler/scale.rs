@@ -128,12 +128,7 @@ fn entry(chooser: &TypeChooser, c: Container) -> Arc<QueueEnt> {
     let need = chooser.resources_needed(&c);
     let types = chooser.choose_for(&c, &need).unwrap_or_default();
     let first_seen_at = c.created_at.unwrap_or_default();
-    Arc::new(QueueEnt {
-        container: c,
-        instance_resources: need,
-        instance_types: types,
-        first_seen_at,
-    })
+    Arc::new(QueueEnt::new(c, need, types, first_seen_at))
 }
 
 /// Build the whole scenario.

@@ -14,6 +14,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 
 use super::plan::{Limits, PoolSnapshot, QueuePlan, SchedConfig, plan_queue};
 use super::pool::{IdleBehavior, WorkerPool, WorkerState};
+use super::reference;
 use super::scale::{self, Variant};
 use super::status::Status;
 use super::stub::StubPool;
@@ -56,6 +57,7 @@ struct Harness {
     changes: Vec<(String, ContainerState, ContainerState)>,
     threshold: DateTime<Utc>,
     last_plan: QueuePlan,
+    last_entries: Vec<Arc<QueueEnt>>,
 }
 
 impl Harness {
@@ -86,6 +88,7 @@ impl Harness {
             changes: Vec::new(),
             threshold: t0(),
             last_plan: QueuePlan::default(),
+            last_entries: Vec::new(),
         }
     }
 
@@ -120,12 +123,7 @@ impl Harness {
             .expect("test container must fit a type");
         self.queue.insert(
             c.uuid.clone(),
-            QueueEnt {
-                instance_resources: need,
-                instance_types: types,
-                first_seen_at: t0() + Duration::milliseconds(n as i64),
-                container: c,
-            },
+            QueueEnt::new(c, need, types, t0() + Duration::milliseconds(n as i64)),
         );
         uuid(n)
     }
@@ -186,6 +184,7 @@ impl Harness {
             self.pool.shutdown(id);
         }
         self.last_plan = plan.clone();
+        self.last_entries = entries;
         plan
     }
 
@@ -224,8 +223,8 @@ impl Harness {
 
     fn status_of(&self, uuid: &str) -> String {
         self.last_plan
-            .sorted
-            .iter()
+            .sorted(&self.last_entries)
+            .into_iter()
             .find(|(e, _)| e.container.uuid == uuid)
             .map(|(_, s)| s.to_string())
             .unwrap_or_default()
@@ -732,8 +731,8 @@ fn ac_sch_21_skip_supervisors() {
     assert_eq!(h.pool.creates().len(), 8);
     assert!(matches!(
         h.last_plan
-            .sorted
-            .iter()
+            .sorted(&h.last_entries)
+            .into_iter()
             .find(|(e, _)| e.container.uuid == uuid(2))
             .map(|(_, s)| s),
         Some(Status::SupervisorLimit(1))
@@ -940,14 +939,14 @@ fn check_scale(n: usize, m: usize, variant: Variant) {
             assert_eq!(plan.starts.len() + waiting, 150 * k);
             // The 5 packed ones wait for new c2 instances: 25 created + 5 = 30 per 100.
             let waiting_c2 = plan
-                .sorted
-                .iter()
+                .sorted(&s.entries)
+                .into_iter()
                 .filter(|(_, st)| matches!(st, Status::NewInstance(t) if &**t == "c2"))
                 .count();
             assert_eq!(waiting_c2, 30 * k);
             let decided: std::collections::HashSet<String> = plan
-                .sorted
-                .iter()
+                .sorted(&s.entries)
+                .into_iter()
                 .filter(|(_, st)| matches!(st, Status::Preparing | Status::NewInstance(_)))
                 .filter(|(e, _)| e.container.state == ContainerState::Locked)
                 .map(|(e, _)| e.container.uuid.clone())
@@ -979,4 +978,259 @@ fn scale_scenario_queued_10k() {
 #[test]
 fn scale_scenario_locked_10k() {
     check_scale(10_000, 1_000, Variant::Locked);
+}
+
+/// Deterministic xorshift generator for the randomised comparison.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn decisions(plan: &QueuePlan, entries: &[Arc<QueueEnt>]) -> reference::Decisions {
+    reference::Decisions {
+        locks: plan.locks.clone(),
+        creates: plan
+            .creates
+            .iter()
+            .map(|(it, u)| (it.name.clone(), u.clone()))
+            .collect(),
+        declined: plan
+            .declined_creates
+            .iter()
+            .map(|(it, u)| (it.name.clone(), u.clone()))
+            .collect(),
+        starts: plan
+            .starts
+            .iter()
+            .map(|(id, e)| (id.clone(), e.container.uuid.clone()))
+            .collect(),
+        unlocks: plan.unlocks.clone(),
+        shutdowns: plan.shutdowns.clone(),
+        allocated_not_started: plan.allocated_not_started,
+        over_quota: plan.not_allocated_over_quota,
+        max_containers: plan.max_containers,
+        statuses: plan
+            .sorted(entries)
+            .into_iter()
+            .map(|(e, s)| (e.container.uuid.clone(), s.to_string()))
+            .collect(),
+    }
+}
+
+/// A random cluster, queue and pool (small numbers, so ties and limits are common).
+fn random_case(rng: &mut Rng) -> (SchedConfig, Limits, Vec<Arc<QueueEnt>>, PoolSnapshot) {
+    let ntypes = 1 + rng.below(6) as usize;
+    let mut types = Vec::new();
+    for t in 0..ntypes {
+        let vcpus = [1, 2, 2, 4, 8][rng.below(5) as usize];
+        types.push(InstanceType {
+            name: format!("t{t}"),
+            provider_type: format!("p{}", rng.below(3)),
+            vcpus,
+            ram: vcpus * GIB * [1, 2, 4][rng.below(3) as usize],
+            scratch: [10, 20][rng.below(2) as usize] * GIB,
+            price: [0.1, 0.2, 0.2, 0.3, 0.5][rng.below(5) as usize] * vcpus as f64,
+            ..Default::default()
+        });
+    }
+    let mut cluster = Cluster {
+        instance_types: types.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+        ..Cluster::default()
+    };
+    let c = &mut cluster.containers;
+    c.reserve_extra_ram = 0;
+    c.local_keep_blob_buffers_per_vcpu = 0;
+    c.maximum_price_factor = [1.0, 1.5, 3.0][rng.below(3) as usize];
+    c.cloud_vms.max_instances = rng.below(25) as i64;
+    c.cloud_vms.supervisor_fraction = [0.0, 0.2, 0.5][rng.below(3) as usize];
+    c.cloud_vms.max_running_containers_per_instance = [0, 0, 1, 2][rng.below(4) as usize];
+    let cfg = SchedConfig::from_cluster(&cluster);
+    let chooser = TypeChooser::new(&cluster);
+    let mut limits = Limits::new(&cfg);
+    if rng.chance(20) {
+        limits.max_containers = rng.below(8) as usize;
+    }
+
+    // Sometimes more containers than the pass sorts (past the limit), to exercise the tail.
+    let nctr = if rng.chance(30) { 200 } else { 60 };
+    let nctr = rng.below(nctr) as usize;
+    let mut entries = Vec::new();
+    for n in 0..nctr {
+        let mut ctr = Container {
+            uuid: uuid(n),
+            state: [
+                ContainerState::Queued,
+                ContainerState::Queued,
+                ContainerState::Locked,
+                ContainerState::Locked,
+                ContainerState::Running,
+                ContainerState::Complete,
+            ][rng.below(6) as usize],
+            priority: if rng.chance(3) {
+                (1 << 62) + rng.below(5) as i64
+            } else {
+                rng.below(6) as i64
+            },
+            ..Default::default()
+        };
+        ctr.runtime_constraints.vcpus = rng.below(5) as i64;
+        ctr.runtime_constraints.ram = (1 + rng.below(8) as i64) * GIB / 2;
+        ctr.scheduling_parameters.supervisor = rng.chance(15);
+        let need = chooser.resources_needed(&ctr);
+        let Ok(types) = chooser.choose_for(&ctr, &need) else {
+            continue;
+        };
+        let seen = t0() + Duration::seconds(rng.below(10) as i64);
+        entries.push(Arc::new(QueueEnt::new(ctr, need, types, seen)));
+    }
+
+    let mut pool = PoolSnapshot::default();
+    let ninst = rng.below(30) as usize;
+    for j in 0..ninst {
+        let it = if rng.chance(5) {
+            InstanceType {
+                name: "unconfigured".into(),
+                ..Default::default()
+            }
+        } else {
+            types[rng.below(ntypes as u64) as usize].clone()
+        };
+        let state = [
+            WorkerState::Unknown,
+            WorkerState::Booting,
+            WorkerState::Idle,
+            WorkerState::Idle,
+            WorkerState::Running,
+            WorkerState::Shutdown,
+        ][rng.below(6) as usize];
+        let id = if rng.chance(10) {
+            String::new()
+        } else {
+            // Unique, in an order unrelated to j.
+            format!("i-{:03}", (j * 37 + rng.below(2) as usize * 500) % 1000)
+        };
+        let mut v = super::pool::InstanceView::new(&id, &it, state);
+        v.idle_behavior = [
+            IdleBehavior::Run,
+            IdleBehavior::Run,
+            IdleBehavior::Run,
+            IdleBehavior::Hold,
+            IdleBehavior::Drain,
+        ][rng.below(5) as usize];
+        for _ in 0..rng.below(3) {
+            let u = if rng.chance(80) && !entries.is_empty() {
+                entries[rng.below(entries.len() as u64) as usize]
+                    .container
+                    .uuid
+                    .clone()
+            } else {
+                format!("stray-{j}")
+            };
+            v.running_container_uuids.push(u.clone());
+            pool.running.insert(u, None);
+        }
+        pool.instances.push(v);
+    }
+    for _ in 0..rng.below(4) {
+        if !entries.is_empty() {
+            let u = entries[rng.below(entries.len() as u64) as usize]
+                .container
+                .uuid
+                .clone();
+            pool.running.insert(u, Some(t0()));
+        }
+    }
+    pool.total_instances = ninst + rng.below(3) as usize;
+    pool.at_quota = rng.chance(15);
+    pool.quota_headroom = if rng.chance(50) {
+        Some(rng.below(6) as usize)
+    } else {
+        None
+    };
+    pool.create_budget = if rng.chance(50) {
+        Some(rng.below(6) as usize)
+    } else {
+        None
+    };
+    for t in &types {
+        if rng.chance(15) {
+            pool.at_capacity.insert(t.name.clone());
+        }
+    }
+    (cfg, limits, entries, pool)
+}
+
+/// The fast pass against the literal transcription of Go's `runQueue` (`reference.rs`), on
+/// 3 000 random queues and pools: the same locks, creates, starts, unlocks, shutdowns,
+/// counters and statuses, in the same order.
+#[test]
+fn same_decisions_as_literal_run_queue() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let now = SystemTime::now();
+    let mut with_tail = 0;
+    for case in 0..3000 {
+        let (cfg, limits, entries, pool) = random_case(&mut rng);
+        let mut fast_limits = limits.clone();
+        let fast = plan_queue(&cfg, &mut fast_limits, &entries, &pool, None, now);
+        let mut ref_limits = limits.clone();
+        let want = reference::run_queue(&cfg, &mut ref_limits, &entries, &pool, None, now);
+        let got = decisions(&fast, &entries);
+        assert_eq!(got, want, "case {case}");
+        if fast.queue.statuses.len() < entries.len() {
+            with_tail += 1;
+        }
+        assert_eq!(fast_limits, ref_limits, "case {case}");
+    }
+    assert!(
+        with_tail > 300,
+        "only {with_tail} cases left an unsorted tail"
+    );
+}
+
+/// The scale scenario's tail is left unsorted by the pass; finishing it lazily gives the same
+/// statuses as the literal transcription, which sorts and labels everything.
+#[test]
+fn lazy_tail_statuses_match_literal_run_queue() {
+    for variant in [Variant::Queued, Variant::Locked] {
+        let mut s = scale::build(2_000, 100, variant);
+        let now = SystemTime::now();
+        let mut l1 = s.limits.clone();
+        let fast = plan_queue(&s.cfg, &mut l1, &s.entries, &s.pool, None, now);
+        assert!(
+            fast.queue.statuses.len() < s.entries.len(),
+            "the pass left a tail"
+        );
+        let want = reference::run_queue(&s.cfg, &mut s.limits, &s.entries, &s.pool, None, now);
+        assert_eq!(decisions(&fast, &s.entries), want);
+    }
+}
+
+#[test]
+fn zz_probe() {
+    for v in [Variant::Queued, Variant::Locked] {
+        let s = scale::build(100_000, 10_000, v);
+        for _ in 0..20 {
+            let mut limits = s.limits.clone();
+            let t = std::time::Instant::now();
+            let _ = plan_queue(
+                &s.cfg,
+                &mut limits,
+                &s.entries,
+                &s.pool,
+                None,
+                SystemTime::now(),
+            );
+            eprintln!("{v:?} {:?}", t.elapsed());
+        }
+    }
 }
