@@ -47,10 +47,14 @@ pub struct QueueEnt {
     /// Eligible types, cheapest first. Empty only for a container past Locked whose type
     /// selection failed (Go would crash on such an entry, §13.5 item 31).
     pub instance_types: Vec<Arc<InstanceType>>,
+    /// When this process first saw the container. Set through [`QueueEnt::new`] only (the
+    /// scheduler sorts by a copy of it).
     pub first_seen_at: DateTime<Utc>,
     /// Hash of `container.uuid`, so a scheduling pass can test membership without reading
     /// the uuid string of every entry.
     uuid_hash: u64,
+    /// `first_seen_at` in nanoseconds since the epoch (saturating), for sorting.
+    first_seen_ns: i64,
 }
 
 impl QueueEnt {
@@ -62,11 +66,19 @@ impl QueueEnt {
     ) -> QueueEnt {
         QueueEnt {
             uuid_hash: uuid_hash(&container.uuid),
+            first_seen_ns: first_seen_at
+                .timestamp_nanos_opt()
+                .unwrap_or(first_seen_at.timestamp().saturating_mul(1_000_000_000)),
             container,
             instance_resources,
             instance_types,
             first_seen_at,
         }
+    }
+
+    /// `first_seen_at` as nanoseconds since the epoch.
+    pub fn first_seen_ns(&self) -> i64 {
+        self.first_seen_ns
     }
 
     /// [`uuid_hash`] of the container's uuid.

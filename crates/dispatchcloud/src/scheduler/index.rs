@@ -9,7 +9,6 @@
 //! The choice of the best instance reproduces Go's scan exactly (see [`InstanceIndex::best`]).
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arvados::InstanceType;
@@ -22,24 +21,30 @@ use crate::node_size::InstanceResources;
 /// What a leaf (one instance) offers, or what a node's subtree offers at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Offer {
-    /// Free VCPUs usable by a container: -1 if none, one less once 0-VCPU containers share one.
-    vcpus: i64,
     ram: i64,
     scratch: i64,
-    gpus: i64,
     gpu_vram: i64,
+    /// Free VCPUs usable by a container: -1 if none, one less once 0-VCPU containers share one.
+    vcpus: i32,
+    gpus: i32,
     /// Containers on the instance (running plus placed in this pass).
-    count: i64,
+    count: i32,
     ready: bool,
+}
+
+/// Clamp to the compact fields of [`Offer`] (VCPU, GPU and container counts never come
+/// near 2^31).
+fn small(v: i64) -> i32 {
+    v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
 }
 
 impl Offer {
     /// Offers nothing: an unusable instance, or an empty subtree.
     pub(crate) const NONE: Offer = Offer {
-        vcpus: i64::MIN,
+        vcpus: i32::MIN,
         ram: i64::MIN,
         scratch: i64::MIN,
-        gpus: i64::MIN,
+        gpus: i32::MIN,
         gpu_vram: i64::MIN,
         count: -1,
         ready: false,
@@ -53,12 +58,12 @@ impl Offer {
             free.vcpus - i64::from(free.shared_vcpu_used)
         };
         Offer {
-            vcpus,
+            vcpus: small(vcpus),
             ram: free.ram,
             scratch: free.scratch,
-            gpus: free.gpus,
+            gpus: small(free.gpus),
             gpu_vram: free.gpu_vram,
-            count,
+            count: small(count),
             ready,
         }
     }
@@ -90,12 +95,12 @@ impl Want {
     /// Whether a subtree offering `o` might hold a match (exact for a leaf; equivalent to
     /// `InstanceResources::accommodates` plus the count and readiness conditions).
     fn may(&self, o: &Offer) -> bool {
-        o.vcpus >= self.need.vcpus
+        i64::from(o.vcpus) >= self.need.vcpus
             && o.ram >= self.need.ram
             && o.scratch >= self.need.scratch
-            && o.gpus >= self.need.gpus
+            && i64::from(o.gpus) >= self.need.gpus
             && o.gpu_vram >= self.need.gpu_vram
-            && self.more_than.is_none_or(|c| o.count > c)
+            && self.more_than.is_none_or(|c| i64::from(o.count) > c)
             && (!self.ready || o.ready)
     }
 }
@@ -183,7 +188,7 @@ impl BucketKey {
             v => 2 + (63 - v.leading_zeros()) as u8,
         };
         BucketKey {
-            count: o.count.clamp(0, i64::from(COUNT_CLASSES - 1)) as u8,
+            count: o.count.clamp(0, i32::from(COUNT_CLASSES - 1)) as u8,
             ready: o.ready,
             vcpus,
         }
@@ -281,7 +286,7 @@ fn pos(rank: u64, pending: bool, seq: u64) -> u64 {
 pub(crate) struct InstanceIndex {
     pub insts: Vec<Inst>,
     pub types: Vec<TypeSlots>,
-    by_name: HashMap<String, usize>,
+    by_name: FastMap<String, usize>,
     /// Type lookups by the `Arc` a queue entry holds (a handful: one per configured type),
     /// filled from `by_name`.
     by_ptr: Vec<(usize, Option<usize>)>,
@@ -309,7 +314,7 @@ impl InstanceIndex {
         let mut sorted: Vec<&Arc<InstanceType>> = cfg.types.values().collect();
         sorted.sort_by(|a, b| type_key_cmp(a, b).then_with(|| a.name.cmp(&b.name)));
         let mut types = Vec::with_capacity(sorted.len());
-        let mut by_name = HashMap::new();
+        let mut by_name = FastMap::default();
         let mut rank = 0u64;
         for (k, it) in sorted.iter().enumerate() {
             if k > 0 && type_key_cmp(sorted[k - 1], it) != Ordering::Equal {

@@ -295,10 +295,7 @@ fn row_for(e: &QueueEnt, idx: usize, running: bool) -> Row {
     } else {
         2
     };
-    let first_seen = e
-        .first_seen_at
-        .timestamp_nanos_opt()
-        .unwrap_or(e.first_seen_at.timestamp().saturating_mul(1_000_000_000));
+    let first_seen = e.first_seen_ns();
     let prio = (PACKED_PRIORITY_LIMIT - 1 - c.priority.clamp(0, PACKED_PRIORITY_LIMIT - 1)) as u128;
     let seen = (first_seen as u64 ^ (1 << 63)) as u128;
     Row {
@@ -393,13 +390,41 @@ fn prefetch_entry(e: &Arc<QueueEnt>) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let types = std::ptr::from_ref(&e.instance_types).cast::<i8>();
-        let need = std::ptr::from_ref(&e.instance_resources).cast::<i8>();
-        // SAFETY: prefetching never dereferences or faults; the pointers are valid anyway.
+        let fields = [
+            std::ptr::from_ref(&e.instance_types).cast::<i8>(),
+            std::ptr::from_ref(&e.instance_resources).cast::<i8>(),
+            std::ptr::from_ref(&e.container.uuid).cast::<i8>(),
+            // The reference count, just before the data.
+            std::ptr::from_ref::<QueueEnt>(e)
+                .cast::<i8>()
+                .wrapping_sub(16),
+        ];
+        for p in fields {
+            // SAFETY: prefetching never dereferences or faults.
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = e;
+}
+
+/// The second stage of [`prefetch_entry`]: the heap data the entry points to (uuid text,
+/// eligible type list).
+#[inline]
+fn prefetch_entry_heap(e: &Arc<QueueEnt>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let uuid = e.container.uuid.as_ptr().cast::<i8>();
+        let types = e.instance_types.as_ptr().cast::<i8>();
+        // SAFETY: prefetching never dereferences or faults.
         #[allow(unused_unsafe)]
         unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(uuid);
             _mm_prefetch::<_MM_HINT_T0>(types);
-            _mm_prefetch::<_MM_HINT_T0>(need);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -417,7 +442,7 @@ fn prefetch_row_fields(e: &Arc<QueueEnt>) {
             std::ptr::from_ref(&c.state).cast::<i8>(),
             std::ptr::from_ref(&c.priority).cast::<i8>(),
             std::ptr::from_ref(&c.scheduling_parameters).cast::<i8>(),
-            std::ptr::from_ref(&e.first_seen_at).cast::<i8>(),
+            std::ptr::from_ref::<QueueEnt>(e).cast::<i8>(),
         ];
         for p in fields {
             // SAFETY: prefetching never dereferences or faults.
@@ -509,10 +534,16 @@ pub fn plan_queue(
         statuses.resize(sorted, Status::None);
         while k < sorted {
             let row = rows[k];
-            if let Some(ahead) = rows.get(k + PREFETCH_AHEAD)
+            // Two-stage prefetch: the entry itself far ahead, what it points to nearer.
+            if let Some(ahead) = rows.get(k + 2 * PREFETCH_AHEAD)
                 && ahead.priority > 0
             {
                 prefetch_entry(&entries[ahead.idx as usize]);
+            }
+            if let Some(ahead) = rows.get(k + PREFETCH_AHEAD)
+                && ahead.priority > 0
+            {
+                prefetch_entry_heap(&entries[ahead.idx as usize]);
             }
             k += 1;
             let k = k - 1;

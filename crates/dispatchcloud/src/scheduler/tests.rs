@@ -1214,23 +1214,3 @@ fn lazy_tail_statuses_match_literal_run_queue() {
         assert_eq!(decisions(&fast, &s.entries), want);
     }
 }
-
-#[test]
-fn zz_probe() {
-    for v in [Variant::Queued, Variant::Locked] {
-        let s = scale::build(100_000, 10_000, v);
-        for _ in 0..20 {
-            let mut limits = s.limits.clone();
-            let t = std::time::Instant::now();
-            let _ = plan_queue(
-                &s.cfg,
-                &mut limits,
-                &s.entries,
-                &s.pool,
-                None,
-                SystemTime::now(),
-            );
-            eprintln!("{v:?} {:?}", t.elapsed());
-        }
-    }
-}
