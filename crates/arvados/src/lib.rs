@@ -9,6 +9,6 @@ pub mod client;
 pub mod config;
 pub mod types;
 
-pub use client::{ApiError, Client, ClientConfig, Count, Filter, ListOptions};
+pub use client::{ApiError, Client, ClientConfig, Count, Filter, ListOptions, Method};
 pub use config::{Cluster, ConfigError, ConfigSource, InstanceType};
 pub use types::{ApiClientAuthorization, Container, ContainerList, ContainerState};

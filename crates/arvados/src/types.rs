@@ -150,8 +150,10 @@ pub struct SchedulingParameters {
 }
 
 /// One entry of `mounts`. The dispatcher only needs `kind` and `capacity` (tmp mounts).
+/// Only a JSON object (or null) decodes: serde would otherwise take an array field by field,
+/// and a malformed mount must be reported (the dispatcher cancels such containers).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, try_from = "MountObject")]
 pub struct Mount {
     #[serde(deserialize_with = "nullable")]
     pub kind: String,
@@ -203,6 +205,67 @@ pub struct ApiClientAuthorization {
 }
 
 /// Decode `null` as the type's default.
+/// The wire form of [`Mount`]: an object (or null), never an array.
+#[derive(Deserialize)]
+struct MountObject(Option<serde_json::Map<String, serde_json::Value>>);
+
+impl TryFrom<MountObject> for Mount {
+    type Error = String;
+
+    fn try_from(m: MountObject) -> Result<Self, Self::Error> {
+        #[derive(Deserialize)]
+        #[serde(default)]
+        struct Fields {
+            #[serde(deserialize_with = "nullable")]
+            kind: String,
+            #[serde(deserialize_with = "nullable")]
+            writable: bool,
+            #[serde(deserialize_with = "nullable")]
+            portable_data_hash: String,
+            #[serde(deserialize_with = "nullable")]
+            uuid: String,
+            #[serde(deserialize_with = "nullable")]
+            device_type: String,
+            #[serde(deserialize_with = "nullable")]
+            path: String,
+            content: Option<serde_json::Value>,
+            #[serde(deserialize_with = "nullable")]
+            exclude_from_output: bool,
+            #[serde(deserialize_with = "nullable")]
+            capacity: i64,
+        }
+        impl Default for Fields {
+            fn default() -> Self {
+                let m = Mount::default();
+                Fields {
+                    kind: m.kind,
+                    writable: m.writable,
+                    portable_data_hash: m.portable_data_hash,
+                    uuid: m.uuid,
+                    device_type: m.device_type,
+                    path: m.path,
+                    content: m.content,
+                    exclude_from_output: m.exclude_from_output,
+                    capacity: m.capacity,
+                }
+            }
+        }
+        let f: Fields = serde_json::from_value(serde_json::Value::Object(m.0.unwrap_or_default()))
+            .map_err(|e| e.to_string())?;
+        Ok(Mount {
+            kind: f.kind,
+            writable: f.writable,
+            portable_data_hash: f.portable_data_hash,
+            uuid: f.uuid,
+            device_type: f.device_type,
+            path: f.path,
+            content: f.content,
+            exclude_from_output: f.exclude_from_output,
+            capacity: f.capacity,
+        })
+    }
+}
+
 fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,

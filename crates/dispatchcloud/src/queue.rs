@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
 use arvados::types::{Container, ContainerState};
-use arvados::{ApiError, Client, Count, Filter, InstanceType, ListOptions};
+use arvados::{ApiError, Client, Count, Filter, InstanceType, ListOptions, Method};
 use chrono::{DateTime, Utc};
 use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
@@ -237,29 +237,39 @@ impl ContainerQueue {
 
     /// Lock the container through the API and patch the cache.
     pub async fn lock(&self, uuid: &str) -> Result<(), ApiError> {
-        let resp = self.client.lock_container(uuid).await?;
+        let resp: StateFields = self
+            .client
+            .request(Method::POST, &format!("containers/{uuid}/lock"), &[])
+            .await?;
         self.patch_from_response(uuid, &resp);
         Ok(())
     }
 
     /// Unlock the container through the API and patch the cache.
     pub async fn unlock(&self, uuid: &str) -> Result<(), ApiError> {
-        let resp = self.client.unlock_container(uuid).await?;
+        let resp: StateFields = self
+            .client
+            .request(Method::POST, &format!("containers/{uuid}/unlock"), &[])
+            .await?;
         self.patch_from_response(uuid, &resp);
         Ok(())
     }
 
     /// Set the container Cancelled through the API and patch the cache.
     pub async fn cancel(&self, uuid: &str) -> Result<(), ApiError> {
-        let resp = self
+        let resp: StateFields = self
             .client
-            .update_container(uuid, &json!({"state": "Cancelled"}), None)
+            .request(
+                Method::PUT,
+                &format!("containers/{uuid}"),
+                &[("container", json!({"state": "Cancelled"}))],
+            )
             .await?;
         self.patch_from_response(uuid, &resp);
         Ok(())
     }
 
-    fn patch_from_response(&self, uuid: &str, resp: &Container) {
+    fn patch_from_response(&self, uuid: &str, resp: &StateFields) {
         let mut inner = self.lock_inner();
         if let Some(d) = inner.dont_update.as_mut() {
             d.insert(uuid.to_string());
@@ -561,6 +571,23 @@ impl ContainerQueue {
             seen.insert((state.as_str().to_string(), it.to_string()));
         }
     }
+}
+
+/// What the queue reads from a lock, unlock or cancel response. Decoding only these fields
+/// means a record whose other fields are malformed (e.g. mounts) can still be locked and
+/// cancelled.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct StateFields {
+    state: ContainerState,
+    priority: i64,
+    #[serde(deserialize_with = "null_as_empty")]
+    locked_by_uuid: String,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The `runtime_status.error` text for a type-selection failure.

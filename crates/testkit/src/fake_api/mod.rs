@@ -116,6 +116,8 @@ pub struct RequestRecord {
     pub path: String,
     pub query_len: usize,
     pub method_override: Option<String>,
+    /// The decoded parameters (query, form or JSON body), e.g. `filters`, `order`.
+    pub params: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A running fake API server. Dropping it stops the server.

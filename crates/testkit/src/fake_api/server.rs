@@ -146,6 +146,7 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, req: Request) -> Respons
         path: path.clone(),
         query_len: query.map_or(0, str::len),
         method_override: override_header,
+        params: params.clone(),
     });
 
     let mut after_apply = None;

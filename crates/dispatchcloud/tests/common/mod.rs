@@ -1,0 +1,74 @@
+//! Shared setup for tests against the fake Arvados API.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arvados::config::Cluster;
+use arvados::{Client, ClientConfig, InstanceType};
+use dispatchcloud::node_size::TypeChooser;
+use dispatchcloud::queue::ContainerQueue;
+use testkit::fake_api::{FakeArvados, FakeConfig};
+
+pub const GIB: i64 = 1 << 30;
+
+pub async fn fake() -> FakeArvados {
+    FakeArvados::start(FakeConfig::default())
+        .await
+        .expect("fake API starts")
+}
+
+pub fn client(fake: &FakeArvados) -> Client {
+    Client::new(ClientConfig {
+        base_url: url::Url::parse(fake.base_url()).unwrap(),
+        token: fake.root_token().to_string(),
+        insecure: false,
+        timeout: Some(Duration::from_secs(30)),
+    })
+    .unwrap()
+}
+
+pub fn instance_type(name: &str, vcpus: i64, ram: i64, scratch: i64, price: f64) -> InstanceType {
+    InstanceType {
+        name: name.into(),
+        provider_type: name.into(),
+        vcpus,
+        ram,
+        scratch,
+        included_scratch: scratch,
+        price,
+        ..Default::default()
+    }
+}
+
+pub fn cluster(types: Vec<InstanceType>) -> Cluster {
+    Cluster {
+        instance_types: types
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect::<BTreeMap<_, _>>(),
+        ..Cluster::default()
+    }
+}
+
+pub fn queue(fake: &FakeArvados, cluster: &Cluster) -> (Arc<ContainerQueue>, prometheus::Registry) {
+    let registry = prometheus::Registry::new();
+    let q = ContainerQueue::new(client(fake), TypeChooser::new(cluster), &registry).unwrap();
+    (q, registry)
+}
+
+/// Poll `f` every 20 ms until it is true or `secs` pass.
+pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
