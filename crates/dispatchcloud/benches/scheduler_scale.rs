@@ -76,7 +76,7 @@ fn choose_types(c: &mut Criterion) {
         let chooser = TypeChooser::new(&cluster);
         let ctrs: Vec<Container> = scale::pending_containers(&chooser, n, Variant::Queued)
             .iter()
-            .map(|e| e.container.clone())
+            .map(|e| e.container().clone())
             .collect();
         g.bench_function(BenchmarkId::from_parameter(label), |b| {
             b.iter(|| {

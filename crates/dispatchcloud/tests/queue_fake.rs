@@ -34,30 +34,33 @@ async fn ac_q_1_update_lock_unlock_cancel() {
     assert!(threshold <= Utc::now());
     assert!(Utc::now() - threshold < chrono::Duration::minutes(1));
     for e in &entries {
-        assert!(uuids.contains(&e.container.uuid));
-        assert_eq!(e.container.state, ContainerState::Queued);
-        assert!(e.container.priority > 0);
+        assert!(uuids.contains(&e.container().uuid));
+        assert_eq!(e.container().state, ContainerState::Queued);
+        assert!(e.container().priority > 0);
         let names: Vec<&str> = e.instance_types.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["testType"]);
-        assert!(e.container.mounts.is_empty());
+        assert!(e.container().mounts.is_empty());
     }
 
     for u in &uuids {
-        assert_eq!(q.get(u).unwrap().container.uuid, *u);
+        assert_eq!(q.get(u).unwrap().container().uuid, *u);
         let e = q.unlock(u).await.unwrap_err();
         assert!(err_text(e).contains("cannot unlock when Queued"));
         q.lock(u).await.unwrap();
-        assert_eq!(q.get(u).unwrap().container.state, ContainerState::Locked);
+        assert_eq!(q.get(u).unwrap().container().state, ContainerState::Locked);
         assert_eq!(
-            q.get(u).unwrap().container.locked_by_uuid,
+            q.get(u).unwrap().container().locked_by_uuid,
             f.root_token_uuid()
         );
         assert!(q.lock(u).await.is_err(), "second lock fails");
         q.unlock(u).await.unwrap();
-        assert_eq!(q.get(u).unwrap().container.state, ContainerState::Queued);
+        assert_eq!(q.get(u).unwrap().container().state, ContainerState::Queued);
         assert!(q.unlock(u).await.is_err(), "second unlock fails");
         q.cancel(u).await.unwrap();
-        assert_eq!(q.get(u).unwrap().container.state, ContainerState::Cancelled);
+        assert_eq!(
+            q.get(u).unwrap().container().state,
+            ContainerState::Cancelled
+        );
         let e = q.lock(u).await.unwrap_err();
         assert!(err_text(e).contains("cannot lock when Cancelled"));
     }
@@ -143,12 +146,12 @@ async fn missing_containers_are_followed_by_uuid_and_errors_keep_the_cache() {
     other.lock_container(&a).await.unwrap();
     f.set_priority(&b, 0);
     q.update().await.unwrap();
-    assert_eq!(q.get(&a).unwrap().container.state, ContainerState::Locked);
+    assert_eq!(q.get(&a).unwrap().container().state, ContainerState::Locked);
     assert_ne!(
-        q.get(&a).unwrap().container.locked_by_uuid,
+        q.get(&a).unwrap().container().locked_by_uuid,
         f.root_token_uuid()
     );
-    assert_eq!(q.get(&b).unwrap().container.priority, 0);
+    assert_eq!(q.get(&b).unwrap().container().priority, 0);
     let by_uuid = f
         .requests()
         .iter()
@@ -168,12 +171,22 @@ async fn missing_containers_are_followed_by_uuid_and_errors_keep_the_cache() {
             .times(1),
     );
     let before: Vec<_> = {
-        let mut v: Vec<_> = q.entries().0.iter().map(|e| e.container.clone()).collect();
+        let mut v: Vec<_> = q
+            .entries()
+            .0
+            .iter()
+            .map(|e| e.container().clone())
+            .collect();
         v.sort_by(|x, y| x.uuid.cmp(&y.uuid));
         v
     };
     assert!(q.update().await.is_err());
-    let mut after: Vec<_> = q.entries().0.iter().map(|e| e.container.clone()).collect();
+    let mut after: Vec<_> = q
+        .entries()
+        .0
+        .iter()
+        .map(|e| e.container().clone())
+        .collect();
     after.sort_by(|x, y| x.uuid.cmp(&y.uuid));
     assert_eq!(before, after);
     assert!(q.client().last_503().is_some());

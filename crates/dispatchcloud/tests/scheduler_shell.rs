@@ -147,7 +147,10 @@ async fn ac_sync_2_cancel_orphaned_container_through_the_api() {
     );
     let (s, q, _) = setup(&f, pool.clone(), Duration::from_secs(1));
     q.update().await.unwrap();
-    assert_eq!(q.get(&u).unwrap().container.state, ContainerState::Running);
+    assert_eq!(
+        q.get(&u).unwrap().container().state,
+        ContainerState::Running
+    );
     for _ in 0..10 {
         s.sync();
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -38,7 +38,8 @@ pub use pool::{IdleBehavior, InstanceView, RunningMap, WorkerPool, WorkerState};
 pub use status::Status;
 pub use sync::{SyncAction, plan_sync};
 
-use crate::queue::{ContainerQueue, QueueEnt};
+use crate::fasthash::FastSet;
+use crate::queue::{ContainerQueue, QueueEnt, uuid_hash};
 
 /// The wakeup delay after an operation on a container was skipped because another one was
 /// still in progress (spec §7.9).
@@ -322,8 +323,8 @@ impl<P: WorkerPool> Scheduler<P> {
             }
         }
         for (id, ent) in &plan.starts {
-            if !self.pool.start_container(id, &ent.container) {
-                tracing::debug!(ContainerUUID = %ent.container.uuid, Instance = %id, "pool declined to start container");
+            if !self.pool.start_container(id, ent.container()) {
+                tracing::debug!(ContainerUUID = %ent.container().uuid, Instance = %id, "pool declined to start container");
             }
         }
         *self.last_queue.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(QueueView {
@@ -370,7 +371,7 @@ impl<P: WorkerPool> Scheduler<P> {
             return;
         }
         match self.queue.get(uuid) {
-            Some(e) if e.container.state == ContainerState::Queued => {
+            Some(e) if e.container().state == ContainerState::Queued => {
                 match self.queue.lock(uuid).await {
                     Err(err) => {
                         tracing::warn!(ContainerUUID = %uuid, error = %err, "error locking container")
@@ -379,10 +380,10 @@ impl<P: WorkerPool> Scheduler<P> {
                         None => {
                             tracing::error!(ContainerUUID = %uuid, "(BUG?) container disappeared from queue after Lock succeeded")
                         }
-                        Some(e) if e.container.state != ContainerState::Locked => tracing::warn!(
+                        Some(e) if e.container().state != ContainerState::Locked => tracing::warn!(
                             ContainerUUID = %uuid,
                             "(race?) container has state={} after Lock succeeded",
-                            e.container.state
+                            e.container().state
                         ),
                         Some(_) => {}
                     },
@@ -478,10 +479,10 @@ impl<P: WorkerPool> Scheduler<P> {
             let mut v: Vec<String> = entries
                 .iter()
                 .filter(|e| {
-                    e.container.state == ContainerState::Locked
-                        && !running.contains_key(&e.container.uuid)
+                    e.container().state == ContainerState::Locked
+                        && !running.contains_key(&e.container().uuid)
                 })
-                .map(|e| e.container.uuid.clone())
+                .map(|e| e.container().uuid.clone())
                 .collect();
             v.sort();
             v
@@ -520,17 +521,18 @@ impl<P: WorkerPool> Scheduler<P> {
 /// Seconds the oldest waiting container (Queued or Locked, priority > 0, not on a worker) has
 /// waited since it was created; 0 if none waits.
 pub fn longest_wait(entries: &[Arc<QueueEnt>], running: &RunningMap, now: DateTime<Utc>) -> f64 {
+    let known: FastSet<u64> = running.keys().map(|u| uuid_hash(u)).collect();
     let oldest = entries
         .iter()
         .filter(|e| {
-            let c = &e.container;
-            matches!(c.state, ContainerState::Queued | ContainerState::Locked)
-                && c.priority > 0
-                && !running.contains_key(&c.uuid)
+            let h = e.sched();
+            matches!(h.state, ContainerState::Queued | ContainerState::Locked)
+                && h.priority > 0
+                && !(known.contains(&h.uuid_hash) && running.contains_key(&e.container().uuid))
         })
-        .filter_map(|e| e.container.created_at)
+        .filter_map(|e| e.sched().created_ms)
         .min();
-    oldest.map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+    oldest.map_or(0.0, |t| (now.timestamp_millis() - t).max(0) as f64 / 1000.0)
 }
 
 /// The background queue poller: update, then sleep the poll interval (or as long as the

@@ -287,23 +287,22 @@ struct Row {
 const PACKED_PRIORITY_LIMIT: i64 = 1 << 62;
 
 fn row_for(e: &QueueEnt, idx: usize, running: bool) -> Row {
-    let c = &e.container;
+    let h = e.sched();
     let class: u8 = if running {
         0
-    } else if c.state == ContainerState::Locked {
+    } else if h.state == ContainerState::Locked {
         1
     } else {
         2
     };
-    let first_seen = e.first_seen_ns();
-    let prio = (PACKED_PRIORITY_LIMIT - 1 - c.priority.clamp(0, PACKED_PRIORITY_LIMIT - 1)) as u128;
-    let seen = (first_seen as u64 ^ (1 << 63)) as u128;
+    let prio = (PACKED_PRIORITY_LIMIT - 1 - h.priority.clamp(0, PACKED_PRIORITY_LIMIT - 1)) as u128;
+    let seen = (h.first_seen_ns as u64 ^ (1 << 63)) as u128;
     Row {
         key: (u128::from(class) << 126) | (prio << 64) | seen,
-        priority: c.priority,
+        priority: h.priority,
         idx: idx as u32,
-        state: c.state,
-        supervisor: c.scheduling_parameters.supervisor,
+        state: h.state,
+        supervisor: h.supervisor,
         running,
     }
 }
@@ -321,9 +320,9 @@ fn row_order(entries: &[Arc<QueueEnt>], packable: bool) -> impl Fn(&Row, &Row) -
         };
         by_key.then_with(|| {
             entries[a.idx as usize]
-                .container
+                .container()
                 .uuid
-                .cmp(&entries[b.idx as usize].container.uuid)
+                .cmp(&entries[b.idx as usize].container().uuid)
         })
     }
 }
@@ -362,17 +361,17 @@ fn build_rows<'a>(
             if let Some(ahead) = entries.get(i + PREFETCH_AHEAD) {
                 prefetch_row_fields(ahead);
             }
-            let c = &e.container;
             let flags = if known.is_empty() {
                 0
             } else {
                 known.get(&e.uuid_hash()).copied().unwrap_or(0)
             };
-            let is_running = flags & RUNNING != 0 && pool.running.contains_key(&c.uuid);
-            if flags & ON_INSTANCE != 0 && on_instances.contains(c.uuid.as_str()) {
-                needs.insert(c.uuid.as_str(), e.instance_resources);
+            let uuid = || e.container().uuid.as_str();
+            let is_running = flags & RUNNING != 0 && pool.running.contains_key(uuid());
+            if flags & ON_INSTANCE != 0 && on_instances.contains(uuid()) {
+                needs.insert(uuid(), e.instance_resources);
             }
-            packable &= (0..PACKED_PRIORITY_LIMIT).contains(&c.priority);
+            packable &= (0..PACKED_PRIORITY_LIMIT).contains(&e.sched().priority);
             row_for(e, i, is_running)
         })
         .collect();
@@ -393,7 +392,7 @@ fn prefetch_entry(e: &Arc<QueueEnt>) {
         let fields = [
             std::ptr::from_ref(&e.instance_types).cast::<i8>(),
             std::ptr::from_ref(&e.instance_resources).cast::<i8>(),
-            std::ptr::from_ref(&e.container.uuid).cast::<i8>(),
+            std::ptr::from_ref(&e.container().uuid).cast::<i8>(),
             // The reference count, just before the data.
             std::ptr::from_ref::<QueueEnt>(e)
                 .cast::<i8>()
@@ -418,7 +417,7 @@ fn prefetch_entry_heap(e: &Arc<QueueEnt>) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let uuid = e.container.uuid.as_ptr().cast::<i8>();
+        let uuid = e.container().uuid.as_ptr().cast::<i8>();
         let types = e.instance_types.as_ptr().cast::<i8>();
         // SAFETY: prefetching never dereferences or faults.
         #[allow(unused_unsafe)]
@@ -431,25 +430,17 @@ fn prefetch_entry_heap(e: &Arc<QueueEnt>) {
     let _ = e;
 }
 
-/// As [`prefetch_entry`], for the fields a row is built from.
+/// As [`prefetch_entry`], for the fields a row is built from (at the start of the entry).
 #[inline]
 fn prefetch_row_fields(e: &Arc<QueueEnt>) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let c = &e.container;
-        let fields = [
-            std::ptr::from_ref(&c.state).cast::<i8>(),
-            std::ptr::from_ref(&c.priority).cast::<i8>(),
-            std::ptr::from_ref(&c.scheduling_parameters).cast::<i8>(),
-            std::ptr::from_ref::<QueueEnt>(e).cast::<i8>(),
-        ];
-        for p in fields {
-            // SAFETY: prefetching never dereferences or faults.
-            #[allow(unused_unsafe)]
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(p);
-            }
+        let p = std::ptr::from_ref(e.sched()).cast::<i8>();
+        // SAFETY: prefetching never dereferences or faults.
+        #[allow(unused_unsafe)]
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -597,7 +588,7 @@ pub fn plan_queue(
                 if best.is_none() && available.is_none() {
                     continue;
                 }
-                plan.locks.push(ent.container.uuid.clone());
+                plan.locks.push(ent.container().uuid.clone());
                 if let Some(b) = best {
                     index.place(b, need);
                 }
@@ -634,7 +625,7 @@ pub fn plan_queue(
             };
             if create_budget == Some(0) {
                 plan.declined_creates
-                    .push((it.clone(), ent.container.uuid.clone()));
+                    .push((it.clone(), ent.container().uuid.clone()));
                 continue;
             }
             create_budget = create_budget.map(|n| n - 1);
@@ -642,7 +633,8 @@ pub fn plan_queue(
             if quota_headroom == Some(0) {
                 at_quota = true;
             }
-            plan.creates.push((it.clone(), ent.container.uuid.clone()));
+            plan.creates
+                .push((it.clone(), ent.container().uuid.clone()));
             plan.allocated_not_started += 1;
             match index.type_of(it) {
                 Some(t) => {
@@ -710,7 +702,7 @@ pub fn plan_queue(
     }
     for row in unlock_rows.iter().filter(|r| locked_idle(r)) {
         plan.unlocks
-            .push(entries[row.idx as usize].container.uuid.clone());
+            .push(entries[row.idx as usize].container().uuid.clone());
     }
     if overquota_from.is_some() {
         let placed: FastSet<usize> = index

@@ -65,11 +65,11 @@ pub fn run_queue(
     let running = &pool.running;
     let mut sorted: Vec<&Arc<QueueEnt>> = entries.iter().collect();
     sorted.sort_by(|a, b| {
-        let (ca, cb) = (&a.container, &b.container);
+        let (ca, cb) = (&a.container(), &b.container());
         let class = |e: &QueueEnt| {
-            if running.contains_key(&e.container.uuid) {
+            if running.contains_key(&e.container().uuid) {
                 0
-            } else if e.container.state == ContainerState::Locked {
+            } else if e.container().state == ContainerState::Locked {
                 1
             } else {
                 2
@@ -78,12 +78,12 @@ pub fn run_queue(
         class(a)
             .cmp(&class(b))
             .then(cb.priority.cmp(&ca.priority))
-            .then(a.first_seen_at.cmp(&b.first_seen_at))
+            .then(a.first_seen_at().cmp(&b.first_seen_at()))
             .then(ca.uuid.cmp(&cb.uuid))
     });
     let by_uuid: HashMap<&str, &QueueEnt> = entries
         .iter()
-        .map(|e| (e.container.uuid.as_str(), &**e))
+        .map(|e| (e.container().uuid.as_str(), &**e))
         .collect();
 
     // Instances in scan order, with what is left on each.
@@ -142,7 +142,7 @@ pub fn run_queue(
     let mut supervisors = 0;
 
     for (i, ent) in sorted.iter().enumerate() {
-        let ctr = &ent.container;
+        let ctr = &ent.container();
         if ctr.scheduling_parameters.supervisor {
             supervisors += 1;
         }
@@ -275,7 +275,7 @@ pub fn run_queue(
     for (i, ent) in sorted.iter().enumerate() {
         if statuses[i].is_none()
             && matches!(
-                ent.container.state,
+                ent.container().state,
                 ContainerState::Queued | ContainerState::Locked
             )
         {
@@ -295,7 +295,7 @@ pub fn run_queue(
             unlock.extend_from_slice(&overquota);
         }
         for i in unlock {
-            let c = &sorted[i].container;
+            let c = &sorted[i].container();
             if c.state == ContainerState::Locked && !running.contains_key(&c.uuid) {
                 d.unlocks.push(c.uuid.clone());
             }
@@ -319,7 +319,7 @@ pub fn run_queue(
     d.statuses = sorted
         .iter()
         .zip(statuses)
-        .map(|(e, s)| (e.container.uuid.clone(), s.to_string()))
+        .map(|(e, s)| (e.container().uuid.clone(), s.to_string()))
         .collect();
     d
 }

@@ -8,7 +8,8 @@ use arvados::types::ContainerState;
 use chrono::{DateTime, Utc};
 
 use super::pool::RunningMap;
-use crate::queue::QueueEnt;
+use crate::fasthash::FastSet;
+use crate::queue::{QueueEnt, uuid_hash};
 
 /// One reconciling step; the scheduler carries each out asynchronously.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,12 +39,19 @@ pub fn plan_sync(
         (Some(t), Some(th)) => th > *t,
         _ => false,
     };
+    // Membership by precomputed hash first: most entries are not running, and this way their
+    // uuid strings are never read.
+    let known: FastSet<u64> = running.keys().map(|u| uuid_hash(u)).collect();
     for e in entries {
-        let c = &e.container;
-        let uuid = || c.uuid.clone();
-        let run = running.get(&c.uuid);
+        let c = e.sched();
+        let uuid = || e.container().uuid.clone();
+        let run = if known.contains(&c.uuid_hash) {
+            running.get(&e.container().uuid)
+        } else {
+            None
+        };
         if run.is_some() {
-            matched.insert(c.uuid.as_str());
+            matched.insert(e.container().uuid.as_str());
         }
         match c.state {
             ContainerState::Running => match run {

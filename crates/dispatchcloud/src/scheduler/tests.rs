@@ -145,8 +145,8 @@ impl Harness {
 
     fn set_state(&mut self, uuid: &str, to: ContainerState) {
         let e = self.queue.get_mut(uuid).expect("known container");
-        let from = e.container.state;
-        e.container.state = to;
+        let from = e.container().state;
+        e.modify(|c| c.state = to);
         self.changes.push((uuid.to_string(), from, to));
     }
 
@@ -167,7 +167,7 @@ impl Harness {
             SystemTime::now(),
         );
         for uuid in &plan.locks {
-            if self.queue[uuid].container.state == ContainerState::Queued {
+            if self.queue[uuid].container().state == ContainerState::Queued {
                 self.set_state(uuid, ContainerState::Locked);
             }
         }
@@ -175,7 +175,7 @@ impl Harness {
             self.pool.create(it);
         }
         for (id, ent) in &plan.starts {
-            self.pool.start_container(id, &ent.container);
+            self.pool.start_container(id, ent.container());
         }
         for uuid in &plan.unlocks {
             self.set_state(uuid, ContainerState::Queued);
@@ -204,7 +204,7 @@ impl Harness {
         for a in &actions {
             match a {
                 SyncAction::Forget { uuid, .. } => {
-                    let c = &self.queue[uuid].container;
+                    let c = &self.queue[uuid].container();
                     if c.state.is_final() || (c.state == ContainerState::Queued && c.priority == 0)
                     {
                         self.queue.remove(uuid);
@@ -225,7 +225,7 @@ impl Harness {
         self.last_plan
             .sorted(&self.last_entries)
             .into_iter()
-            .find(|(e, _)| e.container.uuid == uuid)
+            .find(|(e, _)| e.container().uuid == uuid)
             .map(|(_, s)| s.to_string())
             .unwrap_or_default()
     }
@@ -321,9 +321,12 @@ fn ac_sch_4_pack_containers_idle_instance_too_big() {
 fn ac_sch_5_pack_containers_spare_resources() {
     let mut h = pack_harness(|_| {});
     let vm = h.worker(3, WorkerState::Idle);
-    let c4 = h.queue[&uuid(4)].container.clone();
+    let c4 = h.queue[&uuid(4)].container().clone();
     assert!(h.pool.start_container(&vm, &c4));
-    h.queue.get_mut(&uuid(4)).unwrap().container.state = ContainerState::Running;
+    h.queue
+        .get_mut(&uuid(4))
+        .unwrap()
+        .modify(|c| c.state = ContainerState::Running);
     h.run_queue();
     assert_eq!(h.pool.creates(), names(&["type3", "type2"]));
     assert_eq!(h.pool.starts(), vec![uuid(4), uuid(3), uuid(2)]);
@@ -335,7 +338,7 @@ fn ac_sch_6_pack_containers_idle_behavior_hold() {
     let vm = h.worker(3, WorkerState::Idle);
     h.pool
         .with(|s| s.workers[0].idle_behavior = IdleBehavior::Hold);
-    let c4 = h.queue[&uuid(4)].container.clone();
+    let c4 = h.queue[&uuid(4)].container().clone();
     assert!(
         !h.pool.start_container(&vm, &c4),
         "hold refuses the setup start"
@@ -528,9 +531,9 @@ fn ac_sch_14_idle_in_503_quiet_period() {
     h.worker(2, WorkerState::Idle);
     let a3 = h.worker(3, WorkerState::Idle);
     h.worker(3, WorkerState::Idle);
-    let c = h.queue[&c1].container.clone();
+    let c = h.queue[&c1].container().clone();
     assert!(h.pool.start_container(&a2, &c));
-    let c = h.queue[&c3].container.clone();
+    let c = h.queue[&c3].container().clone();
     assert!(h.pool.start_container(&a3, &c));
     let plan = h.run_queue();
     assert_eq!(plan.max_containers, 3);
@@ -550,7 +553,7 @@ fn ac_sch_15_unlock_excess_supervisors() {
     }
     let vms: Vec<String> = (0..6).map(|_| h.worker(2, WorkerState::Idle)).collect();
     for k in 1..=4 {
-        let c = h.queue[&uuid(k)].container.clone();
+        let c = h.queue[&uuid(k)].container().clone();
         assert!(h.pool.start_container(&vms[k - 1], &c));
     }
     let plan = h.run_queue();
@@ -733,7 +736,7 @@ fn ac_sch_21_skip_supervisors() {
         h.last_plan
             .sorted(&h.last_entries)
             .into_iter()
-            .find(|(e, _)| e.container.uuid == uuid(2))
+            .find(|(e, _)| e.container().uuid == uuid(2))
             .map(|(_, s)| s),
         Some(Status::SupervisorLimit(1))
     ));
@@ -755,7 +758,7 @@ fn ac_sync_2_cancel_orphaned_containers() {
     let unknown = h.worker(1, WorkerState::Unknown);
     for _ in 0..10 {
         h.sync();
-        assert_eq!(h.queue[&uuid(1)].container.state, ContainerState::Running);
+        assert_eq!(h.queue[&uuid(1)].container().state, ContainerState::Running);
     }
     h.pool.remove_worker(&unknown);
     for _ in 0..3 {
@@ -777,7 +780,7 @@ fn sync_table_rows() {
     let vm = h.worker(4, WorkerState::Idle);
     let start = |h: &mut Harness, k: usize, state, prio| {
         h.add(k, state, prio, 1, GIB, |_| {});
-        let c = h.queue[&uuid(k)].container.clone();
+        let c = h.queue[&uuid(k)].container().clone();
         assert!(h.pool.start_container(&vm, &c));
     };
     start(&mut h, 1, ContainerState::Running, 1);
@@ -875,11 +878,11 @@ fn check_scale(n: usize, m: usize, variant: Variant) {
     // Decisions go to the highest priorities, in priority order.
     let top: Vec<String> = {
         let mut pending: Vec<&Arc<QueueEnt>> = s.entries[..n].iter().collect();
-        pending.sort_by_key(|e| -e.container.priority);
+        pending.sort_by_key(|e| -e.container().priority);
         pending
             .iter()
             .take(150 * k)
-            .map(|e| e.container.uuid.clone())
+            .map(|e| e.container().uuid.clone())
             .collect()
     };
     match variant {
@@ -924,11 +927,11 @@ fn check_scale(n: usize, m: usize, variant: Variant) {
             let started: Vec<&str> = plan
                 .starts
                 .iter()
-                .map(|(_, e)| e.container.uuid.as_str())
+                .map(|(_, e)| e.container().uuid.as_str())
                 .collect();
             let prio: HashMap<&str, i64> = s.entries[..n]
                 .iter()
-                .map(|e| (e.container.uuid.as_str(), e.container.priority))
+                .map(|e| (e.container().uuid.as_str(), e.container().priority))
                 .collect();
             let mut by_prio = started.clone();
             by_prio.sort_by_key(|u| -prio[u]);
@@ -948,8 +951,8 @@ fn check_scale(n: usize, m: usize, variant: Variant) {
                 .sorted(&s.entries)
                 .into_iter()
                 .filter(|(_, st)| matches!(st, Status::Preparing | Status::NewInstance(_)))
-                .filter(|(e, _)| e.container.state == ContainerState::Locked)
-                .map(|(e, _)| e.container.uuid.clone())
+                .filter(|(e, _)| e.container().state == ContainerState::Locked)
+                .map(|(e, _)| e.container().uuid.clone())
                 .collect();
             assert_eq!(
                 decided,
@@ -1012,7 +1015,7 @@ fn decisions(plan: &QueuePlan, entries: &[Arc<QueueEnt>]) -> reference::Decision
         starts: plan
             .starts
             .iter()
-            .map(|(id, e)| (id.clone(), e.container.uuid.clone()))
+            .map(|(id, e)| (id.clone(), e.container().uuid.clone()))
             .collect(),
         unlocks: plan.unlocks.clone(),
         shutdowns: plan.shutdowns.clone(),
@@ -1022,7 +1025,7 @@ fn decisions(plan: &QueuePlan, entries: &[Arc<QueueEnt>]) -> reference::Decision
         statuses: plan
             .sorted(entries)
             .into_iter()
-            .map(|(e, s)| (e.container.uuid.clone(), s.to_string()))
+            .map(|(e, s)| (e.container().uuid.clone(), s.to_string()))
             .collect(),
     }
 }
@@ -1130,7 +1133,7 @@ fn random_case(rng: &mut Rng) -> (SchedConfig, Limits, Vec<Arc<QueueEnt>>, PoolS
         for _ in 0..rng.below(3) {
             let u = if rng.chance(80) && !entries.is_empty() {
                 entries[rng.below(entries.len() as u64) as usize]
-                    .container
+                    .container()
                     .uuid
                     .clone()
             } else {
@@ -1144,7 +1147,7 @@ fn random_case(rng: &mut Rng) -> (SchedConfig, Limits, Vec<Arc<QueueEnt>>, PoolS
     for _ in 0..rng.below(4) {
         if !entries.is_empty() {
             let u = entries[rng.below(entries.len() as u64) as usize]
-                .container
+                .container()
                 .uuid
                 .clone();
             pool.running.insert(u, Some(t0()));
