@@ -254,3 +254,37 @@ fn client_with(f: &testkit::fake_api::FakeArvados, token: &str) -> arvados::Clie
     })
     .unwrap()
 }
+
+/// A lock that completes while a poll is in flight wins over the poll's older view of the
+/// container (spec §5.3 "dontupdate").
+#[tokio::test]
+async fn lock_during_poll_is_not_undone_by_the_poll() {
+    let f = fake().await;
+    let u = f.add_container(&ContainerSpec::default());
+    let (q, _) = queue(&f, &cluster(vec![test_type()]));
+    q.update().await.unwrap();
+    // A new container whose mounts fetch is slow keeps the next poll open after it listed u.
+    let v = f.add_container(&ContainerSpec::default());
+    f.inject_fault(
+        Fault::new(FaultKind::Delay(Duration::from_millis(500)))
+            .on("GET", &format!("/containers/{v}")),
+    );
+    let poll = tokio::spawn({
+        let q = q.clone();
+        async move { q.update().await }
+    });
+    assert!(
+        eventually(5, || f
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with(&format!("/containers/{v}"))))
+        .await
+    );
+    q.lock(&u).await.unwrap();
+    poll.await.unwrap().unwrap();
+    assert_eq!(q.get(&u).unwrap().container().state, ContainerState::Locked);
+    assert!(q.get(&v).is_some());
+    // The next poll brings the lock holder's view anyway.
+    q.update().await.unwrap();
+    assert_eq!(q.get(&u).unwrap().container().state, ContainerState::Locked);
+}

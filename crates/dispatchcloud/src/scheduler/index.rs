@@ -330,7 +330,9 @@ impl InstanceIndex {
             });
         }
         let mut index = InstanceIndex {
-            insts: Vec::with_capacity(pool.instances.len() + pool.create_budget.unwrap_or(64).min(1 << 16)),
+            insts: Vec::with_capacity(
+                pool.instances.len() + pool.create_budget.unwrap_or(64).min(1 << 16),
+            ),
             types,
             by_name,
             by_ptr: Vec::new(),
