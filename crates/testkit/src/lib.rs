@@ -6,5 +6,6 @@
 //! here mocks one of our own traits where a wire-level fake can stand in.
 
 pub mod fake_api;
+pub mod fake_crunch_run;
 
 pub use fake_api::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind, StateChange};
