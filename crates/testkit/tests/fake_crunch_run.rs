@@ -24,15 +24,15 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    fn locked(&self, env: &[(&str, &str)]) -> String {
-        let u = self.f.add_container(&ContainerSpec {
+    /// A new Queued container with this environment.
+    fn queued(&self, env: &[(&str, &str)]) -> String {
+        self.f.add_container(&ContainerSpec {
             environment: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ..Default::default()
-        });
-        u
+        })
     }
 
     async fn lock(&self, u: &str) {
@@ -100,7 +100,7 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detach_runs_to_complete_with_the_scripted_exit_code() {
     let s = setup().await;
-    let u = s.locked(&[
+    let u = s.queued(&[
         ("FAKE_CRUNCH_RUN_MS", "1500"),
         ("FAKE_CRUNCH_RUN_EXIT", "3"),
     ]);
@@ -126,7 +126,7 @@ async fn detach_runs_to_complete_with_the_scripted_exit_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_15_cancels_a_running_container() {
     let s = setup().await;
-    let u = s.locked(&[("FAKE_CRUNCH_RUN_MS", "60000")]);
+    let u = s.queued(&[("FAKE_CRUNCH_RUN_MS", "60000")]);
     s.lock(&u).await;
     assert_eq!(s.cmd(&["--detach", "--stdin-config", &u], &s.config()).0, 0);
     assert!(s.wait_state(&u, "Running").await);
@@ -139,7 +139,7 @@ async fn kill_15_cancels_a_running_container() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detach_needs_api_host_and_token() {
     let s = setup().await;
-    let u = s.locked(&[]);
+    let u = s.queued(&[]);
     let (code, _) = s.cmd(
         &["--detach", "--stdin-config", &u],
         &json!({"Env": {"ARVADOS_API_HOST": s.f.base_url()}}).to_string(),
@@ -150,7 +150,7 @@ async fn detach_needs_api_host_and_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_modes_crash_and_broken() {
     let s = setup().await;
-    let u = s.locked(&[
+    let u = s.queued(&[
         ("FAKE_CRUNCH_RUN_MS", "50"),
         ("FAKE_CRUNCH_RUN_FAIL", "crash"),
     ]);
@@ -161,7 +161,7 @@ async fn failure_modes_crash_and_broken() {
     assert_eq!(s.state(&u), "Running", "crashed without a final update");
     assert_eq!(s.cmd(&["--list"], "").1, "", "process gone");
 
-    let b = s.locked(&[
+    let b = s.queued(&[
         ("FAKE_CRUNCH_RUN_MS", "50"),
         ("FAKE_CRUNCH_RUN_FAIL", "broken"),
     ]);
@@ -175,7 +175,7 @@ async fn failure_modes_crash_and_broken() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreground_run_with_runtime_engine_flag() {
     let s = setup().await;
-    let u = s.locked(&[("FAKE_CRUNCH_RUN_MS", "100")]);
+    let u = s.queued(&[("FAKE_CRUNCH_RUN_MS", "100")]);
     s.lock(&u).await;
     let status = Command::new(BIN)
         .args(["--runtime-engine=docker", "--lock-dir"])
