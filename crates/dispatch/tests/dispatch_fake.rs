@@ -343,3 +343,38 @@ async fn unsatisfiable_run_error_cancels_and_logs() {
         "{text}"
     );
 }
+
+/// With `max_trackers(1)`, a second container is not locked while the first one runs.
+#[tokio::test]
+async fn max_trackers_bounds_concurrent_containers() {
+    let f = fake().await;
+    let uuids: Vec<String> = (0..3)
+        .map(|_| f.add_container(&ContainerSpec::default()))
+        .collect();
+    let (release_tx, release_rx) = watch::channel(false);
+    let run: RunFn = Arc::new(move |d: Dispatcher, c: Container, mut updates: Updates| {
+        let mut release = release_rx.clone();
+        Box::pin(async move {
+            let _ = release.wait_for(|r| *r).await;
+            d.update_state(&c.uuid, ContainerState::Running).await.ok();
+            d.client()
+                .update_container(&c.uuid, &json!({"state": "Complete"}), Some(&["uuid"]))
+                .await
+                .ok();
+            while updates.recv().await.is_some() {}
+            Ok(())
+        })
+    });
+    let d = Dispatcher::new(client(&f, f.root_token()), run)
+        .poll_period(Duration::from_millis(30))
+        .max_trackers(1);
+    let (stop, task) = start(&d);
+    assert!(eventually(10, || uuids.iter().any(|u| state(&f, u) == "Locked")).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let locked = uuids.iter().filter(|u| state(&f, u) == "Locked").count();
+    assert_eq!(locked, 1, "only one at a time");
+    release_tx.send(true).unwrap();
+    assert!(eventually(20, || uuids.iter().all(|u| state(&f, u) == "Complete")).await);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}

@@ -188,3 +188,28 @@ async fn foreground_run_with_runtime_engine_flag() {
     assert!(status.success());
     assert_eq!(s.state(&u), "Complete");
 }
+
+/// A TERM that arrives before the container is Running puts it back in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn term_before_running_requeues() {
+    let s = setup().await;
+    let u = s.queued(&[("FAKE_CRUNCH_RUN_MS", "60000")]);
+    s.lock(&u).await;
+    // Hold the worker's "Running" update for a while so the signal lands before it.
+    s.f.inject_fault(
+        testkit::Fault::new(testkit::FaultKind::Delay(Duration::from_millis(1500)))
+            .on("PUT", &format!("/containers/{u}"))
+            .times(1),
+    );
+    let (code, out) = s.cmd(&["--detach", "--stdin-config", &u], &s.config());
+    assert_eq!(code, 0);
+    let pid = serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["PID"]
+        .as_u64()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(s.wait_state(&u, "Queued").await, "{}", s.state(&u));
+}
