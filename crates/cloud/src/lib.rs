@@ -1,6 +1,106 @@
 //! The cloud driver layer: the `InstanceSet`/`Instance` traits every provider driver implements,
 //! the error kinds the worker pool reacts to (rate limit, quota, capacity), the dispatcher's tag
 //! keys and instance-secret user data, and the wrapper stack (instrumentation, rate limiting,
-//! default tags, tag filtering). It never imports a driver and never imports the scheduler.
+//! default tags, tag filtering, reactive hold-offs). It never imports a driver and never
+//! imports the scheduler.
 //!
-//! Status: not yet implemented (see the cloud driver layer issue).
+//! * [`error`]: [`CloudError`] and its kinds (spec §2.5).
+//! * [`tags`]: tag keys, InstanceSetID derivation (§11.3), instance secrets and user data
+//!   (Appendix D).
+//! * [`price`]: price history normalisation (§2.8).
+//! * [`wrappers`]: the stack of §1.5 and the hold-offs of §2.7.
+//! * [`registry`]: driver names → factories.
+//!
+//! Status: the interface, error kinds, tags, prices, wrappers and registry are done; the stub
+//! and loopback drivers, the conformance suite and `cloudtest` are not yet written.
+
+pub mod error;
+pub mod price;
+pub mod registry;
+pub mod tags;
+pub mod wrappers;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arvados::InstanceType;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use error::{CloudError, ErrorKind};
+
+/// A boxed future, so the traits below can be used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Identifier of this dispatcher's set of cloud resources (a tag value).
+pub type InstanceSetId = String;
+/// The provider's stable id of a VM.
+pub type InstanceId = String;
+/// Tags on a VM.
+pub type InstanceTags = BTreeMap<String, String>;
+
+/// One point of price history. JSON names are Arvados' (`StartTime`, `Price`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstancePrice {
+    #[serde(rename = "StartTime")]
+    pub start_time: DateTime<Utc>,
+    #[serde(rename = "Price")]
+    pub price: f64,
+}
+
+/// What `InstanceSet::create` needs besides the type.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub image_id: String,
+    pub tags: InstanceTags,
+    /// Shell script to run at first boot.
+    pub init_command: String,
+    /// OpenSSH-format public key to authorise for the remote user, if any.
+    pub public_key: Option<String>,
+}
+
+/// One VM: a possibly stale snapshot plus control operations.
+pub trait Instance: Send + Sync + std::fmt::Debug {
+    fn id(&self) -> InstanceId;
+    fn provider_type(&self) -> String;
+    fn tags(&self) -> InstanceTags;
+    /// `host` or `host:port` for SSH; empty while unknown.
+    fn address(&self) -> String;
+    fn remote_user(&self) -> String;
+    fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>>;
+    fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>>;
+    /// Recent prices, newest first; may be empty.
+    fn price_history(&self, it: &InstanceType) -> Vec<InstancePrice>;
+    /// Whether `key` (OpenSSH format) is this VM's host key. `ErrorKind::NotImplemented`
+    /// makes the pool fall back to the instance-secret check.
+    fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>>;
+}
+
+/// The VMs of one dispatcher in one cloud account. All methods are safe to call concurrently.
+pub trait InstanceSet: Send + Sync {
+    fn create(
+        &self,
+        it: &InstanceType,
+        req: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>>;
+    /// All instances (booting and shutting-down ones too), optionally filtered by tags.
+    fn instances(
+        &self,
+        filter: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>>;
+    /// Bucket of provider quota shared by several instance types.
+    fn instance_quota_group(&self, it: &InstanceType) -> String;
+    fn stop(&self);
+}
+
+/// A driver: makes an [`InstanceSet`] from `DriverParameters`.
+pub trait Driver: Send + Sync {
+    fn instance_set(
+        &self,
+        params: &serde_json::Value,
+        id: &InstanceSetId,
+        shared_tags: &InstanceTags,
+    ) -> Result<Arc<dyn InstanceSet>, CloudError>;
+}

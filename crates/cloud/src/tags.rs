@@ -1,0 +1,114 @@
+//! The dispatcher's tags (spec §2.6), the InstanceSetID (§11.3), instance secrets and the
+//! first-boot user data that plants them (Appendix D).
+
+use md5::{Digest, Md5};
+use rand::RngCore;
+
+/// Tag keys under a `CloudVMs.TagKeyPrefix` (default `Arvados`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagKeys {
+    pub prefix: String,
+}
+
+impl TagKeys {
+    pub fn new(prefix: &str) -> TagKeys {
+        TagKeys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn instance_set_id(&self) -> String {
+        format!("{}InstanceSetID", self.prefix)
+    }
+
+    pub fn instance_type(&self) -> String {
+        format!("{}InstanceType", self.prefix)
+    }
+
+    pub fn idle_behavior(&self) -> String {
+        format!("{}IdleBehavior", self.prefix)
+    }
+
+    pub fn instance_secret(&self) -> String {
+        format!("{}InstanceSecret", self.prefix)
+    }
+
+    pub fn cloud_test_pid(&self) -> String {
+        format!("{}CloudTestPID", self.prefix)
+    }
+}
+
+/// The InstanceSetID for a dispatcher token: the uuid of a v2 token, else the hex MD5 of the
+/// token (unique per token without revealing it).
+pub fn instance_set_id(token: &str) -> String {
+    let parts: Vec<&str> = token.split('/').collect();
+    if parts.len() == 3 && parts[0] == "v2" && !parts[1].is_empty() {
+        return parts[1].to_string();
+    }
+    Md5::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// 40 random lowercase hex digits (20 random bytes).
+pub fn new_instance_secret() -> String {
+    let mut b = [0u8; 20];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// First-boot user data: write the secret where the dispatcher will look for it, then run
+/// the operator's init command.
+pub fn user_data(secret: &str, init_command: &str) -> String {
+    format!(
+        "#!/bin/sh\numask 0177 && echo -n \"{secret}\" >/var/run/arvados-instance-secret\n{init_command}\n"
+    )
+}
+
+/// Where the secret lives on the VM.
+pub const INSTANCE_SECRET_PATH: &str = "/var/run/arvados-instance-secret";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_prefix() {
+        let k = TagKeys::new("Arvados");
+        assert_eq!(k.instance_set_id(), "ArvadosInstanceSetID");
+        assert_eq!(k.instance_type(), "ArvadosInstanceType");
+        assert_eq!(k.idle_behavior(), "ArvadosIdleBehavior");
+        assert_eq!(k.instance_secret(), "ArvadosInstanceSecret");
+        assert_eq!(TagKeys::new("x-").instance_type(), "x-InstanceType");
+    }
+
+    #[test]
+    fn instance_set_id_from_token() {
+        assert_eq!(
+            instance_set_id("v2/zzzzz-gj3su-000000000000000/secret"),
+            "zzzzz-gj3su-000000000000000"
+        );
+        // md5("xyzzy")
+        assert_eq!(instance_set_id("xyzzy"), "1271ed5ef305aadabc605b1609e24c52");
+        assert_eq!(
+            instance_set_id("v2/only-two"),
+            format!("{:x}", Md5::digest(b"v2/only-two"))
+        );
+    }
+
+    #[test]
+    fn secrets_and_user_data() {
+        let s = new_instance_secret();
+        assert_eq!(s.len(), 40);
+        assert!(
+            s.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(s, new_instance_secret());
+        assert_eq!(
+            user_data("abc", "echo hi"),
+            "#!/bin/sh\numask 0177 && echo -n \"abc\" >/var/run/arvados-instance-secret\necho hi\n"
+        );
+    }
+}

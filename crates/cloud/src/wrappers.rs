@@ -1,0 +1,476 @@
+//! The InstanceSet wrapper stack (spec §1.5), innermost first around a driver's set:
+//! [`Instrumented`] (the `driver_operations` counter), [`RateLimited`]
+//! (`MaxCloudOpsPerSecond`, fair), [`DefaultTags`] (`CloudVMs.ResourceTags`), [`Filtering`]
+//! (drop foreign instances), and the pool's reactive hold-offs, [`Throttled`] (§2.7): after a
+//! rate-limit error, calls of that category fail fast without reaching the driver until the
+//! earliest retry.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arvados::InstanceType;
+use prometheus::IntCounterVec;
+
+use crate::{
+    BoxFuture, CloudError, CreateRequest, Instance, InstanceId, InstancePrice, InstanceSet,
+    InstanceTags,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Instrumented
+
+/// Counts every Create, List, Destroy and SetTags call in
+/// `arvados_dispatchcloud_driver_operations{operation,error}`.
+pub struct Instrumented {
+    inner: Arc<dyn InstanceSet>,
+    ops: IntCounterVec,
+}
+
+impl Instrumented {
+    pub fn new(
+        inner: Arc<dyn InstanceSet>,
+        registry: &prometheus::Registry,
+    ) -> Result<Instrumented, prometheus::Error> {
+        let ops = IntCounterVec::new(
+            prometheus::Opts::new(
+                "driver_operations",
+                "Number of instance-create/list/destroy/settags operations performed",
+            )
+            .namespace("arvados")
+            .subsystem("dispatchcloud"),
+            &["operation", "error"],
+        )?;
+        registry.register(Box::new(ops.clone()))?;
+        for op in ["Create", "List", "Destroy", "SetTags"] {
+            for e in ["0", "1"] {
+                ops.with_label_values(&[op, e]);
+            }
+        }
+        Ok(Instrumented { inner, ops })
+    }
+}
+
+fn count<T>(ops: &IntCounterVec, op: &str, r: &Result<T, CloudError>) {
+    let e = if r.is_ok() { "0" } else { "1" };
+    ops.with_label_values(&[op, e]).inc();
+}
+
+#[derive(Debug)]
+struct InstrumentedInstance {
+    inner: Arc<dyn Instance>,
+    ops: IntCounterVec,
+}
+
+impl Instance for InstrumentedInstance {
+    fn id(&self) -> InstanceId {
+        self.inner.id()
+    }
+    fn provider_type(&self) -> String {
+        self.inner.provider_type()
+    }
+    fn tags(&self) -> InstanceTags {
+        self.inner.tags()
+    }
+    fn address(&self) -> String {
+        self.inner.address()
+    }
+    fn remote_user(&self) -> String {
+        self.inner.remote_user()
+    }
+    fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
+        Box::pin(async move {
+            let r = self.inner.set_tags(tags).await;
+            count(&self.ops, "SetTags", &r);
+            r
+        })
+    }
+    fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
+        Box::pin(async move {
+            let r = self.inner.destroy().await;
+            count(&self.ops, "Destroy", &r);
+            r
+        })
+    }
+    fn price_history(&self, it: &InstanceType) -> Vec<InstancePrice> {
+        self.inner.price_history(it)
+    }
+    fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
+        self.inner.verify_host_key(key)
+    }
+}
+
+impl InstanceSet for Instrumented {
+    fn create(
+        &self,
+        it: &InstanceType,
+        req: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
+        let it = it.clone();
+        Box::pin(async move {
+            let r = self.inner.create(&it, req).await;
+            count(&self.ops, "Create", &r);
+            r.map(|i| {
+                Arc::new(InstrumentedInstance {
+                    inner: i,
+                    ops: self.ops.clone(),
+                }) as Arc<dyn Instance>
+            })
+        })
+    }
+    fn instances(
+        &self,
+        filter: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        let filter = filter.clone();
+        Box::pin(async move {
+            let r = self.inner.instances(&filter).await;
+            count(&self.ops, "List", &r);
+            r.map(|v| {
+                v.into_iter()
+                    .map(|i| {
+                        Arc::new(InstrumentedInstance {
+                            inner: i,
+                            ops: self.ops.clone(),
+                        }) as Arc<dyn Instance>
+                    })
+                    .collect()
+            })
+        })
+    }
+    fn instance_quota_group(&self, it: &InstanceType) -> String {
+        self.inner.instance_quota_group(it)
+    }
+    fn stop(&self) {
+        self.inner.stop()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RateLimited
+
+/// Hands out call slots `1/N` seconds apart, first come first served (a burst of destroys
+/// queues behind a list that asked earlier, never ahead of it). Idle time does not
+/// accumulate into a burst.
+#[derive(Debug)]
+pub struct Pacer {
+    period: Duration,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    pub fn new(ops_per_second: f64) -> Pacer {
+        Pacer {
+            period: Duration::from_secs_f64(1.0 / ops_per_second.max(1e-9)),
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Wait for this call's slot.
+    pub async fn wait(&self) {
+        let slot = {
+            // tokio's Mutex is fair: waiters get it in the order they asked.
+            let mut next = self.next.lock().await;
+            let slot = (*next).max(tokio::time::Instant::now());
+            *next = slot + self.period;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// Paces List, Create, Destroy and SetTags calls (`CloudVMs.MaxCloudOpsPerSecond`).
+pub struct RateLimited {
+    inner: Arc<dyn InstanceSet>,
+    pacer: Arc<Pacer>,
+}
+
+impl RateLimited {
+    pub fn new(inner: Arc<dyn InstanceSet>, ops_per_second: f64) -> RateLimited {
+        RateLimited {
+            inner,
+            pacer: Arc::new(Pacer::new(ops_per_second)),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PacedInstance {
+    inner: Arc<dyn Instance>,
+    pacer: Arc<Pacer>,
+}
+
+impl Instance for PacedInstance {
+    fn id(&self) -> InstanceId {
+        self.inner.id()
+    }
+    fn provider_type(&self) -> String {
+        self.inner.provider_type()
+    }
+    fn tags(&self) -> InstanceTags {
+        self.inner.tags()
+    }
+    fn address(&self) -> String {
+        self.inner.address()
+    }
+    fn remote_user(&self) -> String {
+        self.inner.remote_user()
+    }
+    fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
+        Box::pin(async move {
+            self.pacer.wait().await;
+            self.inner.set_tags(tags).await
+        })
+    }
+    fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
+        Box::pin(async move {
+            self.pacer.wait().await;
+            self.inner.destroy().await
+        })
+    }
+    fn price_history(&self, it: &InstanceType) -> Vec<InstancePrice> {
+        self.inner.price_history(it)
+    }
+    fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
+        self.inner.verify_host_key(key)
+    }
+}
+
+impl InstanceSet for RateLimited {
+    fn create(
+        &self,
+        it: &InstanceType,
+        req: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
+        let it = it.clone();
+        Box::pin(async move {
+            self.pacer.wait().await;
+            let i = self.inner.create(&it, req).await?;
+            Ok(Arc::new(PacedInstance {
+                inner: i,
+                pacer: self.pacer.clone(),
+            }) as Arc<dyn Instance>)
+        })
+    }
+    fn instances(
+        &self,
+        filter: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        let filter = filter.clone();
+        Box::pin(async move {
+            self.pacer.wait().await;
+            let v = self.inner.instances(&filter).await?;
+            Ok(v.into_iter()
+                .map(|i| {
+                    Arc::new(PacedInstance {
+                        inner: i,
+                        pacer: self.pacer.clone(),
+                    }) as Arc<dyn Instance>
+                })
+                .collect())
+        })
+    }
+    fn instance_quota_group(&self, it: &InstanceType) -> String {
+        self.inner.instance_quota_group(it)
+    }
+    fn stop(&self) {
+        self.inner.stop()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DefaultTags and Filtering
+
+/// Adds `CloudVMs.ResourceTags` to every create; explicit tags win on a key collision.
+pub struct DefaultTags {
+    inner: Arc<dyn InstanceSet>,
+    defaults: InstanceTags,
+}
+
+impl DefaultTags {
+    pub fn new(inner: Arc<dyn InstanceSet>, defaults: InstanceTags) -> DefaultTags {
+        DefaultTags { inner, defaults }
+    }
+}
+
+impl InstanceSet for DefaultTags {
+    fn create(
+        &self,
+        it: &InstanceType,
+        mut req: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
+        let mut tags = self.defaults.clone();
+        tags.append(&mut req.tags);
+        req.tags = tags;
+        self.inner.create(it, req)
+    }
+    fn instances(
+        &self,
+        filter: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        self.inner.instances(filter)
+    }
+    fn instance_quota_group(&self, it: &InstanceType) -> String {
+        self.inner.instance_quota_group(it)
+    }
+    fn stop(&self) {
+        self.inner.stop()
+    }
+}
+
+/// Drops instances whose tags lack any requested key/value (drivers may ignore the filter).
+pub struct Filtering {
+    inner: Arc<dyn InstanceSet>,
+}
+
+impl Filtering {
+    pub fn new(inner: Arc<dyn InstanceSet>) -> Filtering {
+        Filtering { inner }
+    }
+}
+
+impl InstanceSet for Filtering {
+    fn create(
+        &self,
+        it: &InstanceType,
+        req: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
+        self.inner.create(it, req)
+    }
+    fn instances(
+        &self,
+        filter: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        let filter = filter.clone();
+        Box::pin(async move {
+            let v = self.inner.instances(&filter).await?;
+            Ok(v.into_iter()
+                .filter(|i| {
+                    let tags = i.tags();
+                    filter.iter().all(|(k, v)| tags.get(k) == Some(v))
+                })
+                .collect())
+        })
+    }
+    fn instance_quota_group(&self, it: &InstanceType) -> String {
+        self.inner.instance_quota_group(it)
+    }
+    fn stop(&self) {
+        self.inner.stop()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throttled
+
+/// A reactive hold-off (spec §2.7 `throttle`): "suspended until T".
+#[derive(Debug, Default)]
+pub struct HoldOff {
+    until: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl HoldOff {
+    /// Suspend until `t` with this message.
+    pub fn error_until(&self, t: SystemTime, message: String) {
+        *self.until.lock().unwrap_or_else(|e| e.into_inner()) = Some((t, message));
+    }
+
+    /// Record a rate-limit error whose earliest retry is in the future; returns whether it
+    /// was one.
+    pub fn check_rate_limit_error(&self, err: &CloudError) -> bool {
+        let Some(t) = err.earliest_retry() else {
+            return false;
+        };
+        let Ok(d) = t.duration_since(SystemTime::now()) else {
+            return false;
+        };
+        let until = chrono::DateTime::<chrono::Utc>::from(t);
+        let msg = format!(
+            "remote calls are suspended for {:?}, until {}",
+            Duration::from_millis(d.as_millis() as u64),
+            until.to_rfc3339()
+        );
+        tracing::warn!("{msg}");
+        self.error_until(t, msg);
+        true
+    }
+
+    /// The hold-off error while it lasts; clears itself afterwards.
+    pub fn error(&self) -> Option<CloudError> {
+        let mut g = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        match &*g {
+            Some((t, msg)) if SystemTime::now() <= *t => Some(CloudError {
+                kind: crate::ErrorKind::RateLimit { earliest_retry: *t },
+                message: msg.clone(),
+                also_retry_after: None,
+            }),
+            Some(_) => {
+                *g = None;
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// Creates and lists fail fast, without reaching the driver, while a rate-limit error from
+/// the same category of call says to wait.
+pub struct Throttled {
+    inner: Arc<dyn InstanceSet>,
+    pub create: Arc<HoldOff>,
+    pub list: Arc<HoldOff>,
+}
+
+impl Throttled {
+    pub fn new(inner: Arc<dyn InstanceSet>) -> Throttled {
+        Throttled {
+            inner,
+            create: Arc::new(HoldOff::default()),
+            list: Arc::new(HoldOff::default()),
+        }
+    }
+}
+
+impl InstanceSet for Throttled {
+    fn create(
+        &self,
+        it: &InstanceType,
+        req: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
+        let it = it.clone();
+        Box::pin(async move {
+            if let Some(e) = self.create.error() {
+                return Err(e);
+            }
+            let r = self.inner.create(&it, req).await;
+            if let Err(e) = &r {
+                self.create.check_rate_limit_error(e);
+            }
+            r
+        })
+    }
+    fn instances(
+        &self,
+        filter: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        let filter = filter.clone();
+        Box::pin(async move {
+            if let Some(e) = self.list.error() {
+                return Err(e);
+            }
+            let r = self.inner.instances(&filter).await;
+            if let Err(e) = &r {
+                self.list.check_rate_limit_error(e);
+            }
+            r
+        })
+    }
+    fn instance_quota_group(&self, it: &InstanceType) -> String {
+        self.inner.instance_quota_group(it)
+    }
+    fn stop(&self) {
+        self.inner.stop()
+    }
+}
+
+#[cfg(test)]
+mod tests;
