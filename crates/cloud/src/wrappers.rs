@@ -55,13 +55,30 @@ fn count<T>(ops: &IntCounterVec, op: &str, r: &Result<T, CloudError>) {
     ops.with_label_values(&[op, e]).inc();
 }
 
-#[derive(Debug)]
-struct InstrumentedInstance {
-    inner: Arc<dyn Instance>,
-    ops: IntCounterVec,
+/// What a wrapper does around an instance's own cloud calls (SetTags, Destroy).
+trait Hook: Send + Sync + std::fmt::Debug + 'static {
+    fn around<'a>(
+        &'a self,
+        op: &'static str,
+        call: BoxFuture<'a, Result<(), CloudError>>,
+    ) -> BoxFuture<'a, Result<(), CloudError>>;
 }
 
-impl Instance for InstrumentedInstance {
+/// An instance whose SetTags and Destroy go through a [`Hook`]; everything else passes through.
+#[derive(Debug)]
+struct Hooked<H: Hook> {
+    inner: Arc<dyn Instance>,
+    hook: H,
+}
+
+fn hooked<H: Hook + Clone>(inner: Arc<dyn Instance>, hook: &H) -> Arc<dyn Instance> {
+    Arc::new(Hooked {
+        inner,
+        hook: hook.clone(),
+    })
+}
+
+impl<H: Hook> Instance for Hooked<H> {
     fn id(&self) -> InstanceId {
         self.inner.id()
     }
@@ -78,24 +95,34 @@ impl Instance for InstrumentedInstance {
         self.inner.remote_user()
     }
     fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
-        Box::pin(async move {
-            let r = self.inner.set_tags(tags).await;
-            count(&self.ops, "SetTags", &r);
-            r
-        })
+        self.hook.around("SetTags", self.inner.set_tags(tags))
     }
     fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
-        Box::pin(async move {
-            let r = self.inner.destroy().await;
-            count(&self.ops, "Destroy", &r);
-            r
-        })
+        self.hook.around("Destroy", self.inner.destroy())
     }
     fn price_history(&self, it: &InstanceType) -> Vec<InstancePrice> {
         self.inner.price_history(it)
     }
     fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
         self.inner.verify_host_key(key)
+    }
+}
+
+/// Counts each call in `driver_operations`.
+#[derive(Debug, Clone)]
+struct Counting(IntCounterVec);
+
+impl Hook for Counting {
+    fn around<'a>(
+        &'a self,
+        op: &'static str,
+        call: BoxFuture<'a, Result<(), CloudError>>,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(async move {
+            let r = call.await;
+            count(&self.0, op, &r);
+            r
+        })
     }
 }
 
@@ -109,12 +136,7 @@ impl InstanceSet for Instrumented {
         Box::pin(async move {
             let r = self.inner.create(&it, req).await;
             count(&self.ops, "Create", &r);
-            r.map(|i| {
-                Arc::new(InstrumentedInstance {
-                    inner: i,
-                    ops: self.ops.clone(),
-                }) as Arc<dyn Instance>
-            })
+            r.map(|i| hooked(i, &Counting(self.ops.clone())))
         })
     }
     fn instances(
@@ -125,16 +147,8 @@ impl InstanceSet for Instrumented {
         Box::pin(async move {
             let r = self.inner.instances(&filter).await;
             count(&self.ops, "List", &r);
-            r.map(|v| {
-                v.into_iter()
-                    .map(|i| {
-                        Arc::new(InstrumentedInstance {
-                            inner: i,
-                            ops: self.ops.clone(),
-                        }) as Arc<dyn Instance>
-                    })
-                    .collect()
-            })
+            let hook = Counting(self.ops.clone());
+            r.map(|v| v.into_iter().map(|i| hooked(i, &hook)).collect())
         })
     }
     fn instance_quota_group(&self, it: &InstanceType) -> String {
@@ -193,45 +207,20 @@ impl RateLimited {
     }
 }
 
-#[derive(Debug)]
-struct PacedInstance {
-    inner: Arc<dyn Instance>,
-    pacer: Arc<Pacer>,
-}
+/// Waits for a pacing slot before each call.
+#[derive(Debug, Clone)]
+struct Paced(Arc<Pacer>);
 
-impl Instance for PacedInstance {
-    fn id(&self) -> InstanceId {
-        self.inner.id()
-    }
-    fn provider_type(&self) -> String {
-        self.inner.provider_type()
-    }
-    fn tags(&self) -> InstanceTags {
-        self.inner.tags()
-    }
-    fn address(&self) -> String {
-        self.inner.address()
-    }
-    fn remote_user(&self) -> String {
-        self.inner.remote_user()
-    }
-    fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
+impl Hook for Paced {
+    fn around<'a>(
+        &'a self,
+        _op: &'static str,
+        call: BoxFuture<'a, Result<(), CloudError>>,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
         Box::pin(async move {
-            self.pacer.wait().await;
-            self.inner.set_tags(tags).await
+            self.0.wait().await;
+            call.await
         })
-    }
-    fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
-        Box::pin(async move {
-            self.pacer.wait().await;
-            self.inner.destroy().await
-        })
-    }
-    fn price_history(&self, it: &InstanceType) -> Vec<InstancePrice> {
-        self.inner.price_history(it)
-    }
-    fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
-        self.inner.verify_host_key(key)
     }
 }
 
@@ -245,10 +234,7 @@ impl InstanceSet for RateLimited {
         Box::pin(async move {
             self.pacer.wait().await;
             let i = self.inner.create(&it, req).await?;
-            Ok(Arc::new(PacedInstance {
-                inner: i,
-                pacer: self.pacer.clone(),
-            }) as Arc<dyn Instance>)
+            Ok(hooked(i, &Paced(self.pacer.clone())))
         })
     }
     fn instances(
@@ -259,14 +245,8 @@ impl InstanceSet for RateLimited {
         Box::pin(async move {
             self.pacer.wait().await;
             let v = self.inner.instances(&filter).await?;
-            Ok(v.into_iter()
-                .map(|i| {
-                    Arc::new(PacedInstance {
-                        inner: i,
-                        pacer: self.pacer.clone(),
-                    }) as Arc<dyn Instance>
-                })
-                .collect())
+            let hook = Paced(self.pacer.clone());
+            Ok(v.into_iter().map(|i| hooked(i, &hook)).collect())
         })
     }
     fn instance_quota_group(&self, it: &InstanceType) -> String {
