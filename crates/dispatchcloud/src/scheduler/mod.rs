@@ -278,8 +278,13 @@ impl<P: WorkerPool> Scheduler<P> {
     /// One round: plan and carry out a pass, sync, metrics.
     pub async fn tick(self: &Arc<Self>) {
         self.run_queue().await;
-        self.sync();
-        self.update_metrics();
+        // One snapshot serves both sync and the wait metric.
+        let running = self.pool.running();
+        let (entries, threshold) = self.queue.entries();
+        self.sync_snapshot(&entries, &running, threshold);
+        self.metrics
+            .longest_wait
+            .set(longest_wait(&entries, &running, Utc::now()));
     }
 
     /// Plan one pass and carry it out.
@@ -398,14 +403,23 @@ impl<P: WorkerPool> Scheduler<P> {
 
     /// Reconcile queue and pool (spec §7.6); actions run in the background.
     pub fn sync(self: &Arc<Self>) -> Vec<SyncAction> {
+        let running = self.pool.running();
+        let (entries, threshold) = self.queue.entries();
+        self.sync_snapshot(&entries, &running, threshold)
+    }
+
+    fn sync_snapshot(
+        self: &Arc<Self>,
+        entries: &[Arc<QueueEnt>],
+        running: &RunningMap,
+        threshold: Option<DateTime<Utc>>,
+    ) -> Vec<SyncAction> {
         let any_unknown = self
             .pool
             .count_workers()
             .get(&WorkerState::Unknown)
             .is_some_and(|&n| n > 0);
-        let running = self.pool.running();
-        let (entries, threshold) = self.queue.entries();
-        let actions = plan_sync(&entries, &running, threshold, any_unknown);
+        let actions = plan_sync(entries, running, threshold, any_unknown);
         for a in &actions {
             match a.clone() {
                 SyncAction::Forget { uuid, reason } => {
