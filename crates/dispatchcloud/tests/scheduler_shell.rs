@@ -83,10 +83,12 @@ async fn run_loop_locks_creates_and_starts() {
         "{:?}",
         pool.creates()
     );
-    let view = s.queue_view().sorted();
-    assert!(view.iter().all(|(_, st)| {
-        st.to_string() == "Waiting for a big instance to boot and be ready to accept work."
-    }));
+    assert!(
+        eventually(5, || s.queue_view().sorted().iter().all(|(_, st)| {
+            st.to_string() == "Waiting for a big instance to boot and be ready to accept work."
+        }))
+        .await
+    );
     let id = pool.worker_ids()[0].clone();
     pool.set_state(&id, WorkerState::Idle);
     assert!(eventually(10, || pool.starts().len() == 3).await);

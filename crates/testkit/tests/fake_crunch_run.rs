@@ -206,7 +206,19 @@ async fn term_before_running_requeues() {
     let pid = serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["PID"]
         .as_u64()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Signal once the worker's "Running" update has reached the server (and is being held).
+    let path = format!("/arvados/v1/containers/{u}");
+    for _ in 0..250 {
+        if s.f
+            .requests()
+            .iter()
+            .any(|r| r.method == "PUT" && r.path == path)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
