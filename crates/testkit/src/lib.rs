@@ -1,8 +1,9 @@
 //! Wire-level test doubles shared by tests, benchmarks and `simulate`.
 //!
-//! Owns: the fake Arvados API server (`fake_api`, also the `fake-arvados` binary). Later
-//! additions belong here too: the stub cloud driver whose VMs are in-process SSH servers, the
-//! fake crunch-run, fault-injecting proxies. Test doubles speak the real protocols; nothing
+//! Owns: the fake Arvados API server (`fake_api`, also the `fake-arvados` binary) and the fake
+//! crunch-run (`fake_crunch_run`, also the `fake-crunch-run` binary). Later additions belong
+//! here too: the stub cloud driver whose VMs are in-process SSH servers, fault-injecting
+//! proxies. Test doubles speak the real protocols; nothing
 //! here mocks one of our own traits where a wire-level fake can stand in.
 
 pub mod fake_api;
