@@ -1,12 +1,13 @@
 //! Wire-level test doubles shared by tests, benchmarks and `simulate`.
 //!
 //! Owns: the fake Arvados API server (`fake_api`, also the `fake-arvados` binary) and the fake
-//! crunch-run (`fake_crunch_run`, also the `fake-crunch-run` binary). Later additions belong
-//! here too: the stub cloud driver whose VMs are in-process SSH servers, fault-injecting
-//! proxies. Test doubles speak the real protocols; nothing
+//! crunch-run (`fake_crunch_run`, also the `fake-crunch-run` binary), and in-process SSH VMs
+//! (`ssh_vm`). Later additions belong here too: the stub cloud driver built on those VMs,
+//! fault-injecting proxies. Test doubles speak the real protocols; nothing
 //! here mocks one of our own traits where a wire-level fake can stand in.
 
 pub mod fake_api;
 pub mod fake_crunch_run;
+pub mod ssh_vm;
 
 pub use fake_api::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind, StateChange};

@@ -1,0 +1,260 @@
+//! An in-process SSH server standing in for a worker VM: real SSH (russh) on 127.0.0.1 with
+//! its own host key and public-key authentication, where every `exec` request is answered by a
+//! [`CommandHandler`] once the client has sent all of its stdin (EOF), as the dispatcher's
+//! remote command contract expects (Appendix D). The stub cloud driver's VMs and the loopback
+//! driver build on this.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use russh::keys::{PrivateKey, PublicKey};
+use russh::server::{self, Auth, Msg, Server as _, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId};
+use tokio::net::TcpListener;
+
+/// What a command produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub exit: u32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Outcome {
+    pub fn ok(stdout: impl Into<Vec<u8>>) -> Outcome {
+        Outcome {
+            exit: 0,
+            stdout: stdout.into(),
+            stderr: Vec::new(),
+        }
+    }
+
+    pub fn fail(exit: u32, stderr: impl Into<Vec<u8>>) -> Outcome {
+        Outcome {
+            exit,
+            stdout: Vec::new(),
+            stderr: stderr.into(),
+        }
+    }
+}
+
+/// The boxed future a handler returns.
+pub type OutcomeFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// Answers the commands run on a VM.
+pub trait CommandHandler: Send + Sync + 'static {
+    /// Run `command` for `user` with all of `stdin`.
+    fn run(&self, user: &str, command: &str, stdin: Vec<u8>) -> OutcomeFuture;
+}
+
+impl<F> CommandHandler for F
+where
+    F: Fn(&str, &str, Vec<u8>) -> OutcomeFuture + Send + Sync + 'static,
+{
+    fn run(&self, user: &str, command: &str, stdin: Vec<u8>) -> OutcomeFuture {
+        self(user, command, stdin)
+    }
+}
+
+/// A fresh Ed25519 key (host keys, client keys in tests).
+pub fn new_ed25519_key() -> PrivateKey {
+    use rand::RngCore;
+    use russh::keys::ssh_key::private::Ed25519Keypair;
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    PrivateKey::from(Ed25519Keypair::from_seed(&seed))
+}
+
+/// A running SSH VM. Dropping it stops the server.
+pub struct SshVm {
+    addr: SocketAddr,
+    host_key: PublicKey,
+    shutdown: server::RunningServerHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SshVm {
+    /// Listen on 127.0.0.1 (a free port) with a fresh Ed25519 host key, accepting any user
+    /// who authenticates with one of `authorized_keys`.
+    pub async fn start(
+        handler: Arc<dyn CommandHandler>,
+        authorized_keys: Vec<PublicKey>,
+    ) -> std::io::Result<SshVm> {
+        let key = new_ed25519_key();
+        let host_key = key.public_key().clone();
+        let config = Arc::new(server::Config {
+            keys: vec![key],
+            auth_rejection_time: std::time::Duration::from_millis(10),
+            auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+            inactivity_timeout: None,
+            ..Default::default()
+        });
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let mut vm = VmServer {
+            handler,
+            authorized: Arc::new(authorized_keys),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let running = vm.run_on_socket(config, &listener);
+            let _ = tx.send(running.handle());
+            let _ = running.await;
+        });
+        let shutdown = rx
+            .await
+            .map_err(|_| std::io::Error::other("SSH server task ended at start"))?;
+        Ok(SshVm {
+            addr,
+            host_key,
+            shutdown,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The host key clients should see.
+    pub fn host_key(&self) -> &PublicKey {
+        &self.host_key
+    }
+
+    /// Stop accepting connections and close the existing ones.
+    pub fn stop(&self) {
+        self.shutdown.shutdown("VM stopped".into());
+    }
+}
+
+impl Drop for SshVm {
+    fn drop(&mut self) {
+        self.stop();
+        self.task.abort();
+    }
+}
+
+#[derive(Clone)]
+struct VmServer {
+    handler: Arc<dyn CommandHandler>,
+    authorized: Arc<Vec<PublicKey>>,
+}
+
+impl server::Server for VmServer {
+    type Handler = Conn;
+
+    fn new_client(&mut self, _peer: Option<SocketAddr>) -> Conn {
+        Conn {
+            handler: self.handler.clone(),
+            authorized: self.authorized.clone(),
+            user: String::new(),
+            channels: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ChannelState {
+    command: Option<String>,
+    stdin: Vec<u8>,
+}
+
+/// One client connection.
+struct Conn {
+    handler: Arc<dyn CommandHandler>,
+    authorized: Arc<Vec<PublicKey>>,
+    user: String,
+    channels: HashMap<ChannelId, ChannelState>,
+}
+
+impl server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self
+            .authorized
+            .iter()
+            .any(|k| k.key_data() == key.public_key.key_data())
+        {
+            self.user = user.to_string();
+            Ok(Auth::Accept)
+        } else {
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.insert(channel.id(), ChannelState::default());
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.entry(channel).or_default().command =
+            Some(String::from_utf8_lossy(data).into_owned());
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels
+            .entry(channel)
+            .or_default()
+            .stdin
+            .extend_from_slice(data);
+        Ok(())
+    }
+
+    /// All stdin is in: run the command and report, from a task so a slow command does not
+    /// hold up the connection's other channels.
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(state) = self.channels.remove(&channel) else {
+            return Ok(());
+        };
+        let Some(command) = state.command else {
+            return Ok(());
+        };
+        let handle = session.handle();
+        let handler = self.handler.clone();
+        let user = self.user.clone();
+        tokio::spawn(async move {
+            let out = handler.run(&user, &command, state.stdin).await;
+            if !out.stdout.is_empty() {
+                let _ = handle.data(channel, out.stdout).await;
+            }
+            if !out.stderr.is_empty() {
+                let _ = handle.extended_data(channel, 1, out.stderr).await;
+            }
+            let _ = handle.exit_status_request(channel, out.exit).await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+        Ok(())
+    }
+}
