@@ -275,20 +275,23 @@ fn take_lock(lock_dir: &Path, uuid: &str) -> Result<File, String> {
     Ok(f)
 }
 
-/// The worker: Locked → Running → (scripted) → Complete; a TERM/INT/QUIT signal cancels a
-/// Running container or requeues one not yet Running.
-pub async fn run(lock_dir: &Path, uuid: &str) -> Result<i32, String> {
-    let _lock = take_lock(lock_dir, uuid)?;
-    let client = Client::new(ClientConfig::from_env().map_err(|e| format!("API client: {e}"))?)
-        .map_err(|e| e.to_string())?;
-    let c = client
-        .get_container(uuid, None)
-        .await
-        .map_err(|e| format!("get container: {e}"))?;
-    if c.state != ContainerState::Locked {
-        eprintln!("container {uuid} is {}, not Locked: nothing to do", c.state);
-        return Ok(0);
-    }
+/// How a driven container ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// It was not Locked: nothing was done.
+    NotLocked,
+    /// Stopped before it was Running: put back in the queue.
+    Requeued,
+    /// Stopped while Running: cancelled.
+    Cancelled,
+    /// Ran to Complete with this exit code.
+    Complete(i64),
+    /// `FAKE_CRUNCH_RUN_FAIL=crash`: left Running with no final update.
+    Crashed,
+}
+
+/// What the container's environment scripts: run time, exit code, failure mode.
+fn script(c: &arvados::Container) -> (Duration, i64, String) {
     let env = |k: &str| c.environment.get(k).cloned();
     let run_ms: u64 = env("FAKE_CRUNCH_RUN_MS")
         .and_then(|v| v.parse().ok())
@@ -296,16 +299,35 @@ pub async fn run(lock_dir: &Path, uuid: &str) -> Result<i32, String> {
     let exit_code: i64 = env("FAKE_CRUNCH_RUN_EXIT")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let fail = env("FAKE_CRUNCH_RUN_FAIL").unwrap_or_default();
-    if fail == "broken" {
-        let _ = std::fs::write(broken_path(lock_dir), "");
+    let max = c.scheduling_parameters.max_run_time;
+    let run_for = if max > 0 {
+        Duration::from_millis(run_ms).min(Duration::from_secs(max as u64))
+    } else {
+        Duration::from_millis(run_ms)
+    };
+    (
+        run_for,
+        exit_code,
+        env("FAKE_CRUNCH_RUN_FAIL").unwrap_or_default(),
+    )
+}
+
+/// Drive one container through the API as crunch-run does: Locked → Running → (scripted run
+/// time) → Complete. `stop` turning true requeues a container not yet Running and cancels a
+/// Running one. Returns how it ended and the scripted failure mode.
+pub async fn drive(
+    client: &Client,
+    uuid: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Ending, String), String> {
+    let c = client
+        .get_container(uuid, None)
+        .await
+        .map_err(|e| format!("get container: {e}"))?;
+    if c.state != ContainerState::Locked {
+        return Ok((Ending::NotLocked, String::new()));
     }
-
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut quit = signal(SignalKind::quit()).map_err(|e| e.to_string())?;
-
+    let (run_for, exit_code, fail) = script(&c);
     let put = |attrs: Value| {
         let client = client.clone();
         async move {
@@ -316,33 +338,26 @@ pub async fn run(lock_dir: &Path, uuid: &str) -> Result<i32, String> {
                 .map_err(|e| e.to_string())
         }
     };
-    // Signals before Running: back to the queue.
-    let started = tokio::select! {
-        r = put(json!({"state": "Running"})) => r,
-        _ = term.recv() => return put(json!({"state": "Queued"})).await.map(|_| 1),
-        _ = int.recv() => return put(json!({"state": "Queued"})).await.map(|_| 1),
-        _ = quit.recv() => return put(json!({"state": "Queued"})).await.map(|_| 1),
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    started?;
-    let max = c.scheduling_parameters.max_run_time;
-    let run_for = if max > 0 {
-        Duration::from_millis(run_ms).min(Duration::from_secs(max as u64))
-    } else {
-        Duration::from_millis(run_ms)
-    };
+    tokio::select! {
+        r = put(json!({"state": "Running"})) => r?,
+        _ = stopped(stop.clone()) => {
+            put(json!({"state": "Queued"})).await?;
+            return Ok((Ending::Requeued, fail));
+        }
+    }
     let interrupted = tokio::select! {
         _ = tokio::time::sleep(run_for) => false,
-        _ = term.recv() => true,
-        _ = int.recv() => true,
-        _ = quit.recv() => true,
+        _ = stopped(stop.clone()) => true,
     };
     if interrupted {
         put(json!({"state": "Cancelled"})).await?;
-        return Ok(1);
+        return Ok((Ending::Cancelled, fail));
     }
     if fail == "crash" {
-        eprintln!("container {uuid}: crashing without a final update (FAKE_CRUNCH_RUN_FAIL)");
-        std::process::exit(3);
+        return Ok((Ending::Crashed, fail));
     }
     put(json!({"exit_code": exit_code})).await?;
     put(json!({
@@ -352,10 +367,49 @@ pub async fn run(lock_dir: &Path, uuid: &str) -> Result<i32, String> {
         "output": "d41d8cd98f00b204e9800998ecf8427e+0",
     }))
     .await?;
-    if fail == "stale" {
-        let _ = std::fs::write(stale_path(lock_dir, uuid), "");
+    Ok((Ending::Complete(exit_code), fail))
+}
+
+/// The worker process: holds the container's lock file while it [`drive`]s the container;
+/// TERM, INT or QUIT stop it.
+pub async fn run(lock_dir: &Path, uuid: &str) -> Result<i32, String> {
+    let _lock = take_lock(lock_dir, uuid)?;
+    let client = Client::new(ClientConfig::from_env().map_err(|e| format!("API client: {e}"))?)
+        .map_err(|e| e.to_string())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut quit = signal(SignalKind::quit()).map_err(|e| e.to_string())?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = quit.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    let (ending, fail) = drive(&client, uuid, stop_rx).await?;
+    if fail == "broken" {
+        let _ = std::fs::write(broken_path(lock_dir), "");
     }
-    Ok(0)
+    match ending {
+        Ending::NotLocked => {
+            eprintln!("container {uuid} is not Locked: nothing to do");
+            Ok(0)
+        }
+        Ending::Requeued | Ending::Cancelled => Ok(1),
+        Ending::Crashed => {
+            eprintln!("container {uuid}: crashing without a final update (FAKE_CRUNCH_RUN_FAIL)");
+            std::process::exit(3);
+        }
+        Ending::Complete(_) => {
+            if fail == "stale" {
+                let _ = std::fs::write(stale_path(lock_dir, uuid), "");
+            }
+            Ok(0)
+        }
+    }
 }
 
 /// The whole program; returns the exit code.

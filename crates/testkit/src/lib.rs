@@ -9,5 +9,6 @@
 pub mod fake_api;
 pub mod fake_crunch_run;
 pub mod ssh_vm;
+pub mod stub_driver;
 
 pub use fake_api::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind, StateChange};

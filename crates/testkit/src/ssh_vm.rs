@@ -130,6 +130,12 @@ impl SshVm {
     }
 }
 
+impl std::fmt::Debug for SshVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SshVm({})", self.addr)
+    }
+}
+
 impl Drop for SshVm {
     fn drop(&mut self) {
         self.stop();
@@ -257,4 +263,77 @@ impl server::Handler for Conn {
         });
         Ok(())
     }
+}
+
+/// Client side, for tests: connect to `addr` (checking the host key if `expect` is given),
+/// authenticate as `user` with `key`, run `command` with `stdin`, and return what it produced.
+pub async fn run_command(
+    addr: &str,
+    expect: Option<&PublicKey>,
+    key: &PrivateKey,
+    user: &str,
+    command: &str,
+    stdin: &[u8],
+) -> Result<Outcome, String> {
+    use russh::ChannelMsg;
+    use russh::client;
+    use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+
+    struct Check(Option<PublicKey>);
+    impl client::Handler for Check {
+        type Error = russh::Error;
+        async fn check_server_key(
+            &mut self,
+            key: &PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(match (&self.0, key) {
+                (None, _) => true,
+                (Some(want), PublicKeyOrCertificate::PublicKey { key, .. }) => {
+                    key.key_data() == want.key_data()
+                }
+                _ => false,
+            })
+        }
+    }
+
+    let mut h = client::connect(
+        Arc::new(client::Config::default()),
+        addr,
+        Check(expect.cloned()),
+    )
+    .await
+    .map_err(|e| format!("connect: {e}"))?;
+    let auth = h
+        .authenticate_publickey(
+            user,
+            PrivateKeyWithHashAlg::new(Arc::new(key.clone()), None),
+        )
+        .await
+        .map_err(|e| format!("auth: {e}"))?;
+    if !auth.success() {
+        return Err("unable to authenticate".into());
+    }
+    let mut ch = h
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("session: {e}"))?;
+    ch.exec(true, command)
+        .await
+        .map_err(|e| format!("exec: {e}"))?;
+    if !stdin.is_empty() {
+        ch.data(stdin).await.map_err(|e| format!("stdin: {e}"))?;
+    }
+    ch.eof().await.map_err(|e| format!("stdin: {e}"))?;
+    let mut out = Outcome::default();
+    let mut exit = None;
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+            ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+            ChannelMsg::ExitStatus { exit_status } => exit = Some(exit_status),
+            _ => {}
+        }
+    }
+    out.exit = exit.ok_or("no exit status")?;
+    Ok(out)
 }
