@@ -10,10 +10,13 @@
 //! * [`price`]: price history normalisation (§2.8).
 //! * [`wrappers`]: the stack of §1.5 and the hold-offs of §2.7.
 //! * [`registry`]: driver names → factories.
+//! * [`conformance`]: the suite every driver runs.
 //!
-//! Status: the interface, error kinds, tags, prices, wrappers and registry are done; the stub
-//! and loopback drivers, the conformance suite and `cloudtest` are not yet written.
+//! Status: the interface, error kinds, tags, prices, wrappers, registry and conformance suite
+//! are done (the stub driver in `testkit` passes it); the loopback driver and `cloudtest` are
+//! not yet written.
 
+pub mod conformance;
 pub mod error;
 pub mod price;
 pub mod registry;

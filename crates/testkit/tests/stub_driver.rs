@@ -185,3 +185,33 @@ async fn stub_vm_answers_the_remote_command_contract() {
             .is_err()
     );
 }
+
+/// The stub driver passes the cloud layer's conformance suite, reached over real SSH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_passes_the_conformance_suite() {
+    let key = new_ed25519_key();
+    let set = StubDriver
+        .instance_set(&json!({}), &"conformance".to_string(), &InstanceTags::new())
+        .unwrap();
+    let k = key.clone();
+    let reach: cloud::conformance::Reach = std::sync::Arc::new(move |addr: String| {
+        let k = k.clone();
+        Box::pin(async move {
+            run_command(&addr, None, &k, "root", "true", &[])
+                .await
+                .is_ok_and(|o| o.exit == 0)
+        })
+    });
+    cloud::conformance::run(cloud::conformance::Suite {
+        set,
+        instance_type: it("c2", false),
+        request: CreateRequest {
+            public_key: Some(key.public_key().to_openssh().unwrap()),
+            ..Default::default()
+        },
+        reach: Some(reach),
+        patience: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+}

@@ -300,3 +300,22 @@ fn registry_names_drivers_and_rejects_unknown_ones() {
     assert_eq!(e.to_string(), "unsupported cloud driver \"azure\"");
     assert_eq!(r.names(), vec!["mem"]);
 }
+
+/// The conformance suite notices a driver whose destroy leaves the instance listed.
+#[tokio::test]
+async fn conformance_suite_catches_a_destroy_that_does_nothing() {
+    let mem = Arc::new(MemSet::default());
+    let r = crate::conformance::run(crate::conformance::Suite {
+        set: mem,
+        instance_type: InstanceType {
+            provider_type: "mem".into(),
+            ..Default::default()
+        },
+        request: CreateRequest::default(),
+        reach: None,
+        patience: Duration::from_millis(200),
+    })
+    .await;
+    let e = r.unwrap_err();
+    assert!(e.starts_with("destroy: "), "{e}");
+}
