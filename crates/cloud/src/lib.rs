@@ -11,15 +11,17 @@
 //! * [`wrappers`]: the stack of §1.5 and the hold-offs of §2.7.
 //! * [`registry`]: driver names → factories.
 //! * [`conformance`]: the suite every driver runs.
+//! * [`sshd`]: an in-process SSH server (and a one-shot client) for local and stub VMs.
 //!
 //! Status: the interface, error kinds, tags, prices, wrappers, registry and conformance suite
-//! are done (the stub driver in `testkit` passes it); the loopback driver and `cloudtest` are
-//! not yet written.
+//! are done (the stub driver in `testkit` and the loopback driver pass it); `cloudtest` is not
+//! yet written.
 
 pub mod conformance;
 pub mod error;
 pub mod price;
 pub mod registry;
+pub mod sshd;
 pub mod tags;
 pub mod wrappers;
 

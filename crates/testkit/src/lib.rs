@@ -8,7 +8,8 @@
 
 pub mod fake_api;
 pub mod fake_crunch_run;
-pub mod ssh_vm;
+/// The SSH VM server now lives in `cloud::sshd` (the loopback driver needs it too).
+pub use cloud::sshd as ssh_vm;
 pub mod stub_driver;
 
 pub use fake_api::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind, StateChange};

@@ -1,8 +1,8 @@
-//! An in-process SSH server standing in for a worker VM: real SSH (russh) on 127.0.0.1 with
-//! its own host key and public-key authentication, where every `exec` request is answered by a
-//! [`CommandHandler`] once the client has sent all of its stdin (EOF), as the dispatcher's
-//! remote command contract expects (Appendix D). The stub cloud driver's VMs and the loopback
-//! driver build on this.
+//! A small in-process SSH server: real SSH (russh) on 127.0.0.1 with its own host key and
+//! public-key authentication, where every `exec` request is answered by a [`CommandHandler`]
+//! once the client has sent all of its stdin (EOF), as the dispatcher's remote command contract
+//! expects (Appendix D). The loopback driver serves the local host through it; the stub driver's
+//! VMs (in `testkit`) are made of it. [`run_command`] is a matching one-shot client.
 
 use std::collections::HashMap;
 use std::future::Future;
