@@ -337,3 +337,33 @@ pub async fn run_command(
     out.exit = exit.ok_or("no exit status")?;
     Ok(out)
 }
+
+/// Client side: the host key a server at `addr` presents (no authentication is attempted).
+pub async fn fetch_host_key(addr: &str) -> Result<PublicKey, String> {
+    use russh::client;
+    use russh::keys::PublicKeyOrCertificate;
+
+    struct Capture(Arc<std::sync::Mutex<Option<PublicKey>>>);
+    impl client::Handler for Capture {
+        type Error = russh::Error;
+        async fn check_server_key(
+            &mut self,
+            key: &PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            if let PublicKeyOrCertificate::PublicKey { key, .. } = key {
+                *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
+            }
+            Ok(true)
+        }
+    }
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let _session = client::connect(
+        Arc::new(client::Config::default()),
+        addr,
+        Capture(seen.clone()),
+    )
+    .await
+    .map_err(|e| format!("connect: {e}"))?;
+    let key = seen.lock().unwrap_or_else(|e| e.into_inner()).take();
+    key.ok_or_else(|| "no host key seen".to_string())
+}
