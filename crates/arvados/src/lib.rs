@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod config;
+pub mod host;
 pub mod types;
 
 pub use client::{ApiError, Client, ClientConfig, Count, Filter, ListOptions, Method};

@@ -15,7 +15,6 @@ use cloud::{
     BoxFuture, CloudError, CreateRequest, Driver, ErrorKind, Instance, InstanceId, InstancePrice,
     InstanceSet, InstanceSetId, InstanceTags,
 };
-use russh::keys::PublicKey;
 use tokio::io::AsyncWriteExt;
 
 /// Where crunch-run marks a node broken; a destroy/create cycle is the only chance to clear it.
@@ -24,15 +23,8 @@ const BROKEN_FLAG: &str = "/var/lock/crunch-run-broken";
 /// The `localhost` instance type: this host's CPUs and memory, the temp filesystem's size as
 /// scratch, price 1.
 pub fn localhost_instance_type() -> InstanceType {
-    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
-    let ram = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
+    let vcpus = arvados::host::cpu_count();
+    let ram = arvados::host::total_memory();
     let scratch = std::process::Command::new("df")
         .args(["-k", "--output=size"])
         .arg(std::env::temp_dir())
@@ -170,17 +162,8 @@ impl Instance for LoopbackVm {
         Vec::new()
     }
     fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
-        let ok = key
-            .split_whitespace()
-            .take(2)
-            .eq(self.host_key.split_whitespace().take(2));
-        Box::pin(async move {
-            if ok {
-                Ok(())
-            } else {
-                Err(CloudError::other("host key mismatch"))
-            }
-        })
+        let r = cloud::sshd::check_host_key(&self.host_key, key);
+        Box::pin(async move { r })
     }
 }
 
@@ -203,11 +186,7 @@ impl InstanceSet for LoopbackSet {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(CloudError::other(format!("removing {BROKEN_FLAG}: {e}"))),
             }
-            let authorized: Vec<PublicKey> = req
-                .public_key
-                .iter()
-                .filter_map(|k| PublicKey::from_openssh(k).ok())
-                .collect();
+            let authorized = cloud::sshd::authorized_keys(req.public_key.as_deref());
             let user = current_user();
             let expected_user = user.clone();
             let handler: Arc<dyn CommandHandler> = Arc::new(

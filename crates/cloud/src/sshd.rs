@@ -367,3 +367,25 @@ pub async fn fetch_host_key(addr: &str) -> Result<PublicKey, String> {
     let key = seen.lock().unwrap_or_else(|e| e.into_inner()).take();
     key.ok_or_else(|| "no host key seen".to_string())
 }
+
+/// The keys an instance's `CreateRequest::public_key` authorises (unparseable text: none).
+pub fn authorized_keys(public_key: Option<&str>) -> Vec<PublicKey> {
+    public_key
+        .and_then(|k| PublicKey::from_openssh(k).ok())
+        .into_iter()
+        .collect()
+}
+
+/// `Instance::verify_host_key` for VMs served by [`SshVm`]: the offered key (OpenSSH text)
+/// must have the same type and key data as the VM's (comments are ignored).
+pub fn check_host_key(expected: &str, offered: &str) -> Result<(), crate::CloudError> {
+    if offered
+        .split_whitespace()
+        .take(2)
+        .eq(expected.split_whitespace().take(2))
+    {
+        Ok(())
+    } else {
+        Err(crate::CloudError::other("host key mismatch"))
+    }
+}

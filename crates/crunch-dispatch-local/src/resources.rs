@@ -22,15 +22,8 @@ impl Capacity {
     /// This host: CPU count, total memory from `/proc/meminfo`, GPUs from
     /// `CUDA_VISIBLE_DEVICES` (cuda) or else `AMD_VISIBLE_DEVICES` (rocm).
     pub fn of_host() -> Capacity {
-        let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
-        let ram = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
-            })
-            .map_or(0, |kb| kb * 1024);
+        let vcpus = arvados::host::cpu_count();
+        let ram = arvados::host::total_memory();
         let list = |k: &str| -> Vec<String> {
             std::env::var(k)
                 .ok()
