@@ -99,6 +99,25 @@ async fn loopback_passes_the_conformance_suite() {
                 .is_ok_and(|o| o.exit == 0)
         })
     });
+    // The one error this backend can be made to give: a second create is over quota.
+    let (quota_set, quota_key) = (set.clone(), key.public_key().to_openssh().unwrap());
+    let at_quota = cloud::conformance::ErrorCase {
+        name: "second instance",
+        want: cloud::conformance::Want::Quota,
+        provoke: Box::new(move || {
+            let (set, key) = (quota_set.clone(), quota_key.clone());
+            Box::pin(async move {
+                let req = CreateRequest {
+                    public_key: Some(key),
+                    ..Default::default()
+                };
+                let first = set.create(&localhost_instance_type(), req.clone()).await?;
+                let second = set.create(&localhost_instance_type(), req).await;
+                first.destroy().await?;
+                second.map(|_| ())
+            })
+        }),
+    };
     cloud::conformance::run(cloud::conformance::Suite {
         set,
         instance_type: localhost_instance_type(),
@@ -108,6 +127,7 @@ async fn loopback_passes_the_conformance_suite() {
         },
         reach: Some(reach),
         patience: Duration::from_secs(5),
+        error_cases: vec![at_quota],
     })
     .await
     .unwrap();

@@ -1,6 +1,7 @@
 //! The conformance suite every driver runs (against its own test backend): create → listed
 //! with its tags → set tags visible → reachable over SSH where the driver gives addresses →
-//! destroy → gone; tag filtering through the wrapper stack; quota groups. Each check failure
+//! destroy → gone; tag filtering through the wrapper stack; quota groups; and every error kind
+//! the driver's test backend can provoke surfaces typed ([`ErrorCase`]). Each check failure
 //! is returned as a message naming the step, so a driver's test just asserts `Ok`.
 
 use std::future::Future;
@@ -11,7 +12,51 @@ use std::time::Duration;
 use arvados::InstanceType;
 
 use crate::wrappers::Filtering;
-use crate::{CreateRequest, InstanceSet, InstanceTags};
+use crate::{BoxFuture, CloudError, CreateRequest, ErrorKind, InstanceSet, InstanceTags};
+
+/// The error kind a provoked failure must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// A rate-limit error with an earliest retry in the future.
+    RateLimit,
+    Quota,
+    /// A capacity error for one instance type.
+    CapacityInstanceType,
+    /// A capacity error for one quota group.
+    CapacityQuotaGroup,
+    /// A capacity error for every type.
+    CapacityAll,
+    Other,
+}
+
+impl Want {
+    fn matches(self, e: &CloudError) -> bool {
+        match self {
+            Want::RateLimit => e
+                .earliest_retry()
+                .is_some_and(|t| t > std::time::SystemTime::now()),
+            Want::Quota => e.is_quota(),
+            Want::CapacityInstanceType => e.is_instance_type_specific(),
+            Want::CapacityQuotaGroup => e.is_quota_group_specific(),
+            Want::CapacityAll => matches!(
+                e.kind,
+                ErrorKind::Capacity {
+                    instance_type_specific: false,
+                    quota_group_specific: false
+                }
+            ),
+            Want::Other => e.kind == ErrorKind::Other,
+        }
+    }
+}
+
+/// One way the backend can be made to fail, and the kind the driver must report.
+pub struct ErrorCase {
+    pub name: &'static str,
+    pub want: Want,
+    /// Make the backend fail one call and return that call's result.
+    pub provoke: Box<dyn Fn() -> BoxFuture<'static, Result<(), CloudError>> + Send + Sync>,
+}
 
 /// How the suite reaches a VM over SSH: given an address, whether a command ran there.
 pub type Reach = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
@@ -27,6 +72,8 @@ pub struct Suite {
     pub reach: Option<Reach>,
     /// How long to wait for a VM to become reachable or to disappear.
     pub patience: Duration,
+    /// Failures the backend can provoke; each must surface with its kind.
+    pub error_cases: Vec<ErrorCase>,
 }
 
 fn tags(pairs: &[(&str, &str)]) -> InstanceTags {
@@ -138,5 +185,70 @@ pub async fn run(s: Suite) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Each provoked failure surfaces with its kind.
+    for case in &s.error_cases {
+        match (case.provoke)().await {
+            Ok(()) => return Err(format!("error kinds: {}: the call succeeded", case.name)),
+            Err(e) if case.want.matches(&e) => {}
+            Err(e) => {
+                return Err(format!(
+                    "error kinds: {}: want {:?}, got {:?} ({e})",
+                    case.name, case.want, e.kind
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    #[test]
+    fn wanted_kinds_match_only_their_errors() {
+        let soon = SystemTime::now() + Duration::from_secs(60);
+        let cap = |t, g| {
+            CloudError::new(
+                ErrorKind::Capacity {
+                    instance_type_specific: t,
+                    quota_group_specific: g,
+                },
+                "no capacity",
+            )
+        };
+        let errors = [
+            (
+                Want::RateLimit,
+                CloudError::new(
+                    ErrorKind::RateLimit {
+                        earliest_retry: soon,
+                    },
+                    "slow",
+                ),
+            ),
+            (Want::Quota, CloudError::new(ErrorKind::Quota, "quota")),
+            (Want::CapacityInstanceType, cap(true, false)),
+            (Want::CapacityQuotaGroup, cap(false, true)),
+            (Want::CapacityAll, cap(false, false)),
+            (Want::Other, CloudError::other("boom")),
+        ];
+        for (want, _) in &errors {
+            for (kind, e) in &errors {
+                assert_eq!(want.matches(e), want == kind, "{want:?} vs {kind:?}");
+            }
+        }
+        let past = CloudError::new(
+            ErrorKind::RateLimit {
+                earliest_retry: SystemTime::now() - Duration::from_secs(1),
+            },
+            "stale",
+        );
+        assert!(
+            !Want::RateLimit.matches(&past),
+            "a retry time in the past is no rate limit"
+        );
+    }
 }

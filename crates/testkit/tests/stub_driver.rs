@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use arvados::InstanceType;
-use cloud::{CreateRequest, Driver, InstanceTags};
+use cloud::{CreateRequest, Driver, Instance, InstanceSet, InstanceTags};
 use serde_json::json;
 use testkit::ssh_vm::{new_ed25519_key, run_command};
 use testkit::stub_driver::StubDriver;
@@ -40,6 +40,7 @@ async fn stub_vm_answers_the_remote_command_contract() {
             &it("m4", false),
             CreateRequest {
                 tags: tags.clone(),
+                init_command: cloud::tags::user_data("s3cr3t", "echo booted"),
                 public_key: Some(key.public_key().to_openssh().unwrap()),
                 ..Default::default()
             },
@@ -79,7 +80,7 @@ async fn stub_vm_answers_the_remote_command_contract() {
             .stdout,
         b"s3cr3t"
     );
-    assert_eq!(run("frobnicate", vec![]).await.exit, 1);
+    assert_eq!(run("frobnicate", vec![]).await.exit, 127);
 
     // crunch-run --detach drives a container to Complete on the fake API.
     let u = f.add_container(&ContainerSpec {
@@ -101,7 +102,7 @@ async fn stub_vm_answers_the_remote_command_contract() {
         json!({"Env": {"ARVADOS_API_HOST": f.base_url(), "ARVADOS_API_TOKEN": f.root_token()}})
             .to_string()
             .into_bytes();
-    let cmd = format!("sudo /tmp/arvados-crunch-run/crunch-run~abc --detach --stdin-config '{u}'");
+    let cmd = format!("sudo crunch-run --detach --stdin-config '{u}'");
     let started = run_command(&addr, None, &key, "root", &cmd, &config)
         .await
         .unwrap();
@@ -202,8 +203,60 @@ async fn stub_passes_the_conformance_suite() {
                 .is_ok_and(|o| o.exit == 0)
         })
     });
+    use cloud::conformance::{ErrorCase, Want};
+    // Each case gets a fresh stub set with the knob that provokes it.
+    let case = |name: &'static str, want: Want, params: serde_json::Value, calls: usize| {
+        let key = key.public_key().to_openssh().unwrap();
+        ErrorCase {
+            name,
+            want,
+            provoke: Box::new(move || {
+                let (params, key) = (params.clone(), key.clone());
+                Box::pin(async move {
+                    let set = StubDriver
+                        .instance_set(&params, &"c".to_string(), &InstanceTags::new())
+                        .unwrap();
+                    let req = CreateRequest {
+                        public_key: Some(key),
+                        ..Default::default()
+                    };
+                    for _ in 1..calls {
+                        set.create(&it("c2", false), req.clone()).await?;
+                    }
+                    set.create(&it("c2", false), req).await.map(|_| ())
+                })
+            }),
+        }
+    };
+    let error_cases = vec![
+        case(
+            "MinTimeBetweenCreateCalls",
+            Want::RateLimit,
+            json!({"MinTimeBetweenCreateCalls": "1h"}),
+            2,
+        ),
+        case(
+            "QuotaMaxInstances",
+            Want::Quota,
+            json!({"QuotaMaxInstances": 1}),
+            2,
+        ),
+        case(
+            "CapacityPerType",
+            Want::CapacityInstanceType,
+            json!({"CapacityPerType": {"c2": 0}}),
+            1,
+        ),
+        case(
+            "ErrorRateCreate",
+            Want::Other,
+            json!({"ErrorRateCreate": 1.0}),
+            1,
+        ),
+    ];
     cloud::conformance::run(cloud::conformance::Suite {
         set,
+        error_cases,
         instance_type: it("c2", false),
         request: CreateRequest {
             public_key: Some(key.public_key().to_openssh().unwrap()),
@@ -214,4 +267,266 @@ async fn stub_passes_the_conformance_suite() {
     })
     .await
     .unwrap();
+}
+
+/// A stub set with `params`, plus a client key it authorises.
+fn stub(
+    params: serde_json::Value,
+) -> (
+    std::sync::Arc<dyn cloud::InstanceSet>,
+    russh::keys::PrivateKey,
+) {
+    let set = StubDriver
+        .instance_set(&params, &"zzzzz-test".to_string(), &InstanceTags::new())
+        .unwrap();
+    (set, new_ed25519_key())
+}
+
+fn request(key: &russh::keys::PrivateKey) -> CreateRequest {
+    CreateRequest {
+        init_command: cloud::tags::user_data("sekrit", ""),
+        public_key: Some(key.public_key().to_openssh().unwrap()),
+        ..Default::default()
+    }
+}
+
+async fn sh(
+    vm: &dyn cloud::Instance,
+    key: &russh::keys::PrivateKey,
+    cmd: &str,
+    stdin: &[u8],
+) -> testkit::ssh_vm::Outcome {
+    run_command(&vm.address(), None, key, "root", cmd, stdin)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_cloud_faults_surface_as_typed_errors() {
+    let (set, key) = stub(json!({"CapacityPerType": {"m4": 1}}));
+    set.create(&it("m4", false), request(&key)).await.unwrap();
+    let e = set
+        .create(&it("m4", false), request(&key))
+        .await
+        .err()
+        .unwrap();
+    assert!(e.is_instance_type_specific(), "{e}");
+    set.create(&it("c4", false), request(&key)).await.unwrap();
+
+    let (set, key) = stub(json!({"MinTimeBetweenCreateCalls": "1h"}));
+    set.create(&it("c4", false), request(&key)).await.unwrap();
+    let e = set
+        .create(&it("c4", false), request(&key))
+        .await
+        .err()
+        .unwrap();
+    let retry = e.earliest_retry().expect("rate-limit error");
+    assert!(
+        retry > std::time::SystemTime::now() + Duration::from_secs(3000),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("rate limited until "), "{e}");
+
+    let (set, key) = stub(json!({"MinTimeBetweenInstancesCalls": "1h"}));
+    set.instances(&InstanceTags::new()).await.unwrap();
+    let e = set.instances(&InstanceTags::new()).await.err().unwrap();
+    assert!(e.earliest_retry().is_some(), "{e}");
+
+    let (set, _) = stub(json!({"ErrorRateCreate": 1.0}));
+    let e = set
+        .create(&it("c4", false), request(&key))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind, cloud::ErrorKind::Other);
+
+    let (set, key) = stub(json!({"ErrorRateDestroy": 1.0}));
+    let vm = set.create(&it("c4", false), request(&key)).await.unwrap();
+    assert!(vm.destroy().await.is_err());
+    assert_eq!(
+        set.instances(&InstanceTags::new()).await.unwrap().len(),
+        1,
+        "failed destroy keeps the VM"
+    );
+
+    // Error rates are seeded: the same seed fails the same calls.
+    let pattern = |seed: u64| async move {
+        let (set, key) = stub(json!({"ErrorRateCreate": 0.5, "Seed": seed}));
+        let mut out = Vec::new();
+        for _ in 0..12 {
+            out.push(set.create(&it("c4", false), request(&key)).await.is_ok());
+        }
+        out
+    };
+    let a = pattern(7).await;
+    assert_eq!(a, pattern(7).await);
+    assert!(a.contains(&true) && a.contains(&false), "{a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_held_cloud_ops_wait_for_release() {
+    let set = std::sync::Arc::new(testkit::stub_driver::StubSet::new(
+        testkit::stub_driver::StubConfig::from_params(&json!({"HoldCloudOps": true})).unwrap(),
+    ));
+    let key = new_ed25519_key();
+    let s = set.clone();
+    let req = request(&key);
+    let create = tokio::spawn(async move { s.create(&it("c4", false), req).await.map(|v| v.id()) });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !create.is_finished(),
+        "create must wait while cloud ops are held"
+    );
+    assert!(set.vms().is_empty());
+    set.release_cloud_ops(1);
+    assert_eq!(create.await.unwrap().unwrap(), "inst1,c4");
+    let vm = set.vms().pop().unwrap();
+    let destroy = tokio::spawn(async move { vm.destroy().await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!destroy.is_finished());
+    set.release_cloud_ops(1);
+    destroy.await.unwrap().unwrap();
+    assert!(set.vms().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_vm_side_faults_broken_and_missing_runner() {
+    let (set, key) = stub(json!({"ReportBrokenAfter": "0s", "BrokenAfter": "400ms"}));
+    let vm = set.create(&it("c4", false), request(&key)).await.unwrap();
+    let listed = sh(&*vm, &key, "crunch-run --list", b"").await;
+    assert_eq!(
+        (listed.exit, listed.stdout.as_slice()),
+        (0, &b"broken\n"[..])
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let o = sh(&*vm, &key, "true", b"").await;
+    assert_eq!((o.exit, o.stderr.as_slice()), (2, &b"cannot fork"[..]));
+
+    let (set, key) = stub(json!({"CrunchRunMissing": true}));
+    let vm = set.create(&it("c4", false), request(&key)).await.unwrap();
+    assert_eq!(sh(&*vm, &key, "crunch-run --list", b"").await.exit, 1);
+    assert_eq!(sh(&*vm, &key, "true", b"").await.exit, 0);
+}
+
+/// Appendix D's runner check and install: `md5sum` fails until the install script has written
+/// the binary from stdin; then the deployed path answers `--list`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_vm_runner_check_and_install() {
+    let (set, key) = stub(json!({}));
+    let vm = set.create(&it("c4", false), request(&key)).await.unwrap();
+    let path = "/tmp/arvados-crunch-run/crunch-run~5eb63bbbe01eeed093cb22bb8f5acdc3";
+    let missing = sh(&*vm, &key, &format!("md5sum {path}"), b"").await;
+    assert_eq!(missing.exit, 1);
+    assert_eq!(
+        sh(&*vm, &key, &format!("{path} --list"), b"").await.exit,
+        127
+    );
+    let install = format!(
+        "sudo sh -c 'set -e; dstdir=\"/tmp/arvados-crunch-run/\"; dstfile=\"{path}\"; mkdir -p \"$dstdir\"; touch \"$dstfile\"; chmod 0755 \"$dstdir\" \"$dstfile\"; cat >\"$dstfile\"'"
+    );
+    assert_eq!(sh(&*vm, &key, &install, b"hello world").await.exit, 0);
+    let sum = sh(&*vm, &key, &format!("md5sum {path}"), b"").await;
+    assert_eq!(
+        String::from_utf8(sum.stdout).unwrap(),
+        format!("5eb63bbbe01eeed093cb22bb8f5acdc3  {path}\n")
+    );
+    assert!(sum.stderr.is_empty());
+    assert_eq!(sh(&*vm, &key, &format!("{path} --list"), b"").await.exit, 0);
+    assert_eq!(
+        sh(&*vm, &key, "cat /var/run/arvados-instance-secret", b"")
+            .await
+            .stdout,
+        b"sekrit"
+    );
+}
+
+/// Crashes leave the container Running with no process; deadlocked locks linger as `stale`;
+/// destroying a VM kills its processes without a word to the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_crunch_run_crash_stale_lock_and_power_off() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let api = arvados::Client::new(arvados::ClientConfig {
+        base_url: url::Url::parse(f.base_url()).unwrap(),
+        token: f.root_token().into(),
+        insecure: false,
+        timeout: None,
+    })
+    .unwrap();
+    let config =
+        json!({"Env": {"ARVADOS_API_HOST": f.base_url(), "ARVADOS_API_TOKEN": f.root_token()}})
+            .to_string()
+            .into_bytes();
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let start = |vm: std::sync::Arc<dyn cloud::Instance>, key: russh::keys::PrivateKey, ms: u64| {
+        let (f, api, config) = (&f, &api, config.clone());
+        async move {
+            let u = f.add_container(&ContainerSpec {
+                environment: vec![("FAKE_CRUNCH_RUN_MS".into(), ms.to_string())],
+                ..Default::default()
+            });
+            api.lock_container(&u).await.unwrap();
+            let o = sh(
+                &*vm,
+                &key,
+                &format!("crunch-run --detach --stdin-config {u}"),
+                &config,
+            )
+            .await;
+            assert_eq!(o.exit, 0);
+            u
+        }
+    };
+    let wait = |cond: &dyn Fn() -> bool| {
+        for _ in 0..200 {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+
+    let (set, key) = stub(json!({"CrashRate": 1.0}));
+    let vm = set.create(&it("c4", false), request(&key)).await.unwrap();
+    let u = start(vm.clone(), key.clone(), 600_000).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        sh(&*vm, &key, "crunch-run --list", b"")
+            .await
+            .stdout
+            .is_empty(),
+        "crashed process is gone"
+    );
+    assert!(
+        ["Locked", "Running"].contains(&state(&u).as_str()),
+        "no final update after a crash"
+    );
+
+    let (set, key) = stub(json!({"StaleLockDeadlockRate": 1.0}));
+    let vm = set.create(&it("c4", false), request(&key)).await.unwrap();
+    let u = start(vm.clone(), key.clone(), 50).await;
+    assert!(wait(&|| state(&u) == "Complete"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let listed = sh(&*vm, &key, "crunch-run --list", b"").await;
+    assert_eq!(
+        String::from_utf8(listed.stdout).unwrap(),
+        format!("{u} stale\n")
+    );
+
+    let (set, key) = stub(json!({}));
+    let vm = set.create(&it("c4", false), request(&key)).await.unwrap();
+    let u = start(vm.clone(), key.clone(), 1_000).await;
+    assert!(wait(&|| state(&u) == "Running"));
+    vm.destroy().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(
+        state(&u),
+        "Running",
+        "a destroyed VM's crunch-run must not finish the container"
+    );
 }

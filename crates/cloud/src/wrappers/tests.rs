@@ -314,6 +314,7 @@ async fn conformance_suite_catches_a_destroy_that_does_nothing() {
         request: CreateRequest::default(),
         reach: None,
         patience: Duration::from_millis(200),
+        error_cases: Vec::new(),
     })
     .await;
     let e = r.unwrap_err();

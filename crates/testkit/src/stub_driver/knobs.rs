@@ -1,0 +1,182 @@
+//! The stub driver's knobs, read from `DriverParameters` so `simulate` and tests can set them
+//! from a config file. Every bad value is an error naming `DriverParameters.<Key>`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cloud::CloudError;
+use serde_json::Value;
+
+/// Knobs of one stub instance set. Defaults: a perfect cloud.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StubConfig {
+    /// How long after create a VM's commands answer "stub is booting" (`BootDelay`).
+    pub boot_delay: Duration,
+    /// Creates beyond this many live VMs are quota errors (`QuotaMaxInstances`).
+    pub quota_max_instances: Option<usize>,
+    /// Creates beyond this many live VMs of one provider type are type-specific capacity
+    /// errors (`CapacityPerType: {providertype: N}`).
+    pub capacity_per_type: BTreeMap<String, usize>,
+    /// crunch-run commands fail with "not found" (`CrunchRunMissing`).
+    pub crunch_run_missing: bool,
+    /// Probability that a create / destroy call fails (`ErrorRateCreate`, `ErrorRateDestroy`).
+    pub error_rate_create: f64,
+    pub error_rate_destroy: f64,
+    /// Calls sooner than this after the previous accepted one are rate-limit errors
+    /// (`MinTimeBetweenCreateCalls`, `MinTimeBetweenInstancesCalls`).
+    pub min_time_between_create_calls: Duration,
+    pub min_time_between_instances_calls: Duration,
+    /// Create and destroy block until released (`HoldCloudOps`; see `StubSet::release_cloud_ops`).
+    pub hold_cloud_ops: bool,
+    /// After this long from create, every command exits 2 "cannot fork" (`BrokenAfter`).
+    pub broken_after: Option<Duration>,
+    /// After this long from create, `crunch-run --list` reports `broken` (`ReportBrokenAfter`).
+    pub report_broken_after: Option<Duration>,
+    /// Probability that a detached crunch-run dies mid-run without a final update (`CrashRate`).
+    pub crash_rate: f64,
+    /// After crunch-run exits, its lock lingers (`<uuid> stale` in `--list`) for a random time
+    /// up to this (`StaleLockMaxLinger`)…
+    pub stale_lock_max_linger: Duration,
+    /// …or forever, with this probability (`StaleLockDeadlockRate`).
+    pub stale_lock_deadlock_rate: f64,
+    /// `--detach` answers only after this delay (`CrunchRunDetachDelay`).
+    pub detach_delay: Duration,
+    /// Seed of every random choice (`Seed`, default 0).
+    pub seed: u64,
+}
+
+struct Params<'a>(&'a Value);
+
+fn bad(key: &str, why: impl std::fmt::Display) -> CloudError {
+    CloudError::other(format!("DriverParameters.{key}: {why}"))
+}
+
+impl Params<'_> {
+    fn duration(&self, key: &str) -> Result<Option<Duration>, CloudError> {
+        let Some(v) = self.0.get(key) else {
+            return Ok(None);
+        };
+        let s = v
+            .as_str()
+            .ok_or_else(|| bad(key, "not a duration string"))?;
+        arvados::config::units::parse_duration(s)
+            .map(Some)
+            .map_err(|e| bad(key, e))
+    }
+
+    fn rate(&self, key: &str) -> Result<f64, CloudError> {
+        let Some(v) = self.0.get(key) else {
+            return Ok(0.0);
+        };
+        match v.as_f64() {
+            Some(r) if (0.0..=1.0).contains(&r) => Ok(r),
+            _ => Err(bad(key, "not a number between 0 and 1")),
+        }
+    }
+
+    fn count(&self, key: &str, v: Option<&Value>) -> Result<Option<usize>, CloudError> {
+        v.map(|v| {
+            v.as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(key, "not a non-negative integer"))
+        })
+        .transpose()
+    }
+
+    fn flag(&self, key: &str) -> Result<bool, CloudError> {
+        self.0.get(key).map_or(Ok(false), |v| {
+            v.as_bool().ok_or_else(|| bad(key, "not a boolean"))
+        })
+    }
+}
+
+impl StubConfig {
+    /// Read the knobs from `DriverParameters` (`null` or `{}` = defaults).
+    pub fn from_params(params: &Value) -> Result<StubConfig, CloudError> {
+        if !params.is_null() && !params.is_object() {
+            return Err(CloudError::other("DriverParameters: not a map"));
+        }
+        let p = Params(params);
+        let mut capacity_per_type = BTreeMap::new();
+        if let Some(v) = params.get("CapacityPerType") {
+            let m = v
+                .as_object()
+                .ok_or_else(|| bad("CapacityPerType", "not a map"))?;
+            for (k, n) in m {
+                let key = format!("CapacityPerType.{k}");
+                capacity_per_type.insert(k.clone(), p.count(&key, Some(n))?.unwrap_or(0));
+            }
+        }
+        Ok(StubConfig {
+            boot_delay: p.duration("BootDelay")?.unwrap_or_default(),
+            quota_max_instances: p.count("QuotaMaxInstances", params.get("QuotaMaxInstances"))?,
+            capacity_per_type,
+            crunch_run_missing: p.flag("CrunchRunMissing")?,
+            error_rate_create: p.rate("ErrorRateCreate")?,
+            error_rate_destroy: p.rate("ErrorRateDestroy")?,
+            min_time_between_create_calls: p
+                .duration("MinTimeBetweenCreateCalls")?
+                .unwrap_or_default(),
+            min_time_between_instances_calls: p
+                .duration("MinTimeBetweenInstancesCalls")?
+                .unwrap_or_default(),
+            hold_cloud_ops: p.flag("HoldCloudOps")?,
+            broken_after: p.duration("BrokenAfter")?,
+            report_broken_after: p.duration("ReportBrokenAfter")?,
+            crash_rate: p.rate("CrashRate")?,
+            stale_lock_max_linger: p.duration("StaleLockMaxLinger")?.unwrap_or_default(),
+            stale_lock_deadlock_rate: p.rate("StaleLockDeadlockRate")?,
+            detach_delay: p.duration("CrunchRunDetachDelay")?.unwrap_or_default(),
+            seed: p.count("Seed", params.get("Seed"))?.unwrap_or(0) as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn knobs_parse_and_bad_values_name_their_key() {
+        let c = StubConfig::from_params(&json!({
+            "BootDelay": "2s", "QuotaMaxInstances": 3, "CapacityPerType": {"m5": 1},
+            "ErrorRateCreate": 0.5, "MinTimeBetweenCreateCalls": "100ms", "HoldCloudOps": true,
+            "BrokenAfter": "1m", "CrashRate": 0.1, "StaleLockDeadlockRate": 1, "Seed": 7,
+        }))
+        .unwrap();
+        assert_eq!(c.boot_delay, Duration::from_secs(2));
+        assert_eq!(c.quota_max_instances, Some(3));
+        assert_eq!(c.capacity_per_type["m5"], 1);
+        assert_eq!(c.error_rate_create, 0.5);
+        assert_eq!(c.min_time_between_create_calls, Duration::from_millis(100));
+        assert!(c.hold_cloud_ops);
+        assert_eq!(c.broken_after, Some(Duration::from_secs(60)));
+        assert_eq!(
+            (c.crash_rate, c.stale_lock_deadlock_rate, c.seed),
+            (0.1, 1.0, 7)
+        );
+        assert_eq!(
+            StubConfig::from_params(&Value::Null).unwrap(),
+            StubConfig::default()
+        );
+        for (params, key) in [
+            (
+                json!({"ErrorRateCreate": 2}),
+                "DriverParameters.ErrorRateCreate",
+            ),
+            (json!({"BootDelay": "soon"}), "DriverParameters.BootDelay"),
+            (
+                json!({"CapacityPerType": {"m5": -1}}),
+                "DriverParameters.CapacityPerType.m5",
+            ),
+            (
+                json!({"HoldCloudOps": "yes"}),
+                "DriverParameters.HoldCloudOps",
+            ),
+        ] {
+            let e = StubConfig::from_params(&params).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{e}");
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The stub cloud driver (driver name `stub`, spec Appendix B.3): every VM is an in-process
+//! SSH server ([`crate::ssh_vm`]) with its own host key, whose "operating system"
+//! ([`vm`]) answers the remote command contract and whose `crunch-run` drives containers
+//! through the Arvados API like the real one ([`crate::fake_crunch_run::drive`]).
+//!
+//! Faults are knobs ([`StubConfig`], read from `DriverParameters`): cloud-side (error rates,
+//! rate limits between calls, quota, capacity per type, held operations) here; VM-side (boot
+//! delay, broken, crunch-run missing, crashes, stale locks, broken reports) in [`vm`].
+//! Randomness is seeded (`Seed`): each VM and the set have their own seeded generator.
+//!
+//! A VM learns its instance secret the way a real one does: from the init command (user data)
+//! it was created with. Destroying a VM kills its crunch-run processes without an API update,
+//! as a real power-off would.
+
+mod knobs;
+mod vm;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arvados::InstanceType;
+use cloud::{
+    BoxFuture, CloudError, CreateRequest, Driver, ErrorKind, Instance, InstanceId, InstancePrice,
+    InstanceSet, InstanceSetId, InstanceTags,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::ssh_vm::{CommandHandler, SshVm};
+pub use knobs::StubConfig;
+use vm::VmOs;
+
+/// The stub driver.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StubDriver;
+
+impl Driver for StubDriver {
+    fn instance_set(
+        &self,
+        params: &Value,
+        _id: &InstanceSetId,
+        _shared_tags: &InstanceTags,
+    ) -> Result<Arc<dyn InstanceSet>, CloudError> {
+        Ok(Arc::new(StubSet::new(StubConfig::from_params(params)?)))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type VmList = Arc<Mutex<Vec<Arc<StubVm>>>>;
+
+/// Cloud-side state shared by a set and its VMs.
+struct Cloud {
+    cfg: StubConfig,
+    vms: VmList,
+    rng: Mutex<StdRng>,
+    /// Held create/destroy calls wait for a permit (`HoldCloudOps`).
+    held: Semaphore,
+}
+
+impl Cloud {
+    async fn hold(&self) {
+        if self.cfg.hold_cloud_ops
+            && let Ok(p) = self.held.acquire().await
+        {
+            p.forget();
+        }
+    }
+
+    fn unlucky(&self, rate: f64) -> bool {
+        rate > 0.0 && lock(&self.rng).random::<f64>() < rate
+    }
+}
+
+/// Rate limiting by minimum time between accepted calls; a refused call does not count.
+struct MinInterval {
+    min: Duration,
+    next_allowed: Mutex<Option<Instant>>,
+}
+
+impl MinInterval {
+    fn new(min: Duration) -> MinInterval {
+        MinInterval {
+            min,
+            next_allowed: Mutex::new(None),
+        }
+    }
+
+    fn check(&self) -> Result<(), CloudError> {
+        if self.min.is_zero() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut next = lock(&self.next_allowed);
+        if let Some(t) = *next
+            && now < t
+        {
+            let until = SystemTime::now() + (t - now);
+            let at = chrono::DateTime::<chrono::Utc>::from(until);
+            return Err(CloudError::new(
+                ErrorKind::RateLimit {
+                    earliest_retry: until,
+                },
+                format!("rate limited until {}", at.to_rfc3339()),
+            ));
+        }
+        *next = Some(now + self.min);
+        Ok(())
+    }
+}
+
+/// A stub instance set: its VMs live in this process.
+pub struct StubSet {
+    cloud: Arc<Cloud>,
+    next: Mutex<usize>,
+    create_interval: MinInterval,
+    list_interval: MinInterval,
+}
+
+impl StubSet {
+    pub fn new(cfg: StubConfig) -> StubSet {
+        StubSet {
+            create_interval: MinInterval::new(cfg.min_time_between_create_calls),
+            list_interval: MinInterval::new(cfg.min_time_between_instances_calls),
+            cloud: Arc::new(Cloud {
+                rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
+                cfg,
+                vms: Arc::new(Mutex::new(Vec::new())),
+                held: Semaphore::new(0),
+            }),
+            next: Mutex::new(0),
+        }
+    }
+
+    /// Let `n` held create/destroy calls proceed (`HoldCloudOps`).
+    pub fn release_cloud_ops(&self, n: usize) {
+        self.cloud.held.add_permits(n);
+    }
+
+    /// Every VM now in the set.
+    pub fn vms(&self) -> Vec<Arc<StubVm>> {
+        lock(&self.cloud.vms).clone()
+    }
+}
+
+/// One stub VM.
+pub struct StubVm {
+    id: String,
+    provider_type: String,
+    tags: Mutex<InstanceTags>,
+    ssh: Mutex<Option<SshVm>>,
+    os: Arc<VmOs>,
+    host_key: String,
+    addr: String,
+    cloud: std::sync::Weak<Cloud>,
+}
+
+impl std::fmt::Debug for StubVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StubVm")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl StubVm {
+    /// Power the VM off at once (no cloud call, no error rate): as if it crashed. It stays
+    /// listed, unreachable.
+    pub fn crash(&self) {
+        self.os.power_off();
+        lock(&self.ssh).take();
+    }
+}
+
+impl Instance for StubVm {
+    fn id(&self) -> InstanceId {
+        self.id.clone()
+    }
+    fn provider_type(&self) -> String {
+        self.provider_type.clone()
+    }
+    fn tags(&self) -> InstanceTags {
+        lock(&self.tags).clone()
+    }
+    fn address(&self) -> String {
+        self.addr.clone()
+    }
+    fn remote_user(&self) -> String {
+        "root".into()
+    }
+    fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
+        *lock(&self.tags) = tags;
+        Box::pin(async { Ok(()) })
+    }
+    fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
+        Box::pin(async move {
+            let Some(cloud) = self.cloud.upgrade() else {
+                return Ok(());
+            };
+            cloud.hold().await;
+            if cloud.unlucky(cloud.cfg.error_rate_destroy) {
+                return Err(CloudError::other(format!(
+                    "stub: destroy {} failed (ErrorRateDestroy)",
+                    self.id
+                )));
+            }
+            lock(&cloud.vms).retain(|v| v.id != self.id);
+            self.crash();
+            Ok(())
+        })
+    }
+    fn price_history(&self, _it: &InstanceType) -> Vec<InstancePrice> {
+        Vec::new()
+    }
+    fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
+        let r = cloud::sshd::check_host_key(&self.host_key, key);
+        Box::pin(async move { r })
+    }
+}
+
+impl InstanceSet for StubSet {
+    fn create(
+        &self,
+        it: &InstanceType,
+        req: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
+        let it = it.clone();
+        Box::pin(async move {
+            let cloud = &self.cloud;
+            cloud.hold().await;
+            self.create_interval.check()?;
+            if cloud.unlucky(cloud.cfg.error_rate_create) {
+                return Err(CloudError::other("stub: create failed (ErrorRateCreate)"));
+            }
+            {
+                let vms = lock(&cloud.vms);
+                if let Some(max) = cloud.cfg.quota_max_instances
+                    && vms.len() >= max
+                {
+                    return Err(CloudError::new(ErrorKind::Quota, "stub quota exceeded"));
+                }
+                if let Some(&cap) = cloud.cfg.capacity_per_type.get(&it.provider_type)
+                    && vms
+                        .iter()
+                        .filter(|v| v.provider_type == it.provider_type)
+                        .count()
+                        >= cap
+                {
+                    return Err(CloudError::new(
+                        ErrorKind::Capacity {
+                            instance_type_specific: true,
+                            quota_group_specific: false,
+                        },
+                        format!("stub: no capacity for {}", it.provider_type),
+                    ));
+                }
+            }
+            let n = {
+                let mut n = lock(&self.next);
+                *n += 1;
+                *n
+            };
+            let authorized = cloud::sshd::authorized_keys(req.public_key.as_deref());
+            let os = Arc::new(VmOs::new(cloud.cfg.clone(), n, &req.init_command));
+            let handler_os = os.clone();
+            let handler: Arc<dyn CommandHandler> =
+                Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| {
+                    handler_os.handle(cmd, stdin)
+                });
+            let ssh = SshVm::start(handler, authorized)
+                .await
+                .map_err(|e| CloudError::other(format!("starting stub VM: {e}")))?;
+            let vm = Arc::new(StubVm {
+                id: format!("inst{n},{}", it.provider_type),
+                provider_type: it.provider_type.clone(),
+                tags: Mutex::new(req.tags),
+                host_key: ssh.host_key().to_openssh().unwrap_or_default(),
+                addr: ssh.addr().to_string(),
+                ssh: Mutex::new(Some(ssh)),
+                os,
+                cloud: Arc::downgrade(cloud),
+            });
+            lock(&cloud.vms).push(vm.clone());
+            Ok(vm as Arc<dyn Instance>)
+        })
+    }
+
+    fn instances(
+        &self,
+        filter: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        let r = self.list_interval.check().map(|()| {
+            lock(&self.cloud.vms)
+                .iter()
+                .filter(|v| {
+                    let tags = v.tags();
+                    filter.iter().all(|(k, want)| tags.get(k) == Some(want))
+                })
+                .map(|v| v.clone() as Arc<dyn Instance>)
+                .collect()
+        });
+        Box::pin(async move { r })
+    }
+
+    /// First character of the provider type, `-p` for preemptible types.
+    fn instance_quota_group(&self, it: &InstanceType) -> String {
+        let mut g: String = it.provider_type.chars().take(1).collect();
+        if it.preemptible {
+            g.push_str("-p");
+        }
+        g
+    }
+
+    fn stop(&self) {}
+}
