@@ -17,6 +17,38 @@ pub fn total_memory() -> i64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Size in bytes of the filesystem holding the temp dir; 0 if unknown.
+pub fn temp_fs_size() -> i64 {
+    std::process::Command::new("df")
+        .args(["-k", "--output=size"])
+        .arg(std::env::temp_dir())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .nth(1)
+                .and_then(|l| l.trim().parse::<i64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The instance type the loopback driver synthesises when none is configured: this host's
+/// CPUs and memory, the temp filesystem as scratch, price 1.
+pub fn localhost_instance_type() -> crate::InstanceType {
+    let scratch = temp_fs_size();
+    crate::InstanceType {
+        name: "localhost".into(),
+        provider_type: "localhost".into(),
+        vcpus: cpu_count(),
+        ram: total_memory(),
+        scratch,
+        included_scratch: scratch,
+        price: 1.0,
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

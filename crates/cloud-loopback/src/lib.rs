@@ -23,30 +23,7 @@ const BROKEN_FLAG: &str = "/var/lock/crunch-run-broken";
 /// The `localhost` instance type: this host's CPUs and memory, the temp filesystem's size as
 /// scratch, price 1.
 pub fn localhost_instance_type() -> InstanceType {
-    let vcpus = arvados::host::cpu_count();
-    let ram = arvados::host::total_memory();
-    let scratch = std::process::Command::new("df")
-        .args(["-k", "--output=size"])
-        .arg(std::env::temp_dir())
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .nth(1)
-                .and_then(|l| l.trim().parse::<i64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
-    InstanceType {
-        name: "localhost".into(),
-        provider_type: "localhost".into(),
-        vcpus,
-        ram,
-        scratch,
-        included_scratch: scratch,
-        price: 1.0,
-        ..Default::default()
-    }
+    arvados::host::localhost_instance_type()
 }
 
 /// The current OS user name.

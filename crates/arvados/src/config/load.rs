@@ -292,6 +292,21 @@ fn finish(cluster: &mut Cluster, prefix: &str) -> Result<(), ConfigError> {
             });
         }
     }
+    let vms = &cluster.containers.cloud_vms;
+    if vms.enable && vms.driver == "loopback" {
+        // One host, one type: the one configured, else this host's own.
+        if cluster.instance_types.len() > 1 {
+            return Err(ConfigError::Invalid {
+                key_path: format!("{prefix}.InstanceTypes"),
+                message: "cannot use multiple InstanceTypes with loopback driver".into(),
+            });
+        }
+        if cluster.instance_types.is_empty() {
+            let it = crate::host::localhost_instance_type();
+            cluster.instance_types.insert(it.name.clone(), it);
+        }
+        return Ok(());
+    }
     add_preemptible_variants(cluster);
     Ok(())
 }
@@ -450,6 +465,32 @@ mod tests {
         let err = load("Clusters:\n  zzzzz: [\n").unwrap_err().to_string();
         assert!(err.starts_with("test.yml: YAML syntax error:"), "{err}");
         assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn loopback_driver_allows_one_instance_type_and_synthesises_localhost() {
+        let loopback = "Clusters:\n  zzzzz:\n    Containers:\n      CloudVMs: {Enable: true, Driver: loopback}\n";
+        let c = load(loopback).unwrap();
+        let names: Vec<_> = c.instance_types.keys().cloned().collect();
+        assert_eq!(names, ["localhost"]);
+        let it = &c.instance_types["localhost"];
+        assert_eq!((it.provider_type.as_str(), it.price), ("localhost", 1.0));
+        assert_eq!(it.vcpus, crate::host::cpu_count());
+        assert_eq!(it.ram, crate::host::total_memory());
+        assert!(it.scratch > 0 && it.scratch == it.included_scratch);
+
+        let one = format!("{loopback}    InstanceTypes:\n      big: {{VCPUs: 64, RAM: 1TiB}}\n");
+        let c = load(&one).unwrap();
+        assert_eq!(c.instance_types.keys().collect::<Vec<_>>(), ["big"]);
+
+        let two = format!("{one}      small: {{VCPUs: 1, RAM: 1GiB}}\n");
+        assert_eq!(
+            load(&two).unwrap_err().to_string(),
+            "Clusters.zzzzz.InstanceTypes: cannot use multiple InstanceTypes with loopback driver"
+        );
+        // Not enabled, or another driver: no such rule.
+        let off = two.replace("Enable: true", "Enable: false");
+        assert_eq!(load(&off).unwrap().instance_types.len(), 2);
     }
 
     #[test]
