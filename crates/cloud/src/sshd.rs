@@ -48,6 +48,19 @@ pub type OutcomeFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 pub trait CommandHandler: Send + Sync + 'static {
     /// Run `command` for `user` with all of `stdin`.
     fn run(&self, user: &str, command: &str, stdin: Vec<u8>) -> OutcomeFuture;
+
+    /// Like [`CommandHandler::run`], with the variables the client sent by `env` requests.
+    /// By default they are ignored.
+    fn run_with_env(
+        &self,
+        user: &str,
+        command: &str,
+        env: Vec<(String, String)>,
+        stdin: Vec<u8>,
+    ) -> OutcomeFuture {
+        let _ = env;
+        self.run(user, command, stdin)
+    }
 }
 
 impl<F> CommandHandler for F
@@ -165,6 +178,7 @@ impl server::Server for VmServer {
 #[derive(Default)]
 struct ChannelState {
     command: Option<String>,
+    env: Vec<(String, String)>,
     stdin: Vec<u8>,
 }
 
@@ -204,6 +218,22 @@ impl server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         self.channels.insert(channel.id(), ChannelState::default());
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels
+            .entry(channel)
+            .or_default()
+            .env
+            .push((name.to_string(), value.to_string()));
+        session.channel_success(channel)?;
         Ok(())
     }
 
@@ -250,7 +280,9 @@ impl server::Handler for Conn {
         let handler = self.handler.clone();
         let user = self.user.clone();
         tokio::spawn(async move {
-            let out = handler.run(&user, &command, state.stdin).await;
+            let out = handler
+                .run_with_env(&user, &command, state.env, state.stdin)
+                .await;
             if !out.stdout.is_empty() {
                 let _ = handle.data(channel, out.stdout).await;
             }

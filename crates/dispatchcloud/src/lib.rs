@@ -11,3 +11,4 @@ pub mod fasthash;
 pub mod node_size;
 pub mod queue;
 pub mod scheduler;
+pub mod ssh_executor;
