@@ -2,6 +2,9 @@
 //! library crates, and turns errors into one-line messages and exit codes (0 ok, 1 failure,
 //! 2 usage). All behaviour lives in the crates under `crates/`.
 
+mod cloudtest;
+mod drivers;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,12 +40,20 @@ enum Command {
     /// Load the cluster config, print the effective dispatcher settings (YAML, secrets
     /// redacted) and exit 0; or print what is wrong and exit 1.
     CheckConfig,
+    /// Create one VM as the dispatcher would, wait for it to boot, run an optional command,
+    /// and destroy it; one line per step. Exit 0 only if every step passed.
+    Cloudtest(cloudtest::CloudTestArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig => check_config(&cli.config),
+        Command::Cloudtest(args) => match load(&cli.config).and_then(|c| cloudtest::run(c, args)) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -132,3 +132,157 @@ fn check_config_uses_arvados_config_env() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("ClusterID: abcde"));
 }
+
+/// A cluster config for `cloudtest` with `driver`, a fresh dispatcher key, and `extra` YAML
+/// lines under `CloudVMs`.
+fn cloudtest_config(
+    dir: &tempfile::TempDir,
+    driver: &str,
+    cloud_vms_extra: &str,
+    types: &str,
+) -> PathBuf {
+    let key = cloud::sshd::new_ed25519_key()
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .unwrap();
+    let key_path = write(dir, "id_ed25519", &key);
+    write(
+        dir,
+        "config.yml",
+        &format!(
+            "Clusters:
+  zzzzz:
+    Containers:
+      DispatchPrivateKey: file://{}
+      CloudVMs:
+        Enable: true
+        Driver: {driver}
+        ProbeInterval: 100ms
+        TimeoutBooting: 2s
+        SyncInterval: 100ms
+        ResourceTags: {{Owner: research}}
+{cloud_vms_extra}
+{types}",
+            key_path.display()
+        ),
+    )
+}
+
+#[test]
+fn cloudtest_against_the_stub_prints_every_step_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cloudtest_config(
+        &dir,
+        "stub",
+        "        DriverParameters: {BootDelay: 300ms}",
+        "    InstanceTypes:\n      small: {VCPUs: 1, RAM: 1GiB, Price: 0.1}\n      big: {VCPUs: 8, RAM: 8GiB, Price: 0.8}",
+    );
+    let out = bin()
+        .args(["cloudtest", "--config"])
+        .arg(&cfg)
+        .args(["--command", "crunch-run --list"])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    for step in [
+        "list existing instances",
+        "create instance (type small,",
+        "find created instance in the list: ok",
+        "check ResourceTags on the instance: ok",
+        "boot probe \"systemctl is-system-running\": ok",
+        "command \"crunch-run --list\": ok",
+        "and wait until it is gone: ok",
+        "PASS",
+    ] {
+        assert!(stdout.contains(step), "missing {step:?}:\n{stdout}");
+    }
+}
+
+#[test]
+fn cloudtest_with_a_stub_that_never_boots_fails_after_timeout_booting_and_destroys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cloudtest_config(
+        &dir,
+        "stub",
+        "        DriverParameters: {BootDelay: 1h}",
+        "    InstanceTypes:\n      small: {VCPUs: 1, RAM: 1GiB, Price: 0.1}",
+    );
+    let started = std::time::Instant::now();
+    let out = bin()
+        .args(["cloudtest", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2));
+    assert!(
+        stdout.contains("FAILED after") && stdout.contains("TimeoutBooting 2s"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("destroy inst1,small and wait until it is gone: ok"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn cloudtest_against_loopback_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cloudtest_config(&dir, "loopback", "        BootProbeCommand: \"true\"", "");
+    let out = bin()
+        .args(["cloudtest", "--config"])
+        .arg(&cfg)
+        .args(["--command", "echo loopback-ok"])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("create instance (type localhost,"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("loopback-ok"), "{stdout}");
+    assert!(
+        stdout.contains("destroy localhost and wait until it is gone: ok"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn cloudtest_bad_setup_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cloudtest_config(
+        &dir,
+        "azure",
+        "",
+        "    InstanceTypes:\n      small: {VCPUs: 1, RAM: 1GiB}",
+    );
+    let out = bin()
+        .args(["cloudtest", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_one_line_failure(
+        &out,
+        "Containers.CloudVMs.Driver: unsupported cloud driver \"azure\"",
+    );
+    let out = bin()
+        .args(["cloudtest", "--instance-type", "huge", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_one_line_failure(&out, "--instance-type \"huge\": not in InstanceTypes");
+    let body = std::fs::read_to_string(&cfg).unwrap();
+    let no_key = body.replace(
+        &format!("file://{}", dir.path().join("id_ed25519").display()),
+        "\"\"",
+    );
+    let cfg = write(&dir, "nokey.yml", &no_key.replace("azure", "stub"));
+    let out = bin()
+        .args(["cloudtest", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_one_line_failure(&out, "Containers.DispatchPrivateKey: no key");
+}

@@ -13,9 +13,8 @@
 //! * [`conformance`]: the suite every driver runs.
 //! * [`sshd`]: an in-process SSH server (and a one-shot client) for local and stub VMs.
 //!
-//! Status: the interface, error kinds, tags, prices, wrappers, registry and conformance suite
-//! are done (the stub driver in `testkit` and the loopback driver pass it); `cloudtest` is not
-//! yet written.
+//! `cloudtest`, which uses this layer end to end, lives in `dispatchcloud::cloudtest` (it needs
+//! the SSH executor).
 
 pub mod conformance;
 pub mod error;

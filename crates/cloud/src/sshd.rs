@@ -103,6 +103,8 @@ impl SshVm {
             auth_rejection_time: std::time::Duration::from_millis(10),
             auth_rejection_time_initial: Some(std::time::Duration::ZERO),
             inactivity_timeout: None,
+            // Small request/response exchanges: Nagle + delayed ACK would add ~40 ms each.
+            nodelay: true,
             ..Default::default()
         });
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;

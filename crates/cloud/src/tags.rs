@@ -61,9 +61,13 @@ pub fn new_instance_secret() -> String {
 /// First-boot user data: write the secret where the dispatcher will look for it, then run
 /// the operator's init command.
 pub fn user_data(secret: &str, init_command: &str) -> String {
-    format!(
-        "#!/bin/sh\numask 0177 && echo -n \"{secret}\" >/var/run/arvados-instance-secret\n{init_command}\n"
-    )
+    format!("#!/bin/sh\n{}\n", self::init_command(secret, init_command))
+}
+
+/// The init command the dispatcher passes to `InstanceSet::create`: write the secret (mode
+/// 0600), then run `CloudVMs.InstanceInitCommand`. Drivers wrap it into user data.
+pub fn init_command(secret: &str, instance_init_command: &str) -> String {
+    format!("umask 0177 && echo -n \"{secret}\" >{INSTANCE_SECRET_PATH}\n{instance_init_command}")
 }
 
 /// Where the secret lives on the VM.

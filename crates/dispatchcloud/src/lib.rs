@@ -7,6 +7,7 @@
 //! (`scheduler`, against the narrow `scheduler::pool::WorkerPool` interface) are done; the
 //! worker pool, SSH executor and management API are still to come.
 
+pub mod cloudtest;
 pub mod fasthash;
 pub mod node_size;
 pub mod queue;

@@ -284,6 +284,7 @@ impl Executor {
         let seen = Arc::new(Mutex::new(None));
         let config = Arc::new(client::Config {
             inactivity_timeout: None,
+            nodelay: true,
             ..Default::default()
         });
         let mut handle = client::connect(config, addr.as_str(), KeyCatcher(seen.clone()))
