@@ -13,3 +13,14 @@ pub mod types;
 pub use client::{ApiError, Client, ClientConfig, Count, Filter, ListOptions, Method};
 pub use config::{Cluster, ConfigError, ConfigSource, InstanceType};
 pub use types::{ApiClientAuthorization, Container, ContainerList, ContainerState};
+
+/// `GatewayAuthSecret` for a container: `hex(HMAC-SHA256(key = SystemRootToken, message = uuid))`.
+pub fn gateway_auth_secret(root_token: &str, uuid: &str) -> String {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, root_token.as_bytes());
+    hmac::sign(&key, uuid.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -36,16 +36,7 @@ pub struct Context {
     pub resources: ResourceManager,
 }
 
-/// `hex(HMAC-SHA256(key = SystemRootToken, message = uuid))`.
-pub fn gateway_auth_secret(root_token: &str, uuid: &str) -> String {
-    use aws_lc_rs::hmac;
-    let key = hmac::Key::new(hmac::HMAC_SHA256, root_token.as_bytes());
-    hmac::sign(&key, uuid.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use arvados::gateway_auth_secret;
 
 /// The run function for [`Dispatcher::new`].
 pub fn run_fn(ctx: Arc<Context>) -> RunFn {
