@@ -13,3 +13,4 @@ pub mod node_size;
 pub mod queue;
 pub mod scheduler;
 pub mod ssh_executor;
+pub mod worker;

@@ -1,0 +1,345 @@
+//! The pool's settings, resolved once from the cluster config (spec §8.1), and the pieces of
+//! the remote command contract that depend only on them: the runner command, the start
+//! command line and its ConfigData stdin (§8.11, Appendix D).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arvados::{Cluster, InstanceType};
+use cloud::tags::TagKeys;
+use russh::keys::PrivateKey;
+
+/// The runner binary to install on workers (`DeployRunnerBinary`).
+#[derive(Clone)]
+pub struct RunnerBinary {
+    pub data: Arc<Vec<u8>>,
+    pub md5: String,
+}
+
+impl RunnerBinary {
+    pub fn new(data: Vec<u8>) -> RunnerBinary {
+        use md5::{Digest, Md5};
+        let md5 = Md5::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        RunnerBinary {
+            data: Arc::new(data),
+            md5,
+        }
+    }
+}
+
+/// Everything the pool needs to know, fixed at construction.
+#[derive(Clone)]
+pub struct PoolConfig {
+    pub cluster_id: String,
+    pub instance_set_id: String,
+    pub tag_keys: TagKeys,
+    pub instance_types: BTreeMap<String, InstanceType>,
+    pub image_id: String,
+    pub instance_init_command: String,
+    pub boot_probe_command: String,
+    /// `Containers.CrunchRunCommand`, used when nothing is deployed.
+    pub crunch_run_command: String,
+    /// `--runtime-engine=…` then `CrunchRunArgumentsList`.
+    pub runner_args: Vec<String>,
+    /// Deployed runner, if `DeployRunnerBinary` is set (and loaded).
+    pub runner_binary: Option<RunnerBinary>,
+    /// Set when `DeployRunnerBinary` could not be read: every create declines.
+    pub runner_error: Option<String>,
+    pub deploy_directory: String,
+    pub private_key: Arc<PrivateKey>,
+    /// Installed on new VMs (`DeployPublicKey`).
+    pub install_public_key: Option<String>,
+    pub ssh_port: String,
+    pub max_probes_per_second: f64,
+    /// 0 = unlimited.
+    pub max_concurrent_creates: usize,
+    /// 0 = unlimited.
+    pub max_instances: usize,
+    pub initial_quota_estimate: usize,
+    pub probe_interval: Duration,
+    pub sync_interval: Duration,
+    pub timeout_idle: Duration,
+    pub timeout_booting: Duration,
+    pub timeout_probe: Duration,
+    pub timeout_shutdown: Duration,
+    pub timeout_term: Duration,
+    pub timeout_signal: Duration,
+    pub timeout_stale_run_lock: Duration,
+    /// Deadline of every SSH command (Go has none; §13.3 item 17).
+    pub command_timeout: Duration,
+    /// How long a quota error stops creates (Go: 1 minute).
+    pub quota_error_ttl: Duration,
+    /// How long a capacity error stops creates of that type/group (Go: 1 minute).
+    pub capacity_error_ttl: Duration,
+    /// How long reaching `MaxConcurrentInstanceCreateOps` stops creates (Go: 5 s), unless a
+    /// create finishes sooner.
+    pub create_ops_hold_off: Duration,
+    // ConfigData for crunch-run (§8.11).
+    pub api_host: String,
+    pub api_insecure: bool,
+    pub system_root_token: String,
+    pub keep_buffers_per_vcpu: i64,
+    pub driver: String,
+    /// The whole cluster config, sent to crunch-run when local keepstore is on.
+    pub cluster_json: serde_json::Value,
+}
+
+fn or_default(d: Duration, default: Duration) -> Duration {
+    if d.is_zero() { default } else { d }
+}
+
+/// `ARVADOS_API_HOST` for crunch-run: `host:port` of the controller's https URL; a plain
+/// `http://` URL (test and simulation setups) is passed whole.
+pub fn api_host(external_url: &str) -> String {
+    match url::Url::parse(external_url) {
+        Ok(u) if u.scheme() == "https" => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            _ => external_url.to_string(),
+        },
+        _ => external_url.trim_end_matches('/').to_string(),
+    }
+}
+
+impl PoolConfig {
+    /// Settings from `cluster` with Go's fallbacks for unset values.
+    pub fn from_cluster(
+        cluster: &Cluster,
+        instance_set_id: &str,
+        private_key: Arc<PrivateKey>,
+    ) -> PoolConfig {
+        let vms = &cluster.containers.cloud_vms;
+        let (runner_binary, runner_error) = if vms.deploy_runner_binary.is_empty() {
+            (None, None)
+        } else {
+            match std::fs::read(&vms.deploy_runner_binary) {
+                Ok(data) => (Some(RunnerBinary::new(data)), None),
+                Err(e) => {
+                    let msg = format!("{}: {e}", vms.deploy_runner_binary);
+                    tracing::error!(error = %msg, "failed to load runner program");
+                    (None, Some(msg))
+                }
+            }
+        };
+        let mut runner_args = vec![format!(
+            "--runtime-engine={}",
+            cluster.containers.runtime_engine
+        )];
+        runner_args.extend(cluster.containers.crunch_run_arguments_list.iter().cloned());
+        let install_public_key = vms
+            .deploy_public_key
+            .then(|| private_key.public_key().to_openssh().ok())
+            .flatten();
+        PoolConfig {
+            cluster_id: cluster.cluster_id.clone(),
+            instance_set_id: instance_set_id.to_string(),
+            tag_keys: TagKeys::new(&vms.tag_key_prefix),
+            instance_types: cluster.instance_types.clone(),
+            image_id: vms.image_id.clone(),
+            instance_init_command: vms.instance_init_command.clone(),
+            boot_probe_command: vms.boot_probe_command.clone(),
+            crunch_run_command: cluster.containers.crunch_run_command.clone(),
+            runner_args,
+            runner_binary,
+            runner_error,
+            deploy_directory: vms.deploy_runner_directory.clone(),
+            private_key,
+            install_public_key,
+            ssh_port: vms.ssh_port.clone(),
+            max_probes_per_second: if vms.max_probes_per_second > 0.0 {
+                vms.max_probes_per_second
+            } else {
+                10.0
+            },
+            max_concurrent_creates: vms.max_concurrent_instance_create_ops.max(0) as usize,
+            max_instances: vms.max_instances.max(0) as usize,
+            initial_quota_estimate: vms.initial_quota_estimate.max(0) as usize,
+            probe_interval: or_default(vms.probe_interval, Duration::from_secs(10)),
+            sync_interval: or_default(vms.sync_interval, Duration::from_secs(60)),
+            timeout_idle: or_default(vms.timeout_idle, Duration::from_secs(60)),
+            timeout_booting: or_default(vms.timeout_booting, Duration::from_secs(600)),
+            timeout_probe: or_default(vms.timeout_probe, Duration::from_secs(600)),
+            timeout_shutdown: or_default(vms.timeout_shutdown, Duration::from_secs(10)),
+            timeout_term: or_default(vms.timeout_term, Duration::from_secs(120)),
+            timeout_signal: or_default(vms.timeout_signal, Duration::from_secs(5)),
+            timeout_stale_run_lock: or_default(vms.timeout_stale_run_lock, Duration::from_secs(5)),
+            command_timeout: Duration::from_secs(60),
+            quota_error_ttl: Duration::from_secs(60),
+            capacity_error_ttl: Duration::from_secs(60),
+            create_ops_hold_off: Duration::from_secs(5),
+            api_host: api_host(&cluster.services.controller.external_url),
+            api_insecure: cluster.tls.insecure,
+            system_root_token: cluster.system_root_token.clone(),
+            keep_buffers_per_vcpu: cluster.containers.local_keep_blob_buffers_per_vcpu,
+            driver: vms.driver.clone(),
+            cluster_json: serde_json::to_value(cluster).unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    /// The command that runs crunch-run on a worker: the deployed copy when deploying.
+    pub fn runner_command(&self) -> String {
+        match &self.runner_binary {
+            Some(b) => format!(
+                "{}/crunch-run~{}",
+                self.deploy_directory.trim_end_matches('/'),
+                b.md5
+            ),
+            None => self.crunch_run_command.clone(),
+        }
+    }
+}
+
+/// Quote for a POSIX shell: `'…'` with `'` as `'\''`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `sudo ` for a remote user that is not root.
+pub fn sudo(user: &str) -> &'static str {
+    if user == "root" { "" } else { "sudo " }
+}
+
+/// `<runner> --detach --stdin-config '<arg>'… '<uuid>'` (sudo-prefixed for non-root).
+pub fn start_command(runner: &str, args: &[String], uuid: &str, user: &str) -> String {
+    let mut cmd = format!("{}{runner} --detach --stdin-config", sudo(user));
+    for a in args.iter().map(String::as_str).chain([uuid]) {
+        cmd.push(' ');
+        cmd.push_str(&shell_quote(a));
+    }
+    cmd
+}
+
+/// The instance type as crunch-run reads it: no `Name`, no `Scratch`, 4-space indented, with a
+/// trailing newline.
+pub fn instance_type_json(it: &InstanceType) -> String {
+    use serde::Serialize;
+    let mut v = serde_json::to_value(it).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("Name");
+        m.remove("Scratch");
+    }
+    let mut buf = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
+    let _ = v.serialize(&mut ser);
+    buf.push(b'\n');
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// The ConfigData JSON crunch-run reads from stdin (§8.11).
+pub fn config_data(cfg: &PoolConfig, it: &InstanceType, address: &str, uuid: &str) -> Vec<u8> {
+    let host = match address.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h,
+        _ => address,
+    };
+    let mut env = serde_json::Map::new();
+    env.insert("ARVADOS_API_HOST".into(), cfg.api_host.clone().into());
+    env.insert(
+        "ARVADOS_API_TOKEN".into(),
+        cfg.system_root_token.clone().into(),
+    );
+    if cfg.api_insecure {
+        env.insert("ARVADOS_API_HOST_INSECURE".into(), "1".into());
+    }
+    env.insert("InstanceType".into(), instance_type_json(it).into());
+    env.insert("GatewayAddress".into(), format!("{host}:0").into());
+    env.insert(
+        "GatewayAuthSecret".into(),
+        arvados::gateway_auth_secret(&cfg.system_root_token, uuid).into(),
+    );
+    let keep_buffers = cfg.keep_buffers_per_vcpu.max(0) * it.vcpus;
+    let doc = serde_json::json!({
+        "Env": env,
+        "KeepBuffers": keep_buffers,
+        "EC2SpotCheck": cfg.driver == "ec2" && it.preemptible,
+        "Cluster": if keep_buffers > 0 { cfg.cluster_json.clone() } else { serde_json::Value::Null },
+    });
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+/// The runner install script (Appendix D), wrapped for non-root users.
+pub fn install_command(deploy_directory: &str, runner: &str, user: &str) -> String {
+    let dir = format!("{}/", deploy_directory.trim_end_matches('/'));
+    let script = format!(
+        "set -e; dstdir=\"{dir}\"; dstfile=\"{runner}\"; mkdir -p \"$dstdir\"; touch \"$dstfile\"; chmod 0755 \"$dstdir\" \"$dstfile\"; cat >\"$dstfile\""
+    );
+    if user == "root" {
+        script
+    } else {
+        format!("sudo sh -c {}", shell_quote(&script))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_command_quotes_every_argument_like_the_spec_example() {
+        let args = vec![
+            "--runtime-engine=docker".to_string(),
+            "--extra='args'".to_string(),
+        ];
+        assert_eq!(
+            start_command("crunch-run", &args, "zzzzz-dz642-000000000000001", "root"),
+            r#"crunch-run --detach --stdin-config '--runtime-engine=docker' '--extra='\''args'\''' 'zzzzz-dz642-000000000000001'"#
+        );
+        assert!(
+            start_command("crunch-run", &[], "u", "admin").starts_with("sudo crunch-run --detach")
+        );
+    }
+
+    #[test]
+    fn api_host_is_host_port_for_https_and_whole_for_http() {
+        assert_eq!(api_host("https://zzzzz.example.com/"), "zzzzz.example.com");
+        assert_eq!(
+            api_host("https://zzzzz.example.com:8443"),
+            "zzzzz.example.com:8443"
+        );
+        assert_eq!(api_host("http://127.0.0.1:3001/"), "http://127.0.0.1:3001");
+    }
+
+    #[test]
+    fn instance_type_json_drops_name_and_scratch_and_uses_four_spaces() {
+        let it = InstanceType {
+            name: "small".into(),
+            provider_type: "t3.small".into(),
+            vcpus: 2,
+            ram: 2 << 30,
+            scratch: 5,
+            included_scratch: 5,
+            ..Default::default()
+        };
+        let j = instance_type_json(&it);
+        assert!(
+            j.ends_with("}\n") && j.contains("\n    \"ProviderType\": \"t3.small\""),
+            "{j}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert!(v.get("Name").is_none() && v.get("Scratch").is_none());
+        assert_eq!(v["VCPUs"], 2);
+        assert_eq!(v["RAM"], 2i64 << 30);
+    }
+
+    #[test]
+    fn install_command_is_wrapped_for_non_root() {
+        let root = install_command(
+            "/tmp/arvados-crunch-run",
+            "/tmp/arvados-crunch-run/crunch-run~ab",
+            "root",
+        );
+        assert_eq!(
+            root,
+            r#"set -e; dstdir="/tmp/arvados-crunch-run/"; dstfile="/tmp/arvados-crunch-run/crunch-run~ab"; mkdir -p "$dstdir"; touch "$dstfile"; chmod 0755 "$dstdir" "$dstfile"; cat >"$dstfile""#
+        );
+        let admin = install_command("/tmp/x", "/tmp/x/crunch-run~ab", "admin");
+        assert!(
+            admin.starts_with("sudo sh -c 'set -e; dstdir=\"/tmp/x/\""),
+            "{admin}"
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! The pool's metrics (spec §8.16, Appendix C), with Arvados' names, types and labels, and a
+//! small Prometheus *summary* (the `prometheus` crate has none): count and sum since start,
+//! quantiles {0.5, 0.9, 0.95, 0.99} over the samples of the last 10 minutes, as Go's default.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{
+    LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary as PSummary,
+};
+use prometheus::{CounterVec, Gauge, GaugeVec, IntGauge, Opts, Registry};
+
+const QUANTILES: [f64; 4] = [0.5, 0.9, 0.95, 0.99];
+const MAX_AGE: Duration = Duration::from_secs(600);
+const MAX_SAMPLES: usize = 10_000;
+
+#[derive(Default)]
+struct SummaryData {
+    count: u64,
+    sum: f64,
+    recent: VecDeque<(Instant, f64)>,
+}
+
+/// A summary metric, optionally with labels.
+pub struct Summary {
+    desc: Desc,
+    name: String,
+    help: String,
+    label_names: Vec<String>,
+    data: Mutex<BTreeMap<Vec<String>, SummaryData>>,
+}
+
+impl Summary {
+    pub fn new(name: &str, help: &str, label_names: &[&str]) -> Result<Summary, prometheus::Error> {
+        Ok(Summary {
+            desc: Desc::new(
+                name.into(),
+                help.into(),
+                label_names.iter().map(|s| s.to_string()).collect(),
+                HashMap::new(),
+            )?,
+            name: name.into(),
+            help: help.into(),
+            label_names: label_names.iter().map(|s| s.to_string()).collect(),
+            data: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn observe(&self, label_values: &[&str], v: f64) {
+        let now = Instant::now();
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let d = data
+            .entry(label_values.iter().map(|s| s.to_string()).collect())
+            .or_default();
+        d.count += 1;
+        d.sum += v;
+        d.recent.push_back((now, v));
+        while d.recent.len() > MAX_SAMPLES
+            || d.recent
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > MAX_AGE)
+        {
+            d.recent.pop_front();
+        }
+    }
+
+    /// Samples observed so far (for tests and reports).
+    pub fn count(&self, label_values: &[&str]) -> u64 {
+        let key: Vec<String> = label_values.iter().map(|s| s.to_string()).collect();
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        data.get(&key).map_or(0, |d| d.count)
+    }
+}
+
+impl Collector for Summary {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let now = Instant::now();
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let mut metrics = Vec::new();
+        for (values, d) in data.iter() {
+            let mut recent: Vec<f64> = d
+                .recent
+                .iter()
+                .filter(|(t, _)| now.duration_since(*t) <= MAX_AGE)
+                .map(|(_, v)| *v)
+                .collect();
+            recent.sort_by(f64::total_cmp);
+            let quantiles = QUANTILES
+                .iter()
+                .map(|q| {
+                    let mut qu = Quantile::default();
+                    qu.set_quantile(*q);
+                    let v = if recent.is_empty() {
+                        f64::NAN
+                    } else {
+                        let i = ((recent.len() as f64 * q).ceil() as usize).clamp(1, recent.len());
+                        recent[i - 1]
+                    };
+                    qu.set_value(v);
+                    qu
+                })
+                .collect();
+            let mut s = PSummary::default();
+            s.set_sample_count(d.count);
+            s.set_sample_sum(d.sum);
+            s.set_quantile(quantiles);
+            let mut m = Metric::default();
+            m.set_label(
+                self.label_names
+                    .iter()
+                    .zip(values)
+                    .map(|(n, v)| {
+                        let mut l = LabelPair::default();
+                        l.set_name(n.clone());
+                        l.set_value(v.clone());
+                        l
+                    })
+                    .collect(),
+            );
+            m.set_summary(s);
+            metrics.push(m);
+        }
+        let mut f = MetricFamily::default();
+        f.set_name(self.name.clone());
+        f.set_help(self.help.clone());
+        f.set_field_type(MetricType::SUMMARY);
+        f.set_metric(metrics);
+        vec![f]
+    }
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+        .namespace("arvados")
+        .subsystem("dispatchcloud")
+}
+
+fn full(name: &str) -> String {
+    format!("arvados_dispatchcloud_{name}")
+}
+
+pub const CATEGORIES: [&str; 5] = ["inuse", "hold", "booting", "unknown", "idle"];
+pub const BOOT_OUTCOMES: [&str; 4] = ["failure", "success", "aborted", "disappeared"];
+pub const STATES: [&str; 5] = ["unknown", "booting", "idle", "running", "shutdown"];
+
+/// Every pool metric of Appendix C.
+pub struct PoolMetrics {
+    pub containers_running: IntGauge,
+    pub instances_total: GaugeVec,
+    pub instances_price: GaugeVec,
+    pub vcpus_total: GaugeVec,
+    pub memory_bytes_total: GaugeVec,
+    pub probe_age_max: Gauge,
+    pub probe_age_median: Gauge,
+    pub boot_outcomes: CounterVec,
+    pub disappeared: CounterVec,
+    pub time_to_ssh: std::sync::Arc<Summary>,
+    pub time_to_ready: std::sync::Arc<Summary>,
+    pub time_to_disappear: std::sync::Arc<Summary>,
+    pub queue_to_crunch_run: std::sync::Arc<Summary>,
+    pub run_probe_duration: std::sync::Arc<Summary>,
+}
+
+/// Lets an `Arc<Summary>` be registered while the pool keeps observing through it.
+struct Shared(std::sync::Arc<Summary>);
+
+impl Collector for Shared {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+impl PoolMetrics {
+    pub fn new(registry: &Registry) -> Result<PoolMetrics, prometheus::Error> {
+        let gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
+                let g = GaugeVec::new(opts(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let summary = |name: &str,
+                       help: &str,
+                       labels: &[&str]|
+         -> Result<std::sync::Arc<Summary>, prometheus::Error> {
+            let s = std::sync::Arc::new(Summary::new(&full(name), help, labels)?);
+            registry.register(Box::new(Shared(s.clone())))?;
+            Ok(s)
+        };
+        let containers_running = IntGauge::with_opts(opts(
+            "containers_running",
+            "Number of containers reported running by cloud VMs.",
+        ))?;
+        registry.register(Box::new(containers_running.clone()))?;
+        let probe_age_max = Gauge::with_opts(opts(
+            "probe_age_seconds_max",
+            "Maximum number of seconds since an instance's most recent successful probe.",
+        ))?;
+        registry.register(Box::new(probe_age_max.clone()))?;
+        let probe_age_median = Gauge::with_opts(opts(
+            "probe_age_seconds_median",
+            "Median number of seconds since an instance's most recent successful probe.",
+        ))?;
+        registry.register(Box::new(probe_age_median.clone()))?;
+        let boot_outcomes = CounterVec::new(
+            opts("boot_outcomes", "Boot outcomes by type."),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(boot_outcomes.clone()))?;
+        for o in BOOT_OUTCOMES {
+            boot_outcomes.with_label_values(&[o]);
+        }
+        let disappeared = CounterVec::new(
+            opts(
+                "instances_disappeared",
+                "Number of occurrences of an instance disappearing from the cloud provider's list of instances.",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(disappeared.clone()))?;
+        for s in STATES {
+            disappeared.with_label_values(&[s]);
+        }
+        Ok(PoolMetrics {
+            containers_running,
+            instances_total: gauge_vec(
+                "instances_total",
+                "Number of cloud VMs.",
+                &["category", "instance_type"],
+            )?,
+            instances_price: gauge_vec("instances_price", "Price of cloud VMs.", &["category"])?,
+            vcpus_total: gauge_vec(
+                "vcpus_total",
+                "Total VCPUs on all cloud VMs.",
+                &["category"],
+            )?,
+            memory_bytes_total: gauge_vec(
+                "memory_bytes_total",
+                "Total memory on all cloud VMs.",
+                &["category"],
+            )?,
+            probe_age_max,
+            probe_age_median,
+            boot_outcomes,
+            disappeared,
+            time_to_ssh: summary(
+                "instances_time_to_ssh_seconds",
+                "Number of seconds between instance creation and the first successful SSH connection.",
+                &[],
+            )?,
+            time_to_ready: summary(
+                "instances_time_to_ready_for_container_seconds",
+                "Number of seconds between the first successful SSH connection and ready to run a container.",
+                &[],
+            )?,
+            time_to_disappear: summary(
+                "instances_time_from_shutdown_request_to_disappearance_seconds",
+                "Number of seconds between the first shutdown attempt and the disappearance of the worker.",
+                &[],
+            )?,
+            queue_to_crunch_run: summary(
+                "containers_time_from_queue_to_crunch_run_seconds",
+                "Number of seconds between the queuing of a container and the start of crunch-run.",
+                &[],
+            )?,
+            run_probe_duration: summary(
+                "instances_run_probe_duration_seconds",
+                "Number of seconds per runProbe call.",
+                &["outcome"],
+            )?,
+        })
+    }
+}
+
+/// One worker's contribution to the category gauges.
+pub struct Sample<'a> {
+    pub category: &'static str,
+    pub instance_type: &'a str,
+    pub price: f64,
+    pub vcpus: i64,
+    pub ram: i64,
+    pub processes: usize,
+    pub probe_age: Duration,
+}
+
+impl PoolMetrics {
+    /// Recompute every gauge from the workers (`configured`: every configured type name, so
+    /// absent (category, type) pairs read 0).
+    pub fn set_gauges<'a>(
+        &self,
+        configured: impl Iterator<Item = &'a String>,
+        samples: &[Sample<'_>],
+    ) {
+        let mut totals: BTreeMap<(&str, &str), f64> = BTreeMap::new();
+        for t in configured {
+            for c in CATEGORIES {
+                totals.insert((c, t.as_str()), 0.0);
+            }
+        }
+        let mut price: BTreeMap<&str, f64> = CATEGORIES.iter().map(|c| (*c, 0.0)).collect();
+        let mut vcpus = price.clone();
+        let mut ram = price.clone();
+        let mut processes = 0;
+        let mut ages: Vec<Duration> = Vec::with_capacity(samples.len());
+        for s in samples {
+            *totals.entry((s.category, s.instance_type)).or_default() += 1.0;
+            *price.entry(s.category).or_default() += s.price;
+            *vcpus.entry(s.category).or_default() += s.vcpus as f64;
+            *ram.entry(s.category).or_default() += s.ram as f64;
+            processes += s.processes;
+            ages.push(s.probe_age);
+        }
+        self.instances_total.reset();
+        for ((c, t), n) in totals {
+            self.instances_total.with_label_values(&[c, t]).set(n);
+        }
+        for (c, v) in price {
+            self.instances_price.with_label_values(&[c]).set(v);
+            self.vcpus_total.with_label_values(&[c]).set(vcpus[c]);
+            self.memory_bytes_total.with_label_values(&[c]).set(ram[c]);
+        }
+        self.containers_running.set(processes as i64);
+        ages.sort();
+        let (max, median) = match ages.len() {
+            0 => (0.0, 0.0),
+            n => (ages[n - 1].as_secs_f64(), ages[n / 2].as_secs_f64()),
+        };
+        self.probe_age_max.set(max);
+        self.probe_age_median.set(median);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Encoder;
+
+    #[test]
+    fn summary_exposes_count_sum_and_quantiles_in_text_format() {
+        let r = Registry::new();
+        let m = PoolMetrics::new(&r).unwrap();
+        for v in 1..=100 {
+            m.run_probe_duration.observe(&["success"], v as f64 / 100.0);
+        }
+        m.time_to_ssh.observe(&[], 3.0);
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&r.gather(), &mut buf)
+            .unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        for line in [
+            "# TYPE arvados_dispatchcloud_instances_run_probe_duration_seconds summary",
+            "arvados_dispatchcloud_instances_run_probe_duration_seconds{outcome=\"success\",quantile=\"0.5\"} 0.5",
+            "arvados_dispatchcloud_instances_run_probe_duration_seconds{outcome=\"success\",quantile=\"0.99\"} 0.99",
+            "arvados_dispatchcloud_instances_run_probe_duration_seconds_count{outcome=\"success\"} 100",
+            "arvados_dispatchcloud_instances_time_to_ssh_seconds_sum 3",
+            "arvados_dispatchcloud_boot_outcomes{outcome=\"disappeared\"} 0",
+            "arvados_dispatchcloud_instances_disappeared{state=\"shutdown\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn gauges_cover_every_configured_type_and_category() {
+        let r = Registry::new();
+        let m = PoolMetrics::new(&r).unwrap();
+        let types = ["a".to_string(), "b".to_string()];
+        let s = |category, age| Sample {
+            category,
+            instance_type: "a",
+            price: 0.5,
+            vcpus: 2,
+            ram: 100,
+            processes: usize::from(category == "inuse"),
+            probe_age: Duration::from_secs(age),
+        };
+        m.set_gauges(types.iter(), &[s("inuse", 1), s("idle", 5), s("idle", 9)]);
+        assert_eq!(
+            m.instances_total.with_label_values(&["idle", "a"]).get(),
+            2.0
+        );
+        assert_eq!(
+            m.instances_total.with_label_values(&["hold", "b"]).get(),
+            0.0
+        );
+        assert_eq!(m.instances_price.with_label_values(&["idle"]).get(), 1.0);
+        assert_eq!(m.vcpus_total.with_label_values(&["inuse"]).get(), 2.0);
+        assert_eq!(m.containers_running.get(), 1);
+        assert_eq!(
+            (m.probe_age_max.get(), m.probe_age_median.get()),
+            (9.0, 5.0)
+        );
+        let families = r.gather();
+        let total = families
+            .iter()
+            .find(|f| f.name() == "arvados_dispatchcloud_instances_total")
+            .unwrap();
+        assert_eq!(total.get_metric().len(), 10, "5 categories × 2 types");
+    }
+}

@@ -1,0 +1,922 @@
+//! The worker pool (spec §8): every VM of this dispatcher, from create to destroy.
+//!
+//! * [`config`]: settings resolved from the cluster config, and the command lines and stdin of
+//!   the remote command contract.
+//! * [`record`]: one worker's record and the pure rules over it.
+//! * `probe.rs`: boot probe, host verification, runner deployment, run probe (§8.7–8.10).
+//! * [`runner`]: a crunch-run process and its kill loop (§8.12).
+//! * [`metrics`]: the pool's Prometheus metrics.
+//! * this file: the shared state, creating (quota, capacity, concurrency; §8.5), syncing with
+//!   the cloud list and adoption (§8.6), starting containers (§8.11), shutting down (§8.13),
+//!   tags (§8.14), views (§8.15), and the [`WorkerPool`] interface the scheduler uses.
+//!
+//! One `std::sync::Mutex` guards the state; it is never held across an `.await`. Cloud calls
+//! and SSH commands run in spawned tasks, which take the lock again to record their result.
+//!
+//! Where Go has a known bug (spec §13.3) this pool does the right thing; each such case has a
+//! test named `bug_13_3_<item>_…`.
+
+pub mod config;
+pub mod metrics;
+mod probe;
+pub mod record;
+pub mod runner;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use arvados::InstanceType;
+use arvados::types::Container;
+use chrono::{DateTime, Utc};
+use cloud::wrappers::Throttled;
+use cloud::{CloudError, CreateRequest, Instance, InstanceSet, InstanceTags};
+use tokio::sync::watch;
+use tokio::time::{Duration, Instant};
+
+pub use config::PoolConfig;
+use metrics::{PoolMetrics, Sample};
+use record::Worker;
+use runner::Runner;
+
+use crate::scheduler::pool::{IdleBehavior, InstanceView, RunningMap, WorkerPool, WorkerState};
+use crate::ssh_executor::{Executor, Target, Timeouts};
+
+/// A create call in flight, keyed by the instance secret it carries.
+struct Creating {
+    it: Arc<InstanceType>,
+}
+
+#[derive(Default)]
+struct State {
+    workers: BTreeMap<String, Worker>,
+    creating: HashMap<String, Creating>,
+    /// Containers whose crunch-run ended, until the scheduler forgets them.
+    exited: HashMap<String, DateTime<Utc>>,
+    at_quota_until: Option<Instant>,
+    /// At quota until there are fewer instances than this (0: not in effect).
+    at_quota_until_fewer: usize,
+    at_capacity_until: HashMap<String, Instant>,
+    /// `MaxConcurrentInstanceCreateOps` was hit; cleared early when a create finishes.
+    create_ops_hold_until: Option<Instant>,
+    loaded: bool,
+}
+
+/// The worker pool.
+pub struct Pool {
+    pub(crate) cfg: PoolConfig,
+    set: Arc<Throttled>,
+    state: Mutex<State>,
+    notify: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+    pub metrics: PoolMetrics,
+    me: Weak<Pool>,
+}
+
+fn type_tag_behavior(tag: Option<&String>) -> Option<IdleBehavior> {
+    match tag.map(String::as_str) {
+        Some("run") => Some(IdleBehavior::Run),
+        Some("hold") => Some(IdleBehavior::Hold),
+        Some("drain") => Some(IdleBehavior::Drain),
+        _ => None,
+    }
+}
+
+impl Pool {
+    /// A pool over `set` (the driver's instance set, already rate-limited/instrumented as the
+    /// service wants); registers its metrics in `registry`. Call [`Pool::start`] to run it.
+    pub fn new(
+        cfg: PoolConfig,
+        set: Arc<dyn InstanceSet>,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Pool>, prometheus::Error> {
+        let metrics = PoolMetrics::new(registry)?;
+        Ok(Arc::new_cyclic(|me| Pool {
+            cfg,
+            set: Arc::new(Throttled::new(set)),
+            state: Mutex::new(State::default()),
+            notify: watch::channel(0).0,
+            stop: watch::channel(false).0,
+            metrics,
+            me: me.clone(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn arc(&self) -> Option<Arc<Pool>> {
+        self.me.upgrade()
+    }
+
+    pub(crate) fn notify(&self) {
+        self.notify.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Start the sync, probe and metrics loops.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.sync_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.probe_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.metrics_loop().await });
+    }
+
+    /// Stop the loops. Instances are left as they are, for the next dispatcher to adopt.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    fn stopped(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Sleep `d`; false if the pool was stopped meanwhile.
+    async fn pause(&self, d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+        if *stop.borrow() {
+            return false;
+        }
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        !stopped && !*stop.borrow()
+    }
+
+    async fn sync_loop(self: Arc<Self>) {
+        let mut stop = self.stopped();
+        loop {
+            if let Err(e) = self.sync().await {
+                tracing::warn!(error = %e, "sync failed");
+            }
+            if !self.pause(self.cfg.sync_interval, &mut stop).await {
+                return;
+            }
+        }
+    }
+
+    async fn metrics_loop(self: Arc<Self>) {
+        let mut stop = self.stopped();
+        let mut changes = self.notify.subscribe();
+        loop {
+            self.update_metrics();
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            // Coalesce bursts of notifications.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Recompute the gauges (also done after every change by the metrics loop).
+    pub fn update_metrics(&self) {
+        let now = Instant::now();
+        let st = self.lock();
+        let samples: Vec<Sample<'_>> = st
+            .workers
+            .values()
+            .map(|w| Sample {
+                category: w.category(),
+                instance_type: &w.it.name,
+                price: w.it.price,
+                vcpus: w.it.vcpus,
+                ram: w.it.ram,
+                processes: w.processes(),
+                probe_age: now.saturating_duration_since(w.probed),
+            })
+            .collect();
+        self.metrics
+            .set_gauges(self.cfg.instance_types.keys(), &samples);
+    }
+
+    /// Whether the pool can work: the runner binary, if one is to be deployed, was loaded.
+    pub fn check_health(&self) -> Result<(), String> {
+        match &self.cfg.runner_error {
+            Some(e) => Err(format!("error loading runner binary: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Quota and capacity (§8.5)
+
+    fn capacity_keys(&self, it: &InstanceType) -> [String; 3] {
+        let mut provider = it.provider_type.clone();
+        if it.preemptible {
+            provider.push_str("-preemptible");
+        }
+        [String::new(), self.set.instance_quota_group(it), provider]
+    }
+
+    fn at_capacity_locked(&self, st: &State, it: &InstanceType, now: Instant) -> bool {
+        self.capacity_keys(it)
+            .iter()
+            .any(|k| st.at_capacity_until.get(k).is_some_and(|t| now < *t))
+    }
+
+    fn at_quota_locked(&self, st: &State, now: Instant) -> bool {
+        let n = st.workers.len() + st.creating.len();
+        st.at_quota_until_fewer > 0
+            || st.at_quota_until.is_some_and(|t| now < t)
+            || (self.cfg.max_instances > 0 && n >= self.cfg.max_instances)
+    }
+
+    fn create_throttled(&self, st: &State, now: Instant) -> bool {
+        st.create_ops_hold_until.is_some_and(|t| now < t) || self.set.create.error().is_some()
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Creating (§8.5)
+
+    fn do_create(&self, it: &InstanceType) -> Option<InstanceView> {
+        if let Some(e) = &self.cfg.runner_error {
+            tracing::debug!(error = %e, "not creating: runner binary not loaded");
+            return None;
+        }
+        let pool = self.arc()?;
+        let now = Instant::now();
+        let mut st = self.lock();
+        if self.at_capacity_locked(&st, it, now)
+            || self.at_quota_locked(&st, now)
+            || self.create_throttled(&st, now)
+        {
+            return None;
+        }
+        let max = self.cfg.max_concurrent_creates;
+        if max > 0 && st.creating.len() >= max {
+            tracing::info!(
+                limit = max,
+                "reached MaxConcurrentInstanceCreateOps; waiting for a create to finish"
+            );
+            st.create_ops_hold_until = Some(now + self.cfg.create_ops_hold_off);
+            return None;
+        }
+        let it = Arc::new(it.clone());
+        let secret = cloud::tags::new_instance_secret();
+        st.creating
+            .insert(secret.clone(), Creating { it: it.clone() });
+        let total = st.workers.len() + st.creating.len();
+        if self.cfg.max_instances > 0 && total == self.cfg.max_instances {
+            tracing::info!(
+                "now at MaxInstances limit of {} instances",
+                self.cfg.max_instances
+            );
+        }
+        drop(st);
+        self.notify();
+        let view = InstanceView::new("", &it, WorkerState::Booting);
+        tokio::spawn(async move { pool.create_in_background(secret, it).await });
+        Some(view)
+    }
+
+    async fn create_in_background(self: Arc<Self>, secret: String, it: Arc<InstanceType>) {
+        let keys = &self.cfg.tag_keys;
+        let tags: InstanceTags = [
+            (keys.instance_set_id(), self.cfg.instance_set_id.clone()),
+            (keys.instance_type(), it.name.clone()),
+            (keys.idle_behavior(), "run".to_string()),
+            (keys.instance_secret(), secret.clone()),
+        ]
+        .into();
+        let req = CreateRequest {
+            image_id: self.cfg.image_id.clone(),
+            tags,
+            init_command: cloud::tags::init_command(&secret, &self.cfg.instance_init_command),
+            public_key: self.cfg.install_public_key.clone(),
+        };
+        let result = self.set.create(&it, req).await;
+        let now = Instant::now();
+        {
+            let mut st = self.lock();
+            match result {
+                Ok(inst) => {
+                    self.update_worker(&mut st, inst, now);
+                }
+                Err(e) => {
+                    if e.is_quota() {
+                        let n = (st.workers.len() + st.creating.len()).saturating_sub(1);
+                        if n < 1 {
+                            st.at_quota_until_fewer = 0;
+                            st.at_quota_until = Some(now + self.cfg.quota_error_ttl);
+                            self.notify_at(now + self.cfg.quota_error_ttl);
+                        } else if n < st.at_quota_until_fewer || st.at_quota_until_fewer == 0 {
+                            st.at_quota_until_fewer = n;
+                            st.at_quota_until = None;
+                        }
+                    }
+                    if e.is_capacity() {
+                        let [all, group, provider] = self.capacity_keys(&it);
+                        let key = if e.is_quota_group_specific() {
+                            group
+                        } else if e.is_instance_type_specific() {
+                            provider
+                        } else {
+                            all
+                        };
+                        st.at_capacity_until
+                            .insert(key, now + self.cfg.capacity_error_ttl);
+                        self.notify_at(now + self.cfg.capacity_error_ttl);
+                    }
+                    tracing::error!(
+                        InstanceType = %it.name,
+                        isCapacityError = e.is_capacity(),
+                        isQuotaError = e.is_quota(),
+                        error = %e,
+                        "create failed"
+                    );
+                }
+            }
+            st.creating.remove(&secret);
+            // Better than Go (§13.3 item 26): a finished create lifts the concurrency hold.
+            st.create_ops_hold_until = None;
+        }
+        self.notify();
+    }
+
+    /// Notify subscribers at `t` (when a hold-off ends).
+    fn notify_at(&self, t: Instant) {
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(t).await;
+            if let Some(p) = me.upgrade() {
+                p.notify();
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Sync with the cloud list (§8.6)
+
+    /// List the cloud's instances of this dispatcher and reconcile the workers with it.
+    pub async fn sync(&self) -> Result<(), CloudError> {
+        let threshold = Instant::now();
+        let filter: InstanceTags = [(
+            self.cfg.tag_keys.instance_set_id(),
+            self.cfg.instance_set_id.clone(),
+        )]
+        .into();
+        let list = self.set.instances(&filter).await?;
+        let now = Instant::now();
+        let mut st = self.lock();
+        let mut listed = std::collections::HashSet::new();
+        for inst in list {
+            listed.insert(inst.id());
+            self.update_worker(&mut st, inst, now);
+        }
+        let gone: Vec<String> = st
+            .workers
+            .iter()
+            .filter(|(id, w)| !listed.contains(*id) && w.updated <= threshold)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            let Some(w) = st.workers.remove(&id) else {
+                continue;
+            };
+            tracing::info!(
+                Instance = %id,
+                WorkerState = %w.state,
+                "instance disappeared in cloud"
+            );
+            if !w.boot_outcome_reported {
+                self.metrics
+                    .boot_outcomes
+                    .with_label_values(&["disappeared"])
+                    .inc();
+            }
+            self.metrics
+                .disappeared
+                .with_label_values(&[w.state.as_str()])
+                .inc();
+            if let Some(d) = w.destroyed {
+                self.metrics
+                    .time_to_disappear
+                    .observe(&[], now.saturating_duration_since(d).as_secs_f64());
+            }
+            // Better than Go (§13.3 item 22): its processes are gone too; say so, so the
+            // scheduler can act without waiting for unknown workers to clear.
+            let at = Utc::now();
+            for (uuid, r) in w.running.iter().chain(w.starting.iter()) {
+                r.close();
+                st.exited.insert(uuid.clone(), at);
+            }
+            w.executor.close();
+        }
+        let total = st.workers.len() + st.creating.len();
+        if st.at_quota_until_fewer > total {
+            st.at_quota_until_fewer = 0;
+        }
+        if !st.loaded {
+            st.loaded = true;
+            tracing::info!(N = st.workers.len(), "loaded initial instance list");
+        }
+        drop(st);
+        self.notify();
+        Ok(())
+    }
+
+    fn new_executor(&self, inst: &Arc<dyn Instance>, secret: Option<String>) -> Arc<Executor> {
+        Arc::new(Executor::new(
+            self.target(inst, secret),
+            self.cfg.private_key.clone(),
+            &self.cfg.ssh_port,
+            Timeouts {
+                connect: self.cfg.command_timeout,
+                command: self.cfg.command_timeout,
+            },
+        ))
+    }
+
+    fn target(&self, inst: &Arc<dyn Instance>, secret: Option<String>) -> Target {
+        let me = self.me.clone();
+        let id = inst.id();
+        Target {
+            instance: inst.clone(),
+            secret,
+            on_verified: Some(Arc::new(move || {
+                if let Some(p) = me.upgrade() {
+                    p.ssh_connected(&id);
+                }
+            })),
+        }
+    }
+
+    /// First verified SSH connection to a booting worker: time-to-SSH.
+    fn ssh_connected(&self, id: &str) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some(w) = st.workers.get_mut(id)
+            && w.state == WorkerState::Booting
+            && w.first_ssh.is_none()
+        {
+            w.first_ssh = Some(now);
+            self.metrics
+                .time_to_ssh
+                .observe(&[], now.saturating_duration_since(w.appeared).as_secs_f64());
+        }
+    }
+
+    /// Add or refresh the worker for a listed (or just created) instance.
+    fn update_worker(&self, st: &mut State, inst: Arc<dyn Instance>, now: Instant) {
+        let keys = &self.cfg.tag_keys;
+        let tags = inst.tags();
+        let id = inst.id();
+        let secret = tags.get(&keys.instance_secret()).cloned();
+        if let Some(w) = st.workers.get_mut(&id) {
+            w.executor.set_target(self.target(&inst, secret.clone()));
+            w.instance = inst;
+            w.tags = tags;
+            w.secret = secret;
+            w.updated = now;
+            self.save_tags(w);
+            if w.state == WorkerState::Shutdown
+                && w.destroyed
+                    .is_some_and(|d| now.saturating_duration_since(d) > self.cfg.timeout_shutdown)
+            {
+                tracing::info!(Instance = %id, "worker still listed after shutdown; retrying");
+                self.shutdown_locked(w, now);
+            }
+            return;
+        }
+        let type_name = tags.get(&keys.instance_type()).cloned().unwrap_or_default();
+        let configured = self.cfg.instance_types.get(&type_name);
+        let tagged = type_tag_behavior(tags.get(&keys.idle_behavior()));
+        let (it, behavior) = match configured {
+            Some(it) => (it.clone(), tagged.unwrap_or_default()),
+            None => {
+                let b = if tagged == Some(IdleBehavior::Hold) {
+                    IdleBehavior::Hold
+                } else {
+                    IdleBehavior::Drain
+                };
+                tracing::warn!(
+                    Instance = %id,
+                    InstanceType = %type_name,
+                    "{}ing instance that was tagged with an unrecognized InstanceType and IdleBehavior = {}",
+                    b.as_str(),
+                    tags.get(&keys.idle_behavior()).map(String::as_str).unwrap_or("")
+                );
+                (
+                    InstanceType {
+                        name: type_name,
+                        ..Default::default()
+                    },
+                    b,
+                )
+            }
+        };
+        let booting = secret.as_ref().is_some_and(|s| st.creating.contains_key(s));
+        let state = if booting {
+            WorkerState::Booting
+        } else {
+            WorkerState::Unknown
+        };
+        let appeared = now;
+        let executor = self.new_executor(&inst, secret.clone());
+        tracing::info!(
+            Instance = %id,
+            InstanceType = %it.name,
+            WorkerState = %state,
+            IdleBehavior = %behavior.as_str(),
+            "instance appeared in cloud"
+        );
+        let mut w = Worker {
+            id: id.clone(),
+            instance: inst,
+            known_type: configured.is_some(),
+            it: Arc::new(it),
+            state,
+            idle_behavior: behavior,
+            executor,
+            secret,
+            appeared,
+            probed: appeared,
+            updated: now,
+            busy: now,
+            destroyed: None,
+            first_ssh: None,
+            last_uuid: String::new(),
+            running: BTreeMap::new(),
+            starting: BTreeMap::new(),
+            probing: false,
+            boot_outcome_reported: false,
+            time_to_ready_reported: false,
+            stale_run_lock_since: None,
+            tags,
+        };
+        self.save_tags(&mut w);
+        st.workers.insert(id, w);
+        self.notify();
+    }
+
+    /// Persist the type and idle behaviour in the instance's tags (§8.14). Unlike Go (§13.3
+    /// item 21), the `drain` forced on an unrecognised type is not written to the tag, so
+    /// configuring the type again restores the VM's own behaviour after a restart.
+    fn save_tags(&self, w: &mut Worker) {
+        if !w.known_type {
+            return;
+        }
+        let keys = &self.cfg.tag_keys;
+        let want = [
+            (keys.instance_type(), w.it.name.clone()),
+            (keys.idle_behavior(), w.idle_behavior.as_str().to_string()),
+        ];
+        if want.iter().all(|(k, v)| w.tags.get(k) == Some(v)) {
+            return;
+        }
+        let mut tags = w.tags.clone();
+        tags.extend(want);
+        w.tags = tags.clone();
+        let (inst, id) = (w.instance.clone(), w.id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = inst.set_tags(tags).await {
+                tracing::warn!(Instance = %id, error = %e, "error updating tags");
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Shutting down (§8.13)
+
+    fn report_boot_outcome(&self, w: &mut Worker, outcome: &str) {
+        if !w.boot_outcome_reported {
+            w.boot_outcome_reported = true;
+            self.metrics
+                .boot_outcomes
+                .with_label_values(&[outcome])
+                .inc();
+        }
+    }
+
+    fn shutdown_locked(&self, w: &mut Worker, now: Instant) {
+        w.updated = now;
+        w.destroyed = Some(now);
+        w.state = WorkerState::Shutdown;
+        self.notify();
+        let (inst, id) = (w.instance.clone(), w.id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = inst.destroy().await {
+                tracing::warn!(Instance = %id, error = %e, "shutdown failed");
+            }
+        });
+    }
+
+    /// Shut down if the idle rules say so (§8.7); true if it did.
+    fn shutdown_if_idle(&self, w: &mut Worker, now: Instant) -> bool {
+        if !w.eligible_for_shutdown(now, self.cfg.timeout_idle, self.cfg.timeout_booting) {
+            return false;
+        }
+        tracing::info!(
+            Instance = %w.id,
+            WorkerState = %w.state,
+            IdleDuration = ?now.saturating_duration_since(w.busy),
+            IdleBehavior = %w.idle_behavior.as_str(),
+            "shutdown worker"
+        );
+        self.report_boot_outcome(w, "aborted");
+        self.shutdown_locked(w, now);
+        true
+    }
+
+    /// Management API: change a worker's idle behaviour.
+    pub fn set_idle_behavior(&self, id: &str, b: IdleBehavior) -> Result<(), String> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let w = st
+            .workers
+            .get_mut(id)
+            .ok_or_else(|| "requested instance does not exist".to_string())?;
+        tracing::info!(Instance = %id, IdleBehavior = %b.as_str(), "set idle behavior");
+        w.idle_behavior = b;
+        self.save_tags(w);
+        self.shutdown_if_idle(w, now);
+        drop(st);
+        self.notify();
+        Ok(())
+    }
+
+    /// Management API: destroy a worker whatever its state and behaviour.
+    pub fn kill_instance(&self, id: &str, reason: &str) -> Result<(), String> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let w = st
+            .workers
+            .get_mut(id)
+            .ok_or_else(|| "instance not found".to_string())?;
+        tracing::info!(Instance = %id, Reason = %reason, "shutting down");
+        self.report_boot_outcome(w, "aborted");
+        self.shutdown_locked(w, now);
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Runners (§8.12)
+
+    /// `--kill` succeeded: the process is gone.
+    fn on_killed(&self, worker_id: &str, uuid: &str) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let State {
+            workers, exited, ..
+        } = &mut *st;
+        if let Some(w) = workers.get_mut(worker_id) {
+            // Better than Go (§13.3 item 20): a runner still starting is closed too.
+            if w.running.contains_key(uuid) || w.starting.contains_key(uuid) {
+                close_runner(w, exited, uuid, now);
+            }
+        }
+        drop(st);
+        self.notify();
+    }
+
+    /// `TimeoutTERM` passed: drain the worker (unless on hold).
+    fn on_unkillable(&self, worker_id: &str, uuid: &str) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(w) = st.workers.get_mut(worker_id) else {
+            return;
+        };
+        if w.idle_behavior == IdleBehavior::Hold {
+            tracing::warn!(Instance = %worker_id, ContainerUUID = %uuid, "unkillable container, but worker is on hold");
+            return;
+        }
+        tracing::warn!(Instance = %worker_id, ContainerUUID = %uuid, "unkillable container, draining worker");
+        w.idle_behavior = IdleBehavior::Drain;
+        self.save_tags(w);
+        self.shutdown_if_idle(w, now);
+        drop(st);
+        self.notify();
+    }
+
+    fn runner_command(&self, user: &str) -> String {
+        format!("{}{}", config::sudo(user), self.cfg.runner_command())
+    }
+
+    /// How many workers are in each state, and the ids of all (tests, reports).
+    pub fn worker_ids(&self) -> Vec<String> {
+        self.lock().workers.keys().cloned().collect()
+    }
+
+    /// One worker's view, if it exists.
+    pub fn worker(&self, id: &str) -> Option<InstanceView> {
+        self.lock().workers.get(id).map(Worker::view)
+    }
+}
+
+/// The process ended (or was killed): stop tracking it, leave an exited placeholder.
+fn close_runner(
+    w: &mut Worker,
+    exited: &mut HashMap<String, DateTime<Utc>>,
+    uuid: &str,
+    now: Instant,
+) {
+    let r = w.running.remove(uuid).or_else(|| w.starting.remove(uuid));
+    if let Some(r) = r {
+        tracing::info!(Instance = %w.id, ContainerUUID = %uuid, "crunch-run process ended");
+        r.close();
+    }
+    w.updated = now;
+    exited.insert(uuid.to_string(), Utc::now());
+    if w.state == WorkerState::Running && w.processes() == 0 {
+        w.state = WorkerState::Idle;
+    }
+}
+
+impl WorkerPool for Pool {
+    fn running(&self) -> RunningMap {
+        let st = self.lock();
+        let mut m = RunningMap::default();
+        for w in st.workers.values() {
+            for uuid in w.running.keys().chain(w.starting.keys()) {
+                m.insert(uuid.clone(), None);
+            }
+        }
+        for (uuid, t) in &st.exited {
+            m.entry(uuid.clone()).or_insert(Some(*t));
+        }
+        m
+    }
+
+    fn instances(&self) -> Vec<InstanceView> {
+        let st = self.lock();
+        let mut v: Vec<InstanceView> = st.workers.values().map(Worker::view).collect();
+        for c in st.creating.values() {
+            v.push(InstanceView::new("", &c.it, WorkerState::Booting));
+        }
+        v.sort_by(|a, b| {
+            (a.instance.as_str(), a.arvados_instance_type.as_str())
+                .cmp(&(b.instance.as_str(), b.arvados_instance_type.as_str()))
+        });
+        v
+    }
+
+    fn count_workers(&self) -> BTreeMap<WorkerState, usize> {
+        let st = self.lock();
+        let mut m = BTreeMap::new();
+        for w in st.workers.values() {
+            *m.entry(w.state).or_insert(0) += 1;
+        }
+        m
+    }
+
+    fn loaded(&self) -> bool {
+        self.lock().loaded
+    }
+
+    fn at_capacity(&self, it: &InstanceType) -> bool {
+        let st = self.lock();
+        self.at_capacity_locked(&st, it, Instant::now())
+    }
+
+    fn at_quota(&self) -> bool {
+        let st = self.lock();
+        self.at_quota_locked(&st, Instant::now())
+    }
+
+    fn quota_headroom(&self) -> Option<usize> {
+        let st = self.lock();
+        if self.at_quota_locked(&st, Instant::now()) {
+            return Some(0);
+        }
+        (self.cfg.max_instances > 0).then(|| {
+            self.cfg
+                .max_instances
+                .saturating_sub(st.workers.len() + st.creating.len())
+        })
+    }
+
+    fn create_budget(&self) -> Option<usize> {
+        if self.cfg.runner_error.is_some() {
+            return Some(0);
+        }
+        let st = self.lock();
+        if self.create_throttled(&st, Instant::now()) {
+            return Some(0);
+        }
+        let max = self.cfg.max_concurrent_creates;
+        (max > 0).then(|| max.saturating_sub(st.creating.len()))
+    }
+
+    fn create(&self, it: &InstanceType) -> Option<InstanceView> {
+        self.do_create(it)
+    }
+
+    fn shutdown(&self, instance_id: &str) -> bool {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(w) = st.workers.get_mut(instance_id) else {
+            return false;
+        };
+        if w.idle_behavior == IdleBehavior::Hold
+            || !matches!(w.state, WorkerState::Booting | WorkerState::Idle)
+        {
+            return false;
+        }
+        tracing::info!(Instance = %instance_id, "shutting down");
+        self.report_boot_outcome(w, "aborted");
+        self.shutdown_locked(w, now);
+        true
+    }
+
+    fn start_container(&self, instance_id: &str, ctr: &Container) -> bool {
+        let Some(pool) = self.arc() else {
+            return false;
+        };
+        let mut st = self.lock();
+        let Some(w) = st.workers.get_mut(instance_id) else {
+            return false;
+        };
+        if w.idle_behavior != IdleBehavior::Run || !w.state.is_ready() {
+            return false;
+        }
+        let user = w.instance.remote_user();
+        let runner = Runner::new(
+            &pool,
+            &w.id,
+            w.executor.clone(),
+            &ctr.uuid,
+            self.runner_command(&user),
+        );
+        w.starting.insert(ctr.uuid.clone(), runner);
+        if w.state != WorkerState::Running {
+            w.state = WorkerState::Running;
+        }
+        let command = config::start_command(
+            &self.cfg.runner_command(),
+            &self.cfg.runner_args,
+            &ctr.uuid,
+            &user,
+        );
+        let stdin = config::config_data(&self.cfg, &w.it, &w.instance.address(), &ctr.uuid);
+        let (exec, id, uuid) = (w.executor.clone(), w.id.clone(), ctr.uuid.clone());
+        let created_at = ctr.created_at;
+        drop(st);
+        self.notify();
+        tokio::spawn(async move {
+            match exec.execute(&[], &command, &stdin).await {
+                Ok(_) => {
+                    tracing::info!(Instance = %id, ContainerUUID = %uuid, "crunch-run process started")
+                }
+                Err(f) => tracing::warn!(
+                    Instance = %id,
+                    ContainerUUID = %uuid,
+                    error = %f,
+                    stdout = %String::from_utf8_lossy(&f.output.stdout).trim(),
+                    stderr = %String::from_utf8_lossy(&f.output.stderr).trim(),
+                    "error starting crunch-run process"
+                ),
+            }
+            if let Some(t) = created_at {
+                let waited = (Utc::now() - t).to_std().unwrap_or_default();
+                pool.metrics
+                    .queue_to_crunch_run
+                    .observe(&[], waited.as_secs_f64());
+            }
+            let now = Instant::now();
+            let mut st = pool.lock();
+            if let Some(w) = st.workers.get_mut(&id)
+                && let Some(r) = w.starting.remove(&uuid)
+            {
+                w.running.insert(uuid.clone(), r);
+                w.updated = now;
+                w.busy = now;
+                w.last_uuid = uuid;
+            }
+            drop(st);
+            pool.notify();
+        });
+        true
+    }
+
+    fn kill_container(&self, uuid: &str, reason: &str) -> bool {
+        let st = self.lock();
+        let runner = st
+            .workers
+            .values()
+            .find_map(|w| w.running.get(uuid).or_else(|| w.starting.get(uuid)))
+            .cloned();
+        drop(st);
+        match runner {
+            Some(r) => {
+                r.kill(reason);
+                true
+            }
+            None => {
+                tracing::debug!(ContainerUUID = %uuid, "cannot kill: already disappeared");
+                false
+            }
+        }
+    }
+
+    fn forget_container(&self, uuid: &str) {
+        self.lock().exited.remove(uuid);
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+}

@@ -1,0 +1,111 @@
+//! A crunch-run process on a worker, as the pool knows it (spec §8.11–8.12): started with
+//! `--detach`, or adopted from a run probe; stopped with `--kill 15` every `TimeoutSignal`
+//! until it is gone or `TimeoutTERM` has passed (then it is "given up" and the worker drains).
+//! SIGKILL is never sent: it would orphan the container's own processes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::time::{Duration, Instant};
+
+use super::Pool;
+use crate::ssh_executor::Executor;
+
+pub struct Runner {
+    pub uuid: String,
+    worker_id: String,
+    executor: Arc<Executor>,
+    /// The crunch-run command (sudo-prefixed when needed).
+    command: String,
+    timeout_signal: Duration,
+    timeout_term: Duration,
+    pool: Weak<Pool>,
+    kill_started: Mutex<Option<Instant>>,
+    closed: AtomicBool,
+    given_up: AtomicBool,
+}
+
+impl Runner {
+    pub(super) fn new(
+        pool: &Arc<Pool>,
+        worker_id: &str,
+        executor: Arc<Executor>,
+        uuid: &str,
+        command: String,
+    ) -> Arc<Runner> {
+        Arc::new(Runner {
+            uuid: uuid.to_string(),
+            worker_id: worker_id.to_string(),
+            executor,
+            command,
+            timeout_signal: pool.cfg.timeout_signal,
+            timeout_term: pool.cfg.timeout_term,
+            pool: Arc::downgrade(pool),
+            kill_started: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            given_up: AtomicBool::new(false),
+        })
+    }
+
+    /// `TimeoutTERM` passed without the process going away.
+    pub fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::SeqCst)
+    }
+
+    /// No longer tracked: stop any kill loop.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Start the kill loop (once; later calls do nothing).
+    pub fn kill(self: &Arc<Self>, reason: &str) {
+        {
+            let mut started = self.kill_started.lock().unwrap_or_else(|e| e.into_inner());
+            if started.is_some() {
+                return;
+            }
+            *started = Some(Instant::now());
+        }
+        tracing::info!(
+            ContainerUUID = %self.uuid,
+            Instance = %self.worker_id,
+            Reason = %reason,
+            "killing crunch-run process"
+        );
+        let me = self.clone();
+        tokio::spawn(async move { me.kill_loop().await });
+    }
+
+    async fn kill_loop(self: Arc<Self>) {
+        let started = Instant::now();
+        let command = format!("{} --kill 15 {}", self.command, self.uuid);
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            if started.elapsed() >= self.timeout_term {
+                self.given_up.store(true, Ordering::SeqCst);
+                if let Some(pool) = self.pool.upgrade() {
+                    pool.on_unkillable(&self.worker_id, &self.uuid);
+                }
+                return;
+            }
+            match self.executor.execute(&[], &command, b"").await {
+                Ok(_) => {
+                    if let Some(pool) = self.pool.upgrade() {
+                        pool.on_killed(&self.worker_id, &self.uuid);
+                    }
+                    return;
+                }
+                Err(f) => tracing::info!(
+                    ContainerUUID = %self.uuid,
+                    Instance = %self.worker_id,
+                    error = %f,
+                    stderr = %String::from_utf8_lossy(&f.output.stderr).trim(),
+                    "kill attempt unsuccessful"
+                ),
+            }
+            tokio::time::sleep(self.timeout_signal).await;
+        }
+    }
+}
