@@ -354,6 +354,26 @@ impl HoldOff {
         *self.until.lock().unwrap_or_else(|e| e.into_inner()) = Some((t, message));
     }
 
+    /// Suspend until `t`, and call `notify` when the suspension ends (needs a tokio runtime).
+    pub fn error_until_then(
+        &self,
+        t: SystemTime,
+        message: String,
+        notify: impl FnOnce() + Send + 'static,
+    ) {
+        self.error_until(t, message);
+        let wait = t.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            notify();
+        });
+    }
+
+    /// Lift any suspension now.
+    pub fn clear(&self) {
+        *self.until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Record a rate-limit error whose earliest retry is in the future; returns whether it
     /// was one.
     pub fn check_rate_limit_error(&self, err: &CloudError) -> bool {

@@ -320,3 +320,24 @@ async fn conformance_suite_catches_a_destroy_that_does_nothing() {
     let e = r.unwrap_err();
     assert!(e.starts_with("destroy: "), "{e}");
 }
+
+#[tokio::test]
+async fn ac_thr_1_throttle_errors_until_then_clears_and_notifies() {
+    let t = HoldOff::default();
+    assert!(t.error().is_none(), "a new throttle has no error");
+    t.error_until(SystemTime::now() + Duration::from_secs(1), "wait".into());
+    assert!(t.error().is_some());
+    t.clear();
+    assert!(t.error().is_none());
+    let notified = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let n = notified.clone();
+    t.error_until_then(
+        SystemTime::now() + Duration::from_millis(1),
+        "briefly".into(),
+        move || n.store(true, std::sync::atomic::Ordering::SeqCst),
+    );
+    assert!(t.error().is_some());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(t.error().is_none());
+    assert!(notified.load(std::sync::atomic::Ordering::SeqCst));
+}

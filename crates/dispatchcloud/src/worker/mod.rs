@@ -321,6 +321,14 @@ impl Pool {
                             .insert(key, now + self.cfg.capacity_error_ttl);
                         self.notify_at(now + self.cfg.capacity_error_ttl);
                     }
+                    if let Some(t) = e.earliest_retry() {
+                        // The throttle wrapper holds creates until then; wake the scheduler
+                        // when it may try again.
+                        let wait = t
+                            .duration_since(std::time::SystemTime::now())
+                            .unwrap_or_default();
+                        self.notify_at(now + wait);
+                    }
                     tracing::error!(
                         InstanceType = %it.name,
                         isCapacityError = e.is_capacity(),
