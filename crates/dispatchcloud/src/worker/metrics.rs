@@ -34,6 +34,11 @@ pub struct Summary {
 
 impl Summary {
     pub fn new(name: &str, help: &str, label_names: &[&str]) -> Result<Summary, prometheus::Error> {
+        // Without labels it is exposed from the start (count 0), as Prometheus clients do.
+        let mut data = BTreeMap::new();
+        if label_names.is_empty() {
+            data.insert(Vec::new(), SummaryData::default());
+        }
         Ok(Summary {
             desc: Desc::new(
                 name.into(),
@@ -44,7 +49,7 @@ impl Summary {
             name: name.into(),
             help: help.into(),
             label_names: label_names.iter().map(|s| s.to_string()).collect(),
-            data: Mutex::new(BTreeMap::new()),
+            data: Mutex::new(data),
         })
     }
 

@@ -60,6 +60,8 @@ struct State {
     at_capacity_until: HashMap<String, Instant>,
     /// `MaxConcurrentInstanceCreateOps` was hit; cleared early when a create finishes.
     create_ops_hold_until: Option<Instant>,
+    /// `MaxConcurrentInstanceCreateOps` (0: unlimited).
+    max_concurrent_creates: usize,
     loaded: bool,
 }
 
@@ -93,13 +95,16 @@ impl Pool {
     ) -> Result<Arc<Pool>, prometheus::Error> {
         let metrics = PoolMetrics::new(registry)?;
         Ok(Arc::new_cyclic(|me| Pool {
-            cfg,
             set: Arc::new(Throttled::new(set)),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                max_concurrent_creates: cfg.max_concurrent_creates,
+                ..State::default()
+            }),
             notify: watch::channel(0).0,
             stop: watch::channel(false).0,
             metrics,
             me: me.clone(),
+            cfg,
         }))
     }
 
@@ -246,7 +251,7 @@ impl Pool {
         {
             return None;
         }
-        let max = self.cfg.max_concurrent_creates;
+        let max = st.max_concurrent_creates;
         if max > 0 && st.creating.len() >= max {
             tracing::info!(
                 limit = max,
@@ -805,7 +810,7 @@ impl WorkerPool for Pool {
         if self.create_throttled(&st, Instant::now()) {
             return Some(0);
         }
-        let max = self.cfg.max_concurrent_creates;
+        let max = st.max_concurrent_creates;
         (max > 0).then(|| max.saturating_sub(st.creating.len()))
     }
 

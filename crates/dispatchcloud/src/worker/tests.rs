@@ -736,3 +736,71 @@ async fn bug_13_3_21_drain_for_unknown_type_is_not_persisted() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(vm.tags()["ArvadosIdleBehavior"], "run");
 }
+
+/// AC-POOL-3: with cloud ops held, `MaxConcurrentInstanceCreateOps` bounds the creates in
+/// flight; raising it (or 0, unlimited) lets more through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_pool_3_node_create_throttle() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let stub = Arc::new(testkit::stub_driver::StubSet::new(
+        testkit::stub_driver::StubConfig::from_params(&serde_json::json!({"HoldCloudOps": true}))
+            .unwrap(),
+    ));
+    let mut cfg = config(key, false);
+    cfg.max_concurrent_creates = 1;
+    let pool = Pool::new(cfg, stub.clone(), &prometheus::Registry::new()).unwrap();
+    let t1 = typ("type1", false);
+    assert!(pool.create(&t1).is_some());
+    assert_eq!(pool.instances().len(), 1);
+    assert!(pool.create(&t1).is_none());
+    assert_eq!(pool.instances().len(), 1);
+    assert_eq!(pool.create_budget(), Some(0));
+    {
+        let mut st = pool.lock();
+        st.create_ops_hold_until = None;
+        st.max_concurrent_creates = 2;
+    }
+    assert!(pool.create(&t1).is_some());
+    assert_eq!(pool.instances().len(), 2);
+    {
+        let mut st = pool.lock();
+        st.create_ops_hold_until = None;
+        st.max_concurrent_creates = 0;
+    }
+    assert_eq!(pool.create_budget(), None);
+    assert!(pool.create(&t1).is_some());
+    assert_eq!(pool.instances().len(), 3);
+    stub.release_cloud_ops(3);
+}
+
+/// §13.3 item 26: when the in-flight create finishes, the concurrency hold-off ends at once
+/// instead of after a fixed 5 seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bug_13_3_26_finished_create_lifts_the_concurrency_hold() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let stub = Arc::new(testkit::stub_driver::StubSet::new(
+        testkit::stub_driver::StubConfig::from_params(&serde_json::json!({"HoldCloudOps": true}))
+            .unwrap(),
+    ));
+    let mut cfg = config(key, false);
+    cfg.max_concurrent_creates = 1;
+    let pool = Pool::new(cfg, stub.clone(), &prometheus::Registry::new()).unwrap();
+    let t1 = typ("type1", false);
+    assert!(pool.create(&t1).is_some());
+    assert!(
+        pool.create(&t1).is_none(),
+        "second create waits for the first"
+    );
+    stub.release_cloud_ops(1);
+    for _ in 0..200 {
+        if pool.lock().creating.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        pool.create(&t1).is_some(),
+        "no 5-second wait once the first create finished"
+    );
+    stub.release_cloud_ops(1);
+}

@@ -157,6 +157,7 @@ pub struct StubVm {
     os: Arc<VmOs>,
     host_key: String,
     addr: String,
+    init_command: String,
     cloud: std::sync::Weak<Cloud>,
 }
 
@@ -170,6 +171,16 @@ impl std::fmt::Debug for StubVm {
 }
 
 impl StubVm {
+    /// The init command it was created with.
+    pub fn init_command(&self) -> &str {
+        &self.init_command
+    }
+
+    /// How many `crunch-run --detach` calls it accepted.
+    pub fn detach_count(&self) -> usize {
+        self.os.detaches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Power the VM off at once (no cloud call, no error rate): as if it crashed. It stays
     /// listed, unreachable.
     pub fn crash(&self) {
@@ -283,6 +294,7 @@ impl InstanceSet for StubSet {
                 host_key: ssh.host_key().to_openssh().unwrap_or_default(),
                 addr: ssh.addr().to_string(),
                 ssh: Mutex::new(Some(ssh)),
+                init_command: req.init_command.clone(),
                 os,
                 cloud: Arc::downgrade(cloud),
             });

@@ -48,6 +48,8 @@ pub(super) struct VmOs {
     files: Mutex<HashMap<String, Vec<u8>>>,
     processes: Processes,
     rng: Arc<Mutex<StdRng>>,
+    /// `crunch-run --detach` calls accepted.
+    pub(super) detaches: std::sync::atomic::AtomicUsize,
 }
 
 /// The secret an Arvados init command writes (`echo -n "<secret>" >/var/run/arvados-instance-secret`).
@@ -87,6 +89,7 @@ impl VmOs {
             files: Mutex::new(HashMap::new()),
             processes: Arc::new(Mutex::new(HashMap::new())),
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
+            detaches: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -288,6 +291,8 @@ impl VmOs {
             }
             let _ = done_tx.send(true);
         });
+        self.detaches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         procs.insert(
             uuid.clone(),
             Process {

@@ -1,0 +1,403 @@
+//! The worker pool against the stub cloud (every VM a real SSH server whose crunch-run drives
+//! containers on the fake Arvados API): AC-POOL-1, AC-POOL-4, starting a container to
+//! Complete, and adoption after a restart without starting anything twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arvados::InstanceType;
+use dispatchcloud::scheduler::pool::{IdleBehavior, WorkerPool, WorkerState};
+use dispatchcloud::worker::{Pool, PoolConfig};
+use serde_json::json;
+use testkit::stub_driver::{StubConfig, StubSet};
+use testkit::{ContainerSpec, FakeArvados, FakeConfig};
+
+/// Appendix B.1's `InstanceType(i)`.
+fn fixture_type(i: i64) -> InstanceType {
+    InstanceType {
+        name: format!("type{i}"),
+        provider_type: format!("providertype{i}"),
+        vcpus: i,
+        ram: i * (1 << 30) * 11 / 10,
+        scratch: i << 30,
+        included_scratch: i << 30,
+        price: i as f64 * 0.123,
+        ..Default::default()
+    }
+}
+
+fn cluster(types: &[InstanceType], api: Option<&FakeArvados>) -> arvados::Cluster {
+    let mut c = arvados::Cluster {
+        cluster_id: "zzzzz".into(),
+        ..Default::default()
+    };
+    let vms = &mut c.containers.cloud_vms;
+    vms.deploy_runner_binary = String::new();
+    vms.probe_interval = Duration::from_millis(10);
+    vms.sync_interval = Duration::from_millis(10);
+    vms.timeout_booting = Duration::from_secs(10);
+    vms.timeout_idle = Duration::from_secs(600);
+    for t in types {
+        c.instance_types.insert(t.name.clone(), t.clone());
+    }
+    if let Some(f) = api {
+        c.services.controller.external_url = f.base_url().to_string();
+        c.system_root_token = f.root_token().to_string();
+    }
+    c
+}
+
+fn pool(
+    cluster: &arvados::Cluster,
+    set: Arc<StubSet>,
+    key: &Arc<russh::keys::PrivateKey>,
+    tweak: impl FnOnce(&mut PoolConfig),
+) -> Arc<Pool> {
+    let mut cfg = PoolConfig::from_cluster(cluster, "zzzzz-test-pool", key.clone());
+    tweak(&mut cfg);
+    let p = Pool::new(cfg, set, &prometheus::Registry::new()).unwrap();
+    p.start();
+    p
+}
+
+fn stub(params: serde_json::Value) -> Arc<StubSet> {
+    Arc::new(StubSet::new(StubConfig::from_params(&params).unwrap()))
+}
+
+async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn states(p: &Pool) -> Vec<(String, WorkerState, IdleBehavior)> {
+    p.instances()
+        .into_iter()
+        .map(|v| (v.arvados_instance_type, v.worker_state, v.idle_behavior))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_pool_1_resume_after_restart() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let set = stub(json!({}));
+    let types: Vec<InstanceType> = (1..=4).map(fixture_type).collect();
+    let mut c = cluster(&types, None);
+    c.containers.cloud_vms.tag_key_prefix = "testprefix:".into();
+    c.containers.crunch_run_command = "crunch-run-custom".into();
+    let p1 = pool(&c, set.clone(), &key, |cfg| cfg.max_concurrent_creates = 0);
+    for i in [1, 1, 2, 4] {
+        assert!(p1.create(&types[i - 1]).is_some());
+    }
+    wait_for("four idle workers", Duration::from_secs(5), || {
+        let s = states(&p1);
+        s.len() == 4 && s.iter().all(|(_, st, _)| *st == WorkerState::Idle)
+    })
+    .await;
+    let type2 = p1
+        .instances()
+        .into_iter()
+        .find(|v| v.arvados_instance_type == "type2")
+        .unwrap()
+        .instance;
+    p1.set_idle_behavior(&type2, IdleBehavior::Hold).unwrap();
+    wait_for("hold tag saved", Duration::from_secs(2), || {
+        set.vms().iter().any(|v| {
+            use cloud::Instance;
+            v.id() == type2
+                && v.tags().get("testprefix:IdleBehavior").map(String::as_str) == Some("hold")
+        })
+    })
+    .await;
+    p1.stop();
+
+    c.instance_types.remove("type4");
+    let p2 = pool(&c, set.clone(), &key, |_| {});
+    wait_for("four workers recovered", Duration::from_secs(5), || {
+        let s = states(&p2);
+        s.len() == 4
+            && s.iter()
+                .filter(|(t, _, _)| t != "type4")
+                .all(|(_, st, _)| *st == WorkerState::Idle)
+    })
+    .await;
+    for v in p2.instances() {
+        match v.arvados_instance_type.as_str() {
+            "type2" => {
+                assert_eq!(v.instance, type2, "same VM");
+                assert_eq!(v.idle_behavior, IdleBehavior::Hold);
+            }
+            "type4" => assert_eq!(v.idle_behavior, IdleBehavior::Drain),
+            _ => assert_eq!(v.idle_behavior, IdleBehavior::Run),
+        }
+    }
+    p2.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_pool_4_create_unalloc_shutdown() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let set = stub(json!({"HoldCloudOps": true}));
+    let t = |name: &str, vcpus: i64| InstanceType {
+        name: name.into(),
+        provider_type: name.into(),
+        vcpus,
+        ram: vcpus << 30,
+        price: vcpus as f64,
+        ..Default::default()
+    };
+    let (a1s, a2m, a2l) = (t("a1s", 1), t("a2m", 2), t("a2l", 2));
+    let mut c = cluster(&[a1s.clone(), a2m.clone(), a2l.clone()], None);
+    c.containers.cloud_vms.instance_init_command = "echo 'instance init command goes here'".into();
+    c.containers.cloud_vms.timeout_idle = Duration::from_secs(600);
+    let p = pool(&c, set.clone(), &key, |cfg| cfg.max_concurrent_creates = 0);
+    let mut notes = p.subscribe();
+    let mut notes2 = p.subscribe();
+    for it in [&a2m, &a1s, &a2m, &a2l] {
+        assert!(p.create(it).is_some());
+    }
+    let count = |name: &str| {
+        p.instances()
+            .iter()
+            .filter(|v| v.arvados_instance_type == name)
+            .count()
+    };
+    assert_eq!(
+        (count("a1s"), count("a2m"), count("a2l")),
+        (1, 2, 1),
+        "pending creates are listed"
+    );
+    assert!(
+        p.instances()
+            .iter()
+            .all(|v| v.instance.is_empty() && v.worker_state == WorkerState::Booting)
+    );
+    set.release_cloud_ops(4);
+    wait_for("four workers", Duration::from_secs(5), || {
+        p.worker_ids().len() == 4
+    })
+    .await;
+    for vm in set.vms() {
+        let init = vm.init_command();
+        let (head, tail) = init.split_once('\n').unwrap();
+        let secret = head
+            .strip_prefix("umask 0177 && echo -n \"")
+            .and_then(|s| s.strip_suffix("\" >/var/run/arvados-instance-secret"))
+            .unwrap_or_else(|| panic!("init command {init:?}"));
+        assert!(
+            secret.len() == 40 && secret.chars().all(|c| c.is_ascii_hexdigit()),
+            "{init:?}"
+        );
+        assert_eq!(tail, "echo 'instance init command goes here'");
+    }
+    let id_of = |name: &str| -> Vec<String> {
+        p.instances()
+            .into_iter()
+            .filter(|v| v.arvados_instance_type == name)
+            .map(|v| v.instance)
+            .collect()
+    };
+    let l = id_of("a2l").pop().unwrap();
+    p.set_idle_behavior(&l, IdleBehavior::Hold).unwrap();
+    assert!(!p.shutdown(&l));
+    assert_eq!(p.worker(&l).unwrap().idle_behavior, IdleBehavior::Hold);
+    // Shutdown needs booting or idle: wait for them to settle.
+    wait_for("workers idle", Duration::from_secs(5), || {
+        p.instances()
+            .iter()
+            .all(|v| v.worker_state == WorkerState::Idle)
+    })
+    .await;
+    let mut expect = 4;
+    for m in id_of("a2m") {
+        assert!(p.shutdown(&m));
+        expect -= 1;
+        set.release_cloud_ops(1);
+        wait_for("a2m gone", Duration::from_secs(5), || {
+            p.worker_ids().len() == expect
+        })
+        .await;
+    }
+    assert_eq!(id_of("a1s").len(), 1);
+    let s = id_of("a1s").pop().unwrap();
+    notes2.borrow_and_update();
+    assert!(p.shutdown(&s));
+    set.release_cloud_ops(1);
+    wait_for("a1s gone", Duration::from_secs(5), || {
+        p.worker_ids().len() == 1
+    })
+    .await;
+    assert!(
+        notes.has_changed().unwrap() && notes2.has_changed().unwrap(),
+        "both subscribers notified"
+    );
+    notes.borrow_and_update();
+    p.set_idle_behavior(&l, IdleBehavior::Run).unwrap();
+    assert_eq!(p.worker(&l).unwrap().idle_behavior, IdleBehavior::Run);
+    p.set_idle_behavior(&l, IdleBehavior::Drain).unwrap();
+    assert_eq!(p.worker(&l).unwrap().worker_state, WorkerState::Shutdown);
+    set.release_cloud_ops(1);
+    wait_for("no instances", Duration::from_secs(5), || {
+        p.instances().is_empty()
+    })
+    .await;
+    p.stop();
+}
+
+/// A container started on a stub VM runs to Complete on the fake API; a restarted pool adopts
+/// a VM with a running container from its tags and `--list`, and starts nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_container_to_complete_and_adopt_after_restart() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let set = stub(json!({"BootDelay": "100ms"}));
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), Some(&f));
+    let p1 = pool(&c, set.clone(), &key, |_| {});
+    let api = arvados::Client::new(arvados::ClientConfig {
+        base_url: url::Url::parse(f.base_url()).unwrap(),
+        token: f.root_token().into(),
+        insecure: false,
+        timeout: None,
+    })
+    .unwrap();
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(p1.create(&t1).is_some());
+    wait_for("idle worker", Duration::from_secs(5), || {
+        p1.instances()
+            .first()
+            .is_some_and(|v| v.worker_state == WorkerState::Idle)
+    })
+    .await;
+    let id = p1.worker_ids().pop().unwrap();
+
+    let quick = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "100".into())],
+        ..Default::default()
+    });
+    let ctr = api.lock_container(&quick).await.unwrap();
+    assert!(p1.start_container(&id, &ctr));
+    assert!(p1.running().contains_key(&quick));
+    wait_for("quick container Complete", Duration::from_secs(5), || {
+        state(&quick) == "Complete"
+    })
+    .await;
+    wait_for("exited placeholder", Duration::from_secs(5), || {
+        p1.running().get(&quick).is_some_and(|t| t.is_some())
+    })
+    .await;
+    p1.forget_container(&quick);
+
+    let long = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "1500".into())],
+        ..Default::default()
+    });
+    let ctr = api.lock_container(&long).await.unwrap();
+    assert!(p1.start_container(&id, &ctr));
+    wait_for("long container Running", Duration::from_secs(5), || {
+        state(&long) == "Running"
+    })
+    .await;
+    p1.stop();
+    drop(p1);
+
+    let p2 = pool(&c, set.clone(), &key, |_| {});
+    wait_for(
+        "adopted the running container",
+        Duration::from_secs(5),
+        || {
+            p2.worker(&id).is_some_and(|v| {
+                v.worker_state == WorkerState::Running
+                    && v.running_container_uuids == [long.clone()]
+            })
+        },
+    )
+    .await;
+    assert!(p2.running().contains_key(&long));
+    wait_for("long container Complete", Duration::from_secs(5), || {
+        state(&long) == "Complete"
+    })
+    .await;
+    wait_for("worker idle again", Duration::from_secs(5), || {
+        p2.worker(&id)
+            .is_some_and(|v| v.worker_state == WorkerState::Idle)
+    })
+    .await;
+    let vm = set.vms().pop().unwrap();
+    assert_eq!(vm.detach_count(), 2, "each container started exactly once");
+    p2.stop();
+}
+
+/// The pool's metrics reflect its workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_workers() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let set = stub(json!({}));
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), None);
+    let registry = prometheus::Registry::new();
+    let cfg = PoolConfig::from_cluster(&c, "zzzzz-test-pool", key.clone());
+    let p = Pool::new(cfg, set, &registry).unwrap();
+    p.start();
+    assert!(p.create(&t1).is_some());
+    wait_for("idle worker", Duration::from_secs(5), || {
+        p.instances()
+            .first()
+            .is_some_and(|v| v.worker_state == WorkerState::Idle)
+    })
+    .await;
+    p.update_metrics();
+    assert_eq!(
+        p.metrics
+            .instances_total
+            .with_label_values(&["idle", "type1"])
+            .get(),
+        1.0
+    );
+    assert_eq!(
+        p.metrics
+            .boot_outcomes
+            .with_label_values(&["success"])
+            .get(),
+        1.0
+    );
+    assert_eq!(p.metrics.time_to_ssh.count(&[]), 1);
+    assert_eq!(p.metrics.time_to_ready.count(&[]), 1);
+    let names: Vec<String> = registry
+        .gather()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
+    for want in [
+        "arvados_dispatchcloud_containers_running",
+        "arvados_dispatchcloud_instances_total",
+        "arvados_dispatchcloud_instances_price",
+        "arvados_dispatchcloud_vcpus_total",
+        "arvados_dispatchcloud_memory_bytes_total",
+        "arvados_dispatchcloud_probe_age_seconds_max",
+        "arvados_dispatchcloud_probe_age_seconds_median",
+        "arvados_dispatchcloud_boot_outcomes",
+        "arvados_dispatchcloud_instances_disappeared",
+        "arvados_dispatchcloud_instances_time_to_ssh_seconds",
+        "arvados_dispatchcloud_instances_time_to_ready_for_container_seconds",
+        "arvados_dispatchcloud_instances_time_from_shutdown_request_to_disappearance_seconds",
+        "arvados_dispatchcloud_containers_time_from_queue_to_crunch_run_seconds",
+        "arvados_dispatchcloud_instances_run_probe_duration_seconds",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} not registered: {names:?}"
+        );
+    }
+    p.stop();
+}
