@@ -332,3 +332,22 @@ async fn reconnects_after_the_connection_is_lost() {
         .unwrap_err();
     assert_eq!(f.error, ExecError::Auth);
 }
+
+/// `DispatchPrivateKey` in PEM (PKCS#1 RSA, as `ssh-keygen -m PEM` writes) and OpenSSH ECDSA
+/// form both load and authenticate (RSA with rsa-sha2, which current servers require).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pem_rsa_and_ecdsa_dispatch_keys_authenticate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for file in ["test_rsa_pem.key", "test_ecdsa.key"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let key = dispatchcloud::ssh_executor::load_private_key(&text).unwrap();
+        let (code, runs) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicUsize::new(0)));
+        let server = SshVm::start(Arc::new(Ac2 { code, runs }), vec![key.public_key().clone()])
+            .await
+            .unwrap();
+        let t = target(server.addr().to_string(), "root", Some(Ok(())), None);
+        let ex = Executor::new(t, Arc::new(key), "22", Timeouts::default());
+        let out = ex.execute(&env(), r#"foo 'bar' "baz""#, b"").await;
+        assert!(out.is_ok(), "{file}: {:?}", out.err());
+    }
+}

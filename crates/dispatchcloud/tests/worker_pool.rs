@@ -118,14 +118,21 @@ async fn ac_pool_1_resume_after_restart() {
 
     c.instance_types.remove("type4");
     let p2 = pool(&c, set.clone(), &key, |_| {});
+    // The type4 VM is adopted with `drain`, so it may be shut down (and gone) soon after: note
+    // what was seen of it on the way.
+    let mut type4_seen = None;
     wait_for("four workers recovered", Duration::from_secs(5), || {
         let s = states(&p2);
-        s.len() == 4
-            && s.iter()
-                .filter(|(t, _, _)| t != "type4")
-                .all(|(_, st, _)| *st == WorkerState::Idle)
+        if let Some((_, _, b)) = s.iter().find(|(t, _, _)| t == "type4") {
+            type4_seen = Some(*b);
+        }
+        let others: Vec<_> = s.iter().filter(|(t, _, _)| t != "type4").collect();
+        type4_seen.is_some()
+            && others.len() == 3
+            && others.iter().all(|(_, st, _)| *st == WorkerState::Idle)
     })
     .await;
+    assert_eq!(type4_seen, Some(IdleBehavior::Drain));
     for v in p2.instances() {
         match v.arvados_instance_type.as_str() {
             "type2" => {
@@ -399,5 +406,89 @@ async fn metrics_follow_the_workers() {
             "{want} not registered: {names:?}"
         );
     }
+    p.stop();
+}
+
+/// A deployed runner, stale locks and broken reports over the stub cloud: the pool installs
+/// its runner binary (md5sum, then the install script), finds a lock that stays stale past
+/// `TimeoutStaleRunLock`, takes it as `broken`, drains the worker and destroys it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployed_runner_and_stale_lock_turn_into_broken_and_drain() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let set = stub(json!({"StaleLockDeadlockRate": 1.0}));
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), Some(&f));
+    let p = pool(&c, set.clone(), &key, |cfg| {
+        cfg.runner_binary = Some(dispatchcloud::worker::config::RunnerBinary::new(
+            b"ELF".to_vec(),
+        ));
+        cfg.timeout_stale_run_lock = Duration::from_millis(200);
+    });
+    assert!(p.create(&t1).is_some());
+    wait_for(
+        "idle worker with the deployed runner",
+        Duration::from_secs(5),
+        || {
+            p.instances()
+                .first()
+                .is_some_and(|v| v.worker_state == WorkerState::Idle)
+        },
+    )
+    .await;
+    let id = p.worker_ids().pop().unwrap();
+    let api = arvados::Client::new(arvados::ClientConfig {
+        base_url: url::Url::parse(f.base_url()).unwrap(),
+        token: f.root_token().into(),
+        insecure: false,
+        timeout: None,
+    })
+    .unwrap();
+    let u = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "50".into())],
+        ..Default::default()
+    });
+    let ctr = api.lock_container(&u).await.unwrap();
+    assert!(p.start_container(&id, &ctr));
+    wait_for("container Complete", Duration::from_secs(5), || {
+        f.container(&u).unwrap()["state"] == "Complete"
+    })
+    .await;
+    wait_for(
+        "stale lock escalated: worker drained and destroyed",
+        Duration::from_secs(5),
+        || set.vms().is_empty(),
+    )
+    .await;
+    assert_eq!(
+        p.metrics
+            .boot_outcomes
+            .with_label_values(&["failure"])
+            .get(),
+        0.0,
+        "it had booted fine"
+    );
+    p.stop();
+}
+
+/// `ReportBrokenAfter`: `--list` says `broken`; the worker is drained and destroyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reporting_broken_is_drained_and_destroyed() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let set = stub(json!({"ReportBrokenAfter": "1s"}));
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), None);
+    let p = pool(&c, set.clone(), &key, |_| {});
+    assert!(p.create(&t1).is_some());
+    wait_for("worker idle", Duration::from_secs(5), || {
+        p.instances()
+            .first()
+            .is_some_and(|v| v.worker_state == WorkerState::Idle)
+    })
+    .await;
+    wait_for("broken worker destroyed", Duration::from_secs(5), || {
+        set.vms().is_empty()
+    })
+    .await;
     p.stop();
 }

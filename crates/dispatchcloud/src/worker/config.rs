@@ -59,7 +59,6 @@ pub struct PoolConfig {
     pub max_concurrent_creates: usize,
     /// 0 = unlimited.
     pub max_instances: usize,
-    pub initial_quota_estimate: usize,
     pub probe_interval: Duration,
     pub sync_interval: Duration,
     pub timeout_idle: Duration,
@@ -157,7 +156,6 @@ impl PoolConfig {
             },
             max_concurrent_creates: vms.max_concurrent_instance_create_ops.max(0) as usize,
             max_instances: vms.max_instances.max(0) as usize,
-            initial_quota_estimate: vms.initial_quota_estimate.max(0) as usize,
             probe_interval: or_default(vms.probe_interval, Duration::from_secs(10)),
             sync_interval: or_default(vms.sync_interval, Duration::from_secs(60)),
             timeout_idle: or_default(vms.timeout_idle, Duration::from_secs(60)),

@@ -30,6 +30,8 @@ struct Script {
     deploy_ok: bool,
     /// Never answer anything.
     hang: bool,
+    /// `--kill 15` never succeeds.
+    unkillable: bool,
 }
 
 #[derive(Default)]
@@ -46,6 +48,8 @@ struct Vm {
     host_key: String,
     tags: Mutex<InstanceTags>,
     destroyed: Arc<AtomicUsize>,
+    /// Destroy calls fail and leave the VM listed.
+    fail_destroy: std::sync::atomic::AtomicBool,
     set: std::sync::Weak<Set>,
 }
 
@@ -71,6 +75,9 @@ impl Instance for Vm {
     }
     fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
         self.destroyed.fetch_add(1, Ordering::SeqCst);
+        if self.fail_destroy.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(CloudError::other("destroy failed")) });
+        }
         if let Some(set) = self.set.upgrade() {
             set.vms.lock().unwrap().retain(|v| v.id != self.id);
         }
@@ -214,6 +221,9 @@ impl Rig {
                             Outcome::fail(1, "deploy failed")
                         };
                     }
+                    if cmd.contains("--kill 15") && script.unkillable {
+                        return Outcome::fail(1, "container is running");
+                    }
                     if cmd.contains("--kill 15") || cmd.contains("--detach") {
                         return Outcome::ok("");
                     }
@@ -237,6 +247,7 @@ impl Rig {
                 .into(),
             ),
             destroyed: Arc::new(AtomicUsize::new(0)),
+            fail_destroy: std::sync::atomic::AtomicBool::new(false),
             set: Arc::downgrade(&self.set),
         });
         self.set.servers.lock().unwrap().push(server);
@@ -803,4 +814,89 @@ async fn bug_13_3_26_finished_create_lifts_the_concurrency_hold() {
         "no 5-second wait once the first create finished"
     );
     stub.release_cloud_ops(1);
+}
+
+/// §8.12: `--kill 15` every `TimeoutSignal` until `TimeoutTERM`, then the runner is given up,
+/// the worker drains, and — nothing else left on it — it is shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unkillable_container_is_given_up_and_its_worker_drained() {
+    let rig = rig_with(|k| {
+        let mut c = config(k, false);
+        c.timeout_signal = Duration::from_millis(50);
+        c.timeout_term = Duration::from_millis(300);
+        c
+    });
+    let (vm, seen) = rig
+        .vm(Script {
+            unkillable: true,
+            ..run(true, lists(1))
+        })
+        .await;
+    rig.add_worker(&vm, Running, Duration::ZERO, &[1], &[]);
+    assert!(rig.pool.kill_container(&uuid(1), "priority 0"));
+    assert!(
+        rig.pool.kill_container(&uuid(1), "again"),
+        "a second kill is accepted and ignored"
+    );
+    for _ in 0..100 {
+        if rig.pool.lock().workers[&vm.id].idle_behavior == IdleBehavior::Drain {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let kills = seen
+        .lock()
+        .unwrap()
+        .commands
+        .iter()
+        .filter(|c| c.contains("--kill 15"))
+        .count();
+    assert!(
+        (4..=8).contains(&kills),
+        "one --kill every TimeoutSignal until TimeoutTERM: {kills}"
+    );
+    {
+        let st = rig.pool.lock();
+        let w = &st.workers[&vm.id];
+        assert_eq!(w.idle_behavior, IdleBehavior::Drain);
+        assert!(w.running[&uuid(1)].given_up());
+        assert_eq!(
+            w.state, Shutdown,
+            "only given-up runners left: the drained worker goes"
+        );
+    }
+    assert_eq!(vm.tags()["ArvadosIdleBehavior"], "drain");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(vm.destroyed.load(Ordering::SeqCst), 1);
+}
+
+/// §8.13: a VM still listed `TimeoutShutdown` after its destroy call gets another one at the
+/// next sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_is_retried_while_the_vm_is_still_listed() {
+    let rig = rig_with(|k| {
+        let mut c = config(k, false);
+        c.timeout_shutdown = Duration::from_millis(100);
+        c
+    });
+    let (vm, _) = rig.vm(run(true, lists(0))).await;
+    vm.fail_destroy.store(true, Ordering::SeqCst);
+    rig.add_worker(&vm, Idle, Duration::ZERO, &[], &[]);
+    assert!(rig.pool.shutdown(&vm.id));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(vm.destroyed.load(Ordering::SeqCst), 1);
+    rig.pool.sync().await.unwrap();
+    assert_eq!(vm.destroyed.load(Ordering::SeqCst), 1, "too soon to retry");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    vm.fail_destroy.store(false, Ordering::SeqCst);
+    rig.pool.sync().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        vm.destroyed.load(Ordering::SeqCst),
+        2,
+        "retried after TimeoutShutdown"
+    );
+    rig.pool.sync().await.unwrap();
+    assert!(rig.pool.worker_ids().is_empty());
+    assert_eq!(rig.pool.metrics.time_to_disappear.count(&[]), 1);
 }
