@@ -3,9 +3,10 @@
 //! Arvados through the `arvados` crate and clouds only through the `cloud` traits; it never
 //! imports a concrete driver.
 //!
-//! Status: instance-type choice (`node_size`), the container queue (`queue`) and the scheduler
-//! (`scheduler`, against the narrow `scheduler::pool::WorkerPool` interface) are done; the
-//! worker pool, SSH executor and management API are still to come.
+//! Status: instance-type choice (`node_size`), the container queue (`queue`), the scheduler
+//! (`scheduler`, against the narrow `scheduler::pool::WorkerPool` interface), the SSH executor
+//! (`ssh_executor`), the worker pool (`worker`) and `cloudtest` are done; the service wiring and
+//! the management API are still to come.
 
 pub mod cloudtest;
 pub mod fasthash;
