@@ -4,6 +4,9 @@
 
 mod cloudtest;
 mod drivers;
+mod mgmt_cli;
+mod service;
+mod simulate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,16 +16,24 @@ use clap::{Args, Parser, Subcommand};
 /// Cloud dispatcher for Arvados containers: a drop-in replacement for the Go
 /// arvados-dispatch-cloud.
 #[derive(Parser, Debug)]
-#[command(
-    name = "arvados-dispatch-cloud",
-    version,
-    arg_required_else_help = true
-)]
+#[command(name = "arvados-dispatch-cloud", version)]
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
+    /// Log format [default: text on a terminal, else json]
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(flatten)]
+    target: mgmt_cli::Target,
+    /// Without a subcommand: run the dispatcher service (same as `run`)
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -43,26 +54,85 @@ enum Command {
     /// Create one VM as the dispatcher would, wait for it to boot, run an optional command,
     /// and destroy it; one line per step. Exit 0 only if every step passed.
     Cloudtest(cloudtest::CloudTestArgs),
+    /// Run the dispatcher service: schedule containers, manage VMs, serve the management API
+    Run {
+        /// Listen on this address instead of the Services.DispatchCloud.InternalURLs entry
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
+    /// Run the real dispatcher against a fake Arvados and the stub cloud with a generated
+    /// workload; print progress and a cost/latency summary (default config: config/simulate.yml)
+    Simulate(simulate::SimulateArgs),
+    /// List and manage the dispatcher's VMs through its management API
+    #[command(subcommand)]
+    Instances(mgmt_cli::Instances),
+    /// List and stop containers through the dispatcher's management API
+    #[command(subcommand)]
+    Containers(mgmt_cli::Containers),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::CheckConfig => check_config(&cli.config),
-        Command::Cloudtest(args) => match load(&cli.config).and_then(|c| cloudtest::run(c, args)) {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e),
-        },
+    init_logging(cli.log_format);
+    let exit = |ok: bool| if ok { Ok(0) } else { Ok(1) };
+    let result: anyhow::Result<u8> = match cli.command {
+        Some(Command::CheckConfig) => check_config(&cli.config).map(|()| 0),
+        Some(Command::Cloudtest(args)) => load(&cli.config)
+            .and_then(|c| cloudtest::run(c, args))
+            .and_then(exit),
+        None => load(&cli.config)
+            .and_then(|c| service::run(c, None))
+            .map(|()| 0),
+        Some(Command::Run { listen }) => load(&cli.config)
+            .and_then(|c| service::run(c, listen))
+            .map(|()| 0),
+        Some(Command::Simulate(args)) => {
+            // Its own default config unless one is given.
+            let cluster = match &cli.config.config {
+                Some(_) => load(&cli.config).map(Some),
+                None => Ok(None),
+            };
+            cluster.and_then(|c| simulate::run(c, args)).and_then(exit)
+        }
+        Some(Command::Instances(cmd)) => {
+            load(&cli.config).and_then(|c| mgmt_cli::instances(&c, &cli.target, cmd))
+        }
+        Some(Command::Containers(cmd)) => {
+            load(&cli.config).and_then(|c| mgmt_cli::containers(&c, &cli.target, cmd))
+        }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let msg = format!("{e:#}");
             eprintln!("arvados-dispatch-cloud: {}", msg.replace('\n', " "));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tracing` to stderr: text on a terminal, JSON (flat, Arvados' field names) otherwise.
+/// `RUST_LOG` sets the level (default info).
+fn init_logging(format: Option<LogFormat>) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn"));
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Text
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
 }
 
 fn load(args: &ConfigArgs) -> anyhow::Result<arvados::Cluster> {

@@ -13,5 +13,6 @@ pub mod fasthash;
 pub mod node_size;
 pub mod queue;
 pub mod scheduler;
+pub mod service;
 pub mod ssh_executor;
 pub mod worker;

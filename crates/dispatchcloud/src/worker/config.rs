@@ -114,6 +114,14 @@ impl PoolConfig {
         let vms = &cluster.containers.cloud_vms;
         let (runner_binary, runner_error) = if vms.deploy_runner_binary.is_empty() {
             (None, None)
+        } else if vms.deploy_runner_binary == "/proc/self/exe" {
+            // Arvados' default: the Go arvados-server binary doubles as crunch-run. This
+            // dispatcher is not crunch-run, so deploying itself would break every VM.
+            tracing::warn!(
+                "DeployRunnerBinary is /proc/self/exe (the Go dispatcher's own crunch-run); \
+                 not deploying anything: VMs run Containers.CrunchRunCommand from their image"
+            );
+            (None, None)
         } else {
             match std::fs::read(&vms.deploy_runner_binary) {
                 Ok(data) => (Some(RunnerBinary::new(data)), None),

@@ -1,0 +1,356 @@
+//! The management API (spec §10.1–10.3): routes, token check, error texts, JSON shapes,
+//! `/metrics`, `/_health/ping`. Parameters come from the query string or a form body.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use super::Service;
+use crate::scheduler::pool::{IdleBehavior, InstanceView, WorkerPool};
+
+type Shared = Arc<Service>;
+
+fn text(status: StatusCode, body: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({"errors": [message]}))).into_response()
+}
+
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+/// Every token a request carries: `Authorization: Bearer|OAuth2`, HTTP Basic password,
+/// `api_token` query parameters, the `arvados_api_token` cookie.
+fn request_tokens(req: &Request) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for v in req.headers().get_all(header::AUTHORIZATION) {
+        let Ok(v) = v.to_str() else { continue };
+        if let Some(t) = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("OAuth2 "))
+        {
+            tokens.push(t.trim().to_string());
+        } else if let Some(b) = v.strip_prefix("Basic ")
+            && let Some(pass) =
+                base64_decode(b.trim()).and_then(|s| s.split_once(':').map(|(_, p)| p.to_string()))
+        {
+            tokens.push(pass);
+        }
+    }
+    if let Some(q) = req.uri().query() {
+        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+            if k == "api_token" {
+                tokens.push(v.into_owned());
+            }
+        }
+    }
+    for v in req.headers().get_all(header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for c in v.split(';') {
+            if let Some(t) = c.trim().strip_prefix("arvados_api_token=") {
+                tokens.push(t.to_string());
+            }
+        }
+    }
+    tokens
+}
+
+/// Standard base64 (HTTP Basic credentials) to text.
+fn base64_decode(s: &str) -> Option<String> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = A.iter().position(|a| *a == c)? as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn auth(State(svc): State<Shared>, req: Request, next: Next) -> Response {
+    let want = &svc.cluster.management_token;
+    if want.is_empty() {
+        return text(
+            StatusCode::FORBIDDEN,
+            "Management API authentication is not configured",
+        );
+    }
+    let tokens = request_tokens(&req);
+    if tokens.is_empty() {
+        return text(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    // Compare every token, so timing does not tell which one (or where) matched.
+    let ok = tokens.iter().fold(false, |ok, t| ok | same(t, want));
+    if !ok {
+        return text(StatusCode::FORBIDDEN, "Forbidden");
+    }
+    next.run(req).await
+}
+
+/// Query-string and form-body parameters (body values win).
+fn params(uri: &axum::http::Uri, headers: &HeaderMap, body: &Bytes) -> HashMap<String, String> {
+    let mut p: HashMap<String, String> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if form || (!body.is_empty() && !headers.contains_key(header::CONTENT_TYPE)) {
+        p.extend(url::form_urlencoded::parse(body).into_owned());
+    }
+    p
+}
+
+/// `InstanceView` with Arvados' JSON: a pending create has a zero `last_busy` and a null
+/// container list.
+pub fn instance_json(v: &InstanceView) -> Value {
+    let pending = v.instance.is_empty();
+    json!({
+        "instance": v.instance,
+        "address": v.address,
+        "price": v.price,
+        "arvados_instance_type": v.arvados_instance_type,
+        "provider_instance_type": v.provider_instance_type,
+        "last_container_uuid": v.last_container_uuid,
+        "last_busy": match v.last_busy {
+            Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            None => "0001-01-01T00:00:00Z".to_string(),
+        },
+        "running_container_uuids": if pending { Value::Null } else { json!(v.running_container_uuids) },
+        "worker_state": v.worker_state.as_str(),
+        "idle_behavior": v.idle_behavior.as_str(),
+    })
+}
+
+fn queue_items(svc: &Service) -> Vec<Value> {
+    svc.scheduler
+        .queue_view()
+        .sorted()
+        .into_iter()
+        .map(|(ent, status)| {
+            let mut v = serde_json::to_value(&*ent).unwrap_or_default();
+            v["scheduling_status"] = json!(status.to_string());
+            v
+        })
+        .collect()
+}
+
+async fn list_containers(State(svc): State<Shared>) -> Response {
+    axum::Json(json!({"items": queue_items(&svc)})).into_response()
+}
+
+async fn get_container(
+    State(svc): State<Shared>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let p = params(&uri, &headers, &body);
+    let uuid = p.get("container_uuid").cloned().unwrap_or_default();
+    if uuid.is_empty() {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "container_uuid parameter not provided",
+        );
+    }
+    match queue_items(&svc)
+        .into_iter()
+        .find(|v| v["container"]["uuid"] == uuid.as_str())
+    {
+        Some(v) => axum::Json(v).into_response(),
+        None => json_error(StatusCode::NOT_FOUND, "container not found"),
+    }
+}
+
+async fn kill_container(
+    State(svc): State<Shared>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let p = params(&uri, &headers, &body);
+    let uuid = p.get("container_uuid").cloned().unwrap_or_default();
+    if uuid.is_empty() {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "container_uuid parameter not provided",
+        );
+    }
+    let reason = format!(
+        "via management API: {}",
+        p.get("reason").map(String::as_str).unwrap_or("")
+    );
+    if svc.pool.kill_container(&uuid, &reason) {
+        StatusCode::OK.into_response()
+    } else {
+        json_error(StatusCode::NOT_FOUND, "container not found")
+    }
+}
+
+async fn list_instances(State(svc): State<Shared>) -> Response {
+    let items: Vec<Value> = svc.pool.instances().iter().map(instance_json).collect();
+    axum::Json(json!({"items": items})).into_response()
+}
+
+fn instance_id(p: &HashMap<String, String>) -> Result<String, Box<Response>> {
+    match p.get("instance_id") {
+        Some(id) if !id.is_empty() => Ok(id.clone()),
+        _ => Err(Box::new(json_error(
+            StatusCode::BAD_REQUEST,
+            "instance_id parameter not provided",
+        ))),
+    }
+}
+
+async fn set_behavior(
+    svc: Shared,
+    b: IdleBehavior,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let p = params(&uri, &headers, &body);
+    let id = match instance_id(&p) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    match svc.pool.set_idle_behavior(&id, b) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => json_error(StatusCode::NOT_FOUND, &e),
+    }
+}
+
+async fn kill_instance(
+    State(svc): State<Shared>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let p = params(&uri, &headers, &body);
+    let id = match instance_id(&p) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    let reason = format!(
+        "via management API: {}",
+        p.get("reason").map(String::as_str).unwrap_or("")
+    );
+    match svc.pool.kill_instance(&id, &reason) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => json_error(StatusCode::NOT_FOUND, &e),
+    }
+}
+
+async fn metrics(State(svc): State<Shared>) -> Response {
+    use prometheus::Encoder;
+    svc.pool.update_metrics();
+    let enc = prometheus::TextEncoder::new();
+    let mut buf = Vec::new();
+    if let Err(e) = enc.encode(&svc.registry.gather(), &mut buf) {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+    }
+    ([(header::CONTENT_TYPE, enc.format_type().to_string())], buf).into_response()
+}
+
+/// `GET /_health/ping`: its own token rule (header exactly `Bearer <ManagementToken>`).
+async fn health(
+    State(svc): State<Shared>,
+    axum::extract::Path(check): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let want = &svc.cluster.management_token;
+    if want.is_empty() {
+        return json_error(StatusCode::NOT_FOUND, "disabled");
+    }
+    let Some(got) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return json_error(StatusCode::UNAUTHORIZED, "authorization required");
+    };
+    if !same(got, &format!("Bearer {want}")) {
+        return json_error(StatusCode::FORBIDDEN, "authorization error");
+    }
+    if check != "ping" {
+        return json_error(StatusCode::NOT_FOUND, "unknown health check");
+    }
+    match svc.pool.check_health() {
+        Ok(()) => axum::Json(json!({"health": "OK"})).into_response(),
+        Err(e) => axum::Json(json!({"health": "ERROR", "error": e})).into_response(),
+    }
+}
+
+async fn not_found() -> Response {
+    json_error(StatusCode::NOT_FOUND, "not found")
+}
+
+/// The whole HTTP handler.
+pub fn router(svc: Shared) -> Router {
+    let behavior = |b: IdleBehavior| {
+        move |State(svc): State<Shared>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+            set_behavior(svc, b, uri, headers, body)
+        }
+    };
+    let api = Router::new()
+        .route("/arvados/v1/dispatch/containers", get(list_containers))
+        .route("/arvados/v1/dispatch/container", get(get_container))
+        .route("/arvados/v1/dispatch/containers/kill", post(kill_container))
+        .route("/arvados/v1/dispatch/instances", get(list_instances))
+        .route(
+            "/arvados/v1/dispatch/instances/hold",
+            post(behavior(IdleBehavior::Hold)),
+        )
+        .route(
+            "/arvados/v1/dispatch/instances/drain",
+            post(behavior(IdleBehavior::Drain)),
+        )
+        .route(
+            "/arvados/v1/dispatch/instances/run",
+            post(behavior(IdleBehavior::Run)),
+        )
+        .route("/arvados/v1/dispatch/instances/kill", post(kill_instance))
+        .route("/metrics", get(metrics))
+        .route("/metrics.json", get(metrics))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(svc.clone(), auth));
+    Router::new()
+        .route("/_health/{check}", get(health))
+        .merge(api)
+        .method_not_allowed_fallback(|m: Method| async move {
+            json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("method {m} not allowed"),
+            )
+        })
+        .with_state(svc)
+}

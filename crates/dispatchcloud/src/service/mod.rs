@@ -1,0 +1,111 @@
+//! The dispatcher service (spec §11): from a loaded cluster config and a driver registry to
+//! running parts — InstanceSetID, dispatch key, the driver's instance set in the wrapper stack
+//! (§1.5), the worker pool, the container queue, the scheduler — and the management API
+//! ([`api`]). Shutting down stops the loops and leaves VMs and containers for the next
+//! dispatcher to adopt.
+
+pub mod api;
+
+use std::sync::Arc;
+
+use arvados::{Client, ClientConfig, Cluster};
+use cloud::registry::Registry;
+use cloud::wrappers::{DefaultTags, Filtering, Instrumented, RateLimited};
+use cloud::{InstanceSet, InstanceTags};
+use tokio::sync::watch;
+
+use crate::node_size::TypeChooser;
+use crate::queue::ContainerQueue;
+use crate::scheduler::{SchedConfig, Scheduler, ShellConfig};
+use crate::worker::{Pool, PoolConfig};
+
+/// A startup failure, with Arvados' wording.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("error parsing configured Containers.DispatchPrivateKey: {0}")]
+    PrivateKey(String),
+    #[error("error initializing driver: {0}")]
+    Driver(String),
+    #[error("{0}")]
+    Api(String),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// The running parts of one dispatcher.
+pub struct Service {
+    pub cluster: Cluster,
+    pub instance_set_id: String,
+    pub pool: Arc<Pool>,
+    pub queue: Arc<ContainerQueue>,
+    pub scheduler: Arc<Scheduler<Pool>>,
+    pub registry: prometheus::Registry,
+}
+
+/// The wrapper stack of §1.5 around a driver's instance set (the pool adds the throttle).
+pub fn wrap_instance_set(
+    set: Arc<dyn InstanceSet>,
+    cluster: &Cluster,
+    registry: &prometheus::Registry,
+) -> Result<Arc<dyn InstanceSet>, prometheus::Error> {
+    let vms = &cluster.containers.cloud_vms;
+    let mut set: Arc<dyn InstanceSet> = Arc::new(Instrumented::new(set, registry)?);
+    if vms.max_cloud_ops_per_second > 0.0 {
+        set = Arc::new(RateLimited::new(set, vms.max_cloud_ops_per_second));
+    }
+    let tags: InstanceTags = vms.resource_tags.clone();
+    set = Arc::new(DefaultTags::new(set, tags));
+    Ok(Arc::new(Filtering::new(set)))
+}
+
+impl Service {
+    /// Build every part (nothing runs until [`Service::run`]).
+    pub fn build(cluster: &Cluster, drivers: &Registry) -> Result<Arc<Service>, StartError> {
+        let vms = &cluster.containers.cloud_vms;
+        let instance_set_id = cloud::tags::instance_set_id(&cluster.system_root_token);
+        let key = crate::ssh_executor::load_private_key(&cluster.containers.dispatch_private_key)
+            .map_err(StartError::PrivateKey)?;
+        let params = serde_json::to_value(&vms.driver_parameters)
+            .map_err(|e| StartError::Driver(format!("DriverParameters: {e}")))?;
+        let driver = drivers
+            .get(&vms.driver)
+            .map_err(|e| StartError::Driver(e.to_string()))?;
+        let set = driver
+            .instance_set(&params, &instance_set_id, &vms.resource_tags)
+            .map_err(|e| StartError::Driver(e.to_string()))?;
+        let registry = prometheus::Registry::new();
+        let set = wrap_instance_set(set, cluster, &registry)?;
+        let pool = Pool::new(
+            PoolConfig::from_cluster(cluster, &instance_set_id, Arc::new(key)),
+            set,
+            &registry,
+        )?;
+        let client = ClientConfig::from_cluster(cluster)
+            .and_then(Client::new)
+            .map_err(|e| StartError::Api(e.to_string()))?;
+        let queue = ContainerQueue::new(client, TypeChooser::new(cluster), &registry)?;
+        let scheduler = Scheduler::new(
+            queue.clone(),
+            pool.clone(),
+            SchedConfig::from_cluster(cluster),
+            ShellConfig::from_cluster(cluster),
+            &registry,
+        )?;
+        Ok(Arc::new(Service {
+            cluster: cluster.clone(),
+            instance_set_id,
+            pool,
+            queue,
+            scheduler,
+            registry,
+        }))
+    }
+
+    /// Run the pool and the scheduler until `shutdown` turns true; then stop them, leaving
+    /// VMs, crunch-run processes and container locks for the next dispatcher.
+    pub async fn run(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
+        self.pool.start();
+        self.scheduler.clone().run(shutdown).await;
+        self.pool.stop();
+    }
+}

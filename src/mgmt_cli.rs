@@ -1,0 +1,256 @@
+//! `instances …` and `containers …`: the management API from the command line (spec §10.4),
+//! against every `Services.DispatchCloud.InternalURLs` entry (or `--url`) with the
+//! `ManagementToken` (or `--token`).
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// Management API base URL [default: every Services.DispatchCloud.InternalURLs entry]
+    #[arg(long, global = true, value_name = "URL")]
+    url: Option<String>,
+    /// Management token [default: ManagementToken from the config]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Instances {
+    /// One line per instance: instance, address, state, idle-behavior, config-type,
+    /// provider-type, price, running-containers (tab-separated)
+    List {
+        /// Print a header line first
+        #[arg(long)]
+        header: bool,
+        /// Print the API's JSON instead
+        #[arg(long)]
+        json: bool,
+    },
+    /// Never start containers on these instances, never shut them down automatically
+    Hold { ids: Vec<String> },
+    /// Start no new containers on these instances; shut them down when idle
+    Drain { ids: Vec<String> },
+    /// Return these instances to normal service
+    Run { ids: Vec<String> },
+    /// Destroy these instances now
+    Kill {
+        #[arg(long, default_value = "")]
+        reason: String,
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Containers {
+    /// One line per queued/running container in scheduling order: uuid, state, priority,
+    /// instance type, scheduling status (tab-separated)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a container's crunch-run (SIGTERM until it is gone)
+    Kill {
+        #[arg(long, default_value = "")]
+        reason: String,
+        uuid: String,
+    },
+}
+
+struct Api {
+    urls: Vec<String>,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(cluster: &arvados::Cluster, t: &Target) -> anyhow::Result<Api> {
+        let urls: Vec<String> = match &t.url {
+            Some(u) => vec![u.clone()],
+            None => cluster
+                .services
+                .dispatch_cloud
+                .internal_urls
+                .keys()
+                .cloned()
+                .collect(),
+        };
+        if urls.is_empty() {
+            return Err(anyhow!("no Services.DispatchCloud.InternalURLs configured"));
+        }
+        let token = t
+            .token
+            .clone()
+            .unwrap_or_else(|| cluster.management_token.clone());
+        Ok(Api {
+            urls: urls
+                .into_iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect(),
+            token,
+            http: reqwest::Client::builder()
+                .danger_accept_invalid_certs(cluster.tls.insecure)
+                .build()?,
+        })
+    }
+
+    async fn get(&self, url: &str, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{url}{path}"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}{path}"))?;
+        let status = resp.status();
+        let body = resp.text().await?;
+        if !status.is_success() {
+            return Err(anyhow!("GET {url}{path}: {status}: {}", body.trim()));
+        }
+        serde_json::from_str(&body).with_context(|| format!("GET {url}{path}: decoding response"))
+    }
+
+    /// POST an action for each id to each URL until one says 200; returns how many ids never
+    /// got a 200.
+    async fn post_each(&self, action: &str, key: &str, ids: &[String], reason: &str) -> usize {
+        let mut failed = 0;
+        for id in ids {
+            let mut done = false;
+            for url in &self.urls {
+                let host = url::Url::parse(url)
+                    .ok()
+                    .and_then(|u| {
+                        u.host_str()
+                            .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(0)))
+                    })
+                    .unwrap_or_else(|| url.clone());
+                let query = url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair(key, id)
+                    .append_pair("reason", reason)
+                    .finish();
+                let r = self
+                    .http
+                    .post(format!("{url}/arvados/v1/dispatch/{action}?{query}"))
+                    .bearer_auth(&self.token)
+                    .send()
+                    .await;
+                match r {
+                    Ok(resp) => {
+                        let s = resp.status();
+                        eprintln!(
+                            "{id}: {} {} ({host})",
+                            s.as_u16(),
+                            s.canonical_reason().unwrap_or("")
+                        );
+                        if s.is_success() {
+                            done = true;
+                            break;
+                        }
+                    }
+                    Err(e) => eprintln!("{id}: {e} ({host})"),
+                }
+            }
+            if !done {
+                failed += 1;
+            }
+        }
+        failed
+    }
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
+}
+
+/// `instances …`; returns the exit code.
+pub fn instances(cluster: &arvados::Cluster, t: &Target, cmd: Instances) -> anyhow::Result<u8> {
+    let api = Api::new(cluster, t)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let (action, ids, reason) = match cmd {
+            Instances::List { header, json } => {
+                if header && !json {
+                    println!("instance\taddress\tstate\tidle-behavior\tconfig-type\tprovider-type\tprice\trunning-containers");
+                }
+                for url in &api.urls {
+                    let v = api.get(url, "/arvados/v1/dispatch/instances").await?;
+                    let items = v["items"].as_array().cloned().unwrap_or_default();
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&items)?);
+                        continue;
+                    }
+                    for i in items {
+                        let s = |k: &str| i[k].as_str().unwrap_or("").to_string();
+                        let running: Vec<&str> = i["running_container_uuids"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(Value::as_str).collect())
+                            .unwrap_or_default();
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}\t{}\t{:.6}\t{}",
+                            dash(&s("instance")),
+                            dash(&s("address")),
+                            s("worker_state"),
+                            s("idle_behavior"),
+                            s("arvados_instance_type"),
+                            s("provider_instance_type"),
+                            i["price"].as_f64().unwrap_or(0.0),
+                            dash(&running.join(","))
+                        );
+                    }
+                }
+                return Ok(0);
+            }
+            Instances::Hold { ids } => ("instances/hold", ids, String::new()),
+            Instances::Drain { ids } => ("instances/drain", ids, String::new()),
+            Instances::Run { ids } => ("instances/run", ids, String::new()),
+            Instances::Kill { ids, reason } => ("instances/kill", ids, reason),
+        };
+        if ids.is_empty() {
+            eprintln!("usage error: no instance IDs provided");
+            return Ok(2);
+        }
+        let failed = api.post_each(action, "instance_id", &ids, &reason).await;
+        Ok(u8::from(failed > 0))
+    })
+}
+
+/// `containers …`; returns the exit code.
+pub fn containers(cluster: &arvados::Cluster, t: &Target, cmd: Containers) -> anyhow::Result<u8> {
+    let api = Api::new(cluster, t)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cmd {
+            Containers::List { json } => {
+                for url in &api.urls {
+                    let v = api.get(url, "/arvados/v1/dispatch/containers").await?;
+                    let items = v["items"].as_array().cloned().unwrap_or_default();
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&items)?);
+                        continue;
+                    }
+                    for i in items {
+                        let c = &i["container"];
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}",
+                            c["uuid"].as_str().unwrap_or(""),
+                            c["state"].as_str().unwrap_or(""),
+                            c["priority"],
+                            i["instance_types"][0]["ProviderType"]
+                                .as_str()
+                                .unwrap_or("-"),
+                            dash(i["scheduling_status"].as_str().unwrap_or(""))
+                        );
+                    }
+                }
+                Ok(0)
+            }
+            Containers::Kill { uuid, reason } => {
+                let failed = api
+                    .post_each("containers/kill", "container_uuid", &[uuid], &reason)
+                    .await;
+                Ok(u8::from(failed > 0))
+            }
+        }
+    })
+}

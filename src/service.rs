@@ -1,0 +1,104 @@
+//! `arvados-dispatch-cloud [run]`: the dispatcher service with its management API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use dispatchcloud::service::{Service, api};
+use tokio::sync::watch;
+
+/// Where to listen: `--listen`, else the `Services.DispatchCloud.InternalURLs` entry (its
+/// `ListenURL` if set) that can be bound on this host.
+pub fn listen_addr(cluster: &arvados::Cluster, flag: Option<&str>) -> anyhow::Result<SocketAddr> {
+    if let Some(a) = flag {
+        return a.parse().with_context(|| format!("--listen {a:?}"));
+    }
+    let urls = &cluster.services.dispatch_cloud.internal_urls;
+    if urls.is_empty() {
+        return Err(anyhow!(
+            "Services.DispatchCloud.InternalURLs: none configured"
+        ));
+    }
+    let mut tried = Vec::new();
+    for (url, inst) in urls {
+        let u = if inst.listen_url.is_empty() {
+            url
+        } else {
+            &inst.listen_url
+        };
+        let Ok(parsed) = url::Url::parse(u) else {
+            continue;
+        };
+        let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+            continue;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        use std::net::ToSocketAddrs;
+        for addr in (host, port).to_socket_addrs().into_iter().flatten() {
+            if std::net::TcpListener::bind(addr).is_ok() {
+                return Ok(addr);
+            }
+            tried.push(addr.to_string());
+        }
+    }
+    Err(anyhow!(
+        "Services.DispatchCloud.InternalURLs: no entry can be bound on this host (tried {})",
+        tried.join(", ")
+    ))
+}
+
+/// Turn SIGTERM / SIGINT into `true` on the returned channel.
+pub fn shutdown_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Serve `svc`'s management API on `addr` and run it until `shutdown`.
+pub async fn serve(
+    svc: Arc<Service>,
+    addr: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen on {addr}"))?;
+    tracing::info!(Listen = %listener.local_addr()?, "listening");
+    let mut stop = shutdown.clone();
+    let http = axum::serve(listener, api::router(svc.clone())).with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    let run = svc.run(shutdown);
+    let (h, ()) = tokio::join!(http, run);
+    h.context("HTTP server")?;
+    Ok(())
+}
+
+pub fn run(cluster: arvados::Cluster, listen: Option<String>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let svc = Service::build(&cluster, &crate::drivers::registry())?;
+        svc.pool.check_health().map_err(|e| anyhow!(e))?;
+        let addr = listen_addr(&cluster, listen.as_deref())?;
+        tracing::info!(
+            ClusterID = %cluster.cluster_id,
+            InstanceSetID = %svc.instance_set_id,
+            Driver = %cluster.containers.cloud_vms.driver,
+            "starting dispatcher"
+        );
+        serve(svc, addr, shutdown_on_signals()).await
+    })
+}

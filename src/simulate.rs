@@ -1,0 +1,373 @@
+//! `arvados-dispatch-cloud simulate`: the real dispatcher (scheduler, pool, SSH executor,
+//! management API) against the fake Arvados API with a generated workload and the stub cloud,
+//! with live progress and a cost/latency report. No cloud, no Arvados.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use clap::{Args, ValueEnum};
+use dispatchcloud::node_size::TypeChooser;
+use dispatchcloud::scheduler::pool::WorkerPool;
+use dispatchcloud::service::Service;
+use serde_json::{Value, json};
+use testkit::{FakeArvados, FakeConfig, Fault, FaultKind};
+use tokio::sync::watch;
+
+/// The default config (also in `config/simulate.yml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../config/simulate.yml");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Faults {
+    /// A perfect cloud and API.
+    None,
+    /// Create/destroy errors, rate limits, capacity shortages, stale locks, broken-node
+    /// reports, slow starts and API 503s — everything the dispatcher must ride out without
+    /// losing or repeating a container.
+    Chaos,
+}
+
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    /// How many containers to queue
+    #[arg(long, default_value_t = 200)]
+    containers: usize,
+    /// Seed of the workload and of the stub cloud's faults
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = Faults::None)]
+    faults: Faults,
+    /// How long stub VMs take to boot (overrides DriverParameters.BootDelay), e.g. 2s
+    #[arg(long, value_name = "DURATION")]
+    boot_delay: Option<String>,
+    /// Also write the summary as JSON here
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Give up (exit 1) after this long
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    timeout: String,
+}
+
+fn set_param(cluster: &mut arvados::Cluster, key: &str, v: serde_norway::Value) {
+    let params = &mut cluster.containers.cloud_vms.driver_parameters;
+    if !params.is_mapping() {
+        *params = serde_norway::Value::Mapping(Default::default());
+    }
+    if let serde_norway::Value::Mapping(m) = params {
+        m.insert(serde_norway::Value::String(key.into()), v);
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[i - 1]
+}
+
+/// Instance time and cost, sampled.
+#[derive(Default)]
+struct Usage {
+    busy_seconds: f64,
+    idle_seconds: f64,
+    cost: f64,
+    peak_instances: usize,
+}
+
+pub fn run(cluster: Option<arvados::Cluster>, args: SimulateArgs) -> anyhow::Result<bool> {
+    let mut cluster = match cluster {
+        Some(c) => c,
+        None => {
+            arvados::config::load_cluster_from_str(DEFAULT_CONFIG, "config/simulate.yml", None)?
+        }
+    };
+    let timeout = arvados::config::units::parse_duration(&args.timeout)
+        .map_err(|e| anyhow!("--timeout: {e}"))?;
+    if let Some(d) = &args.boot_delay {
+        arvados::config::units::parse_duration(d).map_err(|e| anyhow!("--boot-delay: {e}"))?;
+        set_param(&mut cluster, "BootDelay", d.clone().into());
+    }
+    set_param(&mut cluster, "Seed", args.seed.into());
+    if args.faults == Faults::Chaos {
+        for (k, v) in [
+            ("ErrorRateCreate", serde_norway::Value::from(0.1)),
+            ("ErrorRateDestroy", 0.1.into()),
+            ("MinTimeBetweenCreateCalls", "2ms".into()),
+            ("StaleLockMaxLinger", "1s".into()),
+            ("ReportBrokenAfter", "20s".into()),
+            ("CrunchRunDetachDelay", "20ms".into()),
+        ] {
+            set_param(&mut cluster, k, v);
+        }
+        // One popular type is short of capacity.
+        let mut cap = serde_norway::Mapping::new();
+        cap.insert("m5.xlarge".into(), 3.into());
+        set_param(
+            &mut cluster,
+            "CapacityPerType",
+            serde_norway::Value::Mapping(cap),
+        );
+    }
+    cluster.containers.cloud_vms.driver = "stub".into();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(simulate(cluster, args, timeout))
+}
+
+async fn simulate(
+    mut cluster: arvados::Cluster,
+    args: SimulateArgs,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
+    let fake = FakeArvados::start(FakeConfig {
+        cluster_id: cluster.cluster_id.clone(),
+        ..FakeConfig::default()
+    })
+    .await?;
+    let workload = testkit::fake_api::generate_workload(args.containers, args.seed);
+    let uuids: Vec<String> = workload.iter().map(|c| fake.add_container(c)).collect();
+    cluster.services.controller.external_url = fake.base_url().to_string();
+    cluster.system_root_token = fake.root_token().to_string();
+    if cluster.containers.dispatch_private_key.is_empty() {
+        cluster.containers.dispatch_private_key = cloud::sshd::new_ed25519_key()
+            .to_openssh(russh_line_ending())
+            .map(|k| k.to_string())
+            .map_err(|e| anyhow!("generating a dispatch key: {e}"))?;
+    }
+    if cluster.management_token.is_empty() {
+        cluster.management_token = cloud::tags::new_instance_secret();
+    }
+    let svc = Service::build(&cluster, &crate::drivers::registry())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api_url = format!("http://{}", listener.local_addr()?);
+    println!(
+        "simulate: {} containers (seed {}, faults {:?}) on a fake Arvados at {} with the stub cloud",
+        args.containers,
+        args.seed,
+        args.faults,
+        fake.base_url()
+    );
+    println!(
+        "management API: {api_url}  (Authorization: Bearer {})",
+        cluster.management_token
+    );
+    let (stop_tx, stop) = watch::channel(false);
+    let router = dispatchcloud::service::api::router(svc.clone());
+    let mut http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let runner = {
+        let svc = svc.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { svc.run(stop).await })
+    };
+    // Ctrl-C ends the run early (VMs are then left for the report to count).
+    let mut interrupted = crate::service::shutdown_on_signals();
+
+    let started = Instant::now();
+    let mut usage = Usage::default();
+    let mut last_sample = Instant::now();
+    let mut last_print = Instant::now() - Duration::from_secs(10);
+    let mut injected_503 = args.faults != Faults::Chaos;
+    let finished = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let dt = last_sample.elapsed().as_secs_f64();
+        last_sample = Instant::now();
+        let instances = svc.pool.instances();
+        usage.peak_instances = usage.peak_instances.max(instances.len());
+        for v in &instances {
+            if v.instance.is_empty() {
+                continue;
+            }
+            if v.running_container_uuids.is_empty() {
+                usage.idle_seconds += dt;
+            } else {
+                usage.busy_seconds += dt;
+            }
+            usage.cost += v.price * dt / 3600.0;
+        }
+        let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
+        for u in &uuids {
+            let s = fake
+                .container(u)
+                .and_then(|c| c["state"].as_str().map(String::from))
+                .unwrap_or_default();
+            *by_state.entry(s).or_default() += 1;
+        }
+        let done = by_state.get("Complete").copied().unwrap_or(0)
+            + by_state.get("Cancelled").copied().unwrap_or(0);
+        if !injected_503 && done * 2 >= uuids.len() {
+            // Halfway: the API is overloaded for a moment.
+            fake.inject_fault(
+                Fault::new(FaultKind::Unavailable)
+                    .on("GET", "/arvados/v1/containers")
+                    .times(3),
+            );
+            injected_503 = true;
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            let mut workers: BTreeMap<&str, usize> = BTreeMap::new();
+            for v in &instances {
+                *workers.entry(v.worker_state.as_str()).or_default() += 1;
+            }
+            let n = |k: &str| by_state.get(k).copied().unwrap_or(0);
+            println!(
+                "[{:>6.1}s] containers: {} queued, {} locked, {} running, {} done | instances: {}",
+                started.elapsed().as_secs_f64(),
+                n("Queued"),
+                n("Locked"),
+                n("Running"),
+                done,
+                if workers.is_empty() {
+                    "none".to_string()
+                } else {
+                    workers
+                        .iter()
+                        .map(|(s, n)| format!("{n} {s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+        if done == uuids.len() && instances.is_empty() {
+            break true;
+        }
+        if started.elapsed() > timeout || *interrupted.borrow_and_update() {
+            break false;
+        }
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    let _ = runner.await;
+    let _ = http.await;
+    let vms_left = svc.pool.instances().len();
+
+    // Outcomes from the fake API's record of state changes.
+    let changes = fake.state_changes();
+    let mut runs: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut first_running: BTreeMap<&str, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+    for c in &changes {
+        if c.to == "Running" {
+            *runs.entry(c.uuid.as_str()).or_default() += 1;
+            first_running.entry(c.uuid.as_str()).or_insert(c.at);
+        }
+    }
+    let ran_twice: Vec<&str> = runs
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(u, _)| *u)
+        .collect();
+    let chooser = TypeChooser::new(&cluster);
+    let (mut complete, mut cancelled, mut unfinished) = (0, 0, 0);
+    let mut latencies = Vec::new();
+    let mut ideal = 0.0;
+    for (u, spec) in uuids.iter().zip(&workload) {
+        let rec = fake.container(u).unwrap_or(Value::Null);
+        match rec["state"].as_str() {
+            Some("Complete") => complete += 1,
+            Some("Cancelled") => cancelled += 1,
+            _ => unfinished += 1,
+        }
+        if let (Some(run_at), Some(created)) = (
+            first_running.get(u.as_str()),
+            rec["created_at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+        ) {
+            latencies.push(
+                (*run_at - created.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0,
+            );
+        }
+        let run_ms: f64 = spec
+            .environment
+            .iter()
+            .find(|(k, _)| k == "FAKE_CRUNCH_RUN_MS")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0);
+        if let Ok(ctr) = serde_json::from_value::<arvados::Container>(rec.clone())
+            && let Ok(types) = chooser.choose(&ctr)
+            && let Some(cheapest) = types.first()
+        {
+            ideal += cheapest.price * run_ms / 1000.0 / 3600.0;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let total_seconds = usage.busy_seconds + usage.idle_seconds;
+    let report = json!({
+        "containers": uuids.len(),
+        "complete": complete,
+        "cancelled": cancelled,
+        "unfinished": unfinished,
+        "ran_more_than_once": ran_twice,
+        "wall_seconds": wall,
+        "containers_per_second": if wall > 0.0 { (complete + cancelled) as f64 / wall } else { 0.0 },
+        "instances_peak": usage.peak_instances,
+        "instances_left": vms_left,
+        "instance_seconds": {"busy": usage.busy_seconds, "idle": usage.idle_seconds, "total": total_seconds},
+        "cost": {"estimated": usage.cost, "ideal": ideal},
+        "queue_to_crunch_run_seconds": {
+            "p50": percentile(&latencies, 0.5),
+            "p95": percentile(&latencies, 0.95),
+            "max": latencies.last().copied().unwrap_or(0.0),
+        },
+        "seed": args.seed,
+        "faults": format!("{:?}", args.faults).to_lowercase(),
+    });
+    println!("\nsummary");
+    println!(
+        "  containers:       {complete} complete, {cancelled} cancelled, {unfinished} unfinished (of {})",
+        uuids.len()
+    );
+    println!(
+        "  ran more than once: {}",
+        if ran_twice.is_empty() {
+            "none".to_string()
+        } else {
+            ran_twice.join(", ")
+        }
+    );
+    println!(
+        "  wall time:        {wall:.1} s ({:.1} containers/s)",
+        report["containers_per_second"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  instance time:    {:.1} s busy + {:.1} s idle = {:.1} s (peak {} instances, {} left)",
+        usage.busy_seconds, usage.idle_seconds, total_seconds, usage.peak_instances, vms_left
+    );
+    println!(
+        "  cost:             ${:.4} estimated vs ${:.4} ideal (each container's run time on its cheapest type)",
+        usage.cost, ideal
+    );
+    println!(
+        "  queue → crunch-run: p50 {:.2} s, p95 {:.2} s, max {:.2} s",
+        report["queue_to_crunch_run_seconds"]["p50"]
+            .as_f64()
+            .unwrap_or(0.0),
+        report["queue_to_crunch_run_seconds"]["p95"]
+            .as_f64()
+            .unwrap_or(0.0),
+        report["queue_to_crunch_run_seconds"]["max"]
+            .as_f64()
+            .unwrap_or(0.0),
+    );
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("--report {}", path.display()))?;
+    }
+    let ok = finished && ran_twice.is_empty() && unfinished == 0 && vms_left == 0;
+    if !finished {
+        println!("  DID NOT FINISH (timeout or interrupted)");
+    }
+    Ok(ok)
+}
+
+fn russh_line_ending() -> russh::keys::ssh_key::LineEnding {
+    russh::keys::ssh_key::LineEnding::LF
+}
