@@ -44,7 +44,14 @@ fn assert_one_line_failure(out: &Output, wanted: &str) {
 fn help_lists_subcommands() {
     let out = bin().arg("--help").output().unwrap();
     assert!(out.status.success());
-    for sub in ["check-config", "cloudtest", "run", "simulate", "instances", "containers"] {
+    for sub in [
+        "check-config",
+        "cloudtest",
+        "run",
+        "simulate",
+        "instances",
+        "containers",
+    ] {
         assert!(text(&out.stdout).contains(sub), "{sub} missing from --help");
     }
     // No subcommand runs the service, as the Go binary does: here, with a config file that

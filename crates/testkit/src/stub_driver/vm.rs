@@ -52,6 +52,28 @@ pub(super) struct VmOs {
     pub(super) detaches: std::sync::atomic::AtomicUsize,
 }
 
+/// An API client for these credentials, shared by every stub crunch-run in the process:
+/// building one parses the system's CA bundle, which would dominate a big simulation.
+fn api_client(host: &str, token: &str, insecure: &str) -> Result<Client, String> {
+    type Key = (String, String, String);
+    static CLIENTS: std::sync::OnceLock<Mutex<HashMap<Key, Client>>> = std::sync::OnceLock::new();
+    let key = (host.to_string(), token.to_string(), insecure.to_string());
+    let cache = CLIENTS.get_or_init(Default::default);
+    if let Some(c) = lock(cache).get(&key) {
+        return Ok(c.clone());
+    }
+    let c = ClientConfig::from_vars(|k| match k {
+        "ARVADOS_API_HOST" => Some(host.to_string()),
+        "ARVADOS_API_TOKEN" => Some(token.to_string()),
+        "ARVADOS_API_HOST_INSECURE" => Some(insecure.to_string()),
+        _ => None,
+    })
+    .and_then(Client::new)
+    .map_err(|e| e.to_string())?;
+    lock(cache).insert(key, c.clone());
+    Ok(c)
+}
+
 /// The secret an Arvados init command writes (`echo -n "<secret>" >/var/run/arvados-instance-secret`).
 fn secret_from_init(init: &str) -> Option<String> {
     let line = init
@@ -234,16 +256,10 @@ impl VmOs {
                 "missing ARVADOS_API_HOST or ARVADOS_API_TOKEN in config Env",
             );
         }
-        let client = match ClientConfig::from_vars(|k| match k {
-            "ARVADOS_API_HOST" => Some(host.clone()),
-            "ARVADOS_API_TOKEN" => Some(token.clone()),
-            "ARVADOS_API_HOST_INSECURE" => Some(env("ARVADOS_API_HOST_INSECURE")),
-            _ => None,
-        })
-        .and_then(Client::new)
-        {
+        let insecure = env("ARVADOS_API_HOST_INSECURE");
+        let client = match api_client(&host, &token, &insecure) {
             Ok(c) => c,
-            Err(e) => return Outcome::fail(1, e.to_string()),
+            Err(e) => return Outcome::fail(1, e),
         };
         let (crash_at, linger) = {
             let mut rng = lock(&self.rng);
