@@ -1,0 +1,507 @@
+//! The whole service (driver stack, pool, queue, scheduler, management API) over the stub
+//! cloud and the fake Arvados API, through real HTTP: AC-DSP-2, AC-DSP-3, AC-DSP-5, the
+//! routes' errors, health, metrics (checked by `promtool`), and a restart that adopts VMs and
+//! running containers without starting anything twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arvados::InstanceType;
+use cloud::registry::Registry;
+use cloud::{CloudError, Driver, InstanceSet, InstanceSetId, InstanceTags};
+use dispatchcloud::scheduler::pool::WorkerPool;
+use dispatchcloud::service::{Service, api};
+use serde_json::{Value, json};
+use testkit::stub_driver::{StubConfig, StubSet};
+use testkit::{ContainerSpec, FakeArvados, FakeConfig};
+use tokio::sync::watch;
+
+/// A driver that always hands out the same stub cloud (so two services can share it).
+struct SharedStub(Arc<StubSet>);
+
+impl Driver for SharedStub {
+    fn instance_set(
+        &self,
+        _: &Value,
+        _: &InstanceSetId,
+        _: &InstanceTags,
+    ) -> Result<Arc<dyn InstanceSet>, CloudError> {
+        Ok(self.0.clone())
+    }
+}
+
+fn fixture_type(i: i64) -> InstanceType {
+    InstanceType {
+        name: format!("type{i}"),
+        provider_type: format!("providertype{i}"),
+        vcpus: i,
+        ram: i * (1 << 30) * 11 / 10,
+        scratch: i << 30,
+        included_scratch: i << 30,
+        price: i as f64 * 0.123,
+        ..Default::default()
+    }
+}
+
+fn cluster(f: &FakeArvados, token: &str) -> arvados::Cluster {
+    let mut c = arvados::Cluster {
+        cluster_id: "zzzzz".into(),
+        management_token: token.into(),
+        system_root_token: f.root_token().into(),
+        ..Default::default()
+    };
+    c.services.controller.external_url = f.base_url().into();
+    c.containers.dispatch_private_key = cloud::sshd::new_ed25519_key()
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .unwrap()
+        .to_string();
+    c.containers.cloud_vms.driver = "stub".into();
+    c.containers.cloud_vms.deploy_runner_binary = String::new();
+    c.containers.cloud_vms.poll_interval = Duration::from_millis(100);
+    c.containers.cloud_vms.probe_interval = Duration::from_millis(50);
+    c.containers.cloud_vms.sync_interval = Duration::from_millis(200);
+    c.containers.cloud_vms.timeout_idle = Duration::from_secs(2);
+    c.containers.cloud_vms.max_concurrent_instance_create_ops = 0;
+    c.containers.cloud_vms.resource_tags =
+        [("testtag".to_string(), "test value".to_string())].into();
+    for i in [1, 2, 3, 4, 6, 8, 16] {
+        let t = fixture_type(i);
+        c.instance_types.insert(t.name.clone(), t);
+    }
+    c
+}
+
+struct Running {
+    svc: Arc<Service>,
+    url: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn start(cluster: &arvados::Cluster, set: Arc<StubSet>) -> Running {
+    let mut drivers = Registry::new();
+    drivers.register("stub", Arc::new(SharedStub(set)));
+    let svc = Service::build(cluster, &drivers).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = watch::channel(false);
+    let router = api::router(svc.clone());
+    let mut http_stop = rx.clone();
+    let http = tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+    let s = svc.clone();
+    let run = tokio::spawn(async move { s.run(rx).await });
+    Running {
+        svc,
+        url,
+        stop,
+        tasks: vec![http, run],
+    }
+}
+
+fn stub(params: Value) -> Arc<StubSet> {
+    Arc::new(StubSet::new(StubConfig::from_params(&params).unwrap()))
+}
+
+async fn call(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    let client = reqwest_client();
+    let mut req = client.request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+fn reqwest_client() -> reqwest::Client {
+    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    C.get_or_init(reqwest::Client::new).clone()
+}
+
+async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_dsp_2_permissions() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let r = start(&cluster(&f, "abcdefgh"), stub(json!({}))).await;
+    let instances = format!("{}/arvados/v1/dispatch/instances", r.url);
+    assert_eq!(
+        call("GET", &instances, Some("abc")).await,
+        (403, "Forbidden\n".into())
+    );
+    assert_eq!(
+        call("GET", &instances, None).await,
+        (401, "Unauthorized\n".into())
+    );
+    assert_eq!(call("GET", &instances, Some("abcdefgh")).await.0, 200);
+    // Other token carriers: api_token query parameter, cookie, HTTP Basic password.
+    assert_eq!(
+        call("GET", &format!("{instances}?api_token=abcdefgh"), None)
+            .await
+            .0,
+        200
+    );
+    let resp = reqwest_client()
+        .get(&instances)
+        .header("Cookie", "arvados_api_token=abcdefgh")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = reqwest_client()
+        .get(&instances)
+        .basic_auth("anyone", Some("abcdefgh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_dsp_3_disabled_without_a_management_token() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let r = start(&cluster(&f, ""), stub(json!({}))).await;
+    let instances = format!("{}/arvados/v1/dispatch/instances", r.url);
+    let want = (
+        403,
+        "Management API authentication is not configured\n".to_string(),
+    );
+    assert_eq!(call("GET", &instances, Some("abc")).await, want);
+    assert_eq!(call("GET", &instances, None).await, want);
+    assert_eq!(
+        call("GET", &format!("{}/_health/ping", r.url), Some("x")).await,
+        (404, r#"{"errors":["disabled"]}"#.into())
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_dsp_5_instances_api() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let mut c = cluster(&f, "tok");
+    c.containers.cloud_vms.timeout_booting = Duration::from_secs(1);
+    let r = start(&c, stub(json!({"BootDelay": "1h"}))).await;
+    let instances = format!("{}/arvados/v1/dispatch/instances", r.url);
+    let (s, body) = call("GET", &instances, Some("tok")).await;
+    assert_eq!(
+        (s, serde_json::from_str::<Value>(&body).unwrap()),
+        (200, json!({"items": []}))
+    );
+    assert!(r.svc.pool.create(&fixture_type(1)).is_some());
+    wait_for("the VM to exist", Duration::from_secs(5), || {
+        r.svc.pool.worker_ids().len() == 1
+    })
+    .await;
+    let (_, body) = call("GET", &instances, Some("tok")).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    let i = &items[0];
+    assert!(i["instance"].as_str().unwrap().starts_with("inst"), "{i}");
+    assert_eq!(i["worker_state"], "booting");
+    assert_eq!(i["price"], 0.123);
+    assert_eq!(i["last_container_uuid"], "");
+    assert_eq!(i["running_container_uuids"], json!([]));
+    assert_eq!(i["provider_instance_type"], "providertype1");
+    assert_eq!(i["arvados_instance_type"], "type1");
+    assert_eq!(i["idle_behavior"], "run");
+    assert!(i["last_busy"].as_str().unwrap().ends_with('Z'));
+    r.stop().await;
+}
+
+/// Every route's parameter and lookup errors, unknown routes, wrong methods, health.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_answer_bad_requests_with_arvados_errors() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let r = start(&cluster(&f, "tok"), stub(json!({}))).await;
+    let u = |p: &str| format!("{}{p}", r.url);
+    let t = Some("tok");
+    let err = |m: &str| format!(r#"{{"errors":["{m}"]}}"#);
+    assert_eq!(
+        call("GET", &u("/arvados/v1/dispatch/containers"), t).await,
+        (200, r#"{"items":[]}"#.into())
+    );
+    assert_eq!(
+        call("GET", &u("/arvados/v1/dispatch/container"), t).await,
+        (400, err("container_uuid parameter not provided"))
+    );
+    assert_eq!(
+        call(
+            "GET",
+            &u("/arvados/v1/dispatch/container?container_uuid=zzzzz-dz642-000000000000404"),
+            t
+        )
+        .await,
+        (404, err("container not found"))
+    );
+    assert_eq!(
+        call("POST", &u("/arvados/v1/dispatch/containers/kill"), t).await,
+        (400, err("container_uuid parameter not provided"))
+    );
+    assert_eq!(
+        call(
+            "POST",
+            &u("/arvados/v1/dispatch/containers/kill?container_uuid=zzzzz-dz642-000000000000404"),
+            t
+        )
+        .await,
+        (404, err("container not found"))
+    );
+    for action in ["hold", "drain", "run"] {
+        let path = format!("/arvados/v1/dispatch/instances/{action}");
+        assert_eq!(
+            call("POST", &u(&path), t).await,
+            (400, err("instance_id parameter not provided"))
+        );
+        assert_eq!(
+            call("POST", &u(&format!("{path}?instance_id=nope")), t).await,
+            (404, err("requested instance does not exist"))
+        );
+    }
+    assert_eq!(
+        call("POST", &u("/arvados/v1/dispatch/instances/kill"), t).await,
+        (400, err("instance_id parameter not provided"))
+    );
+    assert_eq!(
+        call(
+            "POST",
+            &u("/arvados/v1/dispatch/instances/kill?instance_id=nope"),
+            t
+        )
+        .await,
+        (404, err("instance not found"))
+    );
+    // A form body works like the query string.
+    let resp = reqwest_client()
+        .post(u("/arvados/v1/dispatch/instances/hold"))
+        .bearer_auth("tok")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("instance_id=nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    assert_eq!(
+        call("GET", &u("/arvados/v1/dispatch/nothing"), t).await.0,
+        404
+    );
+    assert_eq!(
+        call("DELETE", &u("/arvados/v1/dispatch/instances"), t)
+            .await
+            .0,
+        405
+    );
+    assert_eq!(
+        call("GET", &u("/arvados/v1/dispatch/instances/hold"), t)
+            .await
+            .0,
+        405
+    );
+    // Health: its own token rules.
+    assert_eq!(
+        call("GET", &u("/_health/ping"), t).await,
+        (200, r#"{"health":"OK"}"#.into())
+    );
+    assert_eq!(
+        call("GET", &u("/_health/ping"), None).await,
+        (401, err("authorization required"))
+    );
+    assert_eq!(
+        call("GET", &u("/_health/ping"), Some("bad")).await,
+        (403, err("authorization error"))
+    );
+    // Still serving after all that.
+    assert_eq!(
+        call("GET", &u("/arvados/v1/dispatch/instances"), t).await.0,
+        200
+    );
+    r.stop().await;
+}
+
+/// A container goes through the whole service to Complete; `/metrics` then passes
+/// `promtool check metrics` and carries the catalogue's names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_runs_to_complete_and_metrics_pass_promtool() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let r = start(&cluster(&f, "tok"), stub(json!({}))).await;
+    let u = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "300".into())],
+        ..Default::default()
+    });
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    wait_for("container Running", Duration::from_secs(20), || {
+        state(&u) == "Running"
+    })
+    .await;
+    let (_, body) = call(
+        "GET",
+        &format!("{}/arvados/v1/dispatch/containers", r.url),
+        Some("tok"),
+    )
+    .await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    if let Some(item) = v["items"].as_array().unwrap().first() {
+        for k in [
+            "container",
+            "instance_resources",
+            "instance_types",
+            "first_seen_at",
+            "scheduling_status",
+        ] {
+            assert!(item.get(k).is_some(), "{k} missing in {item}");
+        }
+    }
+    wait_for("container Complete", Duration::from_secs(20), || {
+        state(&u) == "Complete"
+    })
+    .await;
+    let (s, metrics) = call("GET", &format!("{}/metrics", r.url), Some("tok")).await;
+    assert_eq!(s, 200);
+    for want in [
+        "arvados_dispatchcloud_driver_operations{error=\"0\",operation=\"Create\"} 1",
+        "arvados_dispatchcloud_boot_outcomes{outcome=\"success\"} 1",
+        "arvados_dispatchcloud_queue_entries",
+        "arvados_dispatchcloud_containers_time_from_queue_to_crunch_run_seconds_count 1",
+        "arvados_dispatchcloud_max_concurrent_containers",
+        "arvados_dispatchcloud_at_quota 0",
+    ] {
+        assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
+    }
+    let (_, json_path) = call("GET", &format!("{}/metrics.json", r.url), Some("tok")).await;
+    assert!(json_path.contains("arvados_dispatchcloud_driver_operations"));
+    promtool_check(&metrics);
+    r.stop().await;
+}
+
+/// `promtool check metrics` must find no parse error; lint warnings are allowed only for
+/// Arvados' own metric names.
+fn promtool_check(metrics: &str) {
+    use std::io::Write;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool missing in CI: scripts/test installs prometheus"
+        );
+        eprintln!(
+            "SKIPPED promtool check: promtool is not installed (scripts/test installs prometheus)"
+        );
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in report.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            line.starts_with("arvados_") || line.contains("lint"),
+            "promtool: {line}\n{report}"
+        );
+        assert!(
+            !line.contains("error while linting") && !line.contains("parse"),
+            "promtool parse error: {line}"
+        );
+    }
+}
+
+/// Stop the service mid-run and start a new one over the same API and stub cloud: it adopts
+/// the VMs and the running containers, starts nothing twice, and everything finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_adopts_vms_and_containers_and_starts_nothing_twice() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let set = stub(json!({}));
+    let c = cluster(&f, "tok");
+    let uuids: Vec<String> = (0..4)
+        .map(|_| {
+            f.add_container(&ContainerSpec {
+                environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "2500".into())],
+                ..Default::default()
+            })
+        })
+        .collect();
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let r1 = start(&c, set.clone()).await;
+    wait_for("all Running", Duration::from_secs(20), || {
+        uuids.iter().all(|u| state(u) == "Running")
+    })
+    .await;
+    r1.stop().await;
+    let vms_before: Vec<String> = set
+        .vms()
+        .iter()
+        .map(|v| cloud::Instance::id(&**v))
+        .collect();
+    let r2 = start(&c, set.clone()).await;
+    wait_for("all Complete", Duration::from_secs(30), || {
+        uuids.iter().all(|u| state(u) == "Complete")
+    })
+    .await;
+    let runs = f
+        .state_changes()
+        .iter()
+        .filter(|s| s.to == "Running")
+        .count();
+    assert_eq!(runs, uuids.len(), "each container ran exactly once");
+    let detaches: usize = set.vms().iter().map(|v| v.detach_count()).sum();
+    assert_eq!(detaches, uuids.len(), "no crunch-run started twice");
+    for id in &vms_before {
+        assert!(
+            set.vms().iter().any(|v| cloud::Instance::id(&**v) == *id)
+                || r2.svc.pool.worker(id).is_none(),
+            "VM {id} was adopted or cleanly retired"
+        );
+    }
+    wait_for("idle VMs shut down", Duration::from_secs(20), || {
+        set.vms().is_empty()
+    })
+    .await;
+    r2.stop().await;
+}
