@@ -1,0 +1,118 @@
+//! `arvados-dispatch-cloud simulate` as the README runs it: the real dispatcher against the
+//! fake API and the stub cloud, ending with a summary whose numbers add up.
+
+use std::process::Command;
+
+fn simulate(args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))
+        .arg("simulate")
+        .args(args)
+        .arg("--report")
+        .arg(&report)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&report).unwrap_or_else(|e| {
+        panic!(
+            "no report ({e}); stdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, serde_json::from_str(&text).unwrap())
+}
+
+fn assert_adds_up(r: &serde_json::Value) {
+    let n = r["containers"].as_u64().unwrap();
+    assert_eq!(
+        r["complete"].as_u64().unwrap()
+            + r["cancelled"].as_u64().unwrap()
+            + r["unfinished"].as_u64().unwrap(),
+        n
+    );
+    let t = &r["instance_seconds"];
+    let (busy, idle, total) = (
+        t["busy"].as_f64().unwrap(),
+        t["idle"].as_f64().unwrap(),
+        t["total"].as_f64().unwrap(),
+    );
+    assert!(
+        (busy + idle - total).abs() < 1e-6,
+        "busy + idle = total: {t}"
+    );
+    assert!(busy > 0.0 && idle >= 0.0);
+    let cost = &r["cost"];
+    assert!(
+        cost["estimated"].as_f64().unwrap() >= cost["ideal"].as_f64().unwrap() * 0.5,
+        "{cost}"
+    );
+    assert!(cost["ideal"].as_f64().unwrap() > 0.0);
+    let l = &r["queue_to_crunch_run_seconds"];
+    assert!(
+        l["p50"].as_f64().unwrap() <= l["p95"].as_f64().unwrap()
+            && l["p95"].as_f64().unwrap() <= l["max"].as_f64().unwrap(),
+        "{l}"
+    );
+}
+
+#[test]
+fn simulate_runs_every_container_once_and_reports() {
+    let (out, r) = simulate(&["--containers", "40", "--seed", "3", "--boot-delay", "200ms"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "management API: http://127.0.0.1:",
+        "containers:",
+        "summary",
+        "instance time:",
+        "cost:",
+        "queue → crunch-run:",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
+    }
+    assert_eq!(r["complete"], 40, "{r}");
+    assert_eq!(r["ran_more_than_once"], serde_json::json!([]));
+    assert_eq!(r["instances_left"], 0);
+    assert_adds_up(&r);
+}
+
+#[test]
+fn simulate_with_chaos_still_completes_every_container_exactly_once() {
+    let (out, r) = simulate(&["--containers", "80", "--faults", "chaos", "--seed", "7"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["complete"], 80, "{r}");
+    assert_eq!(r["ran_more_than_once"], serde_json::json!([]));
+    assert_eq!(r["instances_left"], 0);
+    assert_adds_up(&r);
+}
+
+#[test]
+fn simulate_bad_arguments_print_usage() {
+    let out = Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))
+        .args(["simulate", "--faults", "meteor"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value 'meteor'") && err.contains("possible values: none, chaos"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))
+        .args(["simulate", "--boot-delay", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--boot-delay"));
+}
