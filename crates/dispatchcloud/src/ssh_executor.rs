@@ -211,8 +211,20 @@ impl Executor {
         command: &str,
         stdin: &[u8],
     ) -> Result<Output, Failure> {
-        let limit = self.timeouts.command + self.timeouts.connect;
-        match tokio::time::timeout(limit, self.execute_inner(env, command, stdin)).await {
+        self.execute_for(env, command, stdin, self.timeouts.command)
+            .await
+    }
+
+    /// [`Executor::execute`] with its own command deadline (e.g. a long upload).
+    pub async fn execute_for(
+        &self,
+        env: &[(String, String)],
+        command: &str,
+        stdin: &[u8],
+        deadline: Duration,
+    ) -> Result<Output, Failure> {
+        let limit = deadline + self.timeouts.connect;
+        match tokio::time::timeout(limit, self.execute_inner(env, command, stdin, deadline)).await {
             Ok(r) => r,
             Err(_) => Err(ExecError::Timeout(limit).into()),
         }
@@ -223,6 +235,7 @@ impl Executor {
         env: &[(String, String)],
         command: &str,
         stdin: &[u8],
+        deadline: Duration,
     ) -> Result<Output, Failure> {
         let current = lock(&self.conn).clone();
         let mut channel = None;
@@ -238,9 +251,9 @@ impl Executor {
                     .map_err(|e| ExecError::Ssh(format!("opening session: {e}")))?
             }
         };
-        match tokio::time::timeout(self.timeouts.command, run(channel, env, command, stdin)).await {
+        match tokio::time::timeout(deadline, run(channel, env, command, stdin)).await {
             Ok(r) => r,
-            Err(_) => Err(ExecError::Timeout(self.timeouts.command).into()),
+            Err(_) => Err(ExecError::Timeout(deadline).into()),
         }
     }
 

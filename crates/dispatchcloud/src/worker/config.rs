@@ -173,7 +173,10 @@ impl PoolConfig {
             timeout_term: or_default(vms.timeout_term, Duration::from_secs(120)),
             timeout_signal: or_default(vms.timeout_signal, Duration::from_secs(5)),
             timeout_stale_run_lock: or_default(vms.timeout_stale_run_lock, Duration::from_secs(5)),
-            command_timeout: Duration::from_secs(60),
+            // A command that takes longer than a probe may is as good as failed; but allow
+            // at least 1 s (slow links) and at most a minute (hung VMs get noticed).
+            command_timeout: or_default(vms.timeout_probe, Duration::from_secs(600))
+                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
             quota_error_ttl: Duration::from_secs(60),
             capacity_error_ttl: Duration::from_secs(60),
             create_ops_hold_off: Duration::from_secs(5),

@@ -348,7 +348,8 @@ impl Pool {
         }
         tracing::info!(Instance = %id, path, "installing runner binary on worker");
         let cmd = config::install_command(&self.cfg.deploy_directory, &path, user);
-        exec.execute(&[], &cmd, &bin.data)
+        // An upload of tens of MB may take longer than a probe.
+        exec.execute_for(&[], &cmd, &bin.data, Duration::from_secs(600))
             .await
             .map(|_| ())
             .map_err(|f| format!("{f}: {}", String::from_utf8_lossy(&f.output.stderr).trim()))

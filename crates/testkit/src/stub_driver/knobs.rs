@@ -43,6 +43,17 @@ pub struct StubConfig {
     pub detach_delay: Duration,
     /// Seed of every random choice (`Seed`, default 0).
     pub seed: u64,
+    /// VMs of these provider types created within this long of the instance set's start
+    /// never boot (`BrokenTypesUntil: {providertype: 2s}`).
+    pub broken_types_until: BTreeMap<String, Duration>,
+    /// After this long from create, commands never answer (`HangAfter`).
+    pub hang_after: Option<Duration>,
+    /// After this long from create, the cloud takes the VM away (a spot interruption): it
+    /// leaves the instance list and its processes die (`VanishAfter`).
+    pub vanish_after: Option<Duration>,
+    /// VM-side knobs by creation count: VM number n gets `VmProfiles[n % len]` over the
+    /// set's own knobs (`VmProfiles: [{CrunchRunMissing: true}, {HangAfter: 50ms}, …]`).
+    pub vm_profiles: Vec<StubConfig>,
 }
 
 struct Params<'a>(&'a Value);
@@ -107,7 +118,47 @@ impl StubConfig {
                 capacity_per_type.insert(k.clone(), p.count(&key, Some(n))?.unwrap_or(0));
             }
         }
+        let mut broken_types_until = BTreeMap::new();
+        if let Some(v) = params.get("BrokenTypesUntil") {
+            let m = v
+                .as_object()
+                .ok_or_else(|| bad("BrokenTypesUntil", "not a map"))?;
+            for (k, d) in m {
+                let key = format!("BrokenTypesUntil.{k}");
+                let d = d
+                    .as_str()
+                    .ok_or_else(|| bad(&key, "not a duration string"))?;
+                let d = arvados::config::units::parse_duration(d).map_err(|e| bad(&key, e))?;
+                broken_types_until.insert(k.clone(), d);
+            }
+        }
+        let mut vm_profiles = Vec::new();
+        if let Some(v) = params.get("VmProfiles") {
+            let list = v
+                .as_array()
+                .ok_or_else(|| bad("VmProfiles", "not a list"))?;
+            for (i, profile) in list.iter().enumerate() {
+                let Some(overrides) = profile.as_object() else {
+                    return Err(bad(&format!("VmProfiles.{i}"), "not a map"));
+                };
+                let mut merged = params.as_object().cloned().unwrap_or_default();
+                merged.remove("VmProfiles");
+                merged.extend(overrides.clone());
+                let c = StubConfig::from_params(&Value::Object(merged)).map_err(|e| {
+                    CloudError::other(e.message.replacen(
+                        "DriverParameters.",
+                        &format!("DriverParameters.VmProfiles.{i}."),
+                        1,
+                    ))
+                })?;
+                vm_profiles.push(c);
+            }
+        }
         Ok(StubConfig {
+            broken_types_until,
+            hang_after: p.duration("HangAfter")?,
+            vanish_after: p.duration("VanishAfter")?,
+            vm_profiles,
             boot_delay: p.duration("BootDelay")?.unwrap_or_default(),
             quota_max_instances: p.count("QuotaMaxInstances", params.get("QuotaMaxInstances"))?,
             capacity_per_type,

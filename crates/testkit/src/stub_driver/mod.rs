@@ -5,7 +5,8 @@
 //!
 //! Faults are knobs ([`StubConfig`], read from `DriverParameters`): cloud-side (error rates,
 //! rate limits between calls, quota, capacity per type, held operations) here; VM-side (boot
-//! delay, broken, crunch-run missing, crashes, stale locks, broken reports) in [`vm`].
+//! delay, broken, hung, crunch-run missing, crashes, stale locks, broken reports) in [`vm`],
+//! per VM by creation count with `VmProfiles`, broken types for a while with `BrokenTypesUntil`.
 //! Randomness is seeded (`Seed`): each VM and the set have their own seeded generator.
 //!
 //! A VM learns its instance secret the way a real one does: from the init command (user data)
@@ -61,6 +62,7 @@ struct Cloud {
     rng: Mutex<StdRng>,
     /// Held create/destroy calls wait for a permit (`HoldCloudOps`).
     held: Semaphore,
+    started: Instant,
 }
 
 impl Cloud {
@@ -132,6 +134,7 @@ impl StubSet {
                 cfg,
                 vms: Arc::new(Mutex::new(Vec::new())),
                 held: Semaphore::new(0),
+                started: Instant::now(),
             }),
             next: Mutex::new(0),
         }
@@ -158,6 +161,8 @@ pub struct StubVm {
     host_key: String,
     addr: String,
     init_command: String,
+    /// When the cloud takes it away (`VanishAfter`).
+    vanish_at: Option<Instant>,
     cloud: std::sync::Weak<Cloud>,
 }
 
@@ -278,7 +283,18 @@ impl InstanceSet for StubSet {
                 *n
             };
             let authorized = cloud::sshd::authorized_keys(req.public_key.as_deref());
-            let os = Arc::new(VmOs::new(cloud.cfg.clone(), n, &req.init_command));
+            // This VM's knobs: its profile (by creation count); a type still broken never boots.
+            let mut vm_cfg = match cloud.cfg.vm_profiles.len() {
+                0 => cloud.cfg.clone(),
+                len => cloud.cfg.vm_profiles[(n - 1) % len].clone(),
+            };
+            if let Some(until) = cloud.cfg.broken_types_until.get(&it.provider_type)
+                && cloud.started.elapsed() < *until
+            {
+                vm_cfg.boot_delay = Duration::from_secs(365 * 24 * 3600);
+            }
+            let vanish_at = vm_cfg.vanish_after.map(|d| Instant::now() + d);
+            let os = Arc::new(VmOs::new(vm_cfg, n, &req.init_command));
             let handler_os = os.clone();
             let handler: Arc<dyn CommandHandler> =
                 Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| {
@@ -295,6 +311,7 @@ impl InstanceSet for StubSet {
                 addr: ssh.addr().to_string(),
                 ssh: Mutex::new(Some(ssh)),
                 init_command: req.init_command.clone(),
+                vanish_at,
                 os,
                 cloud: Arc::downgrade(cloud),
             });
@@ -307,6 +324,18 @@ impl InstanceSet for StubSet {
         &self,
         filter: &InstanceTags,
     ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        let now = Instant::now();
+        let vanished: Vec<Arc<StubVm>> = {
+            let mut vms = lock(&self.cloud.vms);
+            let (gone, kept): (Vec<_>, Vec<_>) = vms
+                .drain(..)
+                .partition(|v| v.vanish_at.is_some_and(|t| now >= t));
+            *vms = kept;
+            gone
+        };
+        for v in vanished {
+            v.crash();
+        }
         let r = self.list_interval.check().map(|()| {
             lock(&self.cloud.vms)
                 .iter()

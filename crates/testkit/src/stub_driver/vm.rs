@@ -130,6 +130,9 @@ impl VmOs {
     pub(super) fn handle(&self, command: &str, stdin: Vec<u8>) -> OutcomeFuture {
         let command = command.strip_prefix("sudo ").unwrap_or(command).to_string();
         let up = self.since_boot();
+        if self.cfg.hang_after.is_some_and(|h| up >= h) {
+            return Box::pin(std::future::pending());
+        }
         if up < self.cfg.boot_delay {
             return ready(Outcome::fail(1, "stub is booting"));
         }
