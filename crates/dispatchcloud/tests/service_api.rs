@@ -505,3 +505,100 @@ async fn restart_adopts_vms_and_containers_and_starts_nothing_twice() {
     .await;
     r2.stop().await;
 }
+
+/// AC-DSP-4: the containers API shows each container's state and scheduling status in
+/// scheduling order, with Arvados' exact texts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_dsp_4_containers_api() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let mut c = cluster(&f, "tok");
+    c.containers.cloud_vms.initial_quota_estimate = 4;
+    c.containers.reserve_extra_ram = 0;
+    c.containers.local_keep_blob_buffers_per_vcpu = 0;
+    c.containers.maximum_price_factor = 1.5;
+    let set = stub(json!({
+        "QuotaMaxInstances": 4,
+        "CapacityPerType": {"providertype4": 0, "providertype6": 0, "providertype8": 0, "providertype16": 0},
+    }));
+    let r = start(&c, set).await;
+    let list = format!("{}/arvados/v1/dispatch/containers", r.url);
+    assert_eq!(
+        call("GET", &list, Some("tok")).await,
+        (200, r#"{"items":[]}"#.into())
+    );
+    let uuids: Vec<String> = (0..20i64)
+        .map(|i| {
+            f.add_container(&ContainerSpec {
+                priority: 100 - i,
+                ram: (i % 3 + 1) << 30,
+                vcpus: i % 8 + 1,
+                keep_cache_disk: Some(0),
+                environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "120000".into())],
+                ..Default::default()
+            })
+        })
+        .collect();
+    let mut want: Vec<(String, &str, String)> = Vec::new();
+    for (i, u) in uuids.iter().enumerate() {
+        let (state, status) = match i {
+            0..=2 => ("Running", String::new()),
+            3 => (
+                "Locked",
+                "Waiting in queue at position 1.  Cluster is at capacity for all eligible instance types (type4, type6) and cannot start a new instance right now.".to_string(),
+            ),
+            _ => (
+                "Queued",
+                format!(
+                    "Waiting in queue at position {}.  Cluster is at capacity and cannot start any new instances right now.",
+                    i - 2
+                ),
+            ),
+        };
+        want.push((u.clone(), state, status));
+    }
+    let mut got = Vec::new();
+    for _ in 0..400 {
+        let (_, body) = call("GET", &list, Some("tok")).await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        got = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["container"]["uuid"].as_str().unwrap().to_string(),
+                    i["container"]["state"].as_str().unwrap().to_string(),
+                    i["scheduling_status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect::<Vec<_>>();
+        let matches = got.len() == want.len()
+            && got
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| g.0 == w.0 && g.1 == w.1 && g.2 == w.2);
+        if matches {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got: Vec<(String, &str, String)> = got
+        .iter()
+        .map(|(u, s, t)| (u.clone(), s.as_str(), t.clone()))
+        .collect();
+    assert_eq!(got, want);
+    // One container by uuid.
+    let (s, body) = call(
+        "GET",
+        &format!(
+            "{}/arvados/v1/dispatch/container?container_uuid={}",
+            r.url, uuids[3]
+        ),
+        Some("tok"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["scheduling_status"], want[3].2.as_str());
+    r.stop().await;
+}
