@@ -81,10 +81,10 @@ fn main() -> ExitCode {
             .and_then(|c| cloudtest::run(c, args))
             .and_then(exit),
         None => load(&cli.config)
-            .and_then(|c| service::run(c, None))
+            .and_then(|c| service::run(c, None, config_time(&cli.config)))
             .map(|()| 0),
         Some(Command::Run { listen }) => load(&cli.config)
-            .and_then(|c| service::run(c, listen))
+            .and_then(|c| service::run(c, listen, config_time(&cli.config)))
             .map(|()| 0),
         Some(Command::Simulate(args)) => {
             // Its own default config unless one is given.
@@ -133,6 +133,14 @@ fn init_logging(format: Option<LogFormat>) {
             .with_current_span(false)
             .try_init(),
     };
+}
+
+/// The config file's modification time (for `arvados_config_source_timestamp_seconds`).
+fn config_time(args: &ConfigArgs) -> Option<std::time::SystemTime> {
+    let source = arvados::ConfigSource::resolve(args.config.as_deref());
+    std::fs::metadata(&source.path)
+        .and_then(|m| m.modified())
+        .ok()
 }
 
 fn load(args: &ConfigArgs) -> anyhow::Result<arvados::Cluster> {

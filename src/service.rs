@@ -87,10 +87,17 @@ pub async fn serve(
     Ok(())
 }
 
-pub fn run(cluster: arvados::Cluster, listen: Option<String>) -> anyhow::Result<()> {
+pub fn run(
+    cluster: arvados::Cluster,
+    listen: Option<String>,
+    config_time: Option<std::time::SystemTime>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let svc = Service::build(&cluster, &crate::drivers::registry())?;
+        if let Some(t) = config_time {
+            svc.http_metrics.set_config_source_time(t);
+        }
         svc.pool.check_health().map_err(|e| anyhow!(e))?;
         let addr = listen_addr(&cluster, listen.as_deref())?;
         tracing::info!(

@@ -394,6 +394,12 @@ async fn container_runs_to_complete_and_metrics_pass_promtool() {
         "arvados_dispatchcloud_containers_time_from_queue_to_crunch_run_seconds_count 1",
         "arvados_dispatchcloud_max_concurrent_containers",
         "arvados_dispatchcloud_at_quota 0",
+        "arvados_version_running{version=",
+        "arvados_config_load_timestamp_seconds",
+        "arvados_concurrent_requests 1",
+        "arvados_max_concurrent_requests 64",
+        "arvados_dispatchcloud_request_duration_seconds_count{code=\"200\",method=\"get\"}",
+        "arvados_dispatchcloud_time_to_status_seconds",
     ] {
         assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
     }

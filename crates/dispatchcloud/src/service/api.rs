@@ -352,5 +352,9 @@ pub fn router(svc: Shared) -> Router {
                 &format!("method {m} not allowed"),
             )
         })
+        .layer(middleware::from_fn_with_state(
+            svc.http_metrics.clone(),
+            super::http_metrics::track,
+        ))
         .with_state(svc)
 }

@@ -5,6 +5,7 @@
 //! dispatcher to adopt.
 
 pub mod api;
+pub mod http_metrics;
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ pub struct Service {
     pub queue: Arc<ContainerQueue>,
     pub scheduler: Arc<Scheduler<Pool>>,
     pub registry: prometheus::Registry,
+    pub http_metrics: Arc<http_metrics::ServiceMetrics>,
 }
 
 /// The wrapper stack of §1.5 around a driver's instance set (the pool adds the throttle).
@@ -74,6 +76,7 @@ impl Service {
             .instance_set(&params, &instance_set_id, &vms.resource_tags)
             .map_err(|e| StartError::Driver(e.to_string()))?;
         let registry = prometheus::Registry::new();
+        let http_metrics = Arc::new(http_metrics::ServiceMetrics::new(&registry, cluster)?);
         let set = wrap_instance_set(set, cluster, &registry)?;
         let pool = Pool::new(
             PoolConfig::from_cluster(cluster, &instance_set_id, Arc::new(key)),
@@ -98,6 +101,7 @@ impl Service {
             queue,
             scheduler,
             registry,
+            http_metrics,
         }))
     }
 
