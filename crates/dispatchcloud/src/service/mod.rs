@@ -5,6 +5,7 @@
 //! dispatcher to adopt.
 
 pub mod api;
+pub mod dblock;
 pub mod http_metrics;
 
 use std::sync::Arc;
@@ -108,8 +109,26 @@ impl Service {
     /// Run the pool and the scheduler until `shutdown` turns true; then stop them, leaving
     /// VMs, crunch-run processes and container locks for the next dispatcher.
     pub async fn run(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
+        // Only one dispatcher per cluster: wait for the database lock when there is one.
+        let lock = if self.cluster.postgresql.is_configured() {
+            match dblock::DbLock::acquire(
+                &self.cluster.postgresql.connection,
+                std::time::Duration::from_secs(5),
+                shutdown.clone(),
+            )
+            .await
+            {
+                Some(l) => Some(l),
+                None => return,
+            }
+        } else {
+            None
+        };
         self.pool.start();
         self.scheduler.clone().run(shutdown).await;
         self.pool.stop();
+        if let Some(l) = lock {
+            l.release().await;
+        }
     }
 }
