@@ -116,3 +116,19 @@ fn simulate_bad_arguments_print_usage() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--boot-delay"));
 }
+
+/// The acceptance run, exactly: 2000 containers, chaos, seed 7.
+#[test]
+fn simulate_2000_containers_with_chaos_seed_7_completes_each_exactly_once() {
+    let (out, r) = simulate(&["--containers", "2000", "--faults", "chaos", "--seed", "7"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["complete"], 2000, "{r}");
+    assert_eq!(r["ran_more_than_once"], serde_json::json!([]));
+    assert_eq!(r["instances_left"], 0);
+    assert_adds_up(&r);
+}

@@ -14,7 +14,7 @@ use cloud::registry::Registry;
 use dispatchcloud::scheduler::pool::WorkerPool;
 use dispatchcloud::service::{Service, api};
 use serde_json::json;
-use testkit::stub_driver::StubDriver;
+use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind};
 use tokio::sync::watch;
 
@@ -122,8 +122,21 @@ async fn ac_dsp_1_dispatch_to_stub_driver() {
         })
         .collect();
 
+    // The stub cloud, shared with the test so it can see what the VMs were asked to run.
+    struct Shared(Arc<StubSet>);
+    impl cloud::Driver for Shared {
+        fn instance_set(
+            &self,
+            _: &serde_json::Value,
+            _: &cloud::InstanceSetId,
+            _: &cloud::InstanceTags,
+        ) -> Result<Arc<dyn cloud::InstanceSet>, cloud::CloudError> {
+            Ok(self.0.clone())
+        }
+    }
+    let set = Arc::new(StubSet::new(StubConfig::from_params(&params).unwrap()));
     let mut drivers = Registry::new();
-    drivers.register("stub", Arc::new(StubDriver));
+    drivers.register("stub", Arc::new(Shared(set.clone())));
     let svc = Service::build(&c, &drivers).unwrap();
     assert!(svc.pool.check_health().is_ok());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -255,8 +268,20 @@ async fn ac_dsp_1_dispatch_to_stub_driver() {
         .count();
     assert!(complete > 150, "only {complete} of 200 completed");
 
-    // The exact crunch-run command line and its stdin, as the VMs saw them, are covered by
-    // the pool's own tests; here the metrics.
+    // The exact crunch-run command line and its stdin, as the VMs saw them.
+    let log = set.detach_log();
+    assert!(!log.is_empty());
+    for (cmd, stdin) in &log {
+        let uuid = cmd.rsplit(' ').next().unwrap().trim_matches('\'');
+        let want = r"crunch-run --detach --stdin-config '--runtime-engine=stub' '--foo' '--extra='\''args'\''' 'UUID'";
+        assert_eq!(*cmd, want.replace("UUID", uuid));
+        let cfg: serde_json::Value = serde_json::from_slice(stdin).unwrap();
+        assert_eq!(
+            cfg["Env"]["ARVADOS_API_HOST"],
+            f.base_url().trim_end_matches('/')
+        );
+        assert_eq!(cfg["Env"]["ARVADOS_API_TOKEN"], f.root_token());
+    }
     let resp = reqwest::Client::new()
         .get(format!("{url}/metrics"))
         .bearer_auth("test-management-token")

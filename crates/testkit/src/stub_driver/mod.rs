@@ -63,6 +63,7 @@ struct Cloud {
     /// Held create/destroy calls wait for a permit (`HoldCloudOps`).
     held: Semaphore,
     started: Instant,
+    detach_log: vm::DetachLog,
 }
 
 impl Cloud {
@@ -135,6 +136,7 @@ impl StubSet {
                 vms: Arc::new(Mutex::new(Vec::new())),
                 held: Semaphore::new(0),
                 started: Instant::now(),
+                detach_log: Default::default(),
             }),
             next: Mutex::new(0),
         }
@@ -143,6 +145,12 @@ impl StubSet {
     /// Let `n` held create/destroy calls proceed (`HoldCloudOps`).
     pub fn release_cloud_ops(&self, n: usize) {
         self.cloud.held.add_permits(n);
+    }
+
+    /// Every `crunch-run --detach` command line (after any `sudo `) the set's VMs received,
+    /// with its stdin, in order.
+    pub fn detach_log(&self) -> Vec<(String, Vec<u8>)> {
+        lock(&self.cloud.detach_log).clone()
     }
 
     /// Every VM now in the set.
@@ -294,7 +302,12 @@ impl InstanceSet for StubSet {
                 vm_cfg.boot_delay = Duration::from_secs(365 * 24 * 3600);
             }
             let vanish_at = vm_cfg.vanish_after.map(|d| Instant::now() + d);
-            let os = Arc::new(VmOs::new(vm_cfg, n, &req.init_command));
+            let os = Arc::new(VmOs::new(
+                vm_cfg,
+                n,
+                &req.init_command,
+                cloud.detach_log.clone(),
+            ));
             let handler_os = os.clone();
             let handler: Arc<dyn CommandHandler> =
                 Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| {

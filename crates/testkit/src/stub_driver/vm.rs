@@ -50,7 +50,11 @@ pub(super) struct VmOs {
     rng: Arc<Mutex<StdRng>>,
     /// `crunch-run --detach` calls accepted.
     pub(super) detaches: std::sync::atomic::AtomicUsize,
+    detach_log: DetachLog,
 }
+
+/// Every `crunch-run --detach` command line the set's VMs received, with its stdin.
+pub(super) type DetachLog = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 /// An API client for these credentials, shared by every stub crunch-run in the process:
 /// building one parses the system's CA bundle, which would dominate a big simulation.
@@ -102,9 +106,15 @@ fn ready(o: Outcome) -> OutcomeFuture {
 }
 
 impl VmOs {
-    pub(super) fn new(cfg: StubConfig, vm_number: usize, init_command: &str) -> VmOs {
+    pub(super) fn new(
+        cfg: StubConfig,
+        vm_number: usize,
+        init_command: &str,
+        detach_log: DetachLog,
+    ) -> VmOs {
         let seed = cfg.seed ^ (vm_number as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         VmOs {
+            detach_log,
             cfg,
             created: Instant::now(),
             secret: secret_from_init(init_command),
@@ -189,6 +199,7 @@ impl VmOs {
         match args.mode {
             Mode::List => ready(self.list()),
             Mode::Detach { uuid } => {
+                lock(&self.detach_log).push((command.clone(), stdin.clone()));
                 let out = self.detach(uuid, stdin);
                 let delay = self.cfg.detach_delay;
                 Box::pin(async move {
