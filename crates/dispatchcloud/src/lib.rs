@@ -3,10 +3,10 @@
 //! Arvados through the `arvados` crate and clouds only through the `cloud` traits; it never
 //! imports a concrete driver.
 //!
-//! Status: instance-type choice (`node_size`), the container queue (`queue`), the scheduler
+//! Modules: instance-type choice (`node_size`), the container queue (`queue`), the scheduler
 //! (`scheduler`, against the narrow `scheduler::pool::WorkerPool` interface), the SSH executor
-//! (`ssh_executor`), the worker pool (`worker`) and `cloudtest` are done; the service wiring and
-//! the management API are still to come.
+//! (`ssh_executor`), the worker pool (`worker`), the service wiring and management API
+//! (`service`), and `cloudtest`.
 
 pub mod cloudtest;
 pub mod fasthash;
