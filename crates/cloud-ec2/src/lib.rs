@@ -2,13 +2,21 @@
 //! exactly as the Go driver does, and classifies EC2 errors into the `cloud` crate's kinds.
 //! Depends only on `cloud` and the AWS SDK.
 //!
-//! Status: the parts that need no SDK are done and tested — `DriverParameters` (`params`),
-//! error classification and the subnet fail-over predicate (`errors`), quota groups
-//! (`quota_group`) and key-pair fingerprints (`fingerprint`). The SDK calls (RunInstances with
-//! subnet fail-over, DescribeInstances, CreateTags, TerminateInstances, key pairs, spot price
-//! history), the metrics, and the moto-based conformance tests are still to come.
+//! * [`params`]: `DriverParameters` (§3.1).
+//! * [`errors`]: error classification and the subnet fail-over predicate (§3.6), on an API
+//!   error's code and message.
+//! * [`quota_group`]: `InstanceQuotaGroup` (§3.8).
+//! * [`fingerprint`]: key-pair fingerprints (§3.4).
+//! * [`driver`]: the SDK calls — RunInstances with subnet fail-over, DescribeInstances,
+//!   CreateTags, TerminateInstances, key pairs, spot price history — and the metrics.
+//!
+//! Tests: unit tests beside each module; `tests/moto.rs` against `moto_server` behind the
+//! project's fault proxy (`testkit::moto`), including the conformance suite.
 
+pub mod driver;
 pub mod errors;
 pub mod fingerprint;
 pub mod params;
 pub mod quota_group;
+
+pub use driver::{Ec2Driver, Ec2Set};

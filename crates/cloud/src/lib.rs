@@ -107,4 +107,17 @@ pub trait Driver: Send + Sync {
         id: &InstanceSetId,
         shared_tags: &InstanceTags,
     ) -> Result<Arc<dyn InstanceSet>, CloudError>;
+
+    /// Like [`Driver::instance_set`], registering the driver's own metrics (if it has any)
+    /// in `registry`.
+    fn instance_set_with_metrics(
+        &self,
+        params: &serde_json::Value,
+        id: &InstanceSetId,
+        shared_tags: &InstanceTags,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<dyn InstanceSet>, CloudError> {
+        let _ = registry;
+        self.instance_set(params, id, shared_tags)
+    }
 }

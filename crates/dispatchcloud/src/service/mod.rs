@@ -73,10 +73,10 @@ impl Service {
         let driver = drivers
             .get(&vms.driver)
             .map_err(|e| StartError::Driver(e.to_string()))?;
-        let set = driver
-            .instance_set(&params, &instance_set_id, &vms.resource_tags)
-            .map_err(|e| StartError::Driver(e.to_string()))?;
         let registry = prometheus::Registry::new();
+        let set = driver
+            .instance_set_with_metrics(&params, &instance_set_id, &vms.resource_tags, &registry)
+            .map_err(|e| StartError::Driver(e.to_string()))?;
         let http_metrics = Arc::new(http_metrics::ServiceMetrics::new(&registry, cluster)?);
         let set = wrap_instance_set(set, cluster, &registry)?;
         let pool = Pool::new(
