@@ -96,6 +96,21 @@ impl SshVm {
         handler: Arc<dyn CommandHandler>,
         authorized_keys: Vec<PublicKey>,
     ) -> std::io::Result<SshVm> {
+        Self::start_on(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            handler,
+            authorized_keys,
+        )
+        .await
+    }
+
+    /// Like [`SshVm::start`], listening on `addr` (a loopback address a cloud fake assigned,
+    /// for instance).
+    pub async fn start_on(
+        addr: SocketAddr,
+        handler: Arc<dyn CommandHandler>,
+        authorized_keys: Vec<PublicKey>,
+    ) -> std::io::Result<SshVm> {
         let key = new_ed25519_key();
         let host_key = key.public_key().clone();
         let config = Arc::new(server::Config {
@@ -107,7 +122,7 @@ impl SshVm {
             nodelay: true,
             ..Default::default()
         });
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let mut vm = VmServer {
             handler,

@@ -38,6 +38,14 @@ use vm::VmOs;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StubDriver;
 
+/// The command handler of a stub VM (boot probe, instance secret from `init_command`, runner
+/// install, crunch-run) with `cfg`'s VM-side knobs, for serving a VM some other cloud fake
+/// created (moto's, say) with [`crate::ssh_vm::SshVm::start_on`].
+pub fn vm_handler(cfg: StubConfig, init_command: &str) -> Arc<dyn CommandHandler> {
+    let os = Arc::new(VmOs::new(cfg, 0, init_command, Default::default()));
+    Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| os.handle(cmd, stdin))
+}
+
 impl Driver for StubDriver {
     fn instance_set(
         &self,
