@@ -425,3 +425,99 @@ async fn ac_ec2_13_list_tag_destroy_and_instances_metric() {
     .into();
     assert!(set.instances(&other).await.unwrap().is_empty());
 }
+
+/// AC-EC2-11: spot instances get price history from paged DescribeSpotPriceHistory answers
+/// (the second page ends with an empty NextToken), newest first, non-zero, and an instance
+/// type with added EBS scratch costs more at every point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_ec2_11_spot_price_history() {
+    let Some(r) = rig(&["127.0.0.0/24"]).await else {
+        return;
+    };
+    let set = r.set(&r.subnets, None);
+    let mut spot = it("t2.micro");
+    spot.preemptible = true;
+    for _ in 0..2 {
+        set.create(&spot, r.request()).await.unwrap();
+    }
+    let filter: InstanceTags =
+        [("ArvadosInstanceSetID".to_string(), "zzzzz-test".to_string())].into();
+    // Learn the zone moto put them in, through the proxy's record of the list.
+    let zone = {
+        let conf = aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .endpoint_url(&r.proxy.url)
+            .build();
+        let out = aws_sdk_ec2::Client::from_conf(conf)
+            .describe_instances()
+            .send()
+            .await
+            .unwrap();
+        let inst = &out.reservations()[0].instances()[0];
+        assert_eq!(
+            inst.instance_lifecycle(),
+            Some(&aws_sdk_ec2::types::InstanceLifecycleType::Spot),
+            "moto marks spot launches"
+        );
+        inst.placement()
+            .unwrap()
+            .availability_zone()
+            .unwrap()
+            .to_string()
+    };
+    let at = |mins: i64| {
+        (chrono::Utc::now() - chrono::Duration::minutes(mins))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let item = |price: &str, mins: i64| {
+        format!(
+            "<item><instanceType>t2.micro</instanceType><productDescription>Linux/UNIX</productDescription><spotPrice>{price}</spotPrice><timestamp>{}</timestamp><availabilityZone>{zone}</availabilityZone></item>",
+            at(mins)
+        )
+    };
+    let page = |items: String, token: &str| {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<DescribeSpotPriceHistoryResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>r</requestId><spotPriceHistorySet>{items}</spotPriceHistorySet><nextToken>{token}</nextToken></DescribeSpotPriceHistoryResponse>"
+        )
+    };
+    r.proxy.inject(
+        Ec2Fault::reply("DescribeSpotPriceHistory", &page(item("0.01", 2), ""))
+            .when("NextToken", "page2"),
+    );
+    r.proxy.inject(Ec2Fault::reply(
+        "DescribeSpotPriceHistory",
+        &page(format!("{}{}", item("0.005", 9), item("0.015", 5)), "page2"),
+    ));
+    let listed = set.instances(&filter).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        r.proxy.calls("DescribeSpotPriceHistory").len(),
+        2,
+        "both pages, then stop at the empty token"
+    );
+    let mut big = spot.clone();
+    big.added_scratch = 640 << 30;
+    for vm in &listed {
+        let h = vm.price_history(&spot);
+        assert!(!h.is_empty(), "no history for {}", vm.id());
+        assert!(
+            h.windows(2).all(|w| w[0].start_time > w[1].start_time),
+            "newest first: {h:?}"
+        );
+        assert!(h.iter().all(|p| p.price > 0.0));
+        let hb = vm.price_history(&big);
+        assert_eq!(hb.len(), h.len());
+        assert!(
+            h.iter().zip(&hb).all(|(a, b)| b.price > a.price),
+            "EBS cost added"
+        );
+    }
+    assert!(
+        listed[0]
+            .price_history(&it("t2.micro"))
+            .iter()
+            .any(|p| (p.price - 0.01).abs() < 1e-9)
+    );
+}

@@ -81,6 +81,8 @@ pub struct Ec2Fault {
     pub status: u16,
     /// How many requests it hits; `None`: all.
     pub remaining: Option<usize>,
+    /// A canned successful answer instead of an error (EC2 XML).
+    pub reply: Option<String>,
 }
 
 impl Ec2Fault {
@@ -92,6 +94,16 @@ impl Ec2Fault {
             message: message.into(),
             status: 400,
             remaining: None,
+            reply: None,
+        }
+    }
+
+    /// Answer `action` with this XML body (status 200) instead of asking moto.
+    pub fn reply(action: &str, xml: &str) -> Ec2Fault {
+        Ec2Fault {
+            status: 200,
+            reply: Some(xml.to_string()),
+            ..Ec2Fault::new(action, "", "")
         }
     }
 
@@ -165,6 +177,12 @@ async fn forward(
             f.clone()
         })
     };
+    if let Some(Ec2Fault {
+        reply: Some(xml), ..
+    }) = &fault
+    {
+        return (StatusCode::OK, [("content-type", "text/xml")], xml.clone()).into_response();
+    }
     if let Some(f) = fault {
         let xml = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{}</Code><Message>{}</Message></Error></Errors><RequestID>fault-proxy</RequestID></Response>",
