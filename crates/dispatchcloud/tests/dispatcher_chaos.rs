@@ -6,6 +6,8 @@
 //! Timings are those of the Go test scaled up a few times: our debug builds do real SSH
 //! handshakes to every VM.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,8 @@ use serde_json::json;
 use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind};
 use tokio::sync::watch;
+
+use common::SharedStub;
 
 fn fixture_type(i: i64) -> arvados::InstanceType {
     arvados::InstanceType {
@@ -123,20 +127,9 @@ async fn ac_dsp_1_dispatch_to_stub_driver() {
         .collect();
 
     // The stub cloud, shared with the test so it can see what the VMs were asked to run.
-    struct Shared(Arc<StubSet>);
-    impl cloud::Driver for Shared {
-        fn instance_set(
-            &self,
-            _: &serde_json::Value,
-            _: &cloud::InstanceSetId,
-            _: &cloud::InstanceTags,
-        ) -> Result<Arc<dyn cloud::InstanceSet>, cloud::CloudError> {
-            Ok(self.0.clone())
-        }
-    }
     let set = Arc::new(StubSet::new(StubConfig::from_params(&params).unwrap()));
     let mut drivers = Registry::new();
-    drivers.register("stub", Arc::new(Shared(set.clone())));
+    drivers.register("stub", Arc::new(SharedStub(set.clone())));
     let svc = Service::build(&c, &drivers).unwrap();
     assert!(svc.pool.check_health().is_ok());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -8,6 +8,8 @@
 //! `sudo crunch-run …` commands the pool sends to a non-root user). The test command installs
 //! `openssh-server`; where sshd is missing outside CI the test says so loudly and passes.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +23,8 @@ use cloud::{
 use dispatchcloud::scheduler::pool::{WorkerPool, WorkerState};
 use dispatchcloud::worker::{Pool, PoolConfig};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
+
+use common::wait_for;
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -240,17 +244,6 @@ impl InstanceSet for Cloud {
         String::new()
     }
     fn stop(&self) {}
-}
-
-async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

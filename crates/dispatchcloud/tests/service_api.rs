@@ -3,12 +3,13 @@
 //! routes' errors, health, metrics (checked by `promtool`), and a restart that adopts VMs and
 //! running containers without starting anything twice.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use arvados::InstanceType;
 use cloud::registry::Registry;
-use cloud::{CloudError, Driver, InstanceSet, InstanceSetId, InstanceTags};
+
 use dispatchcloud::scheduler::pool::WorkerPool;
 use dispatchcloud::service::{Service, api};
 use serde_json::{Value, json};
@@ -16,32 +17,7 @@ use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
 use tokio::sync::watch;
 
-/// A driver that always hands out the same stub cloud (so two services can share it).
-struct SharedStub(Arc<StubSet>);
-
-impl Driver for SharedStub {
-    fn instance_set(
-        &self,
-        _: &Value,
-        _: &InstanceSetId,
-        _: &InstanceTags,
-    ) -> Result<Arc<dyn InstanceSet>, CloudError> {
-        Ok(self.0.clone())
-    }
-}
-
-fn fixture_type(i: i64) -> InstanceType {
-    InstanceType {
-        name: format!("type{i}"),
-        provider_type: format!("providertype{i}"),
-        vcpus: i,
-        ram: i * (1 << 30) * 11 / 10,
-        scratch: i << 30,
-        included_scratch: i << 30,
-        price: i as f64 * 0.123,
-        ..Default::default()
-    }
-}
+use common::{SharedStub, fixture_type, wait_for};
 
 fn cluster(f: &FakeArvados, token: &str) -> arvados::Cluster {
     let mut c = arvados::Cluster {
@@ -131,17 +107,6 @@ async fn call(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
 fn reqwest_client() -> reqwest::Client {
     static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     C.get_or_init(reqwest::Client::new).clone()
-}
-
-async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@
 //! containers on the fake Arvados API): AC-POOL-1, AC-POOL-4, starting a container to
 //! Complete, and adoption after a restart without starting anything twice.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,19 +14,7 @@ use serde_json::json;
 use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
 
-/// Appendix B.1's `InstanceType(i)`.
-fn fixture_type(i: i64) -> InstanceType {
-    InstanceType {
-        name: format!("type{i}"),
-        provider_type: format!("providertype{i}"),
-        vcpus: i,
-        ram: i * (1 << 30) * 11 / 10,
-        scratch: i << 30,
-        included_scratch: i << 30,
-        price: i as f64 * 0.123,
-        ..Default::default()
-    }
-}
+use common::{fixture_type, wait_for};
 
 fn cluster(types: &[InstanceType], api: Option<&FakeArvados>) -> arvados::Cluster {
     let mut c = arvados::Cluster {
@@ -62,17 +52,6 @@ fn pool(
 
 fn stub(params: serde_json::Value) -> Arc<StubSet> {
     Arc::new(StubSet::new(StubConfig::from_params(&params).unwrap()))
-}
-
-async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn states(p: &Pool) -> Vec<(String, WorkerState, IdleBehavior)> {

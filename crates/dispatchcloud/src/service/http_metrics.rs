@@ -18,18 +18,6 @@ pub struct ServiceMetrics {
     time_to_status: Arc<Summary>,
 }
 
-/// Registers an `Arc<Summary>` while keeping a handle.
-struct Shared(Arc<Summary>);
-
-impl prometheus::core::Collector for Shared {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.0.desc()
-    }
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.0.collect()
-    }
-}
-
 fn unix(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -86,19 +74,19 @@ impl ServiceMetrics {
             "Time spent in the incoming request queue before start of processing",
             &[],
         )?);
-        registry.register(Box::new(Shared(delay)))?;
+        delay.register(registry)?;
         let request_duration = Arc::new(Summary::new(
             "arvados_dispatchcloud_request_duration_seconds",
             "Summary of request duration.",
             &["code", "method"],
         )?);
-        registry.register(Box::new(Shared(request_duration.clone())))?;
+        request_duration.register(registry)?;
         let time_to_status = Arc::new(Summary::new(
             "arvados_dispatchcloud_time_to_status_seconds",
             "Summary of request TTFB.",
             &["code", "method"],
         )?);
-        registry.register(Box::new(Shared(time_to_status.clone())))?;
+        time_to_status.register(registry)?;
         Ok(ServiceMetrics {
             config_source_timestamp: source,
             concurrent,

@@ -172,7 +172,7 @@ pub struct PoolMetrics {
     pub run_probe_duration: std::sync::Arc<Summary>,
 }
 
-/// Lets an `Arc<Summary>` be registered while the pool keeps observing through it.
+/// Lets an `Arc<Summary>` be registered while its owner keeps observing through it.
 struct Shared(std::sync::Arc<Summary>);
 
 impl Collector for Shared {
@@ -181,6 +181,16 @@ impl Collector for Shared {
     }
     fn collect(&self) -> Vec<MetricFamily> {
         self.0.collect()
+    }
+}
+
+impl Summary {
+    /// Register this summary in `registry`, keeping the handle for observations.
+    pub fn register(
+        self: &std::sync::Arc<Self>,
+        registry: &Registry,
+    ) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(Shared(self.clone())))
     }
 }
 
@@ -197,7 +207,7 @@ impl PoolMetrics {
                        labels: &[&str]|
          -> Result<std::sync::Arc<Summary>, prometheus::Error> {
             let s = std::sync::Arc::new(Summary::new(&full(name), help, labels)?);
-            registry.register(Box::new(Shared(s.clone())))?;
+            s.register(registry)?;
             Ok(s)
         };
         let containers_running = IntGauge::with_opts(opts(

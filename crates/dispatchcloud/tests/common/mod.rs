@@ -72,3 +72,45 @@ pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Appendix B.1's `InstanceType(i)`: `type<i>`, `providertype<i>`, i VCPUs, i × 1.1 GiB RAM,
+/// i GiB scratch, price i × 0.123.
+pub fn fixture_type(i: i64) -> InstanceType {
+    InstanceType {
+        name: format!("type{i}"),
+        provider_type: format!("providertype{i}"),
+        vcpus: i,
+        ram: i * GIB * 11 / 10,
+        scratch: i * GIB,
+        included_scratch: i * GIB,
+        price: i as f64 * 0.123,
+        ..Default::default()
+    }
+}
+
+/// Poll `cond` every 20 ms until it holds; panic naming `what` after `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A driver that always hands out the same stub cloud, so a test (or two services) can
+/// share it.
+pub struct SharedStub(pub Arc<testkit::stub_driver::StubSet>);
+
+impl cloud::Driver for SharedStub {
+    fn instance_set(
+        &self,
+        _: &serde_json::Value,
+        _: &cloud::InstanceSetId,
+        _: &cloud::InstanceTags,
+    ) -> Result<Arc<dyn cloud::InstanceSet>, cloud::CloudError> {
+        Ok(self.0.clone())
+    }
+}
