@@ -27,7 +27,7 @@ use cloud::{
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
-use crate::errors::{ApiError, Backoff, classify, is_subnet_specific};
+use crate::errors::{ApiError, Backoff, capacity_kind, classify, is_subnet_specific};
 use crate::params::Ec2Params;
 
 /// The EC2 driver.
@@ -350,13 +350,7 @@ impl Ec2Set {
                 Err(e) => {
                     let api = api_error(&e);
                     let msg = text(&e);
-                    let capacity = api.as_ref().is_some_and(|a| {
-                        matches!(
-                            a.code.as_str(),
-                            "InsufficientInstanceCapacity" | "VcpuLimitExceeded"
-                        ) || (a.code == "Unsupported"
-                            && a.message.contains("requested instance type"))
-                    });
+                    let capacity = api.as_ref().and_then(capacity_kind).is_some();
                     if capacity || !remembered.as_ref().is_some_and(|r| r.2) {
                         remembered = Some((api.clone(), msg, capacity));
                     }

@@ -85,27 +85,29 @@ pub fn classify(err: Option<&ApiError>, text: &str, backoff: &Backoff) -> CloudE
     if QUOTA.contains(&code) {
         return CloudError::new(ErrorKind::Quota, text);
     }
-    if code == "VcpuLimitExceeded" {
-        return CloudError::new(
-            ErrorKind::Capacity {
-                instance_type_specific: false,
-                quota_group_specific: true,
-            },
-            text,
-        );
-    }
-    if code == "InsufficientInstanceCapacity"
-        || (code == "Unsupported" && e.message.contains("requested instance type"))
-    {
-        return CloudError::new(
-            ErrorKind::Capacity {
-                instance_type_specific: true,
-                quota_group_specific: false,
-            },
-            text,
-        );
+    if let Some(kind) = capacity_kind(e) {
+        return CloudError::new(kind, text);
     }
     CloudError::other(text)
+}
+
+/// The capacity error kind of an API error, if it is one: per quota group for
+/// `VcpuLimitExceeded`, per instance type for `InsufficientInstanceCapacity` and for
+/// `Unsupported` instance types.
+pub fn capacity_kind(e: &ApiError) -> Option<ErrorKind> {
+    let code = e.code.as_str();
+    if code == "VcpuLimitExceeded" {
+        return Some(ErrorKind::Capacity {
+            instance_type_specific: false,
+            quota_group_specific: true,
+        });
+    }
+    (code == "InsufficientInstanceCapacity"
+        || (code == "Unsupported" && e.message.contains("requested instance type")))
+    .then_some(ErrorKind::Capacity {
+        instance_type_specific: true,
+        quota_group_specific: false,
+    })
 }
 
 /// Whether another subnet might succeed where this one failed.
