@@ -97,7 +97,9 @@ fn start(f: &FakeArvados) -> Dispatcher {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    for _ in 0..200 {
+    // A loaded CI machine may take a while to start the binary; wait for the listener.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;
         }
@@ -119,8 +121,10 @@ fn cli(d: &Dispatcher, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Wait (up to a minute: CI machines are slow and loaded) until `cond` holds.
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..400 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         if cond() {
             return;
         }
@@ -142,6 +146,8 @@ async fn ac_dsp_6_instances_cli_against_a_running_dispatcher() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         text(&out.stdout)
     };
+    // The management API lists only VMs the cloud returned (never a pending create), so the
+    // one line is the real VM with its id.
     wait_for("one VM", || list().lines().count() == 2);
     let out = list();
     let mut lines = out.lines();

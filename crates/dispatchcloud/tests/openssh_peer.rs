@@ -29,7 +29,13 @@ use common::wait_for;
 const SSHD: &str = "/usr/sbin/sshd";
 
 fn fake_crunch_run() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/fake-crunch-run");
+    // Beside this test's own binary (target/debug/deps/…), wherever the target dir is.
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("fake-crunch-run");
     assert!(
         p.exists(),
         "{} is missing: run `cargo build -p testkit --bins` (or the whole workspace's tests)",
@@ -314,6 +320,7 @@ async fn openssh_sshd_acts_as_a_worker_vm() {
         token: f.root_token().into(),
         insecure: false,
         timeout: None,
+        retry: Default::default(),
     })
     .unwrap();
     let u = f.add_container(&ContainerSpec {

@@ -199,6 +199,41 @@ async fn ac_dsp_5_instances_api() {
     r.stop().await;
 }
 
+/// A create still in flight has no instance id: the scheduler counts it, but the management
+/// API (like Arvados') lists only VMs the cloud returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_creates_are_not_listed_as_instances() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let set = stub(json!({"HoldCloudOps": true}));
+    let r = start(&cluster(&f, "tok"), set.clone()).await;
+    let instances = format!("{}/arvados/v1/dispatch/instances", r.url);
+    assert!(r.svc.pool.create(&fixture_type(1)).is_some());
+    // The pool knows of the pending create…
+    assert_eq!(r.svc.pool.instances().len(), 1);
+    assert_eq!(r.svc.pool.instances()[0].instance, "");
+    // …the API does not show it.
+    let (s, body) = call("GET", &instances, Some("tok")).await;
+    assert_eq!(
+        (s, serde_json::from_str::<Value>(&body).unwrap()),
+        (200, json!({"items": []}))
+    );
+    set.release_cloud_ops(1);
+    wait_for("the VM to exist", Duration::from_secs(30), || {
+        r.svc.pool.worker_ids().len() == 1
+    })
+    .await;
+    let (_, body) = call("GET", &instances, Some("tok")).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v}");
+    assert!(
+        v["items"][0]["instance"]
+            .as_str()
+            .unwrap()
+            .starts_with("inst")
+    );
+    r.stop().await;
+}
+
 /// Every route's parameter and lookup errors, unknown routes, wrong methods, health.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_answer_bad_requests_with_arvados_errors() {

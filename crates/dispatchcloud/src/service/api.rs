@@ -217,8 +217,16 @@ async fn kill_container(
     }
 }
 
+/// Only VMs the cloud has returned, as Arvados lists them: a create still in flight has no
+/// instance id yet, so it is counted by the scheduler but not shown here.
 async fn list_instances(State(svc): State<Shared>) -> Response {
-    let items: Vec<Value> = svc.pool.instances().iter().map(instance_json).collect();
+    let items: Vec<Value> = svc
+        .pool
+        .instances()
+        .iter()
+        .filter(|v| !v.instance.is_empty())
+        .map(instance_json)
+        .collect();
     axum::Json(json!({"items": items})).into_response()
 }
 
