@@ -4,8 +4,15 @@
 //! form-encoded parameters whose non-string values are compact JSON, `false` and null omitted,
 //! GET turned into POST with `X-Http-Method-Override: GET` once the query reaches 1000
 //! characters; success is 200 (or an empty 204) only; errors carry the status and the server's
-//! `errors` array; the time of the last 503 is recorded for the scheduler. No request is
-//! retried here: the dispatcher recovers at the application level, as the Go one does.
+//! `errors` array; the time of the last 503 is recorded for the scheduler.
+//!
+//! Every request has a deadline ([`ClientConfig::timeout`], from `API.RequestTimeout`), which
+//! covers connecting, sending, waiting and reading the body, and every retry. Only reads (GET)
+//! are retried, on connection errors, timeouts of one attempt, 429 and 5xx except 501, with
+//! "nearly full jitter" exponential back-off as Arvados' Go SDK does (a 503 or 429 waits at
+//! least a second, or what `Retry-After` says). Writes (lock, unlock, update) are never
+//! retried here: a lock that was applied before a 5xx would come back as a 422, so the
+//! dispatcher recovers those at the application level, as the Go one does.
 //! The token is sent only in the `Authorization` header and never appears in errors or logs.
 
 use std::sync::{Arc, Mutex};
@@ -32,8 +39,56 @@ pub struct ClientConfig {
     pub token: String,
     /// Skip TLS certificate verification.
     pub insecure: bool,
-    /// Whole-request timeout; `None` waits as long as the server takes.
+    /// Deadline of one call, retries included; `None` waits as long as the server takes.
     pub timeout: Option<Duration>,
+    /// Retries of idempotent (GET) requests.
+    pub retry: RetryPolicy,
+}
+
+/// How reads are retried (writes never are).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// The shortest wait between attempts, and the unit of the exponential back-off.
+    pub min_backoff: Duration,
+    /// The longest wait between attempts.
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// No retries.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        max_attempts: 1,
+        min_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(1),
+    };
+
+    /// The dispatcher's policy: a few quick retries, since the queue is polled again soon.
+    pub fn for_timeout(timeout: Duration) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 4,
+            min_backoff: Duration::from_millis(500).min(timeout / 4),
+            max_backoff: (timeout / 10).clamp(Duration::from_millis(500), Duration::from_secs(30)),
+        }
+    }
+
+    /// The wait before attempt `attempt + 1` (`attempt` ≥ 1 attempts made): "nearly full
+    /// jitter", `min + r × (2^attempt × min − min)` with `r` in [0, 1), clamped to
+    /// [min, max]; `floor` (a 503/429's one second or its `Retry-After`) raises it.
+    pub fn backoff(&self, attempt: u32, r: f64, floor: Option<Duration>) -> Duration {
+        let min = self.min_backoff.as_secs_f64();
+        let span = (2f64.powi(attempt.min(30) as i32) * min - min).max(0.0);
+        let d = Duration::from_secs_f64((min + r.clamp(0.0, 1.0) * span).max(0.0));
+        let d = d.max(floor.unwrap_or_default());
+        d.clamp(self.min_backoff, self.max_backoff.max(self.min_backoff))
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy::NONE
+    }
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -43,13 +98,16 @@ impl std::fmt::Debug for ClientConfig {
             .field("token", &"[redacted]")
             .field("insecure", &self.insecure)
             .field("timeout", &self.timeout)
+            .field("retry", &self.retry)
             .finish()
     }
 }
 
 impl ClientConfig {
     /// The dispatcher's client: `Services.Controller.ExternalURL`, `SystemRootToken`,
-    /// `TLS.Insecure`.
+    /// `TLS.Insecure`; each call's deadline is `API.RequestTimeout` (but at most
+    /// [`MAX_DISPATCHER_TIMEOUT`]: a scheduler must not wait five minutes on one call), reads
+    /// retried within it.
     pub fn from_cluster(cluster: &Cluster) -> Result<Self, ApiError> {
         let ext = &cluster.services.controller.external_url;
         if ext.is_empty() {
@@ -64,7 +122,8 @@ impl ClientConfig {
             base_url,
             token: cluster.system_root_token.clone(),
             insecure: cluster.tls.insecure,
-            timeout: None,
+            timeout: Some(dispatcher_timeout(cluster.api.request_timeout)),
+            retry: RetryPolicy::for_timeout(dispatcher_timeout(cluster.api.request_timeout)),
         })
     }
 
@@ -85,9 +144,25 @@ impl ClientConfig {
             base_url: api_host_url(&host)?,
             token,
             insecure: var("ARVADOS_API_HOST_INSECURE").is_some_and(|v| is_truthy(&v)),
-            timeout: None,
+            // Arvados' SDK default for clients built from the environment.
+            timeout: Some(Duration::from_secs(300)),
+            retry: RetryPolicy::for_timeout(Duration::from_secs(300)),
         })
     }
+}
+
+/// The longest deadline the dispatcher gives one API call, whatever `API.RequestTimeout` says.
+pub const MAX_DISPATCHER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `API.RequestTimeout` as the dispatcher uses it: 0 means Arvados' default (5 min), and it
+/// is capped at [`MAX_DISPATCHER_TIMEOUT`].
+pub fn dispatcher_timeout(request_timeout: Duration) -> Duration {
+    let t = if request_timeout.is_zero() {
+        Duration::from_secs(300)
+    } else {
+        request_timeout
+    };
+    t.min(MAX_DISPATCHER_TIMEOUT)
 }
 
 /// `ARVADOS_API_HOST` → base URL: `host:port` means https; an explicit `http://` or
@@ -127,12 +202,17 @@ pub enum ApiError {
         url: String,
         status: StatusCode,
         errors: Vec<String>,
+        /// The response's `Retry-After` (integer seconds), if any.
+        retry_after: Option<Duration>,
     },
     #[error("request failed: {method} {url}: cannot decode response: {message}")]
     Decode {
         method: String,
         url: String,
         message: String,
+        /// The body was JSON but a value had the wrong type (as opposed to a body that is not
+        /// JSON at all, such as a proxy's HTML page): only this says the record is bad.
+        type_error: bool,
     },
 }
 
@@ -149,6 +229,36 @@ impl ApiError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ApiError::Http { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Worth another try for a read: no answer (connection error or deadline), 429, or a 5xx
+    /// other than 501 (as Arvados' SDK decides).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ApiError::Transport { .. } => true,
+            ApiError::Http { status, .. } => {
+                *status == StatusCode::TOO_MANY_REQUESTS
+                    || (status.is_server_error() && *status != StatusCode::NOT_IMPLEMENTED)
+            }
+            ApiError::Config(_) | ApiError::Decode { .. } => false,
+        }
+    }
+
+    /// The least wait before retrying: a second after a 503 or 429 (the server is shedding
+    /// load), or its `Retry-After`.
+    fn backoff_floor(&self) -> Option<Duration> {
+        match self {
+            ApiError::Http {
+                status,
+                retry_after,
+                ..
+            } if *status == StatusCode::SERVICE_UNAVAILABLE
+                || *status == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                Some(retry_after.unwrap_or_default().max(Duration::from_secs(1)))
+            }
             _ => None,
         }
     }
@@ -257,12 +367,15 @@ struct Inner {
     base: Url,
     token: String,
     last_503: Mutex<Option<SystemTime>>,
+    retry: RetryPolicy,
 }
 
 /// A cheap-to-clone handle on one API endpoint and token.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Deadline of each call (clones made by [`Client::with_timeout`] differ only here).
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -275,13 +388,14 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
-        let mut b = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(30))
-            .danger_accept_invalid_certs(cfg.insecure);
-        if let Some(t) = cfg.timeout {
-            b = b.timeout(t);
-        }
-        let http = b
+        let connect = cfg
+            .timeout
+            .map_or(Duration::from_secs(30), |t| t.min(Duration::from_secs(30)));
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect)
+            // A peer that vanishes without closing is noticed by TCP keepalives.
+            .tcp_keepalive(Duration::from_secs(30))
+            .danger_accept_invalid_certs(cfg.insecure)
             .build()
             .map_err(|e| ApiError::Config(format!("building HTTP client: {e}")))?;
         let mut base = cfg.base_url;
@@ -295,8 +409,24 @@ impl Client {
                 base,
                 token: cfg.token,
                 last_503: Mutex::new(None),
+                retry: cfg.retry,
             }),
+            timeout: cfg.timeout,
         })
+    }
+
+    /// The same client (connection pool, token, 503 record) with another per-call deadline,
+    /// for callers that must not wait as long as others.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            timeout: Some(timeout),
+        }
+    }
+
+    /// The deadline of each call.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     /// The base URL requests go to.
@@ -313,8 +443,69 @@ impl Client {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Send one request to `/arvados/v1/<path>` and decode a 200 response.
+    /// Send one request to `/arvados/v1/<path>` and decode a 200 response, within the
+    /// client's deadline; a GET is retried as the module doc says.
     pub async fn request<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        params: &[(&str, Value)],
+    ) -> Result<T, ApiError> {
+        let started = tokio::time::Instant::now();
+        let deadline = self.timeout.map(|t| started + t);
+        let retry = if method == Method::GET {
+            self.inner.retry
+        } else {
+            RetryPolicy::NONE
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let one = self.attempt::<T>(method.clone(), path, params);
+            let result = match deadline {
+                None => one.await,
+                Some(d) => match tokio::time::timeout_at(d, one).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ApiError::Transport {
+                        method: method.to_string(),
+                        url: self.shown_url(path),
+                        message: format!(
+                            "no answer within the {:?} deadline",
+                            self.timeout.unwrap_or_default()
+                        ),
+                    }),
+                },
+            };
+            let err = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if attempt >= retry.max_attempts || !err.is_retryable() {
+                return Err(err);
+            }
+            let floor = err.backoff_floor();
+            let wait = retry.backoff(attempt, jitter(), floor);
+            if let Some(d) = deadline
+                && tokio::time::Instant::now() + wait >= d
+            {
+                // No time for another attempt: the caller gets the last error.
+                return Err(err);
+            }
+            tracing::debug!(error = %err, attempt, "retrying API request in {wait:?}");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn shown_url(&self, path: &str) -> String {
+        self.inner
+            .base
+            .join(&format!("arvados/v1/{path}"))
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| path.to_string())
+    }
+
+    /// One attempt, no deadline of its own.
+    async fn attempt<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -361,6 +552,12 @@ impl Client {
         };
         let resp = rb.send().await.map_err(transport)?;
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let bytes = resp.bytes().await.map_err(transport)?;
         if status == StatusCode::SERVICE_UNAVAILABLE {
             *self
@@ -377,6 +574,7 @@ impl Client {
                 url: shown_url,
                 status,
                 errors: error_messages(&bytes),
+                retry_after,
             });
         }
         let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
@@ -384,6 +582,7 @@ impl Client {
             method: method_name,
             url: shown_url,
             message: e.to_string(),
+            type_error: e.classify() == serde_json::error::Category::Data,
         })
     }
 
@@ -406,16 +605,30 @@ impl Client {
         &self,
         opts: &ListOptions,
     ) -> Result<Vec<Container>, ApiError> {
+        Ok(self.list_all_containers_by_uuid_with_skipped(opts).await?.0)
+    }
+
+    /// [`Client::list_all_containers_by_uuid`], also returning the uuids of records that
+    /// could not be decoded ([`ContainerList::skipped`]).
+    pub async fn list_all_containers_by_uuid_with_skipped(
+        &self,
+        opts: &ListOptions,
+    ) -> Result<(Vec<Container>, Vec<String>), ApiError> {
         let mut all = Vec::new();
+        let mut skipped = Vec::new();
         let mut page_opts = opts.clone();
         page_opts.order = Some("uuid".into());
         page_opts.offset = None;
         loop {
             let page = self.list_containers(&page_opts).await?;
-            let Some(last) = page.items.last().map(|c| c.uuid.clone()) else {
-                return Ok(all);
+            // Page on the last record received, decoded or not.
+            let Some(last) = page.last_uuid.clone().filter(|u| !u.is_empty()) else {
+                all.extend(page.items);
+                skipped.extend(page.skipped);
+                return Ok((all, skipped));
             };
             all.extend(page.items);
+            skipped.extend(page.skipped);
             page_opts.filters = opts.filters.clone();
             page_opts.filters.push(Filter::new("uuid", ">", last));
         }
@@ -426,21 +639,36 @@ impl Client {
     pub async fn list_containers_by_offset(
         &self,
         opts: &ListOptions,
-        mut done: impl FnMut(&[Container]) -> bool,
+        done: impl FnMut(&[Container]) -> bool,
     ) -> Result<Vec<Container>, ApiError> {
+        Ok(self
+            .list_containers_by_offset_with_skipped(opts, done)
+            .await?
+            .0)
+    }
+
+    /// [`Client::list_containers_by_offset`], also returning the uuids of records that could
+    /// not be decoded.
+    pub async fn list_containers_by_offset_with_skipped(
+        &self,
+        opts: &ListOptions,
+        mut done: impl FnMut(&[Container]) -> bool,
+    ) -> Result<(Vec<Container>, Vec<String>), ApiError> {
         let mut all: Vec<Container> = Vec::new();
+        let mut skipped = Vec::new();
         let mut page_opts = opts.clone();
         let mut offset = opts.offset.unwrap_or(0);
         loop {
             page_opts.offset = Some(offset);
             let page = self.list_containers(&page_opts).await?;
-            if page.items.is_empty() {
-                return Ok(all);
+            if page.raw_len == 0 {
+                return Ok((all, skipped));
             }
-            offset += page.items.len() as i64;
+            offset += page.raw_len as i64;
             all.extend(page.items);
+            skipped.extend(page.skipped);
             if done(&all) {
-                return Ok(all);
+                return Ok((all, skipped));
             }
         }
     }
@@ -513,6 +741,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// A number in [0, 1) for back-off jitter (no need for a good generator).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// `req-` + 20 base-36 characters, as Arvados clients send.
@@ -593,6 +834,67 @@ mod tests {
     }
 
     #[test]
+    fn backoff_grows_with_jitter_and_respects_floor_and_bounds() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        };
+        assert_eq!(p.backoff(1, 0.0, None), Duration::from_secs(1));
+        assert_eq!(p.backoff(1, 0.999_999, None).as_secs(), 1);
+        assert_eq!(p.backoff(3, 0.5, None), Duration::from_millis(4500));
+        assert_eq!(p.backoff(30, 1.0, None), Duration::from_secs(30));
+        assert_eq!(
+            p.backoff(1, 0.0, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            p.backoff(1, 0.0, Some(Duration::from_secs(3600))),
+            Duration::from_secs(30)
+        );
+        let r = jitter();
+        assert!((0.0..1.0).contains(&r));
+    }
+
+    #[test]
+    fn only_unanswered_429_and_5xx_but_501_are_retryable() {
+        let http = |code: u16| ApiError::Http {
+            method: "GET".into(),
+            url: "u".into(),
+            status: StatusCode::from_u16(code).unwrap(),
+            errors: vec![],
+            retry_after: None,
+        };
+        for c in [429, 500, 502, 503, 504] {
+            assert!(http(c).is_retryable(), "{c}");
+        }
+        for c in [400, 401, 403, 404, 422, 501] {
+            assert!(!http(c).is_retryable(), "{c}");
+        }
+        let t = ApiError::Transport {
+            method: "GET".into(),
+            url: "u".into(),
+            message: "reset".into(),
+        };
+        assert!(t.is_retryable());
+        assert_eq!(http(503).backoff_floor(), Some(Duration::from_secs(1)));
+        assert_eq!(http(500).backoff_floor(), None);
+    }
+
+    #[test]
+    fn dispatcher_deadline_comes_from_request_timeout_capped() {
+        assert_eq!(dispatcher_timeout(Duration::ZERO), MAX_DISPATCHER_TIMEOUT);
+        assert_eq!(
+            dispatcher_timeout(Duration::from_secs(300)),
+            MAX_DISPATCHER_TIMEOUT
+        );
+        assert_eq!(
+            dispatcher_timeout(Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
     fn request_ids_look_like_arvados_ones() {
         let a = new_request_id();
         assert_eq!(a.len(), 24);
@@ -607,6 +909,7 @@ mod tests {
             url: "http://x/arvados/v1/containers/u/lock".into(),
             status: StatusCode::UNPROCESSABLE_ENTITY,
             errors: vec!["cannot lock when Locked".into()],
+            retry_after: None,
         };
         assert_eq!(
             e.to_string(),
@@ -618,7 +921,8 @@ mod tests {
                 base_url: Url::parse("http://x/").unwrap(),
                 token: "sekrit".into(),
                 insecure: false,
-                timeout: None
+                timeout: None,
+                retry: RetryPolicy::NONE,
             }
         );
         assert!(!dbg.contains("sekrit"));

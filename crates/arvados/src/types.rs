@@ -175,17 +175,70 @@ pub struct Mount {
 }
 
 /// A page of `GET /arvados/v1/containers`.
+///
+/// One record that does not decode (an unknown `state`, a field of the wrong type) does not
+/// fail the page: it is left out of `items`, logged, and its uuid (if it has one) is listed in
+/// `skipped`, so a caller can keep what it knew of that container instead of taking it as gone.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, from = "RawContainerList")]
 pub struct ContainerList {
-    #[serde(deserialize_with = "nullable")]
     pub items: Vec<Container>,
     /// Present only with `count=exact`.
     pub items_available: Option<i64>,
-    #[serde(deserialize_with = "nullable")]
     pub offset: i64,
-    #[serde(deserialize_with = "nullable")]
     pub limit: i64,
+    /// Uuids of records that could not be decoded (`""` for one without a readable uuid).
+    #[serde(skip)]
+    pub skipped: Vec<String>,
+    /// The uuid of the page's last record, decoded or not (for paging by uuid).
+    #[serde(skip)]
+    pub last_uuid: Option<String>,
+    /// How many records the page held, decoded or not.
+    #[serde(skip)]
+    pub raw_len: usize,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct RawContainerList {
+    #[serde(deserialize_with = "nullable")]
+    items: Vec<serde_json::Value>,
+    items_available: Option<i64>,
+    #[serde(deserialize_with = "nullable")]
+    offset: i64,
+    #[serde(deserialize_with = "nullable")]
+    limit: i64,
+}
+
+impl From<RawContainerList> for ContainerList {
+    fn from(raw: RawContainerList) -> Self {
+        let uuid_of =
+            |v: &serde_json::Value| v.get("uuid").and_then(|u| u.as_str()).map(str::to_string);
+        let raw_len = raw.items.len();
+        let last_uuid = raw.items.last().and_then(uuid_of);
+        let mut items = Vec::with_capacity(raw_len);
+        let mut skipped = Vec::new();
+        for v in raw.items {
+            let uuid = uuid_of(&v);
+            match Container::deserialize(v) {
+                Ok(c) => items.push(c),
+                Err(e) => {
+                    let uuid = uuid.unwrap_or_default();
+                    tracing::warn!(ContainerUUID = %uuid, error = %e, "skipping container record that cannot be decoded");
+                    skipped.push(uuid);
+                }
+            }
+        }
+        ContainerList {
+            items,
+            items_available: raw.items_available,
+            offset: raw.offset,
+            limit: raw.limit,
+            skipped,
+            last_uuid,
+            raw_len,
+        }
+    }
 }
 
 /// `GET /arvados/v1/api_client_authorizations/current`.
@@ -277,6 +330,39 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_record_is_skipped_not_fatal_to_the_page() {
+        let page: ContainerList = serde_json::from_str(
+            r#"{"items":[
+                {"uuid":"zzzzz-dz642-000000000000001","state":"Queued","priority":1},
+                {"uuid":"zzzzz-dz642-000000000000002","state":"Paused"},
+                {"uuid":"zzzzz-dz642-000000000000003","priority":"high"},
+                {"state":"Running","priority":[]},
+                {"uuid":"zzzzz-dz642-000000000000005","state":"Running"}
+            ],"limit":5}"#,
+        )
+        .unwrap();
+        let uuids: Vec<&str> = page.items.iter().map(|c| c.uuid.as_str()).collect();
+        assert_eq!(
+            uuids,
+            ["zzzzz-dz642-000000000000001", "zzzzz-dz642-000000000000005"]
+        );
+        assert_eq!(
+            page.skipped,
+            [
+                "zzzzz-dz642-000000000000002",
+                "zzzzz-dz642-000000000000003",
+                ""
+            ]
+        );
+        assert_eq!(page.raw_len, 5);
+        assert_eq!(
+            page.last_uuid.as_deref(),
+            Some("zzzzz-dz642-000000000000005")
+        );
+        assert_eq!(page.limit, 5);
+    }
 
     #[test]
     fn decodes_contract_example_and_nulls() {

@@ -32,6 +32,7 @@ fn client_for(fake: &FakeArvados, token: &str) -> Client {
         token: token.to_string(),
         insecure: false,
         timeout: Some(std::time::Duration::from_secs(30)),
+        retry: Default::default(),
     })
     .unwrap()
 }
@@ -425,6 +426,7 @@ async fn tls_fake_with_insecure_client_from_env_style_host() {
         token: f.root_token().into(),
         insecure: true,
         timeout: Some(std::time::Duration::from_secs(30)),
+        retry: Default::default(),
     })
     .unwrap();
     assert_eq!(
@@ -437,6 +439,7 @@ async fn tls_fake_with_insecure_client_from_env_style_host() {
         token: f.root_token().into(),
         insecure: false,
         timeout: Some(std::time::Duration::from_secs(30)),
+        retry: Default::default(),
     })
     .unwrap();
     let err = strict.current_token().await.unwrap_err();

@@ -572,6 +572,7 @@ mod tests {
             token: "t".into(),
             insecure: false,
             timeout: None,
+            retry: Default::default(),
         })
         .unwrap();
         let run: RunFn = Arc::new(|_, _, _| Box::pin(async { Ok(()) }));

@@ -21,6 +21,7 @@ fn client(f: &FakeArvados, token: &str) -> Client {
         token: token.into(),
         insecure: false,
         timeout: Some(Duration::from_secs(30)),
+        retry: Default::default(),
     })
     .unwrap()
 }

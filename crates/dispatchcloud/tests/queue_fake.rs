@@ -251,6 +251,7 @@ fn client_with(f: &testkit::fake_api::FakeArvados, token: &str) -> arvados::Clie
         token: token.to_string(),
         insecure: false,
         timeout: Some(Duration::from_secs(30)),
+        retry: Default::default(),
     })
     .unwrap()
 }

@@ -250,6 +250,7 @@ async fn start_container_to_complete_and_adopt_after_restart() {
         token: f.root_token().into(),
         insecure: false,
         timeout: None,
+        retry: Default::default(),
     })
     .unwrap();
     let state = |u: &str| {
@@ -421,6 +422,7 @@ async fn deployed_runner_and_stale_lock_turn_into_broken_and_drain() {
         token: f.root_token().into(),
         insecure: false,
         timeout: None,
+        retry: Default::default(),
     })
     .unwrap();
     let u = f.add_container(&ContainerSpec {

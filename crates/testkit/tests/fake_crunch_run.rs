@@ -41,6 +41,7 @@ impl Setup {
             token: self.f.root_token().into(),
             insecure: false,
             timeout: None,
+            retry: Default::default(),
         })
         .unwrap()
         .lock_container(u)

@@ -95,6 +95,7 @@ async fn stub_vm_answers_the_remote_command_contract() {
         token: f.root_token().into(),
         insecure: false,
         timeout: None,
+        retry: Default::default(),
     })
     .unwrap();
     api.lock_container(&u).await.unwrap();
@@ -450,6 +451,7 @@ async fn stub_crunch_run_crash_stale_lock_and_power_off() {
         token: f.root_token().into(),
         insecure: false,
         timeout: None,
+        retry: Default::default(),
     })
     .unwrap();
     let config =

@@ -26,6 +26,7 @@ pub fn client(fake: &FakeArvados) -> Client {
         token: fake.root_token().to_string(),
         insecure: false,
         timeout: Some(Duration::from_secs(30)),
+        retry: Default::default(),
     })
     .unwrap()
 }
