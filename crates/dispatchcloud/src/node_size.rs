@@ -87,29 +87,43 @@ pub fn estimate_docker_image_size(pdh: &str) -> i64 {
 
 /// Scratch space: `max(tmp mounts, image) + image + keep_cache_disk`.
 pub fn estimate_scratch_space(ctr: &Container) -> i64 {
-    let tmp: i64 = ctr
+    // API numbers are arbitrary i64s: add in i128 and saturate, so a huge request means "no
+    // type fits" instead of wrapping around to a small (or negative) need.
+    let tmp: i128 = ctr
         .mounts
         .values()
         .filter(|m| m.kind == "tmp")
-        .map(|m| m.capacity)
+        .map(|m| i128::from(m.capacity))
         .sum();
-    let img = estimate_docker_image_size(&ctr.container_image);
-    tmp.max(img) + img + ctr.runtime_constraints.keep_cache_disk
+    let img = i128::from(estimate_docker_image_size(&ctr.container_image));
+    saturate(tmp.max(img) + img + i128::from(ctr.runtime_constraints.keep_cache_disk))
+}
+
+/// An i128 sum clamped into i64.
+fn saturate(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// What a container needs from an instance (spec §6.1).
 pub fn resources_needed(cfg: &Containers, ctr: &Container) -> InstanceResources {
     let rc = &ctr.runtime_constraints;
-    let mut ram = rc.ram + rc.keep_cache_ram + cfg.reserve_extra_ram;
+    // In i128 with saturating products: see `estimate_scratch_space`.
+    let mut ram =
+        i128::from(rc.ram) + i128::from(rc.keep_cache_ram) + i128::from(cfg.reserve_extra_ram);
     if cfg.local_keep_blob_buffers_per_vcpu > 0 {
         // A dedicated keepstore process, its GC slack, and its buffers.
-        ram += 220 * MIB;
-        ram += cfg.local_keep_blob_buffers_per_vcpu * rc.vcpus * 64 * MIB * 11 / 10;
+        ram += i128::from(220 * MIB);
+        ram = ram.saturating_add(
+            i128::from(cfg.local_keep_blob_buffers_per_vcpu)
+                .saturating_mul(i128::from(rc.vcpus))
+                .saturating_mul(i128::from(64 * MIB * 11))
+                / 10,
+        );
     }
-    ram = ram * 100 / (100 - DISCOUNT_RAM_PERCENT);
+    ram = ram.saturating_mul(100) / i128::from(100 - DISCOUNT_RAM_PERCENT);
     InstanceResources {
         vcpus: rc.vcpus,
-        ram,
+        ram: saturate(ram),
         scratch: estimate_scratch_space(ctr),
         gpus: rc.gpu.device_count,
         gpu_vram: rc.gpu.vram,
@@ -225,6 +239,12 @@ impl TypeChooser {
             return Err(ChooseError::NoInstanceTypes);
         }
         let gpu = &ctr.runtime_constraints.gpu;
+        if let Some(why) = out_of_range(ctr, need) {
+            return Err(ChooseError::ConstraintsNotSatisfiable {
+                message: format!("runtime constraints out of range: {why}"),
+                available_types: Vec::new(),
+            });
+        }
         if !matches!(gpu.stack.as_str(), "" | "cuda" | "rocm") {
             return Err(ChooseError::ConstraintsNotSatisfiable {
                 message: format!(
@@ -273,6 +293,41 @@ impl TypeChooser {
     }
 }
 
+/// Why a container's numbers cannot describe a real need: a negative value, or a total that
+/// does not fit in 64 bits.
+fn out_of_range(ctr: &Container, need: &InstanceResources) -> Option<String> {
+    let rc = &ctr.runtime_constraints;
+    for (name, v) in [
+        ("vcpus", rc.vcpus),
+        ("ram", rc.ram),
+        ("keep_cache_ram", rc.keep_cache_ram),
+        ("keep_cache_disk", rc.keep_cache_disk),
+        ("gpu.device_count", rc.gpu.device_count),
+        ("gpu.vram", rc.gpu.vram),
+    ] {
+        if v < 0 {
+            return Some(format!("{name} is negative ({v})"));
+        }
+    }
+    if let Some(m) = ctr
+        .mounts
+        .values()
+        .find(|m| m.kind == "tmp" && m.capacity < 0)
+    {
+        return Some(format!(
+            "a tmp mount has a negative capacity ({})",
+            m.capacity
+        ));
+    }
+    if need.ram == i64::MAX {
+        return Some("the RAM needed does not fit in 64 bits".into());
+    }
+    if need.scratch == i64::MAX {
+        return Some("the scratch space needed does not fit in 64 bits".into());
+    }
+    None
+}
+
 /// GPU driver and hardware-target rules (spec §6.2) for a container that wants GPUs.
 fn gpu_ok(it: &InstanceType, gpu: &GpuConstraints) -> bool {
     if gpu.device_count <= 0 {
@@ -301,6 +356,66 @@ fn gpu_ok(it: &InstanceType, gpu: &GpuConstraints) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_or_negative_api_numbers_are_unsatisfiable_not_a_panic() {
+        use arvados::types::Mount;
+        let mut cluster = arvados::Cluster::default();
+        cluster.instance_types.insert(
+            "small".into(),
+            InstanceType {
+                name: "small".into(),
+                provider_type: "small".into(),
+                vcpus: 2,
+                ram: 4 << 30,
+                scratch: 100 << 30,
+                price: 0.1,
+                ..Default::default()
+            },
+        );
+        let chooser = TypeChooser::new(&cluster);
+        let reason = |ctr: &Container| match chooser.choose(ctr) {
+            Err(ChooseError::ConstraintsNotSatisfiable { message, .. }) => message,
+            other => panic!("expected unsatisfiable, got {other:?}"),
+        };
+        let mut c = Container::default();
+        c.runtime_constraints.vcpus = 1;
+        c.runtime_constraints.ram = 1 << 62;
+        c.runtime_constraints.keep_cache_ram = 1 << 62;
+        assert_eq!(
+            reason(&c),
+            "runtime constraints out of range: the RAM needed does not fit in 64 bits"
+        );
+        c.runtime_constraints.ram = i64::MAX;
+        c.runtime_constraints.keep_cache_ram = 0;
+        assert!(reason(&c).contains("RAM needed does not fit"));
+        let mut c = Container::default();
+        c.runtime_constraints.vcpus = 1;
+        c.runtime_constraints.ram = -(1 << 30);
+        assert_eq!(
+            reason(&c),
+            "runtime constraints out of range: ram is negative (-1073741824)"
+        );
+        let mut c = Container::default();
+        c.runtime_constraints.vcpus = 1;
+        c.runtime_constraints.ram = 1 << 20;
+        for i in 0..3 {
+            c.mounts.insert(
+                format!("/tmp{i}"),
+                Mount {
+                    kind: "tmp".into(),
+                    capacity: i64::MAX,
+                    ..Default::default()
+                },
+            );
+        }
+        assert!(reason(&c).contains("scratch space needed does not fit"));
+        // A buffers-per-VCPU product that overflows is saturated too.
+        cluster.containers.local_keep_blob_buffers_per_vcpu = i64::MAX;
+        let mut c = Container::default();
+        c.runtime_constraints.vcpus = i64::MAX;
+        assert!(resources_needed(&cluster.containers, &c).ram == i64::MAX);
+    }
     use arvados::config::GpuFeatures;
     use arvados::types::Mount;
     use std::collections::BTreeMap;

@@ -82,6 +82,10 @@ pub struct QueueEnt {
     container: Container,
     /// When this process first saw the container.
     first_seen_at: DateTime<Utc>,
+    /// The mounts fetch failed: needs and types are not known yet (`instance_types` is empty,
+    /// so nothing is started for it), and the next update tries again. Such an entry exists
+    /// only for a container past Queued, so that a container already running is kept.
+    pub mounts_pending: bool,
 }
 
 impl QueueEnt {
@@ -97,6 +101,7 @@ impl QueueEnt {
             instance_resources,
             instance_types,
             first_seen_at,
+            mounts_pending: false,
         }
     }
 
@@ -332,7 +337,7 @@ impl ContainerQueue {
     /// Poll the API and refresh the cache (spec §5.3). On error the cache is unchanged.
     pub async fn update(self: &Arc<Self>) -> Result<(), ApiError> {
         let started = Utc::now();
-        let (known, auth_uuid) = {
+        let (known, mounts_pending, auth_uuid) = {
             let mut inner = self.lock_inner();
             inner.dont_update = Some(HashSet::new());
             let known: HashMap<String, ContainerState> = inner
@@ -340,10 +345,16 @@ impl ContainerQueue {
                 .iter()
                 .map(|(k, e)| (k.clone(), e.container().state))
                 .collect();
-            (known, inner.auth_uuid.clone())
+            let pending: HashSet<String> = inner
+                .entries
+                .iter()
+                .filter(|(_, e)| e.mounts_pending)
+                .map(|(k, _)| k.clone())
+                .collect();
+            (known, pending, inner.auth_uuid.clone())
         };
         let polled = self.poll(&known, auth_uuid).await;
-        let (next, auth_uuid) = match polled {
+        let (next, skipped, auth_uuid) = match polled {
             Ok(x) => x,
             Err(e) => {
                 self.lock_inner().dont_update = None;
@@ -353,7 +364,7 @@ impl ContainerQueue {
         // Mounts and type choice for containers seen for the first time, outside the lock.
         let new: Vec<Container> = next
             .values()
-            .filter(|c| !known.contains_key(&c.uuid))
+            .filter(|c| !known.contains_key(&c.uuid) || mounts_pending.contains(&c.uuid))
             .cloned()
             .collect();
         let added = self.prepare_new(new).await;
@@ -369,19 +380,26 @@ impl ContainerQueue {
             if dont.contains(uuid) {
                 continue;
             }
-            if let Some(ent) = inner.entries.get_mut(uuid) {
-                Arc::make_mut(ent).modify(|c| *c = ctr.clone());
-            } else if let Some(ent) = added.remove(uuid) {
+            if let Some(ent) = added.remove(uuid) {
+                if inner.entries.contains_key(uuid) {
+                    // A retried mounts fetch: the entry gets its needs and types (or stays
+                    // pending).
+                    inner.entries.insert(uuid.clone(), Arc::new(ent));
+                    continue;
+                }
                 tracing::info!(
                     ContainerUUID = %uuid,
                     InstanceTypes = %ent.instance_types.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),
                     "adding container to queue"
                 );
                 inner.entries.insert(uuid.clone(), Arc::new(ent));
+            } else if let Some(ent) = inner.entries.get_mut(uuid) {
+                Arc::make_mut(ent).modify(|c| *c = ctr.clone());
             }
         }
         inner.entries.retain(|uuid, _| {
-            let keep = dont.contains(uuid) || next.contains_key(uuid);
+            // A record that came back but could not be decoded is not gone: keep what we knew.
+            let keep = dont.contains(uuid) || next.contains_key(uuid) || skipped.contains(uuid);
             if !keep {
                 tracing::info!(ContainerUUID = %uuid, "dropping container from queue");
             }
@@ -398,7 +416,7 @@ impl ContainerQueue {
         &self,
         known: &HashMap<String, ContainerState>,
         auth_uuid: Option<String>,
-    ) -> Result<(HashMap<String, Container>, String), ApiError> {
+    ) -> Result<(HashMap<String, Container>, HashSet<String>, String), ApiError> {
         let auth_uuid = match auth_uuid {
             Some(u) => u,
             None => self.client.current_token().await?.uuid,
@@ -413,7 +431,13 @@ impl ContainerQueue {
             select: Some(select.clone()),
             ..Default::default()
         };
-        for c in self.client.list_all_containers_by_uuid(&mine).await? {
+        let mut skipped: HashSet<String> = HashSet::new();
+        let (items, bad) = self
+            .client
+            .list_all_containers_by_uuid_with_skipped(&mine)
+            .await?;
+        skipped.extend(bad);
+        for c in items {
             next.insert(c.uuid.clone(), c);
         }
 
@@ -428,22 +452,25 @@ impl ContainerQueue {
             select: Some(select.clone()),
             ..Default::default()
         };
-        let queued = self
+        let (queued, bad) = self
             .client
-            .list_containers_by_offset(&available, |all| {
+            .list_containers_by_offset_with_skipped(&available, |all| {
                 all.iter()
                     .filter(|c| !c.scheduling_parameters.supervisor)
                     .count()
                     >= QUEUED_CONTAINERS_TARGET
             })
             .await?;
+        skipped.extend(bad);
         for c in queued {
             next.insert(c.uuid.clone(), c);
         }
 
         let mut missing: Vec<String> = known
             .iter()
-            .filter(|(uuid, state)| !state.is_final() && !next.contains_key(*uuid))
+            .filter(|(uuid, state)| {
+                !state.is_final() && !next.contains_key(*uuid) && !skipped.contains(*uuid)
+            })
             .map(|(uuid, _)| uuid.clone())
             .collect();
         missing.sort();
@@ -455,7 +482,16 @@ impl ContainerQueue {
                 select: Some(select.clone()),
                 ..Default::default()
             };
-            let found = self.client.list_all_containers_by_uuid(&opts).await?;
+            let (found, bad) = self
+                .client
+                .list_all_containers_by_uuid_with_skipped(&opts)
+                .await?;
+            // Records that came back undecodable are not deleted: the caller keeps them.
+            missing.retain(|u| !bad.contains(u));
+            skipped.extend(bad);
+            if missing.is_empty() {
+                break;
+            }
             if found.is_empty() {
                 for uuid in &batch {
                     tracing::info!(ContainerUUID = %uuid, "container not found by controller (deleted?)");
@@ -476,18 +512,21 @@ impl ContainerQueue {
                             "server returned container {} that was not requested",
                             c.uuid
                         ),
+                        type_error: false,
                     });
                 };
                 missing.remove(pos);
                 next.insert(c.uuid.clone(), c);
             }
         }
-        Ok((next, auth_uuid))
+        skipped.remove("");
+        Ok((next, skipped, auth_uuid))
     }
 
     /// Fetch mounts, compute needs and types for new containers. Containers that can never run
-    /// are cancelled in the background and left out; so are those whose mounts could not be
-    /// fetched (retried on the next update).
+    /// (mounts of the wrong JSON type, no suitable type) are cancelled in the background and
+    /// left out. When the mounts fetch fails otherwise, a Queued container is left out and a
+    /// later one is kept as `mounts_pending`; both are retried on the next update.
     async fn prepare_new(self: &Arc<Self>, new: Vec<Container>) -> Vec<QueueEnt> {
         let mut out = Vec::with_capacity(new.len());
         let mut pending = new.into_iter();
@@ -511,13 +550,27 @@ impl ContainerQueue {
                     Ok(m) => ctr.mounts = m.mounts,
                     Err(err) => {
                         tracing::warn!(ContainerUUID = %ctr.uuid, error = %err, "error getting mounts");
-                        if let ApiError::Decode { message, .. } = &err {
+                        // Only a record whose mounts have the wrong JSON type is bad; a body
+                        // that is not JSON at all (a proxy's error page) is a passing fault.
+                        if let ApiError::Decode {
+                            message,
+                            type_error: true,
+                            ..
+                        } = &err
+                        {
                             self.spawn_cancel_unsatisfiable(
                                 ctr,
                                 format!(
                                     "error getting mounts from container record: json: cannot unmarshal mounts: {message}"
                                 ),
                             );
+                        } else if ctr.state != ContainerState::Queued {
+                            // Ours already (Locked, perhaps Running on a worker after a
+                            // restart): keep it, or sync would take it for gone and kill it.
+                            let need = self.chooser.resources_needed(&ctr);
+                            let mut ent = QueueEnt::new(ctr, need, Vec::new(), Utc::now());
+                            ent.mounts_pending = true;
+                            out.push(ent);
                         }
                         continue;
                     }
