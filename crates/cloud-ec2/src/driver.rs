@@ -30,6 +30,18 @@ use tokio::sync::OnceCell;
 use crate::errors::{ApiError, Backoff, capacity_kind, classify, is_subnet_specific};
 use crate::params::Ec2Params;
 
+/// The `ClientToken` of one RunInstances call: derived from the create request's init command,
+/// which holds the new VM's unique instance secret, and the subnet's index (at most 64 ASCII
+/// characters, as EC2 requires).
+fn client_token(init_command: &str, subnet_index: usize) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same request always gets the same token.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    init_command.hash(&mut h);
+    format!("arvados-{:016x}-{subnet_index}", h.finish())
+}
+
 /// The EC2 driver.
 #[derive(Default)]
 pub struct Ec2Driver;
@@ -294,7 +306,11 @@ impl Ec2Set {
                         .build(),
                 )
                 .user_data(&user_data)
-                .set_key_name(key_name.clone());
+                .set_key_name(key_name.clone())
+                // Idempotency: a RunInstances retried after an unknown outcome (by the SDK
+                // or a proxy) makes no second VM. One token per create request and subnet
+                // (another subnet is another request to EC2).
+                .client_token(client_token(&req.init_command, idx));
             if it.added_scratch > 0 {
                 let gib = (it.added_scratch + (1 << 30) - 1) >> 30;
                 call = call.block_device_mappings(

@@ -30,6 +30,9 @@ pub struct CloudError {
     pub message: String,
     /// Also a rate-limit error (an error may be, say, a capacity error and ask to slow down).
     pub also_retry_after: Option<SystemTime>,
+    /// The call may have taken effect although it failed (no answer within its deadline, a
+    /// server error after the request was sent): a create may have made a VM.
+    pub outcome_unknown: bool,
 }
 
 impl CloudError {
@@ -38,6 +41,17 @@ impl CloudError {
             kind,
             message: message.into(),
             also_retry_after: None,
+            outcome_unknown: false,
+        }
+    }
+
+    /// `op` got no answer within `deadline`; what it did is unknown.
+    pub fn deadline_exceeded(op: &str, deadline: std::time::Duration) -> CloudError {
+        CloudError {
+            outcome_unknown: true,
+            ..CloudError::other(format!(
+                "{op}: no answer from the cloud within {deadline:?}"
+            ))
         }
     }
 

@@ -3,7 +3,9 @@
 //! (`MaxCloudOpsPerSecond`, fair), [`DefaultTags`] (`CloudVMs.ResourceTags`), [`Filtering`]
 //! (drop foreign instances), and the pool's reactive hold-offs, [`Throttled`] (§2.7): after a
 //! rate-limit error, calls of that category fail fast without reaching the driver until the
-//! earliest retry.
+//! earliest retry. [`Deadline`] sits innermost: every cloud call (create, list, set tags,
+//! destroy, host-key check) ends within its deadline, with an `outcome_unknown` error if the
+//! driver did not answer.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -62,6 +64,13 @@ trait Hook: Send + Sync + std::fmt::Debug + 'static {
         op: &'static str,
         call: BoxFuture<'a, Result<(), CloudError>>,
     ) -> BoxFuture<'a, Result<(), CloudError>>;
+    /// Around `verify_host_key` (passed through unless a hook says otherwise).
+    fn around_verify<'a>(
+        &'a self,
+        call: BoxFuture<'a, Result<(), CloudError>>,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        call
+    }
 }
 
 /// An instance whose SetTags and Destroy go through a [`Hook`]; everything else passes through.
@@ -104,7 +113,7 @@ impl<H: Hook> Instance for Hooked<H> {
         self.inner.price_history(it)
     }
     fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
-        self.inner.verify_host_key(key)
+        self.hook.around_verify(self.inner.verify_host_key(key))
     }
 }
 
@@ -149,6 +158,93 @@ impl InstanceSet for Instrumented {
             count(&self.ops, "List", &r);
             let hook = Counting(self.ops.clone());
             r.map(|v| v.into_iter().map(|i| hooked(i, &hook)).collect())
+        })
+    }
+    fn instance_quota_group(&self, it: &InstanceType) -> String {
+        self.inner.instance_quota_group(it)
+    }
+    fn stop(&self) {
+        self.inner.stop()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadline
+
+/// Every call ends within its deadline: a driver (or cloud endpoint) that accepts a request
+/// and never answers cannot hold a create slot, the sync loop or a shutdown forever. A call
+/// that runs out of time fails with [`CloudError::deadline_exceeded`] (outcome unknown: the
+/// pool keeps a timed-out create's place until the cloud list says whether the VM exists).
+pub struct Deadline {
+    inner: Arc<dyn InstanceSet>,
+    /// For create (which waits for the VM to be accepted, so it may take longer).
+    create: Duration,
+    /// For everything else.
+    other: Duration,
+}
+
+impl Deadline {
+    pub fn new(inner: Arc<dyn InstanceSet>, create: Duration, other: Duration) -> Deadline {
+        Deadline {
+            inner,
+            create,
+            other,
+        }
+    }
+}
+
+async fn within<T>(
+    op: &'static str,
+    d: Duration,
+    call: impl std::future::Future<Output = Result<T, CloudError>>,
+) -> Result<T, CloudError> {
+    match tokio::time::timeout(d, call).await {
+        Ok(r) => r,
+        Err(_) => Err(CloudError::deadline_exceeded(op, d)),
+    }
+}
+
+/// Puts the deadline on an instance's own calls.
+#[derive(Debug, Clone)]
+struct Timed(Duration);
+
+impl Hook for Timed {
+    fn around<'a>(
+        &'a self,
+        op: &'static str,
+        call: BoxFuture<'a, Result<(), CloudError>>,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(within(op, self.0, call))
+    }
+    fn around_verify<'a>(
+        &'a self,
+        call: BoxFuture<'a, Result<(), CloudError>>,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(within("VerifyHostKey", self.0, call))
+    }
+}
+
+impl InstanceSet for Deadline {
+    fn create(
+        &self,
+        it: &InstanceType,
+        req: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
+        let it = it.clone();
+        Box::pin(async move {
+            let i = within("Create", self.create, self.inner.create(&it, req)).await?;
+            Ok(hooked(i, &Timed(self.other)))
+        })
+    }
+    fn instances(
+        &self,
+        filter: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        let filter = filter.clone();
+        Box::pin(async move {
+            let v = within("List", self.other, self.inner.instances(&filter)).await?;
+            let hook = Timed(self.other);
+            Ok(v.into_iter().map(|i| hooked(i, &hook)).collect())
         })
     }
     fn instance_quota_group(&self, it: &InstanceType) -> String {
@@ -402,6 +498,7 @@ impl HoldOff {
                 kind: crate::ErrorKind::RateLimit { earliest_retry: *t },
                 message: msg.clone(),
                 also_retry_after: None,
+                outcome_unknown: false,
             }),
             Some(_) => {
                 *g = None;

@@ -341,3 +341,49 @@ async fn ac_thr_1_throttle_errors_until_then_clears_and_notifies() {
     assert!(t.error().is_none());
     assert!(notified.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+/// A cloud that accepts every call and never answers.
+struct Hanging;
+
+impl InstanceSet for Hanging {
+    fn create(
+        &self,
+        _: &InstanceType,
+        _: CreateRequest,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
+        Box::pin(std::future::pending())
+    }
+    fn instances(
+        &self,
+        _: &InstanceTags,
+    ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        Box::pin(std::future::pending())
+    }
+    fn instance_quota_group(&self, _: &InstanceType) -> String {
+        String::new()
+    }
+    fn stop(&self) {}
+}
+
+#[tokio::test]
+async fn deadline_ends_calls_a_hanging_cloud_never_answers() {
+    let set = Deadline::new(
+        Arc::new(Hanging),
+        Duration::from_millis(400),
+        Duration::from_millis(200),
+    );
+    let t0 = tokio::time::Instant::now();
+    let err = set.instances(&InstanceTags::new()).await.unwrap_err();
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    assert!(err.outcome_unknown, "{err:?}");
+    assert!(err.to_string().starts_with("List: no answer"), "{err}");
+    let t0 = tokio::time::Instant::now();
+    let err = set
+        .create(&InstanceType::default(), CreateRequest::default())
+        .await
+        .unwrap_err();
+    assert!(t0.elapsed() >= Duration::from_millis(400));
+    assert!(err.outcome_unknown && err.to_string().starts_with("Create: "));
+    // A plain error is not "outcome unknown".
+    assert!(!CloudError::other("x").outcome_unknown);
+}

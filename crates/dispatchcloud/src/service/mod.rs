@@ -9,10 +9,11 @@ pub mod dblock;
 pub mod http_metrics;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arvados::{Client, ClientConfig, Cluster};
 use cloud::registry::Registry;
-use cloud::wrappers::{DefaultTags, Filtering, Instrumented, RateLimited};
+use cloud::wrappers::{Deadline, DefaultTags, Filtering, Instrumented, RateLimited};
 use cloud::{InstanceSet, InstanceTags};
 use tokio::sync::watch;
 
@@ -45,13 +46,56 @@ pub struct Service {
     pub http_metrics: Arc<http_metrics::ServiceMetrics>,
 }
 
-/// The wrapper stack of §1.5 around a driver's instance set (the pool adds the throttle).
+/// Deadlines of cloud calls: `DriverParameters.CreateTimeout` (default 5 min) for a create,
+/// `DriverParameters.CallTimeout` (default 1 min) for every other call. Arvados has no such
+/// keys; its drivers ignore unknown `DriverParameters`, so the shared config stays valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloudDeadlines {
+    pub create: Duration,
+    pub other: Duration,
+}
+
+impl CloudDeadlines {
+    pub const DEFAULT: CloudDeadlines = CloudDeadlines {
+        create: Duration::from_secs(300),
+        other: Duration::from_secs(60),
+    };
+
+    /// From `DriverParameters`; a bad value is an error naming its key.
+    pub fn from_params(params: &serde_json::Value) -> Result<CloudDeadlines, String> {
+        let get = |key: &str, default: Duration| -> Result<Duration, String> {
+            let Some(v) = params.get(key) else {
+                return Ok(default);
+            };
+            let text = v
+                .as_str()
+                .ok_or_else(|| format!("DriverParameters.{key}: not a duration string"))?;
+            let d = arvados::config::units::parse_duration(text)
+                .map_err(|e| format!("DriverParameters.{key}: {e}"))?;
+            if d < Duration::from_millis(100) || d > Duration::from_secs(24 * 3600) {
+                return Err(format!(
+                    "DriverParameters.{key}: {text:?} is out of range (100ms to 24h)"
+                ));
+            }
+            Ok(d)
+        };
+        Ok(CloudDeadlines {
+            create: get("CreateTimeout", Self::DEFAULT.create)?,
+            other: get("CallTimeout", Self::DEFAULT.other)?,
+        })
+    }
+}
+
+/// The wrapper stack of §1.5 around a driver's instance set (the pool adds the throttle),
+/// with [`Deadline`] innermost.
 pub fn wrap_instance_set(
     set: Arc<dyn InstanceSet>,
     cluster: &Cluster,
+    deadlines: CloudDeadlines,
     registry: &prometheus::Registry,
 ) -> Result<Arc<dyn InstanceSet>, prometheus::Error> {
     let vms = &cluster.containers.cloud_vms;
+    let set: Arc<dyn InstanceSet> = Arc::new(Deadline::new(set, deadlines.create, deadlines.other));
     let mut set: Arc<dyn InstanceSet> = Arc::new(Instrumented::new(set, registry)?);
     if vms.max_cloud_ops_per_second > 0.0 {
         set = Arc::new(RateLimited::new(set, vms.max_cloud_ops_per_second));
@@ -78,7 +122,8 @@ impl Service {
             .instance_set_with_metrics(&params, &instance_set_id, &vms.resource_tags, &registry)
             .map_err(|e| StartError::Driver(e.to_string()))?;
         let http_metrics = Arc::new(http_metrics::ServiceMetrics::new(&registry, cluster)?);
-        let set = wrap_instance_set(set, cluster, &registry)?;
+        let deadlines = CloudDeadlines::from_params(&params).map_err(StartError::Driver)?;
+        let set = wrap_instance_set(set, cluster, deadlines, &registry)?;
         let pool = Pool::new(
             PoolConfig::from_cluster(cluster, &instance_set_id, Arc::new(key)),
             set,

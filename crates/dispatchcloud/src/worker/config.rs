@@ -77,6 +77,9 @@ pub struct PoolConfig {
     /// How long reaching `MaxConcurrentInstanceCreateOps` stops creates (Go: 5 s), unless a
     /// create finishes sooner.
     pub create_ops_hold_off: Duration,
+    /// A create that failed with an unknown outcome keeps its place until a cloud list that
+    /// started this long after the failure does not show its VM (lists may lag a create).
+    pub unknown_create_grace: Duration,
     // ConfigData for crunch-run (§8.11).
     pub api_host: String,
     pub api_insecure: bool,
@@ -180,6 +183,7 @@ impl PoolConfig {
             quota_error_ttl: Duration::from_secs(60),
             capacity_error_ttl: Duration::from_secs(60),
             create_ops_hold_off: Duration::from_secs(5),
+            unknown_create_grace: Duration::from_secs(30),
             api_host: api_host(&cluster.services.controller.external_url),
             api_insecure: cluster.tls.insecure,
             system_root_token: cluster.system_root_token.clone(),

@@ -46,6 +46,22 @@ use crate::ssh_executor::{Executor, Target, Timeouts};
 /// A create call in flight, keyed by the instance secret it carries.
 struct Creating {
     it: Arc<InstanceType>,
+    /// The create call failed without saying whether a VM was made (no answer in time, a
+    /// server error): since when. The place is kept, so nothing creates a second VM for it,
+    /// until the cloud list shows the VM (it is adopted) or a list started
+    /// `unknown_create_grace` later does not (it never existed).
+    unknown_since: Option<Instant>,
+}
+
+impl State {
+    /// Create calls still waiting for the cloud's answer (what
+    /// `MaxConcurrentInstanceCreateOps` limits).
+    fn creates_in_flight(&self) -> usize {
+        self.creating
+            .values()
+            .filter(|c| c.unknown_since.is_none())
+            .count()
+    }
 }
 
 #[derive(Default)]
@@ -252,7 +268,7 @@ impl Pool {
             return None;
         }
         let max = st.max_concurrent_creates;
-        if max > 0 && st.creating.len() >= max {
+        if max > 0 && st.creates_in_flight() >= max {
             tracing::info!(
                 limit = max,
                 "reached MaxConcurrentInstanceCreateOps; waiting for a create to finish"
@@ -262,8 +278,13 @@ impl Pool {
         }
         let it = Arc::new(it.clone());
         let secret = cloud::tags::new_instance_secret();
-        st.creating
-            .insert(secret.clone(), Creating { it: it.clone() });
+        st.creating.insert(
+            secret.clone(),
+            Creating {
+                it: it.clone(),
+                unknown_since: None,
+            },
+        );
         let total = st.workers.len() + st.creating.len();
         if self.cfg.max_instances > 0 && total == self.cfg.max_instances {
             tracing::info!(
@@ -300,6 +321,20 @@ impl Pool {
             match result {
                 Ok(inst) => {
                     self.update_worker(&mut st, inst, now);
+                }
+                Err(e) if e.outcome_unknown => {
+                    tracing::warn!(
+                        InstanceType = %it.name,
+                        error = %e,
+                        "create outcome unknown; keeping its place until the cloud's instance list shows whether the VM exists"
+                    );
+                    if let Some(c) = st.creating.get_mut(&secret) {
+                        c.unknown_since = Some(now);
+                    }
+                    st.create_ops_hold_until = None;
+                    drop(st);
+                    self.notify();
+                    return;
                 }
                 Err(e) => {
                     if e.is_quota() {
@@ -380,6 +415,18 @@ impl Pool {
             listed.insert(inst.id());
             self.update_worker(&mut st, inst, now);
         }
+        // Creates with unknown outcome that a list started well after they failed does not
+        // show never made a VM: free their places.
+        let grace = self.cfg.unknown_create_grace;
+        st.creating.retain(|_, c| {
+            let expired = c
+                .unknown_since
+                .is_some_and(|t| threshold.saturating_duration_since(t) >= grace);
+            if expired {
+                tracing::info!(InstanceType = %c.it.name, "create with unknown outcome made no VM");
+            }
+            !expired
+        });
         let gone: Vec<String> = st
             .workers
             .iter()
@@ -523,6 +570,17 @@ impl Pool {
             }
         };
         let booting = secret.as_ref().is_some_and(|s| st.creating.contains_key(s));
+        // A create whose call failed with an unknown outcome did make this VM: it takes the
+        // create's place.
+        if let Some(s) = &secret
+            && st
+                .creating
+                .get(s)
+                .is_some_and(|c| c.unknown_since.is_some())
+        {
+            tracing::info!(Instance = %id, "instance from a create with unknown outcome appeared; adopting it");
+            st.creating.remove(s);
+        }
         let state = if booting {
             WorkerState::Booting
         } else {
@@ -811,7 +869,7 @@ impl WorkerPool for Pool {
             return Some(0);
         }
         let max = st.max_concurrent_creates;
-        (max > 0).then(|| max.saturating_sub(st.creating.len()))
+        (max > 0).then(|| max.saturating_sub(st.creates_in_flight()))
     }
 
     fn create(&self, it: &InstanceType) -> Option<InstanceView> {
