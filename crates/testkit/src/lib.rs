@@ -9,6 +9,7 @@
 pub mod fake_api;
 pub mod fake_crunch_run;
 pub mod moto;
+pub mod oracle;
 /// The SSH VM server now lives in `cloud::sshd` (the loopback driver needs it too).
 pub use cloud::sshd as ssh_vm;
 pub mod stub_driver;

@@ -21,6 +21,14 @@ pub struct StubConfig {
     pub crunch_run_missing: bool,
     /// Probability that a create / destroy call fails (`ErrorRateCreate`, `ErrorRateDestroy`).
     pub error_rate_create: f64,
+    /// Probability that a create makes the VM and then fails with an unknown outcome, as a
+    /// cloud's 5xx or lost answer does (`ErrorRateCreateAfterVm`).
+    pub error_rate_create_after_vm: f64,
+    /// Probability that a create makes the VM and then never answers (`HangRateCreateAfterVm`).
+    pub hang_rate_create_after_vm: f64,
+    /// Every cloud call (create, list, destroy) accepts and never answers, as a dead endpoint
+    /// does (`HangCloudOps`).
+    pub hang_cloud_ops: bool,
     pub error_rate_destroy: f64,
     /// Calls sooner than this after the previous accepted one are rate-limit errors
     /// (`MinTimeBetweenCreateCalls`, `MinTimeBetweenInstancesCalls`).
@@ -164,6 +172,9 @@ impl StubConfig {
             capacity_per_type,
             crunch_run_missing: p.flag("CrunchRunMissing")?,
             error_rate_create: p.rate("ErrorRateCreate")?,
+            error_rate_create_after_vm: p.rate("ErrorRateCreateAfterVm")?,
+            hang_rate_create_after_vm: p.rate("HangRateCreateAfterVm")?,
+            hang_cloud_ops: p.flag("HangCloudOps")?,
             error_rate_destroy: p.rate("ErrorRateDestroy")?,
             min_time_between_create_calls: p
                 .duration("MinTimeBetweenCreateCalls")?

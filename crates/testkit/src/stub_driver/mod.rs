@@ -42,7 +42,14 @@ pub struct StubDriver;
 /// install, crunch-run) with `cfg`'s VM-side knobs, for serving a VM some other cloud fake
 /// created (moto's, say) with [`crate::ssh_vm::SshVm::start_on`].
 pub fn vm_handler(cfg: StubConfig, init_command: &str) -> Arc<dyn CommandHandler> {
-    let os = Arc::new(VmOs::new(cfg, 0, init_command, Default::default()));
+    let os = Arc::new(VmOs::new(
+        cfg,
+        0,
+        init_command,
+        Default::default(),
+        Default::default(),
+        "vm0".into(),
+    ));
     Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| os.handle(cmd, stdin))
 }
 
@@ -72,9 +79,17 @@ struct Cloud {
     held: Semaphore,
     started: Instant,
     detach_log: vm::DetachLog,
+    lives: vm::LifeLog,
 }
 
 impl Cloud {
+    /// A dead endpoint (`HangCloudOps`): never answer.
+    async fn hang_if_dead(&self) {
+        if self.cfg.hang_cloud_ops {
+            std::future::pending::<()>().await;
+        }
+    }
+
     async fn hold(&self) {
         if self.cfg.hold_cloud_ops
             && let Ok(p) = self.held.acquire().await
@@ -145,6 +160,7 @@ impl StubSet {
                 held: Semaphore::new(0),
                 started: Instant::now(),
                 detach_log: Default::default(),
+                lives: Default::default(),
             }),
             next: Mutex::new(0),
         }
@@ -165,7 +181,15 @@ impl StubSet {
     pub fn vms(&self) -> Vec<Arc<StubVm>> {
         lock(&self.cloud.vms).clone()
     }
+
+    /// Every crunch-run process that ever ran on the set's VMs, in start order: the cloud's
+    /// own record, independent of the dispatcher's bookkeeping (see [`crate::oracle`]).
+    pub fn process_lives(&self) -> Vec<ProcessLife> {
+        lock(&self.cloud.lives).clone()
+    }
 }
+
+pub use vm::ProcessLife;
 
 /// One stub VM.
 pub struct StubVm {
@@ -265,6 +289,7 @@ impl InstanceSet for StubSet {
         let it = it.clone();
         Box::pin(async move {
             let cloud = &self.cloud;
+            cloud.hang_if_dead().await;
             cloud.hold().await;
             self.create_interval.check()?;
             if cloud.unlucky(cloud.cfg.error_rate_create) {
@@ -315,6 +340,8 @@ impl InstanceSet for StubSet {
                 n,
                 &req.init_command,
                 cloud.detach_log.clone(),
+                cloud.lives.clone(),
+                format!("inst{n},{}", it.provider_type),
             ));
             let handler_os = os.clone();
             let handler: Arc<dyn CommandHandler> =
@@ -337,6 +364,18 @@ impl InstanceSet for StubSet {
                 cloud: Arc::downgrade(cloud),
             });
             lock(&cloud.vms).push(vm.clone());
+            // The VM exists now; the answer may still go wrong.
+            if cloud.unlucky(cloud.cfg.hang_rate_create_after_vm) {
+                std::future::pending::<()>().await;
+            }
+            if cloud.unlucky(cloud.cfg.error_rate_create_after_vm) {
+                return Err(CloudError {
+                    outcome_unknown: true,
+                    ..CloudError::other(
+                        "stub: create failed after making the VM (ErrorRateCreateAfterVm)",
+                    )
+                });
+            }
             Ok(vm as Arc<dyn Instance>)
         })
     }
@@ -345,6 +384,9 @@ impl InstanceSet for StubSet {
         &self,
         filter: &InstanceTags,
     ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
+        if self.cloud.cfg.hang_cloud_ops {
+            return Box::pin(std::future::pending());
+        }
         let now = Instant::now();
         let vanished: Vec<Arc<StubVm>> = {
             let mut vms = lock(&self.cloud.vms);

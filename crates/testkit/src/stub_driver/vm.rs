@@ -31,6 +31,8 @@ struct Process {
     task: tokio::task::AbortHandle,
     /// Set when the process has ended.
     ended: Option<Linger>,
+    /// Its entry in the cloud's [`LifeLog`].
+    life: usize,
 }
 
 type Processes = Arc<Mutex<HashMap<String, Process>>>;
@@ -51,10 +53,36 @@ pub(super) struct VmOs {
     /// `crunch-run --detach` calls accepted.
     pub(super) detaches: std::sync::atomic::AtomicUsize,
     detach_log: DetachLog,
+    lives: LifeLog,
+    vm_id: String,
 }
 
 /// Every `crunch-run --detach` command line the set's VMs received, with its stdin.
 pub(super) type DetachLog = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// One crunch-run process as the stub cloud saw it live: which container, on which VM, from
+/// when until when (`end` is `None` while it runs). Times are `tokio::time::Instant`s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessLife {
+    pub uuid: String,
+    pub vm: String,
+    pub start: Instant,
+    pub end: Option<Instant>,
+    /// `start` on the wall clock, to compare with the fake API's state-change times.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The cloud-wide record of process lives, in start order.
+pub(super) type LifeLog = Arc<Mutex<Vec<ProcessLife>>>;
+
+/// Mark the life at `index` ended now (if it had not ended yet).
+fn end_life(lives: &LifeLog, index: usize) {
+    if let Some(l) = lock(lives).get_mut(index)
+        && l.end.is_none()
+    {
+        l.end = Some(Instant::now());
+    }
+}
 
 /// An API client for these credentials, shared by every stub crunch-run in the process:
 /// building one parses the system's CA bundle, which would dominate a big simulation.
@@ -111,10 +139,14 @@ impl VmOs {
         vm_number: usize,
         init_command: &str,
         detach_log: DetachLog,
+        lives: LifeLog,
+        vm_id: String,
     ) -> VmOs {
         let seed = cfg.seed ^ (vm_number as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         VmOs {
             detach_log,
+            lives,
+            vm_id,
             cfg,
             created: Instant::now(),
             secret: secret_from_init(init_command),
@@ -133,6 +165,7 @@ impl VmOs {
     pub(super) fn power_off(&self) {
         for p in lock(&self.processes).values() {
             p.task.abort();
+            end_life(&self.lives, p.life);
         }
         lock(&self.processes).clear();
     }
@@ -296,6 +329,18 @@ impl VmOs {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(false);
         let (u, processes) = (uuid.clone(), self.processes.clone());
+        let life = {
+            let mut lives = lock(&self.lives);
+            lives.push(ProcessLife {
+                uuid: uuid.clone(),
+                vm: self.vm_id.clone(),
+                start: Instant::now(),
+                end: None,
+                started_at: chrono::Utc::now(),
+            });
+            lives.len() - 1
+        };
+        let lives = self.lives.clone();
         let task = tokio::spawn(async move {
             let crash = async {
                 match crash_at {
@@ -316,6 +361,7 @@ impl VmOs {
                 // A crash releases the lock at once: nothing lingers.
                 _ = crash => Linger::Until(Instant::now()),
             };
+            end_life(&lives, life);
             if let Some(p) = lock(&processes).get_mut(&u) {
                 p.ended = Some(linger);
             }
@@ -330,6 +376,7 @@ impl VmOs {
                 done: done_rx,
                 task: task.abort_handle(),
                 ended: None,
+                life,
             },
         );
         Outcome::ok(format!("{{\"UUID\":\"{uuid}\",\"PID\":1}}\n"))
