@@ -1,6 +1,8 @@
 //! `instances …` and `containers …`: the management API from the command line (spec §10.4),
 //! against every `Services.DispatchCloud.InternalURLs` entry (or `--url`) with the
-//! `ManagementToken` (or `--token`).
+//! management token: `--token`, else the file `--token-file`, else `$ARVADOS_MANAGEMENT_TOKEN`,
+//! else `ManagementToken` from the config (a token on the command line is visible to every
+//! user of the host in `ps`; the file and the variable are not).
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Subcommand};
@@ -11,9 +13,38 @@ pub struct Target {
     /// Management API base URL [default: every Services.DispatchCloud.InternalURLs entry]
     #[arg(long, global = true, value_name = "URL")]
     url: Option<String>,
-    /// Management token [default: ManagementToken from the config]
+    /// Management token [default: --token-file, $ARVADOS_MANAGEMENT_TOKEN, or ManagementToken
+    /// from the config]
     #[arg(long, global = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// Read the management token from this file (surrounding white space is ignored)
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+}
+
+impl Target {
+    /// The token to send: `--token`, `--token-file`, `$ARVADOS_MANAGEMENT_TOKEN`, the config.
+    fn token(&self, env: Option<String>, from_config: &str) -> anyhow::Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?;
+            let t = text.trim();
+            if t.is_empty() {
+                return Err(anyhow!(
+                    "--token-file {}: the file is empty",
+                    path.display()
+                ));
+            }
+            return Ok(t.to_string());
+        }
+        if let Some(t) = env.filter(|t| !t.is_empty()) {
+            return Ok(t);
+        }
+        Ok(from_config.to_string())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,10 +110,10 @@ impl Api {
         if urls.is_empty() {
             return Err(anyhow!("no Services.DispatchCloud.InternalURLs configured"));
         }
-        let token = t
-            .token
-            .clone()
-            .unwrap_or_else(|| cluster.management_token.clone());
+        let token = t.token(
+            std::env::var("ARVADOS_MANAGEMENT_TOKEN").ok(),
+            &cluster.management_token,
+        )?;
         Ok(Api {
             urls: urls
                 .into_iter()
@@ -91,6 +122,9 @@ impl Api {
             token,
             http: reqwest::Client::builder()
                 .danger_accept_invalid_certs(cluster.tls.insecure)
+                // A dispatcher that accepts and never answers must not hang the command.
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .timeout(std::time::Duration::from_secs(60))
                 .build()?,
         })
     }
@@ -253,4 +287,42 @@ pub fn containers(cluster: &arvados::Cluster, t: &Target, cmd: Containers) -> an
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comes_from_flag_then_file_then_environment_then_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  from-file\n").unwrap();
+        let t = |token: Option<&str>, token_file: Option<&std::path::Path>| Target {
+            url: None,
+            token: token.map(str::to_string),
+            token_file: token_file.map(|p| p.to_path_buf()),
+        };
+        let env = || Some("from-env".to_string());
+        assert_eq!(
+            t(Some("flag"), Some(&file)).token(env(), "cfg").unwrap(),
+            "flag"
+        );
+        assert_eq!(
+            t(None, Some(&file)).token(env(), "cfg").unwrap(),
+            "from-file"
+        );
+        assert_eq!(t(None, None).token(env(), "cfg").unwrap(), "from-env");
+        assert_eq!(
+            t(None, None).token(Some(String::new()), "cfg").unwrap(),
+            "cfg"
+        );
+        assert_eq!(t(None, None).token(None, "cfg").unwrap(), "cfg");
+        let missing = dir.path().join("nope");
+        let err = t(None, Some(&missing)).token(None, "cfg").unwrap_err();
+        assert!(format!("{err:#}").contains("--token-file"), "{err:#}");
+        std::fs::write(&file, "\n").unwrap();
+        let err = t(None, Some(&file)).token(None, "cfg").unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
 }

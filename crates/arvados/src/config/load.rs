@@ -136,6 +136,7 @@ pub fn load_cluster_from_str(
     strip_samples_and_nulls(&mut value);
     merge_driver_parameters(&mut value);
 
+    let raw = yaml_to_json(&value);
     let mut cluster: Cluster = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let key_path = if path == "." || path.is_empty() {
@@ -149,8 +150,28 @@ pub fn load_cluster_from_str(
         }
     })?;
     cluster.cluster_id = id;
+    cluster.raw = super::RawTree(raw);
     finish(&mut cluster, &prefix)?;
     Ok(cluster)
+}
+
+/// YAML to JSON; mapping keys that are not strings (numbers, booleans) become their text.
+fn yaml_to_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => serde_json::Value::Bool(*b),
+        Value::Number(n) => serde_json::to_value(n).unwrap_or(serde_json::Value::Null),
+        Value::String(s) => serde_json::Value::String(s.clone()),
+        Value::Sequence(items) => {
+            serde_json::Value::Array(items.iter().map(yaml_to_json).collect())
+        }
+        Value::Mapping(m) => serde_json::Value::Object(
+            m.iter()
+                .map(|(k, v)| (key_text(k), yaml_to_json(v)))
+                .collect(),
+        ),
+        Value::Tagged(t) => yaml_to_json(&t.value),
+    }
 }
 
 fn is_valid_cluster_id(id: &str) -> bool {
@@ -228,7 +249,93 @@ fn merge_driver_parameters(cluster: &mut Value) {
 }
 
 /// Fill the derived fields and check what serde cannot.
+/// Values that parse but cannot work: a zero poll interval (a busy loop), negative sizes and
+/// counts, rates and factors that are negative or not numbers.
+fn check_ranges(cluster: &Cluster, prefix: &str) -> Result<(), ConfigError> {
+    let bad = |key: &str, message: String| ConfigError::Invalid {
+        key_path: format!("{prefix}.{key}"),
+        message,
+    };
+    let k = &cluster.containers;
+    let vms = &k.cloud_vms;
+    if vms.enable && vms.poll_interval.is_zero() {
+        return Err(bad(
+            "Containers.CloudVMs.PollInterval",
+            "must be greater than zero".into(),
+        ));
+    }
+    for (key, v) in [
+        ("Containers.ReserveExtraRAM", k.reserve_extra_ram),
+        (
+            "Containers.LocalKeepBlobBuffersPerVCPU",
+            k.local_keep_blob_buffers_per_vcpu,
+        ),
+        ("Containers.MaxDispatchAttempts", k.max_dispatch_attempts),
+        ("Containers.DefaultKeepCacheRAM", k.default_keep_cache_ram),
+        (
+            "Containers.CloudVMs.MaxConcurrentInstanceCreateOps",
+            vms.max_concurrent_instance_create_ops,
+        ),
+        ("Containers.CloudVMs.MaxInstances", vms.max_instances),
+        (
+            "Containers.CloudVMs.MaxRunningContainersPerInstance",
+            vms.max_running_containers_per_instance,
+        ),
+        (
+            "Containers.CloudVMs.InitialQuotaEstimate",
+            vms.initial_quota_estimate,
+        ),
+        (
+            "API.MaxConcurrentRequests",
+            cluster.api.max_concurrent_requests,
+        ),
+    ] {
+        if v < 0 {
+            return Err(bad(key, format!("invalid value {v}: must not be negative")));
+        }
+    }
+    for (key, v) in [
+        ("Containers.MaximumPriceFactor", k.maximum_price_factor),
+        (
+            "Containers.PreemptiblePriceFactor",
+            k.preemptible_price_factor,
+        ),
+        (
+            "Containers.CloudVMs.MaxProbesPerSecond",
+            vms.max_probes_per_second,
+        ),
+        (
+            "Containers.CloudVMs.MaxCloudOpsPerSecond",
+            vms.max_cloud_ops_per_second,
+        ),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(bad(
+                key,
+                format!("invalid value {v}: must be a non-negative number"),
+            ));
+        }
+    }
+    for (name, it) in &cluster.instance_types {
+        for (key, v) in [
+            ("RAM", it.ram),
+            ("IncludedScratch", it.included_scratch),
+            ("AddedScratch", it.added_scratch),
+            ("GPU.VRAM", it.gpu.vram),
+        ] {
+            if v < 0 {
+                return Err(bad(
+                    &format!("InstanceTypes.{name}.{key}"),
+                    format!("invalid value {v}: must not be negative"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn finish(cluster: &mut Cluster, prefix: &str) -> Result<(), ConfigError> {
+    check_ranges(cluster, prefix)?;
     let vms = &cluster.containers.cloud_vms;
     if !vms.driver_parameters.is_mapping() {
         return Err(ConfigError::Invalid {
@@ -613,6 +720,52 @@ mod tests {
             dp["InstanceTypeQuotaGroups"]["m"].as_str(),
             Some("standard")
         );
+    }
+
+    #[test]
+    fn values_that_cannot_work_name_their_key_and_never_panic() {
+        let cases = [
+            (
+                "Containers: {CloudVMs: {Enable: true, PollInterval: 0s}}",
+                "Clusters.zzzzz.Containers.CloudVMs.PollInterval: must be greater than zero",
+            ),
+            (
+                "Containers: {CloudVMs: {TimeoutIdle: 2562048h}}",
+                "Clusters.zzzzz.Containers.CloudVMs.TimeoutIdle: invalid duration \"2562048h\": longer than the maximum",
+            ),
+            (
+                "Containers: {CloudVMs: {TimeoutIdle: 99999999999999999999h}}",
+                "Clusters.zzzzz.Containers.CloudVMs.TimeoutIdle: invalid duration",
+            ),
+            (
+                "Containers: {ReserveExtraRAM: -1073741824}",
+                "Clusters.zzzzz.Containers.ReserveExtraRAM: invalid byte size -1073741824: must not be negative",
+            ),
+            (
+                "Containers: {CloudVMs: {MaxInstances: -3}}",
+                "Clusters.zzzzz.Containers.CloudVMs.MaxInstances: invalid value -3",
+            ),
+            (
+                "Containers: {MaximumPriceFactor: .nan}",
+                "Clusters.zzzzz.Containers.MaximumPriceFactor: invalid value NaN",
+            ),
+            (
+                "Containers: {CloudVMs: {MaxCloudOpsPerSecond: -1}}",
+                "Clusters.zzzzz.Containers.CloudVMs.MaxCloudOpsPerSecond: invalid value -1",
+            ),
+            (
+                "InstanceTypes: {a: {VCPUs: 1, RAM: 1GiB, Price: 1, GPU: {VRAM: -1}}}",
+                "Clusters.zzzzz.InstanceTypes.a.GPU.VRAM: invalid",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let text = format!("Clusters:\n  zzzzz:\n    {yaml}\n");
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{yaml}: {err}");
+        }
+        // The longest duration Go accepts still loads.
+        let ok = "Clusters:\n  zzzzz:\n    Containers: {CloudVMs: {TimeoutIdle: 2562047h}}\n";
+        assert!(load(ok).is_ok());
     }
 
     #[test]

@@ -20,8 +20,8 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-/// One cluster's configuration (`Clusters.<id>`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// One cluster's configuration (`Clusters.<id>`). `Debug` shows it with secrets redacted.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Cluster {
     /// The cluster map key (5 characters); set by the loader, not read from the file.
@@ -46,6 +46,29 @@ pub struct Cluster {
     /// Keyed by the Arvados instance type name.
     #[serde(rename = "InstanceTypes", deserialize_with = "instance_type_map")]
     pub instance_types: BTreeMap<String, InstanceType>,
+    /// The operator's whole `Clusters.<id>` tree as loaded (SAMPLE entries and nulls dropped,
+    /// DriverParameters merged over defaults), including keys this struct does not model
+    /// (`Volumes`, `Collections`, …). Set by the loader; empty for a built config.
+    #[serde(skip)]
+    pub raw: RawTree,
+}
+
+/// The operator's config tree as JSON. Not part of a config's identity (two configs compare
+/// equal whatever their raw trees), and its `Debug` shows only its size: it holds secrets.
+#[derive(Clone, Default)]
+pub struct RawTree(pub serde_json::Value);
+
+impl PartialEq for RawTree {
+    fn eq(&self, _: &RawTree) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for RawTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = self.0.as_object().map_or(0, |m| m.len());
+        write!(f, "RawTree({keys} top-level keys)")
+    }
 }
 
 /// `Services`: only the entries the dispatcher uses are typed.
@@ -75,7 +98,8 @@ pub struct ServiceInstance {
     pub listen_url: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `PostgreSQL`. `Debug` redacts the password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PostgreSql {
     /// libpq-style connection parameters (`host`, `port`, `user`, `password`, `dbname`, …).
@@ -151,8 +175,8 @@ impl Default for SystemLogs {
     }
 }
 
-/// `Containers` (spec Appendix A.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Containers` (spec Appendix A.2). `Debug` redacts the dispatch key and driver secrets.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Containers {
     #[serde(rename = "CrunchRunCommand")]
@@ -207,8 +231,8 @@ impl Default for Containers {
     }
 }
 
-/// `Containers.CloudVMs` (spec Appendix A.3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Containers.CloudVMs` (spec Appendix A.3). `Debug` redacts driver secrets.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CloudVms {
     #[serde(rename = "Enable")]
@@ -542,25 +566,259 @@ fn redact_yaml(v: &mut serde_norway::Value) {
     }
 }
 
+/// Is a parameter named `key` a secret (for redaction)?
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_KEY_PARTS.iter().any(|p| key.contains(p))
+}
+
+impl PostgreSql {
+    /// A copy with the password redacted.
+    pub fn redacted(&self) -> PostgreSql {
+        let mut p = self.clone();
+        for (k, v) in p.connection.iter_mut() {
+            if is_secret_key(k) {
+                redact(v);
+            }
+        }
+        p
+    }
+}
+
+impl CloudVms {
+    /// A copy with secret driver parameters redacted.
+    pub fn redacted(&self) -> CloudVms {
+        let mut v = self.clone();
+        redact_yaml(&mut v.driver_parameters);
+        v
+    }
+}
+
+impl Containers {
+    /// A copy with the dispatch key and secret driver parameters redacted.
+    pub fn redacted(&self) -> Containers {
+        let mut c = self.clone();
+        redact(&mut c.dispatch_private_key);
+        c.cloud_vms = c.cloud_vms.redacted();
+        c
+    }
+}
+
 impl Cluster {
     /// A copy safe to print or serve: tokens, keys and passwords replaced by `[redacted]`
-    /// (empty ones stay empty, so an operator can still see what is unset).
+    /// (empty ones stay empty, so an operator can still see what is unset). The raw tree is
+    /// dropped.
     pub fn redacted(&self) -> Cluster {
         let mut c = self.clone();
         redact(&mut c.system_root_token);
         redact(&mut c.management_token);
-        redact(&mut c.containers.dispatch_private_key);
-        if let Some(p) = c.postgresql.connection.get_mut("password") {
-            redact(p);
-        }
-        redact_yaml(&mut c.containers.cloud_vms.driver_parameters);
+        c.containers = c.containers.redacted();
+        c.postgresql = c.postgresql.redacted();
+        c.raw = RawTree::default();
         c
+    }
+}
+
+/// `Name {…json…}` of a value already redacted.
+fn debug_as_json<T: Serialize>(
+    f: &mut std::fmt::Formatter<'_>,
+    name: &str,
+    v: &T,
+) -> std::fmt::Result {
+    match serde_json::to_string(v) {
+        Ok(j) => write!(f, "{name} {j}"),
+        Err(_) => write!(f, "{name} {{..}}"),
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_as_json(f, "Cluster", &self.redacted())
+    }
+}
+
+impl std::fmt::Debug for PostgreSql {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_as_json(f, "PostgreSql", &self.redacted())
+    }
+}
+
+impl std::fmt::Debug for Containers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_as_json(f, "Containers", &self.redacted())
+    }
+}
+
+impl std::fmt::Debug for CloudVms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_as_json(f, "CloudVms", &self.redacted())
+    }
+}
+
+// ---- what crunch-run gets -------------------------------------------------------------------
+
+/// Keys removed from the cluster config given to crunch-run on worker VMs, as paths below
+/// `Clusters.<id>`. Workers run users' containers; they get what crunch-run and its local
+/// keepstore need (`Volumes`, `Collections.BlobSigningKey`, `SystemRootToken`, which crunch-run
+/// already receives as `ARVADOS_API_TOKEN`), and nothing that controls other machines.
+pub const CRUNCH_RUN_STRIPPED_KEYS: &[&str] = &[
+    // The dispatcher's SSH key to every worker.
+    "Containers.DispatchPrivateKey",
+    // Cloud account credentials.
+    "Containers.CloudVMs.DriverParameters",
+    // Other dispatchers' settings (may hold credentials in environment variables).
+    "Containers.SLURM",
+    "Containers.LSF",
+    // Every service's management API and metrics.
+    "ManagementToken",
+    // The database, with its password.
+    "PostgreSQL",
+    // Identity providers' client secrets, LDAP bind passwords, test users' passwords.
+    "Login",
+    // A token for anonymous access on behalf of every user.
+    "Users.AnonymousUserToken",
+    // The services' TLS private key.
+    "TLS.Key",
+];
+
+/// The cluster config crunch-run receives: the typed config (Arvados' defaults for every key
+/// it models) with the operator's whole tree merged over it, minus
+/// [`CRUNCH_RUN_STRIPPED_KEYS`].
+pub fn crunch_run_cluster_config(cluster: &Cluster) -> serde_json::Value {
+    let mut v = serde_json::to_value(cluster).unwrap_or_default();
+    deep_merge_json(&mut v, &cluster.raw.0);
+    for path in CRUNCH_RUN_STRIPPED_KEYS {
+        remove_path(&mut v, path);
+    }
+    v
+}
+
+fn deep_merge_json(base: &mut serde_json::Value, over: &serde_json::Value) {
+    match (base, over) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, ov) in o {
+                match b.get_mut(k) {
+                    Some(bv) => deep_merge_json(bv, ov),
+                    None => {
+                        b.insert(k.clone(), ov.clone());
+                    }
+                }
+            }
+        }
+        (b, o) if !o.is_null() => *b = o.clone(),
+        _ => {}
+    }
+}
+
+fn remove_path(v: &mut serde_json::Value, path: &str) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut cur = v;
+    for p in parts {
+        match cur.get_mut(p) {
+            Some(next) => cur = next,
+            None => return,
+        }
+    }
+    if let Some(m) = cur.as_object_mut() {
+        m.remove(last);
     }
 }
 
 #[cfg(test)]
 mod redaction_tests {
     use super::*;
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let mut c = Cluster {
+            system_root_token: "root-secret-1".into(),
+            management_token: "mgmt-secret-2".into(),
+            ..Cluster::default()
+        };
+        c.containers.dispatch_private_key = "-----BEGIN OPENSSH PRIVATE KEY-----xyz".into();
+        c.postgresql
+            .connection
+            .insert("password".into(), "pg-secret-3".into());
+        c.containers.cloud_vms.driver_parameters["SecretAccessKey"] =
+            serde_norway::Value::String("aws-secret-4".into());
+        c.raw = RawTree(
+            serde_json::json!({"Volumes": {"v": {"DriverParameters": {"SecretAccessKey": "vol-secret-5"}}}}),
+        );
+        for text in [
+            format!("{c:?}"),
+            format!("{:?}", c.containers),
+            format!("{:?}", c.containers.cloud_vms),
+            format!("{:?}", c.postgresql),
+            format!("{:#?}", c),
+        ] {
+            for secret in [
+                "root-secret-1",
+                "mgmt-secret-2",
+                "BEGIN OPENSSH",
+                "pg-secret-3",
+                "aws-secret-4",
+                "vol-secret-5",
+            ] {
+                assert!(!text.contains(secret), "{secret} leaked in {text}");
+            }
+        }
+        assert!(format!("{c:?}").contains("[redacted]"));
+    }
+
+    #[test]
+    fn crunch_run_gets_the_whole_tree_minus_what_controls_other_machines() {
+        let yaml = r#"
+Clusters:
+  zzzzz:
+    SystemRootToken: root-token
+    ManagementToken: mgmt-token
+    PostgreSQL: {Connection: {host: db, password: pg-password}}
+    Collections: {BlobSigningKey: signing-key}
+    Volumes:
+      zzzzz-nyw5e-000000000000000:
+        Driver: S3
+        DriverParameters: {Bucket: b, SecretAccessKey: volume-secret}
+    Login:
+      OpenIDConnect: {ClientSecret: oidc-secret}
+      LDAP: {SearchBindPassword: ldap-password}
+    Users: {AnonymousUserToken: anon-token}
+    TLS: {Key: "file:///etc/key.pem", Insecure: true}
+    Containers:
+      DispatchPrivateKey: "-----BEGIN OPENSSH PRIVATE KEY-----"
+      CloudVMs:
+        Driver: ec2
+        DriverParameters: {AccessKeyID: akid, SecretAccessKey: aws-secret}
+"#;
+        let c = load_cluster_from_str(yaml, "test", None).unwrap();
+        let v = crunch_run_cluster_config(&c);
+        let text = v.to_string();
+        for gone in [
+            "mgmt-token",
+            "pg-password",
+            "oidc-secret",
+            "ldap-password",
+            "anon-token",
+            "BEGIN OPENSSH",
+            "aws-secret",
+            "akid",
+            "/etc/key.pem",
+        ] {
+            assert!(!text.contains(gone), "{gone} was given to crunch-run");
+        }
+        // What crunch-run and its local keepstore need is there, keys not modelled included.
+        assert_eq!(
+            v["Volumes"]["zzzzz-nyw5e-000000000000000"]["DriverParameters"]["SecretAccessKey"],
+            "volume-secret"
+        );
+        assert_eq!(v["Collections"]["BlobSigningKey"], "signing-key");
+        assert_eq!(v["SystemRootToken"], "root-token");
+        assert_eq!(v["TLS"]["Insecure"], true);
+        assert_eq!(v["Containers"]["CloudVMs"]["Driver"], "ec2");
+        // Defaults of modelled keys are filled in.
+        assert_eq!(v["Containers"]["RuntimeEngine"], "docker");
+        assert!(v.get("PostgreSQL").is_none() && v.get("Login").is_none());
+    }
 
     #[test]
     fn secrets_are_redacted_and_empty_values_kept() {

@@ -86,7 +86,8 @@ pub struct PoolConfig {
     pub system_root_token: String,
     pub keep_buffers_per_vcpu: i64,
     pub driver: String,
-    /// The whole cluster config, sent to crunch-run when local keepstore is on.
+    /// The cluster config crunch-run gets when local keepstore is on: the operator's whole
+    /// tree minus secrets it does not need ([`arvados::config::CRUNCH_RUN_STRIPPED_KEYS`]).
     pub cluster_json: serde_json::Value,
 }
 
@@ -189,7 +190,7 @@ impl PoolConfig {
             system_root_token: cluster.system_root_token.clone(),
             keep_buffers_per_vcpu: cluster.containers.local_keep_blob_buffers_per_vcpu,
             driver: vms.driver.clone(),
-            cluster_json: serde_json::to_value(cluster).unwrap_or(serde_json::Value::Null),
+            cluster_json: arvados::config::crunch_run_cluster_config(cluster),
         }
     }
 
@@ -336,6 +337,48 @@ mod tests {
         assert!(v.get("Name").is_none() && v.get("Scratch").is_none());
         assert_eq!(v["VCPUs"], 2);
         assert_eq!(v["RAM"], 2i64 << 30);
+    }
+
+    #[test]
+    fn config_data_gives_crunch_run_the_tree_without_secrets_when_keepstore_runs_locally() {
+        let yaml = r#"
+Clusters:
+  zzzzz:
+    SystemRootToken: root-token
+    ManagementToken: mgmt-token
+    PostgreSQL: {Connection: {password: pg-password}}
+    Volumes: {zzzzz-nyw5e-000000000000000: {Driver: Directory, DriverParameters: {Root: /srv}}}
+    Services: {Controller: {ExternalURL: "https://zzzzz.example.com"}}
+    Containers:
+      LocalKeepBlobBuffersPerVCPU: 1
+      CloudVMs:
+        Driver: ec2
+        DriverParameters: {SecretAccessKey: aws-secret}
+    InstanceTypes:
+      small: {ProviderType: t3.small, VCPUs: 2, RAM: 2GiB, Price: 0.1}
+"#;
+        let cluster = arvados::config::load_cluster_from_str(yaml, "test", None).unwrap();
+        let key = Arc::new(cloud::sshd::new_ed25519_key());
+        let cfg = PoolConfig::from_cluster(&cluster, "set", key);
+        let it = &cluster.instance_types["small"];
+        let data = config_data(&cfg, it, "10.0.0.5:22", "zzzzz-dz642-000000000000001");
+        let v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+        assert_eq!(v["KeepBuffers"], 2);
+        let text = v.to_string();
+        for secret in ["mgmt-token", "pg-password", "aws-secret"] {
+            assert!(!text.contains(secret), "{secret} sent to a worker");
+        }
+        assert_eq!(
+            v["Cluster"]["Volumes"]["zzzzz-nyw5e-000000000000000"]["DriverParameters"]["Root"],
+            "/srv"
+        );
+        assert_eq!(v["Env"]["ARVADOS_API_HOST"], "zzzzz.example.com");
+        // Without local keepstore, no cluster config at all (as Arvados does).
+        let mut cfg0 = cfg.clone();
+        cfg0.keep_buffers_per_vcpu = 0;
+        let v: serde_json::Value =
+            serde_json::from_slice(&config_data(&cfg0, it, "h", "u")).unwrap();
+        assert!(v["Cluster"].is_null());
     }
 
     #[test]
