@@ -76,6 +76,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         total_nanos = total_nanos.checked_add(nanos).ok_or_else(invalid)?;
     }
+    // Go's limit (a signed 64-bit count of nanoseconds, about 292 years): Arvados itself
+    // rejects more, and deadlines computed from it stay representable.
+    if total_nanos > i64::MAX as u128 {
+        return Err(format!(
+            "invalid duration {s:?}: longer than the maximum 2562047h47m16.854775807s"
+        ));
+    }
     let secs = u64::try_from(total_nanos / 1_000_000_000).map_err(|_| invalid())?;
     Ok(Duration::new(secs, (total_nanos % 1_000_000_000) as u32))
 }
