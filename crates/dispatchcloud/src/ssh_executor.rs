@@ -10,7 +10,12 @@
 //! * A failed session open reconnects once; connection setup is serialised and a failed
 //!   reconnect keeps the old connection.
 //! * Better than Go (§13.3): every command has a deadline, so a hung VM cannot block its
-//!   caller; a deadline also bounds connection setup.
+//!   caller; a deadline also bounds connection setup and opening a session.
+//! * A command's output is capped ([`MAX_OUTPUT`] per stream, also before the host is
+//!   verified): a VM that streams without end gets an error, not the dispatcher's memory.
+//! * SSH keepalives find a connection whose peer vanished (a half-open TCP connection); it is
+//!   closed, and so is a connection on which a command ran out of time, so the next command
+//!   reconnects instead of timing out on it again.
 //!
 //! It owns no pool state; the pool hands it a [`Target`] and reads [`Output`]/[`Failure`].
 
@@ -39,6 +44,8 @@ pub enum ExecError {
     Exit(u32),
     #[error("command did not finish within {0:?}")]
     Timeout(Duration),
+    #[error("command output exceeded {0} bytes")]
+    OutputTooLarge(usize),
     /// Any other SSH-level failure (session refused, killed by a signal, connection lost).
     #[error("{0}")]
     Ssh(String),
@@ -97,6 +104,15 @@ impl Default for Timeouts {
         }
     }
 }
+
+/// The most a command may write to stdout, and to stderr (`crunch-run --list` of a VM with
+/// a thousand containers is about 30 KiB).
+pub const MAX_OUTPUT: usize = 1 << 20;
+
+/// Keepalive probes: one after this much silence from the server…
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// …and the connection is closed after this many go unanswered.
+const KEEPALIVE_MAX: usize = 3;
 
 /// Records the host key the server presents.
 struct KeyCatcher(Arc<Mutex<Option<PublicKey>>>);
@@ -240,7 +256,11 @@ impl Executor {
         let current = lock(&self.conn).clone();
         let mut channel = None;
         if let Some(c) = &current {
-            channel = c.channel_open_session().await.ok();
+            // A connection whose peer vanished may never answer the open: bounded too.
+            channel = tokio::time::timeout(self.timeouts.connect, c.channel_open_session())
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         let channel = match channel {
             Some(ch) => ch,
@@ -253,8 +273,17 @@ impl Executor {
         };
         match tokio::time::timeout(deadline, run(channel, env, command, stdin)).await {
             Ok(r) => r,
-            Err(_) => Err(ExecError::Timeout(deadline).into()),
+            Err(_) => {
+                // The VM or the connection is stuck; the next command starts afresh.
+                self.drop_connection();
+                Err(ExecError::Timeout(deadline).into())
+            }
         }
+    }
+
+    /// Close the connection in use, if any, so the next command reconnects.
+    fn drop_connection(&self) {
+        self.close();
     }
 
     /// A new connection, unless another caller made one since `seen` was current.
@@ -297,6 +326,8 @@ impl Executor {
         let seen = Arc::new(Mutex::new(None));
         let config = Arc::new(client::Config {
             inactivity_timeout: None,
+            keepalive_interval: Some(KEEPALIVE_INTERVAL),
+            keepalive_max: KEEPALIVE_MAX,
             nodelay: true,
             ..Default::default()
         });
@@ -367,6 +398,23 @@ async fn verify(target: &Target, conn: &Conn, key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Append `data` unless that would take `buf` past [`MAX_OUTPUT`] (then false).
+fn append_capped(buf: &mut Vec<u8>, data: &[u8]) -> bool {
+    if buf.len() + data.len() > MAX_OUTPUT {
+        return false;
+    }
+    buf.extend_from_slice(data);
+    true
+}
+
+/// The failure of a command that wrote too much; dropping the channel closes it.
+fn too_large(output: Output) -> Failure {
+    Failure {
+        error: ExecError::OutputTooLarge(MAX_OUTPUT),
+        output,
+    }
+}
+
 /// One command on an open session.
 async fn run(
     mut ch: russh::Channel<client::Msg>,
@@ -390,8 +438,14 @@ async fn run(
     let mut signal = None;
     while let Some(msg) = ch.wait().await {
         match msg {
-            ChannelMsg::Data { data } => output.stdout.extend_from_slice(&data),
-            ChannelMsg::ExtendedData { data, ext: 1 } => output.stderr.extend_from_slice(&data),
+            ChannelMsg::Data { data } if !append_capped(&mut output.stdout, &data) => {
+                return Err(too_large(output));
+            }
+            ChannelMsg::ExtendedData { data, ext: 1 }
+                if !append_capped(&mut output.stderr, &data) =>
+            {
+                return Err(too_large(output));
+            }
             ChannelMsg::ExitStatus { exit_status } => exit = Some(exit_status),
             ChannelMsg::ExitSignal { signal_name, .. } => signal = Some(format!("{signal_name:?}")),
             _ => {}

@@ -112,7 +112,14 @@ fn start_sshd(client_key: &russh::keys::PrivateKey) -> Sshd {
     let locks = d.join("lock");
     std::fs::create_dir(&bin).unwrap();
     std::fs::create_dir(&locks).unwrap();
-    std::os::unix::fs::symlink(fake_crunch_run(), bin.join("crunch-run")).unwrap();
+    // A copy, not a link: sshd's user may not be able to reach the build directory (it can
+    // be under root's home).
+    std::fs::copy(fake_crunch_run(), bin.join("crunch-run")).unwrap();
+    std::fs::set_permissions(
+        bin.join("crunch-run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     write("bin/sudo", "#!/bin/sh\nexec \"$@\"\n", 0o755);
     // A free port on a 127.0.0.x address of our own.
     let ip = format!("127.0.0.{}", 2 + std::process::id() % 200);

@@ -24,7 +24,25 @@ pub struct ListReport {
     pub broken: bool,
 }
 
+/// Whether `s` is exactly a container uuid (`<cluster>-dz642-<15 characters>`, lowercase
+/// letters and digits) of `cluster_id` (any cluster if `cluster_id` is empty).
+pub fn is_container_uuid(s: &str, cluster_id: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |x: &[u8]| {
+        x.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    };
+    b.len() == 27
+        && alnum(&b[..5])
+        && &b[5..12] == b"-dz642-"
+        && alnum(&b[12..])
+        && (cluster_id.is_empty() || &s[..5] == cluster_id)
+}
+
 /// Parse `crunch-run --list` output: this cluster's lines only (`cluster_id` empty: all).
+/// Better than Go, which takes any line starting with the cluster id: a line is accepted only
+/// if it is exactly a container uuid, optionally followed by ` stale`. Whatever a worker prints
+/// ends up in later commands (`--kill`) and API calls, so nothing else gets through.
 pub fn parse_list(stdout: &str, cluster_id: &str) -> ListReport {
     let mut r = ListReport::default();
     for line in stdout.lines().map(str::trim) {
@@ -38,11 +56,22 @@ pub fn parse_list(stdout: &str, cluster_id: &str) -> ListReport {
         if !line.starts_with(cluster_id) {
             continue;
         }
-        let mut tokens = line.split_whitespace();
-        match (tokens.next(), tokens.next(), tokens.next()) {
-            (Some(u), None, _) => r.uuids.push(u.to_string()),
-            (Some(u), Some("stale"), None) => r.stale.push(u.to_string()),
-            _ => tracing::warn!(line, "unparsed line in crunch-run --list output"),
+        let (uuid, stale) = match line.split_once(' ') {
+            Some((u, "stale")) => (u, true),
+            Some(_) => ("", false),
+            None => (line, false),
+        };
+        if !is_container_uuid(uuid, cluster_id) {
+            tracing::warn!(
+                line,
+                "ignoring line in crunch-run --list output that is not a container uuid"
+            );
+            continue;
+        }
+        if stale {
+            r.stale.push(uuid.to_string());
+        } else {
+            r.uuids.push(uuid.to_string());
         }
     }
     r
@@ -426,5 +455,24 @@ mod tests {
         assert_eq!(r.stale, ["zzzzz-dz642-000000000000002"]);
         assert!(r.broken);
         assert_eq!(parse_list("", "zzzzz"), ListReport::default());
+    }
+
+    #[test]
+    fn list_lines_that_are_not_exactly_a_uuid_are_ignored() {
+        let out = "zzzzz-dz642-x;touch pwned
+                   zzzzz-dz642-000000000000001;reboot
+                   zzzzz-dz642-000000000000002 $(reboot)
+                   zzzzz-dz642-000000000000003 stale extra
+                   zzzzz-dz642-00000000000000A
+                   zzzzz-j7d0g-000000000000005
+                   zzzzz-dz642-0000000000000006
+                   zzzzz-dz642-000000000000007
+                   zzzzz-dz642-000000000000008 stale
+";
+        let r = parse_list(out, "zzzzz");
+        assert_eq!(r.uuids, ["zzzzz-dz642-000000000000007"]);
+        assert_eq!(r.stale, ["zzzzz-dz642-000000000000008"]);
+        assert!(is_container_uuid("zzzzz-dz642-000000000000007", ""));
+        assert!(!is_container_uuid("zzzzz-dz642-000000000000007", "yyyyy"));
     }
 }
