@@ -77,15 +77,30 @@ pub async fn serve(
         .await
         .with_context(|| format!("listen on {addr}"))?;
     tracing::info!(Listen = %listener.local_addr()?, "listening");
+    // The HTTP server stops when asked, or when the dispatcher stops by itself (lost lock).
+    let (done, mut done_rx) = watch::channel(false);
     let mut stop = shutdown.clone();
     let http = axum::serve(listener, api::router(svc.clone())).with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|s| *s).await;
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            _ = done_rx.wait_for(|d| *d) => {}
+        }
     });
-    let run = svc.run(shutdown);
-    let (h, ()) = tokio::join!(http, run);
-    h.context("HTTP server")?;
+    let http = tokio::spawn(async move { http.await });
+    let result = svc.run(shutdown).await;
+    let _ = done.send(true);
+    // Open connections get a moment to finish; a client that never ends its request does not
+    // hold the process.
+    match tokio::time::timeout(HTTP_DRAIN, http).await {
+        Ok(h) => h.context("HTTP server")?.context("HTTP server")?,
+        Err(_) => tracing::warn!("HTTP connections still open after {HTTP_DRAIN:?}; closing them"),
+    }
+    result?;
     Ok(())
 }
+
+/// How long shutdown waits for open management API connections.
+const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub fn run(
     cluster: arvados::Cluster,

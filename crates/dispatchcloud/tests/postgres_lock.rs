@@ -1,12 +1,22 @@
 //! The single-dispatcher lock against a real PostgreSQL server (Debian's), started by this
-//! test on 127.0.0.1 as an unprivileged user: a second dispatcher waits until the first lets go.
+//! test on 127.0.0.1 as an unprivileged user: a second dispatcher waits until the first lets go;
+//! a dispatcher whose lock session is killed stops dispatching and the waiting one takes over.
+
+mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use dispatchcloud::scheduler::pool::WorkerPool;
 use dispatchcloud::service::dblock::DbLock;
+use dispatchcloud::service::{RunError, Service};
+use testkit::stub_driver::{StubConfig, StubSet};
+use testkit::{ContainerSpec, FakeArvados, FakeConfig};
 use tokio::sync::watch;
+
+use common::{SharedStub, wait_for};
 
 fn pg_bin() -> Option<std::path::PathBuf> {
     let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
@@ -175,4 +185,155 @@ async fn second_dispatcher_waits_for_the_first_to_release_lock_10005() {
             .is_none()
     );
     second.release().await;
+}
+
+fn pg_params(port: u16) -> std::collections::BTreeMap<String, String> {
+    [
+        ("host", "127.0.0.1".to_string()),
+        ("port", port.to_string()),
+        ("user", "postgres".to_string()),
+        ("dbname", "postgres".to_string()),
+        ("sslmode", "disable".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// A plain session for the test's own queries, once the server accepts them.
+async fn admin_session(port: u16) -> tokio_postgres::Client {
+    let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    for _ in 0..100 {
+        if let Ok((client, conn)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            if client.simple_query("SELECT 1").await.is_ok() {
+                return client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("PostgreSQL did not accept sessions");
+}
+
+/// The backend pid holding advisory lock 10005, if any.
+async fn lock_holder(admin: &tokio_postgres::Client) -> Option<i32> {
+    admin
+        .query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = 10005",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_lost_stops_dispatch_and_the_waiting_dispatcher_takes_over() {
+    let Some(bin) = pg_bin() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL missing in CI: scripts/test installs postgresql"
+        );
+        eprintln!("SKIPPED: PostgreSQL is not installed (scripts/test installs postgresql)");
+        return;
+    };
+    let pg = start_postgres(&bin);
+    let admin = admin_session(pg.port).await;
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let mut cluster = common::stub_service_cluster(&f, "tok");
+    cluster.postgresql.connection = pg_params(pg.port);
+    cluster.containers.cloud_vms.timeout_idle = Duration::from_secs(30);
+    cluster.containers.stale_lock_timeout = Duration::from_secs(1);
+    // One cloud, seen by both dispatchers (the second adopts the first's VMs).
+    let set = Arc::new(StubSet::new(
+        StubConfig::from_params(&serde_json::json!({})).unwrap(),
+    ));
+    let mut drivers = cloud::registry::Registry::new();
+    drivers.register("stub", Arc::new(SharedStub(set.clone())));
+    let a = Service::build(&cluster, &drivers).unwrap();
+    let b = Service::build(&cluster, &drivers).unwrap();
+    let (stop, rx) = watch::channel(false);
+    let (s, r) = (a.clone(), rx.clone());
+    let run_a = tokio::spawn(async move { s.run(r).await });
+    let mut holder = None;
+    for _ in 0..200 {
+        holder = lock_holder(&admin).await;
+        if holder.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first_pid = holder.expect("the first dispatcher takes the lock");
+    let (s, r) = (b.clone(), rx.clone());
+    let run_b = tokio::spawn(async move { s.run(r).await });
+
+    // Long-running containers, so some are running when the lock goes.
+    let uuids: Vec<String> = (0..6)
+        .map(|_| {
+            f.add_container(&ContainerSpec {
+                environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "3000".into())],
+                ..Default::default()
+            })
+        })
+        .collect();
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    wait_for("a container running", Duration::from_secs(60), || {
+        uuids.iter().any(|u| state(u) == "Running")
+    })
+    .await;
+    assert!(
+        !run_b.is_finished(),
+        "the second dispatcher waits for the lock"
+    );
+
+    // Kill the first dispatcher's lock session.
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&first_pid])
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), run_a)
+        .await
+        .expect("the first dispatcher stops at once")
+        .unwrap();
+    assert!(matches!(result, Err(RunError::LockLost)), "{result:?}");
+    // It dispatches nothing more.
+    assert!(a.pool.create(&common::fixture_type(1)).is_none());
+    let creates_before = set.vms().len();
+
+    // The second takes over and finishes everything, starting nothing twice.
+    wait_for(
+        "the second dispatcher to hold the lock",
+        Duration::from_secs(30),
+        || !run_b.is_finished(),
+    )
+    .await;
+    let mut second_pid = None;
+    for _ in 0..300 {
+        second_pid = lock_holder(&admin).await.filter(|p| *p != first_pid);
+        if second_pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(second_pid.is_some(), "the second dispatcher takes the lock");
+    wait_for("every container Complete", Duration::from_secs(120), || {
+        uuids.iter().all(|u| state(u) == "Complete")
+    })
+    .await;
+    let violations = testkit::oracle::violations(&set, &f.state_changes());
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert!(set.vms().len() >= creates_before.min(1));
+    stop.send(true).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), run_b)
+        .await
+        .expect("the second stops on shutdown")
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    drop(pg);
 }

@@ -20,31 +20,7 @@ use tokio::sync::watch;
 use common::{SharedStub, fixture_type, wait_for};
 
 fn cluster(f: &FakeArvados, token: &str) -> arvados::Cluster {
-    let mut c = arvados::Cluster {
-        cluster_id: "zzzzz".into(),
-        management_token: token.into(),
-        system_root_token: f.root_token().into(),
-        ..Default::default()
-    };
-    c.services.controller.external_url = f.base_url().into();
-    c.containers.dispatch_private_key = cloud::sshd::new_ed25519_key()
-        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-        .unwrap()
-        .to_string();
-    c.containers.cloud_vms.driver = "stub".into();
-    c.containers.cloud_vms.deploy_runner_binary = String::new();
-    c.containers.cloud_vms.poll_interval = Duration::from_millis(100);
-    c.containers.cloud_vms.probe_interval = Duration::from_millis(50);
-    c.containers.cloud_vms.sync_interval = Duration::from_millis(200);
-    c.containers.cloud_vms.timeout_idle = Duration::from_secs(2);
-    c.containers.cloud_vms.max_concurrent_instance_create_ops = 0;
-    c.containers.cloud_vms.resource_tags =
-        [("testtag".to_string(), "test value".to_string())].into();
-    for i in [1, 2, 3, 4, 6, 8, 16] {
-        let t = fixture_type(i);
-        c.instance_types.insert(t.name.clone(), t);
-    }
-    c
+    common::stub_service_cluster(f, token)
 }
 
 struct Running {
@@ -80,7 +56,9 @@ async fn start(cluster: &arvados::Cluster, set: Arc<StubSet>) -> Running {
             .await;
     });
     let s = svc.clone();
-    let run = tokio::spawn(async move { s.run(rx).await });
+    let run = tokio::spawn(async move {
+        let _ = s.run(rx).await;
+    });
     Running {
         svc,
         url,

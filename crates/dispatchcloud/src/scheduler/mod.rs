@@ -176,7 +176,13 @@ pub struct Scheduler<P: WorkerPool> {
     wakeup: Notify,
     last_queue: Mutex<SortedQueue>,
     metrics: Metrics,
+    /// Set by [`Scheduler::stop`]: no further API changes (lock, unlock, cancel) or pool
+    /// actions, even from tasks already spawned.
+    stopped: std::sync::atomic::AtomicBool,
 }
+
+/// How long a pass waits for its unlocks before going on (they finish in the background).
+const UNLOCK_WAIT: Duration = Duration::from_secs(2);
 
 impl<P: WorkerPool> Scheduler<P> {
     pub fn new(
@@ -207,7 +213,19 @@ impl<P: WorkerPool> Scheduler<P> {
             wakeup: Notify::new(),
             last_queue: Mutex::new(Arc::new(QueueView::default())),
             metrics,
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Stop acting: from now on nothing is locked, unlocked, cancelled, created, started or
+    /// killed by this scheduler (used when the dispatcher lock is lost, and on shutdown).
+    pub fn stop(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The queue as of the last pass, in scheduling order, with statuses.
@@ -234,7 +252,11 @@ impl<P: WorkerPool> Scheduler<P> {
             if *shutdown.borrow() {
                 return;
             }
-            match self.queue.update().await {
+            let update = tokio::select! {
+                r = self.queue.update() => r,
+                _ = stopping(&mut shutdown) => return,
+            };
+            match update {
                 Ok(()) => break,
                 Err(err) => {
                     tracing::error!(error = %err, "error updating queue");
@@ -264,7 +286,11 @@ impl<P: WorkerPool> Scheduler<P> {
         let mut pool_rx = self.pool.subscribe();
         let mut queue_rx = self.queue.subscribe();
         loop {
-            self.tick().await;
+            // A pass waits on the API (unlocks) and the pool; shutdown does not wait for it.
+            tokio::select! {
+                _ = self.tick() => {}
+                _ = stopping(&mut shutdown) => break,
+            }
             tokio::select! {
                 _ = shutdown.changed() => break,
                 r = pool_rx.changed() => if r.is_err() { break },
@@ -277,7 +303,13 @@ impl<P: WorkerPool> Scheduler<P> {
 
     /// One round: plan and carry out a pass, sync, metrics.
     pub async fn tick(self: &Arc<Self>) {
+        if self.is_stopped() {
+            return;
+        }
         self.run_queue().await;
+        if self.is_stopped() {
+            return;
+        }
         // One snapshot serves both sync and the wait metric.
         let running = self.pool.running();
         let (entries, threshold) = self.queue.entries();
@@ -336,10 +368,28 @@ impl<P: WorkerPool> Scheduler<P> {
             entries,
             order: plan.queue.clone(),
         });
+        // Unlocks run concurrently under their op locks; the pass waits a moment for them
+        // (so the next pass usually sees them done) but never for a hung API.
+        let mut unlocks = tokio::task::JoinSet::new();
         for uuid in &plan.unlocks {
+            if !self.op_lock(uuid, "unlock") {
+                continue;
+            }
             tracing::info!(ContainerUUID = %uuid, "unlock because pool capacity is used by higher priority containers");
-            if let Err(err) = self.queue.unlock(uuid).await {
-                tracing::warn!(ContainerUUID = %uuid, error = %err, "error unlocking");
+            let (s, uuid) = (self.clone(), uuid.clone());
+            unlocks.spawn(async move {
+                if !s.is_stopped()
+                    && let Err(err) = s.queue.unlock(&uuid).await
+                {
+                    tracing::warn!(ContainerUUID = %uuid, error = %err, "error unlocking");
+                }
+                s.op_unlock(&uuid);
+            });
+        }
+        if !unlocks.is_empty() {
+            let all = async { while unlocks.join_next().await.is_some() {} };
+            if tokio::time::timeout(UNLOCK_WAIT, all).await.is_err() {
+                unlocks.detach_all();
             }
         }
         for id in &plan.shutdowns {
@@ -372,7 +422,7 @@ impl<P: WorkerPool> Scheduler<P> {
     }
 
     async fn lock_container(self: &Arc<Self>, uuid: &str) {
-        if !self.op_lock(uuid, "lock") {
+        if self.is_stopped() || !self.op_lock(uuid, "lock") {
             return;
         }
         match self.queue.get(uuid) {
@@ -420,6 +470,9 @@ impl<P: WorkerPool> Scheduler<P> {
             .get(&WorkerState::Unknown)
             .is_some_and(|&n| n > 0);
         let actions = plan_sync(entries, running, threshold, any_unknown);
+        if self.is_stopped() {
+            return actions;
+        }
         for a in &actions {
             match a.clone() {
                 SyncAction::Forget { uuid, reason } => {
@@ -433,6 +486,10 @@ impl<P: WorkerPool> Scheduler<P> {
                     let s = self.clone();
                     tokio::spawn(async move {
                         tracing::info!(ContainerUUID = %uuid, "cancelling container because {reason}");
+                        if s.is_stopped() {
+                            s.op_unlock(&uuid);
+                            return;
+                        }
                         if let Err(err) = s.queue.cancel(&uuid).await {
                             tracing::warn!(ContainerUUID = %uuid, error = %err, "error cancelling container");
                         }
@@ -446,6 +503,10 @@ impl<P: WorkerPool> Scheduler<P> {
                     let s = self.clone();
                     tokio::spawn(async move {
                         tracing::info!(ContainerUUID = %uuid, "requeueing locked container because {reason}");
+                        if s.is_stopped() {
+                            s.op_unlock(&uuid);
+                            return;
+                        }
                         if let Err(err) = s.queue.unlock(&uuid).await {
                             tracing::warn!(ContainerUUID = %uuid, error = %err, "error requeueing container");
                         }
@@ -525,6 +586,9 @@ impl<P: WorkerPool> Scheduler<P> {
             return;
         }
         for uuid in stale() {
+            if self.is_stopped() {
+                return;
+            }
             if let Err(err) = self.queue.unlock(&uuid).await {
                 tracing::warn!(ContainerUUID = %uuid, error = %err, "error unlocking stale container");
             }
@@ -547,6 +611,11 @@ pub fn longest_wait(entries: &[Arc<QueueEnt>], running: &RunningMap, now: DateTi
         .filter_map(|e| e.sched().created_ms)
         .min();
     oldest.map_or(0.0, |t| (now.timestamp_millis() - t).max(0) as f64 / 1000.0)
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 /// The background queue poller: update, then sleep the poll interval (or as long as the

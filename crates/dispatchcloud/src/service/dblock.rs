@@ -2,22 +2,38 @@
 //! the key every Arvados dispatcher (cloud, Slurm, LSF) takes, held on one connection for the
 //! dispatcher's lifetime. Until it is free, try again every few seconds and say who holds it.
 //!
-//! Better than Go: the holder's connection is watched, and losing it (database restart,
-//! network) is logged as an error instead of silently dropping the guarantee.
+//! Better than Go: the holder's connection is watched (its end, TCP keepalives, and a
+//! `SELECT 1` every few seconds with a deadline), and losing it (database restart,
+//! `pg_terminate_backend`, network) is reported through [`DbLock::until_lost`]: the service then
+//! stops dispatching at once and exits non-zero, so systemd restarts it and it waits for the
+//! lock again, while a standby that was waiting takes over. Connections have a connect timeout
+//! and keepalives, and honour `sslmode` ([`super::pgtls`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// The advisory lock key shared by Arvados dispatchers.
 pub const LOCK_KEY: i64 = 10005;
+
+/// How often the held connection is asked whether it is alive, and how long it may take.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connecting (TCP, TLS, authentication) must not take longer than this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A held lock; dropping it unlocks (by closing the session).
 pub struct DbLock {
     client: Client,
     conn_task: tokio::task::JoinHandle<()>,
+    /// Turns true when the connection ends.
+    lost: watch::Receiver<bool>,
+    /// Set while releasing on purpose (the connection's end is then not an error).
+    releasing: Arc<AtomicBool>,
 }
 
 /// libpq-style `key=value` text from `PostgreSQL.Connection` (values quoted).
@@ -50,10 +66,9 @@ impl DbLock {
         retry: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) -> Option<DbLock> {
-        let conninfo = connection_string(params);
         let mut last_holder = String::new();
         loop {
-            match Self::try_once(&conninfo).await {
+            match Self::try_once(params).await {
                 Ok(Ok(lock)) => {
                     tracing::info!("acquired dispatcher lock (PostgreSQL advisory lock 10005)");
                     return Some(lock);
@@ -76,37 +91,111 @@ impl DbLock {
     }
 
     /// One attempt: the lock, or who holds it.
-    async fn try_once(conninfo: &str) -> Result<Result<DbLock, String>, tokio_postgres::Error> {
-        let (client, conn) = tokio_postgres::connect(conninfo, NoTls).await?;
-        let conn_task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::error!(error = %e, "database connection holding the dispatcher lock was lost");
-            }
-        });
-        let got: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
-            .await?
-            .get(0);
+    async fn try_once(params: &BTreeMap<String, String>) -> Result<Result<DbLock, String>, String> {
+        let (client, conn_task, lost, releasing) = match tokio::time::timeout(
+            2 * CONNECT_TIMEOUT,
+            super::pgtls::connect(params, CONNECT_TIMEOUT),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(format!("no answer within {:?}", 2 * CONNECT_TIMEOUT)),
+        };
+        let query = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY]);
+        let got: bool = match tokio::time::timeout(HEALTH_TIMEOUT, query).await {
+            Ok(Ok(row)) => row.get(0),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no answer within {HEALTH_TIMEOUT:?}")),
+        };
         if got {
-            Ok(Ok(DbLock { client, conn_task }))
+            Ok(Ok(DbLock {
+                client,
+                conn_task,
+                lost,
+                releasing,
+            }))
         } else {
-            let who = holder(&client).await;
+            let who = tokio::time::timeout(HEALTH_TIMEOUT, holder(&client))
+                .await
+                .unwrap_or_else(|_| "unknown".into());
+            releasing.store(true, Ordering::SeqCst);
             drop(client);
             conn_task.abort();
             Ok(Err(who))
         }
     }
 
-    /// Unlock and close the session.
+    /// Resolves when the lock can no longer be trusted: the connection ended, or it did not
+    /// answer a health query in time. The lock is then the server's to give to someone else.
+    pub async fn until_lost(&self) {
+        let mut lost = self.lost.clone();
+        loop {
+            tokio::select! {
+                _ = async { let _ = lost.wait_for(|l| *l).await; } => return,
+                _ = tokio::time::sleep(HEALTH_INTERVAL) => {
+                    match tokio::time::timeout(HEALTH_TIMEOUT, self.client.simple_query("SELECT 1")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "database connection holding the dispatcher lock failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::error!("database connection holding the dispatcher lock stopped answering");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unlock and close the session (within a few seconds, whatever the database does).
     pub async fn release(self) {
-        let _ = self
+        self.releasing.store(true, Ordering::SeqCst);
+        let unlock = self
             .client
-            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
-            .await;
+            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]);
+        let _ = tokio::time::timeout(Duration::from_secs(5), unlock).await;
         drop(self.client);
-        let _ = self.conn_task.await;
+        if tokio::time::timeout(Duration::from_secs(5), self.conn_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connection did not close in time");
+        }
         tracing::info!("released dispatcher lock");
     }
+}
+
+/// The connection task's side: run the connection, then say it ended.
+pub(super) fn watch_connection<F>(
+    conn: F,
+) -> (
+    tokio::task::JoinHandle<()>,
+    watch::Receiver<bool>,
+    Arc<AtomicBool>,
+)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    let (tx, rx) = watch::channel(false);
+    let releasing = Arc::new(AtomicBool::new(false));
+    let r = releasing.clone();
+    let task = tokio::spawn(async move {
+        let result = conn.await;
+        if !r.load(Ordering::SeqCst) {
+            match result {
+                Err(e) => {
+                    tracing::error!(error = %e, "database connection holding the dispatcher lock was lost")
+                }
+                Ok(()) => {
+                    tracing::error!("database connection holding the dispatcher lock was closed")
+                }
+            }
+        }
+        let _ = tx.send(true);
+    });
+    (task, rx, releasing)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod dblock;
 pub mod http_metrics;
+pub mod pgtls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,16 @@ pub enum StartError {
     Api(String),
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+}
+
+/// Why [`Service::run`] ended other than by a shutdown request.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The PostgreSQL session holding the single-dispatcher lock was lost: another dispatcher
+    /// may hold the lock now. Dispatching stopped at once; the process should exit non-zero
+    /// (systemd restarts it, and it waits for the lock again).
+    #[error("lost the dispatcher lock (PostgreSQL advisory lock 10005): stopped dispatching")]
+    LockLost,
 }
 
 /// The running parts of one dispatcher.
@@ -152,28 +163,52 @@ impl Service {
     }
 
     /// Run the pool and the scheduler until `shutdown` turns true; then stop them, leaving
-    /// VMs, crunch-run processes and container locks for the next dispatcher.
-    pub async fn run(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
+    /// VMs, crunch-run processes and container locks for the next dispatcher. If the database
+    /// lock is lost meanwhile, stop dispatching at once (no new locks, creates, starts,
+    /// unlocks or cancels) and return [`RunError::LockLost`].
+    pub async fn run(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
         // Only one dispatcher per cluster: wait for the database lock when there is one.
         let lock = if self.cluster.postgresql.is_configured() {
             match dblock::DbLock::acquire(
                 &self.cluster.postgresql.connection,
-                std::time::Duration::from_secs(5),
+                Duration::from_secs(5),
                 shutdown.clone(),
             )
             .await
             {
                 Some(l) => Some(l),
-                None => return,
+                None => return Ok(()),
             }
         } else {
+            tracing::warn!(
+                "PostgreSQL is not configured: nothing stops a second dispatcher from running \
+                 at the same time and starting the same containers twice"
+            );
             None
         };
         self.pool.start();
-        self.scheduler.clone().run(shutdown).await;
+        let result = match &lock {
+            Some(l) => tokio::select! {
+                _ = self.scheduler.clone().run(shutdown) => Ok(()),
+                _ = l.until_lost() => {
+                    tracing::error!("lost the dispatcher lock; stopping dispatch");
+                    Err(RunError::LockLost)
+                }
+            },
+            None => {
+                self.scheduler.clone().run(shutdown).await;
+                Ok(())
+            }
+        };
+        self.scheduler.stop();
         self.pool.stop();
         if let Some(l) = lock {
-            l.release().await;
+            if result.is_ok() {
+                l.release().await;
+            } else {
+                drop(l);
+            }
         }
+        result
     }
 }

@@ -155,6 +155,11 @@ impl Pool {
         self.stop.subscribe()
     }
 
+    /// Stopped: creates and starts are refused (another dispatcher may own the cluster now).
+    fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
     /// Sleep `d`; false if the pool was stopped meanwhile.
     async fn pause(&self, d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
         if *stop.borrow() {
@@ -254,6 +259,9 @@ impl Pool {
     // Creating (§8.5)
 
     fn do_create(&self, it: &InstanceType) -> Option<InstanceView> {
+        if self.is_stopped() {
+            return None;
+        }
         if let Some(e) = &self.cfg.runner_error {
             tracing::debug!(error = %e, "not creating: runner binary not loaded");
             return None;
@@ -894,6 +902,9 @@ impl WorkerPool for Pool {
     }
 
     fn start_container(&self, instance_id: &str, ctr: &Container) -> bool {
+        if self.is_stopped() {
+            return false;
+        }
         let Some(pool) = self.arc() else {
             return false;
         };
