@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use dispatchcloud::service::{Service, api};
+use dispatchcloud::service::{Service, api, http_server};
 use tokio::sync::watch;
 
 /// Where to listen: `--listen`, else the `Services.DispatchCloud.InternalURLs` entry (its
@@ -78,29 +78,37 @@ pub async fn serve(
         .with_context(|| format!("listen on {addr}"))?;
     tracing::info!(Listen = %listener.local_addr()?, "listening");
     // The HTTP server stops when asked, or when the dispatcher stops by itself (lost lock).
-    let (done, mut done_rx) = watch::channel(false);
+    let (done, done_rx) = watch::channel(false);
     let mut stop = shutdown.clone();
-    let http = axum::serve(listener, api::router(svc.clone())).with_graceful_shutdown(async move {
+    let mut done_rx2 = done_rx.clone();
+    let (http_stop, http_rx) = watch::channel(false);
+    tokio::spawn(async move {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => {}
-            _ = done_rx.wait_for(|d| *d) => {}
+            _ = done_rx2.wait_for(|d| *d) => {}
         }
+        let _ = http_stop.send(true);
     });
-    let http = tokio::spawn(async move { http.await });
+    let http = tokio::spawn(http_server::serve(
+        listener,
+        api::router(svc.clone()),
+        http_server::ServeOptions::default(),
+        http_rx,
+    ));
     let result = svc.run(shutdown).await;
     let _ = done.send(true);
-    // Open connections get a moment to finish; a client that never ends its request does not
-    // hold the process.
-    match tokio::time::timeout(HTTP_DRAIN, http).await {
-        Ok(h) => h.context("HTTP server")?.context("HTTP server")?,
-        Err(_) => tracing::warn!("HTTP connections still open after {HTTP_DRAIN:?}; closing them"),
+    drop(done_rx);
+    // The server drains open connections for a bounded time; a client that never ends its
+    // request does not hold the process.
+    if tokio::time::timeout(HTTP_DRAIN, http).await.is_err() {
+        tracing::warn!("HTTP server still draining after {HTTP_DRAIN:?}; exiting anyway");
     }
     result?;
     Ok(())
 }
 
 /// How long shutdown waits for open management API connections.
-const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn run(
     cluster: arvados::Cluster,

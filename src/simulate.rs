@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -12,6 +13,7 @@ use dispatchcloud::node_size::TypeChooser;
 use dispatchcloud::scheduler::pool::WorkerPool;
 use dispatchcloud::service::Service;
 use serde_json::{Value, json};
+use testkit::stub_driver::{SharedStubDriver, StubConfig, StubSet};
 use testkit::{FakeArvados, FakeConfig, Fault, FaultKind};
 use tokio::sync::watch;
 
@@ -138,7 +140,15 @@ async fn simulate(
     if cluster.management_token.is_empty() {
         cluster.management_token = cloud::tags::new_instance_secret();
     }
-    let svc = Service::build(&cluster, &crate::drivers::registry())?;
+    // The stub cloud is built here so the run can be judged from its own record of VMs and
+    // crunch-run processes, not from the dispatcher's bookkeeping.
+    let params = serde_json::to_value(&cluster.containers.cloud_vms.driver_parameters)?;
+    let cloud = Arc::new(StubSet::new(
+        StubConfig::from_params(&params).map_err(|e| anyhow!("{e}"))?,
+    ));
+    let mut drivers = crate::drivers::registry();
+    drivers.register("stub", Arc::new(SharedStubDriver(cloud.clone())));
+    let svc = Service::build(&cluster, &drivers)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let api_url = format!("http://{}", listener.local_addr()?);
     println!(
@@ -154,14 +164,12 @@ async fn simulate(
     );
     let (stop_tx, stop) = watch::channel(false);
     let router = dispatchcloud::service::api::router(svc.clone());
-    let mut http_stop = stop.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let http = tokio::spawn(dispatchcloud::service::http_server::serve(
+        listener,
+        router,
+        dispatchcloud::service::http_server::ServeOptions::default(),
+        stop.clone(),
+    ));
     let runner = {
         let svc = svc.clone();
         let stop = stop.clone();
@@ -236,7 +244,7 @@ async fn simulate(
                 }
             );
         }
-        if done == uuids.len() && instances.is_empty() {
+        if done == uuids.len() && instances.is_empty() && cloud.vms().is_empty() {
             break true;
         }
         if started.elapsed() > timeout || *interrupted.borrow_and_update() {
@@ -247,7 +255,8 @@ async fn simulate(
     let _ = stop_tx.send(true);
     let _ = runner.await;
     let _ = http.await;
-    let vms_left = svc.pool.instances().len();
+    // Leaks as the cloud sees them.
+    let vms_left = testkit::oracle::leaked_vms(&cloud).len();
 
     // Outcomes from the fake API's record of state changes.
     let changes = fake.state_changes();
@@ -259,11 +268,13 @@ async fn simulate(
             first_running.entry(c.uuid.as_str()).or_insert(c.at);
         }
     }
-    let ran_twice: Vec<&str> = runs
+    // Never twice at once, never after the end: from the cloud's record of crunch-run lives.
+    let mut ran_twice: Vec<String> = runs
         .iter()
         .filter(|(_, n)| **n > 1)
-        .map(|(u, _)| *u)
+        .map(|(u, _)| format!("{u} went Running twice"))
         .collect();
+    ran_twice.extend(testkit::oracle::violations(&cloud, &changes));
     let chooser = TypeChooser::new(&cluster);
     let (mut complete, mut cancelled, mut unfinished) = (0, 0, 0);
     let mut latencies = Vec::new();

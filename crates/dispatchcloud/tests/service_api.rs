@@ -11,7 +11,7 @@ use std::time::Duration;
 use cloud::registry::Registry;
 
 use dispatchcloud::scheduler::pool::WorkerPool;
-use dispatchcloud::service::{Service, api};
+use dispatchcloud::service::{Service, api, http_server};
 use serde_json::{Value, json};
 use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
@@ -40,6 +40,14 @@ impl Running {
 }
 
 async fn start(cluster: &arvados::Cluster, set: Arc<StubSet>) -> Running {
+    start_with(cluster, set, http_server::ServeOptions::default()).await
+}
+
+async fn start_with(
+    cluster: &arvados::Cluster,
+    set: Arc<StubSet>,
+    opts: http_server::ServeOptions,
+) -> Running {
     let mut drivers = Registry::new();
     drivers.register("stub", Arc::new(SharedStub(set)));
     let svc = Service::build(cluster, &drivers).unwrap();
@@ -47,14 +55,7 @@ async fn start(cluster: &arvados::Cluster, set: Arc<StubSet>) -> Running {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = watch::channel(false);
     let router = api::router(svc.clone());
-    let mut http_stop = rx.clone();
-    let http = tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await;
-    });
+    let http = tokio::spawn(http_server::serve(listener, router, opts, rx.clone()));
     let s = svc.clone();
     let run = tokio::spawn(async move {
         let _ = s.run(rx).await;
@@ -584,5 +585,137 @@ async fn ac_dsp_4_containers_api() {
     assert_eq!(s, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["scheduling_status"], want[3].2.as_str());
+    r.stop().await;
+}
+
+/// A client that sends half a request and nothing more is disconnected after the header-read
+/// timeout, and does not hold up shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_are_cut_off_and_do_not_hold_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let opts = http_server::ServeOptions {
+        header_read_timeout: Duration::from_millis(500),
+        drain: Duration::from_millis(500),
+    };
+    let r = start_with(&cluster(&f, "tok"), stub(json!({})), opts).await;
+    let addr = r.url.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /arvados/v1/dispatch/instances HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // The server hangs up (EOF or reset) instead of waiting for the rest forever.
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
+        .await
+        .expect("the server closes a connection whose headers never end");
+    match read {
+        Ok(0) | Err(_) => {}
+        Ok(n) => {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        }
+    }
+    // Meanwhile others are served.
+    let (status, _) = call(
+        "GET",
+        &format!("{}/arvados/v1/dispatch/instances", r.url),
+        Some("tok"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Another half request open during shutdown: shutdown still ends promptly.
+    let mut slow2 = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow2
+        .write_all(b"POST /arvados/v1/dispatch/instances/kill HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    r.stop().await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+/// Whatever methods clients invent, `/metrics` grows by one `other` label at most; bodies over
+/// the limit are refused; more concurrent requests than `API.MaxConcurrentRequests` get 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_stay_bounded_bodies_are_limited_and_concurrency_is_enforced() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let mut c = cluster(&f, "tok");
+    c.api.max_concurrent_requests = 2;
+    let r = start(&c, stub(json!({}))).await;
+    let u = |p: &str| format!("{}{p}", r.url);
+    for i in 0..50 {
+        let (status, _) = call(
+            &format!("FOO{i}"),
+            &u("/arvados/v1/dispatch/instances"),
+            Some("tok"),
+        )
+        .await;
+        assert!(status >= 400, "{status}");
+    }
+    let (_, metrics) = call("GET", &u("/metrics"), Some("tok")).await;
+    assert!(
+        !metrics.to_lowercase().contains("foo"),
+        "raw methods leaked into /metrics"
+    );
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+    let labels: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("arvados_dispatchcloud_request_duration_seconds"))
+        .filter_map(|l| l.split("method=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(labels.len() <= 8, "{labels:?}");
+
+    // A body over the limit.
+    let big = "instance_id=".to_string() + &"x".repeat(api::MAX_BODY + 1);
+    let resp = reqwest_client()
+        .post(u("/arvados/v1/dispatch/instances/hold"))
+        .bearer_auth("tok")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+
+    // Hold both slots with requests whose bodies never finish; the third gets 503.
+    use tokio::io::AsyncWriteExt;
+    let addr = r.url.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(
+            b"POST /arvados/v1/dispatch/instances/hold HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ninst",
+        )
+        .await
+        .unwrap();
+        held.push(s);
+    }
+    let mut got_503 = false;
+    for _ in 0..100 {
+        let (status, body) = call("GET", &u("/arvados/v1/dispatch/instances"), Some("tok")).await;
+        if status == 503 {
+            assert_eq!(body, r#"{"errors":["too many concurrent requests"]}"#);
+            got_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(got_503, "a third concurrent request is refused");
+    drop(held);
+    let mut ok = false;
+    for _ in 0..100 {
+        if call("GET", &u("/arvados/v1/dispatch/instances"), Some("tok"))
+            .await
+            .0
+            == 200
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "slots come back when the clients go");
     r.stop().await;
 }

@@ -19,6 +19,9 @@ use crate::scheduler::pool::{IdleBehavior, InstanceView, WorkerPool};
 
 type Shared = Arc<Service>;
 
+/// The largest request body accepted (413 beyond).
+pub const MAX_BODY: usize = 64 * 1024;
+
 fn text(status: StatusCode, body: &str) -> Response {
     (
         status,
@@ -360,6 +363,8 @@ pub fn router(svc: Shared) -> Router {
                 &format!("method {m} not allowed"),
             )
         })
+        // Every parameter fits in a few KiB; nobody gets to upload more.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(
             svc.http_metrics.clone(),
             super::http_metrics::track,

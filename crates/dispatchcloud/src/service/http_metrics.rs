@@ -14,6 +14,8 @@ use crate::worker::metrics::Summary;
 pub struct ServiceMetrics {
     pub config_source_timestamp: Gauge,
     concurrent: IntGauge,
+    /// `API.MaxConcurrentRequests` slots (`None`: unlimited).
+    slots: Option<Arc<tokio::sync::Semaphore>>,
     request_duration: Arc<Summary>,
     time_to_status: Arc<Summary>,
 }
@@ -87,9 +89,11 @@ impl ServiceMetrics {
             &["code", "method"],
         )?);
         time_to_status.register(registry)?;
+        let limit = cluster.api.max_concurrent_requests;
         Ok(ServiceMetrics {
             config_source_timestamp: source,
             concurrent,
+            slots: (limit > 0).then(|| Arc::new(tokio::sync::Semaphore::new(limit as usize))),
             request_duration,
             time_to_status,
         })
@@ -101,16 +105,46 @@ impl ServiceMetrics {
     }
 }
 
-/// Middleware: count requests in flight, time them by status code and method.
+/// The `method` label: one of the standard methods, or `other` (the raw method would let any
+/// client grow `/metrics` without a token).
+pub fn method_label(m: &axum::http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "get",
+        "HEAD" => "head",
+        "POST" => "post",
+        "PUT" => "put",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        "OPTIONS" => "options",
+        _ => "other",
+    }
+}
+
+/// Middleware: enforce `API.MaxConcurrentRequests` (503 beyond it, as Arvados does), count
+/// requests in flight, time them by status code and method.
 pub async fn track(State(m): State<Arc<ServiceMetrics>>, req: Request, next: Next) -> Response {
-    let method = req.method().as_str().to_lowercase();
+    let method = method_label(req.method());
+    let _slot = match &m.slots {
+        Some(s) => match s.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                use axum::response::IntoResponse;
+                return (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({"errors": ["too many concurrent requests"]})),
+                )
+                    .into_response();
+            }
+        },
+        None => None,
+    };
     m.concurrent.inc();
     let started = Instant::now();
     let resp = next.run(req).await;
     let took = started.elapsed().as_secs_f64();
     m.concurrent.dec();
     let code = resp.status().as_u16().to_string();
-    m.time_to_status.observe(&[&code, &method], took);
-    m.request_duration.observe(&[&code, &method], took);
+    m.time_to_status.observe(&[&code, method], took);
+    m.request_duration.observe(&[&code, method], took);
     resp
 }

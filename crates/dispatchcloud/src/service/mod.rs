@@ -7,6 +7,7 @@
 pub mod api;
 pub mod dblock;
 pub mod http_metrics;
+pub mod http_server;
 pub mod pgtls;
 
 use std::sync::Arc;

@@ -101,20 +101,9 @@ pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> boo
     }
 }
 
-/// A driver that always hands out the same stub cloud, so a test (or two services) can
-/// share it.
-pub struct SharedStub(pub Arc<testkit::stub_driver::StubSet>);
-
-impl cloud::Driver for SharedStub {
-    fn instance_set(
-        &self,
-        _: &serde_json::Value,
-        _: &cloud::InstanceSetId,
-        _: &cloud::InstanceTags,
-    ) -> Result<Arc<dyn cloud::InstanceSet>, cloud::CloudError> {
-        Ok(self.0.clone())
-    }
-}
+/// A driver that always hands out the same stub cloud (two services can share it).
+#[allow(unused_imports)]
+pub use testkit::stub_driver::SharedStubDriver as SharedStub;
 
 /// A whole dispatcher's config for the stub cloud against the fake API `f`, with short
 /// intervals: management token `token`, a fresh dispatch key, Appendix B.1 types 1–16.

@@ -53,6 +53,21 @@ pub fn vm_handler(cfg: StubConfig, init_command: &str) -> Arc<dyn CommandHandler
     Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| os.handle(cmd, stdin))
 }
 
+/// A driver that always hands out the same stub cloud, so a test, `simulate` or two services
+/// can share it and judge what happened from the cloud's own record.
+pub struct SharedStubDriver(pub Arc<StubSet>);
+
+impl Driver for SharedStubDriver {
+    fn instance_set(
+        &self,
+        _params: &Value,
+        _id: &InstanceSetId,
+        _shared_tags: &InstanceTags,
+    ) -> Result<Arc<dyn InstanceSet>, CloudError> {
+        Ok(self.0.clone())
+    }
+}
+
 impl Driver for StubDriver {
     fn instance_set(
         &self,
