@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use testkit::{ContainerSpec, FakeArvados, FakeConfig};
+use testkit::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"));
@@ -233,6 +233,54 @@ async fn sigterm_stops_the_dispatcher_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(status.expect("exited within 5 s").success());
+}
+
+/// Whatever the API is doing (here: accepting every request and never answering, and a
+/// management API client stuck halfway through its headers), SIGTERM ends the process within
+/// 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_promptly_while_the_api_never_answers() {
+    use std::io::Write;
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    f.add_container(&ContainerSpec::default());
+    let mut d = start(&f);
+    // The dispatcher is up (its management API answers), then the API goes silent.
+    wait_for("management API", || {
+        cli(&d, &["instances", "list"]).status.success()
+    });
+    f.inject_fault(Fault::new(FaultKind::Delay(Duration::from_secs(3600))).always());
+    let port = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let mut slow = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    slow.write_all(b"GET /arvados/v1/dispatch/instances HTTP/1.1\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = d.child.id().to_string();
+    let t0 = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    drop(slow);
 }
 
 #[test]

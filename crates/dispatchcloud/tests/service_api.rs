@@ -491,6 +491,76 @@ async fn restart_adopts_vms_and_containers_and_starts_nothing_twice() {
     r2.stop().await;
 }
 
+/// After a restart, adopted VMs that report their processes only after `StaleLockTimeout`
+/// (slow network) still keep their containers: nothing Locked there is unlocked and started a
+/// second time on another, quicker VM (Go unlocks at the timeout). Judged by the stub cloud's
+/// record of crunch-run lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopted_workers_slower_than_stale_lock_timeout_start_nothing_twice() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let set = stub(json!({}));
+    let mut c = cluster(&f, "tok");
+    c.containers.stale_lock_timeout = Duration::from_millis(200);
+    c.containers.cloud_vms.timeout_idle = Duration::from_secs(60);
+    // Locked for a while before Running, as a real crunch-run loading its image is.
+    let uuids: Vec<String> = (0..3)
+        .map(|_| {
+            f.add_container(&ContainerSpec {
+                environment: vec![
+                    ("FAKE_CRUNCH_RUN_START_MS".into(), "5000".into()),
+                    ("FAKE_CRUNCH_RUN_MS".into(), "300".into()),
+                ],
+                ..Default::default()
+            })
+        })
+        .collect();
+    // One quick container leaves an idle VM that could take any of them.
+    let quick = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "50".into())],
+        ..Default::default()
+    });
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let r1 = start(&c, set.clone()).await;
+    wait_for("every crunch-run started", Duration::from_secs(30), || {
+        set.process_lives().len() == uuids.len() + 1 && state(&quick) == "Complete"
+    })
+    .await;
+    r1.stop().await;
+    assert!(uuids.iter().all(|u| state(u) == "Locked"));
+    // The VMs still starting crunch-run answer slowly after the restart: their first report
+    // comes well after StaleLockTimeout. The idle one answers at once.
+    let busy: Vec<String> = set
+        .process_lives()
+        .iter()
+        .filter(|l| uuids.contains(&l.uuid))
+        .map(|l| l.vm.clone())
+        .collect();
+    for vm in set.vms() {
+        if busy.contains(&cloud::Instance::id(&*vm)) {
+            vm.set_command_delay(Duration::from_millis(2000));
+        }
+    }
+    let r2 = start(&c, set.clone()).await;
+    wait_for("all Complete", Duration::from_secs(60), || {
+        uuids.iter().all(|u| state(u) == "Complete")
+    })
+    .await;
+    let v = testkit::oracle::violations(&set, &f.state_changes());
+    assert!(v.is_empty(), "{v:#?}");
+    assert_eq!(
+        set.process_lives().len(),
+        uuids.len() + 1,
+        "each crunch-run started once"
+    );
+    set.set_command_delay(Duration::ZERO);
+    r2.stop().await;
+}
+
 /// AC-DSP-4: the containers API shows each container's state and scheduling status in
 /// scheduling order, with Arvados' exact texts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -718,4 +788,56 @@ async fn metrics_stay_bounded_bodies_are_limited_and_concurrency_is_enforced() {
     }
     assert!(ok, "slots come back when the clients go");
     r.stop().await;
+}
+
+/// An API that accepts some requests and never answers them (one container's lock, another's
+/// mounts fetch): the call deadline ends them, the other containers dispatch, and shutdown
+/// with every list request hanging still ends promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_api_calls_do_not_stop_other_containers_or_shutdown() {
+    use testkit::{Fault, FaultKind};
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let mut c = cluster(&f, "tok");
+    c.api.request_timeout = Duration::from_secs(2);
+    let spec = || ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "100".into())],
+        ..Default::default()
+    };
+    let hung_lock = f.add_container(&spec());
+    let hung_mounts = f.add_container(&spec());
+    let others: Vec<String> = (0..3).map(|_| f.add_container(&spec())).collect();
+    let forever = FaultKind::Delay(Duration::from_secs(3600));
+    f.inject_fault(
+        Fault::new(forever.clone())
+            .on("POST", &format!("{hung_lock}/lock"))
+            .always(),
+    );
+    f.inject_fault(Fault::new(forever.clone()).on("GET", &hung_mounts).always());
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let r = start(&c, stub(json!({}))).await;
+    wait_for(
+        "the other containers Complete",
+        Duration::from_secs(60),
+        || others.iter().all(|u| state(u) == "Complete"),
+    )
+    .await;
+    assert_eq!(state(&hung_lock), "Queued");
+    assert_eq!(state(&hung_mounts), "Queued");
+    // Now every list hangs too: the scheduler and the poller are stuck in API calls.
+    f.inject_fault(
+        Fault::new(forever)
+            .on("GET", "/arvados/v1/containers")
+            .always(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), r.stop())
+        .await
+        .expect("shutdown ends within 10 s");
+    assert!(t0.elapsed() < Duration::from_secs(10));
 }

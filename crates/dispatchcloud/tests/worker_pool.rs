@@ -473,3 +473,82 @@ async fn worker_reporting_broken_is_drained_and_destroyed() {
     .await;
     p.stop();
 }
+
+/// Two idle stub VMs and one Locked container on the fake API.
+async fn two_vms_and_a_locked_container(
+    f: &FakeArvados,
+) -> (Arc<Pool>, Arc<StubSet>, Vec<String>, arvados::Container) {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let set = stub(json!({}));
+    let types = vec![fixture_type(1)];
+    let c = cluster(&types, Some(f));
+    let p = pool(&c, set.clone(), &key, |cfg| cfg.max_concurrent_creates = 0);
+    assert!(p.create(&types[0]).is_some());
+    assert!(p.create(&types[0]).is_some());
+    wait_for("two idle workers", Duration::from_secs(20), || {
+        let s = states(&p);
+        s.len() == 2 && s.iter().all(|(_, st, _)| *st == WorkerState::Idle)
+    })
+    .await;
+    let ids: Vec<String> = p.instances().into_iter().map(|v| v.instance).collect();
+    let u = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "2000".into())],
+        ..Default::default()
+    });
+    let api = common::client(f);
+    let ctr = api.lock_container(&u).await.unwrap();
+    (p, set, ids, ctr)
+}
+
+/// The pool refuses to start a container that runs or is starting on another worker, and the
+/// stub cloud's record shows one life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_container_refuses_a_uuid_already_placed_elsewhere() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let (p, set, ids, ctr) = two_vms_and_a_locked_container(&f).await;
+    assert!(p.start_container(&ids[0], &ctr));
+    // Starting (not yet reported by a probe), then running: refused either way.
+    assert!(!p.start_container(&ids[1], &ctr));
+    wait_for("crunch-run reported", Duration::from_secs(20), || {
+        p.worker(&ids[0])
+            .is_some_and(|v| v.running_container_uuids.contains(&ctr.uuid))
+    })
+    .await;
+    assert!(!p.start_container(&ids[1], &ctr));
+    wait_for("container Complete", Duration::from_secs(30), || {
+        f.container(&ctr.uuid).unwrap()["state"] == "Complete"
+    })
+    .await;
+    let lives = set.process_lives();
+    assert_eq!(lives.len(), 1, "{lives:?}");
+    assert!(testkit::oracle::violations(&set, &f.state_changes()).is_empty());
+    p.stop();
+}
+
+/// The oracle can fail: a pool that forgets a running crunch-run starts the container again
+/// elsewhere, and the stub cloud's record of process lives reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_reports_the_double_start_of_a_pool_that_forgets() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let (p, set, ids, ctr) = two_vms_and_a_locked_container(&f).await;
+    assert!(p.start_container(&ids[0], &ctr));
+    wait_for("crunch-run started", Duration::from_secs(20), || {
+        !set.process_lives().is_empty()
+    })
+    .await;
+    p.test_forget_process(&ctr.uuid); // the planted bug
+    assert!(p.start_container(&ids[1], &ctr));
+    wait_for(
+        "the second crunch-run started",
+        Duration::from_secs(20),
+        || set.process_lives().len() == 2,
+    )
+    .await;
+    let v = testkit::oracle::violations(&set, &f.state_changes());
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(
+        v[0].starts_with(&format!("{} ran twice at once", ctr.uuid)),
+        "{v:?}"
+    );
+    p.stop();
+}

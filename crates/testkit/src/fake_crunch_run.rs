@@ -328,6 +328,12 @@ pub async fn drive(
         return Ok((Ending::NotLocked, String::new()));
     }
     let (run_for, exit_code, fail) = script(&c);
+    // Time spent Locked before Running (a real crunch-run loads the image first).
+    let start_ms: u64 = c
+        .environment
+        .get("FAKE_CRUNCH_RUN_START_MS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let put = |attrs: Value| {
         let client = client.clone();
         async move {
@@ -341,6 +347,14 @@ pub async fn drive(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let starting = tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(start_ms)) => false,
+        _ = stopped(stop.clone()) => true,
+    };
+    if starting {
+        put(json!({"state": "Queued"})).await?;
+        return Ok((Ending::Requeued, fail));
+    }
     tokio::select! {
         r = put(json!({"state": "Running"})) => r?,
         _ = stopped(stop.clone()) => {

@@ -539,7 +539,11 @@ impl<P: WorkerPool> Scheduler<P> {
     /// Requeue containers a previous dispatcher process locked that turn out not to be running
     /// anywhere, once the adopted VMs have reported their processes (spec §7.8). Better than
     /// Go (§13.3 item 19): the stale list is computed after the last wait, so a container a
-    /// worker reported in that last probe is not unlocked.
+    /// worker reported in that last probe is not unlocked. And better than Go's
+    /// `StaleLockTimeout` alone: while an adopted worker has not reported (slow boot probe,
+    /// slow network) its containers are not unlocked even after the timeout, since unlocking
+    /// one that runs there would start it a second time elsewhere; a worker that never
+    /// answers is shut down after `TimeoutBooting`, and stops counting then.
     pub async fn fix_stale_locks(&self) {
         let mut rx = self.pool.subscribe();
         let deadline = tokio::time::Instant::now() + self.shell.stale_lock_timeout;
@@ -563,23 +567,33 @@ impl<P: WorkerPool> Scheduler<P> {
             v
         };
         let mut waited = false;
+        let mut said_past_deadline = false;
         loop {
+            let unreported = self.pool.unreported_workers();
             let unknown = self
                 .pool
                 .count_workers()
                 .get(&WorkerState::Unknown)
                 .copied()
                 .unwrap_or(0);
-            if unknown == 0 {
+            let past_deadline = tokio::time::Instant::now() >= deadline;
+            if unreported == 0 && (unknown == 0 || past_deadline) {
                 break;
             }
             if stale().is_empty() {
                 return;
             }
             waited = true;
+            if past_deadline && !said_past_deadline {
+                said_past_deadline = true;
+                tracing::warn!(
+                    N = unreported,
+                    "StaleLockTimeout passed, but adopted instances have not reported their containers yet; not unlocking until they do (or are shut down)"
+                );
+            }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(deadline), if !past_deadline => {}
             }
         }
         if !waited {

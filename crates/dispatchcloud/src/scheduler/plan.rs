@@ -101,8 +101,14 @@ pub struct PoolSnapshot {
 }
 
 impl PoolSnapshot {
-    /// Read everything a pass needs from the pool.
+    /// Everything a pass needs from the pool, in one consistent view where the pool offers
+    /// one ([`WorkerPool::snapshot`]).
     pub fn take<P: WorkerPool + ?Sized>(pool: &P, cfg: &SchedConfig) -> PoolSnapshot {
+        pool.snapshot(cfg)
+    }
+
+    /// The snapshot read one question at a time (the default of [`WorkerPool::snapshot`]).
+    pub fn read<P: WorkerPool + ?Sized>(pool: &P, cfg: &SchedConfig) -> PoolSnapshot {
         let counts = pool.count_workers();
         PoolSnapshot {
             running: pool.running(),

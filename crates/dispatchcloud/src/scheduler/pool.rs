@@ -137,4 +137,16 @@ pub trait WorkerPool: Send + Sync + 'static {
     fn forget_container(&self, uuid: &str);
     /// A channel that changes whenever the pool does.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// Everything a pass needs. Pools with shared state override this to read it under one
+    /// consistent view; the default asks one question after another.
+    fn snapshot(&self, cfg: &super::SchedConfig) -> super::PoolSnapshot {
+        super::PoolSnapshot::read(self, cfg)
+    }
+    /// Workers found at startup that have not yet reported their crunch-run processes (and
+    /// are not shutting down): until they have, a container this dispatcher locked may be
+    /// running on one of them, so `fix_stale_locks` waits for them past `StaleLockTimeout`.
+    /// Default 0: only the timeout counts, as in Go.
+    fn unreported_workers(&self) -> usize {
+        0
+    }
 }

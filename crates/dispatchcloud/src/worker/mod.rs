@@ -622,6 +622,9 @@ impl Pool {
             running: BTreeMap::new(),
             starting: BTreeMap::new(),
             probing: false,
+            adopted: state == WorkerState::Unknown,
+            listed: false,
+            proc_gen: 0,
             boot_outcome_reported: false,
             time_to_ready_reported: false,
             stale_run_lock_since: None,
@@ -673,6 +676,7 @@ impl Pool {
 
     fn shutdown_locked(&self, w: &mut Worker, now: Instant) {
         w.updated = now;
+        w.proc_gen += 1;
         w.destroyed = Some(now);
         w.state = WorkerState::Shutdown;
         self.notify();
@@ -799,15 +803,32 @@ fn close_runner(
         r.close();
     }
     w.updated = now;
+    w.proc_gen += 1;
     exited.insert(uuid.to_string(), Utc::now());
     if w.state == WorkerState::Running && w.processes() == 0 {
         w.state = WorkerState::Idle;
     }
 }
 
-impl WorkerPool for Pool {
-    fn running(&self) -> RunningMap {
-        let st = self.lock();
+impl Pool {
+    /// Test-only fault: forget `uuid`'s crunch-run on every worker without stopping it, as a
+    /// pool with a bookkeeping bug would. Tests use it to show that the stub cloud's record
+    /// ([`testkit::oracle`](../../testkit/oracle/index.html)) catches the double start that
+    /// follows. Never called by the dispatcher.
+    #[doc(hidden)]
+    pub fn test_forget_process(&self, uuid: &str) {
+        let mut st = self.lock();
+        for w in st.workers.values_mut() {
+            if let Some(r) = w.running.remove(uuid).or_else(|| w.starting.remove(uuid)) {
+                r.close();
+            }
+        }
+    }
+}
+
+/// The pool's answers to the scheduler, computed from one locked view of the state.
+impl Pool {
+    fn running_locked(st: &State) -> RunningMap {
         let mut m = RunningMap::default();
         for w in st.workers.values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
@@ -820,8 +841,7 @@ impl WorkerPool for Pool {
         m
     }
 
-    fn instances(&self) -> Vec<InstanceView> {
-        let st = self.lock();
+    fn instances_locked(st: &State) -> Vec<InstanceView> {
         let mut v: Vec<InstanceView> = st.workers.values().map(Worker::view).collect();
         for c in st.creating.values() {
             v.push(InstanceView::new("", &c.it, WorkerState::Booting));
@@ -833,13 +853,84 @@ impl WorkerPool for Pool {
         v
     }
 
-    fn count_workers(&self) -> BTreeMap<WorkerState, usize> {
-        let st = self.lock();
+    fn count_workers_locked(st: &State) -> BTreeMap<WorkerState, usize> {
         let mut m = BTreeMap::new();
         for w in st.workers.values() {
             *m.entry(w.state).or_insert(0) += 1;
         }
         m
+    }
+
+    fn quota_headroom_locked(&self, st: &State, now: Instant) -> Option<usize> {
+        if self.at_quota_locked(st, now) {
+            return Some(0);
+        }
+        (self.cfg.max_instances > 0).then(|| {
+            self.cfg
+                .max_instances
+                .saturating_sub(st.workers.len() + st.creating.len())
+        })
+    }
+
+    fn create_budget_locked(&self, st: &State, now: Instant) -> Option<usize> {
+        if self.cfg.runner_error.is_some() || self.create_throttled(st, now) {
+            return Some(0);
+        }
+        let max = st.max_concurrent_creates;
+        (max > 0).then(|| max.saturating_sub(st.creates_in_flight()))
+    }
+
+    /// Is `uuid` running or starting on any worker?
+    fn placed_anywhere(st: &State, uuid: &str) -> Option<String> {
+        st.workers
+            .values()
+            .find(|w| w.running.contains_key(uuid) || w.starting.contains_key(uuid))
+            .map(|w| w.id.clone())
+    }
+}
+
+impl WorkerPool for Pool {
+    fn running(&self) -> RunningMap {
+        Self::running_locked(&self.lock())
+    }
+
+    fn instances(&self) -> Vec<InstanceView> {
+        Self::instances_locked(&self.lock())
+    }
+
+    fn count_workers(&self) -> BTreeMap<WorkerState, usize> {
+        Self::count_workers_locked(&self.lock())
+    }
+
+    /// One lock for the whole snapshot, so a pass never sees, say, a container both starting
+    /// (in `running`) and not yet placed (in `instances`).
+    fn snapshot(&self, cfg: &crate::scheduler::SchedConfig) -> crate::scheduler::PoolSnapshot {
+        let now = Instant::now();
+        let st = self.lock();
+        let counts = Self::count_workers_locked(&st);
+        crate::scheduler::PoolSnapshot {
+            running: Self::running_locked(&st),
+            instances: Self::instances_locked(&st),
+            total_instances: counts.values().sum(),
+            unknown_workers: counts.get(&WorkerState::Unknown).copied().unwrap_or(0),
+            at_quota: self.at_quota_locked(&st, now),
+            quota_headroom: self.quota_headroom_locked(&st, now),
+            create_budget: self.create_budget_locked(&st, now),
+            at_capacity: cfg
+                .types
+                .values()
+                .filter(|it| self.at_capacity_locked(&st, it, now))
+                .map(|it| it.name.clone())
+                .collect(),
+        }
+    }
+
+    fn unreported_workers(&self) -> usize {
+        self.lock()
+            .workers
+            .values()
+            .filter(|w| w.adopted && !w.listed && w.state != WorkerState::Shutdown)
+            .count()
     }
 
     fn loaded(&self) -> bool {
@@ -857,27 +948,11 @@ impl WorkerPool for Pool {
     }
 
     fn quota_headroom(&self) -> Option<usize> {
-        let st = self.lock();
-        if self.at_quota_locked(&st, Instant::now()) {
-            return Some(0);
-        }
-        (self.cfg.max_instances > 0).then(|| {
-            self.cfg
-                .max_instances
-                .saturating_sub(st.workers.len() + st.creating.len())
-        })
+        self.quota_headroom_locked(&self.lock(), Instant::now())
     }
 
     fn create_budget(&self) -> Option<usize> {
-        if self.cfg.runner_error.is_some() {
-            return Some(0);
-        }
-        let st = self.lock();
-        if self.create_throttled(&st, Instant::now()) {
-            return Some(0);
-        }
-        let max = st.max_concurrent_creates;
-        (max > 0).then(|| max.saturating_sub(st.creates_in_flight()))
+        self.create_budget_locked(&self.lock(), Instant::now())
     }
 
     fn create(&self, it: &InstanceType) -> Option<InstanceView> {
@@ -909,6 +984,12 @@ impl WorkerPool for Pool {
             return false;
         };
         let mut st = self.lock();
+        // Never twice: not if it runs or is starting anywhere (a restarted dispatcher's
+        // adopted workers, a scheduler racing a probe, a test-only forget).
+        if let Some(other) = Self::placed_anywhere(&st, &ctr.uuid) {
+            tracing::warn!(ContainerUUID = %ctr.uuid, Instance = %instance_id, Other = %other, "not starting: already running or starting on another instance");
+            return false;
+        }
         let Some(w) = st.workers.get_mut(instance_id) else {
             return false;
         };
@@ -965,6 +1046,7 @@ impl WorkerPool for Pool {
             {
                 w.running.insert(uuid.clone(), r);
                 w.updated = now;
+                w.proc_gen += 1;
                 w.busy = now;
                 w.last_uuid = uuid;
             }

@@ -84,6 +84,7 @@ struct Snapshot {
     it: Arc<InstanceType>,
     state: WorkerState,
     updated: Instant,
+    proc_gen: u64,
 }
 
 impl Pool {
@@ -140,6 +141,7 @@ impl Pool {
                 it: w.it.clone(),
                 state: w.state,
                 updated: w.updated,
+                proc_gen: w.proc_gen,
             }
         };
         self.probe(id, snap).await;
@@ -151,6 +153,13 @@ impl Pool {
     async fn probe(&self, id: &str, snap: Snapshot) {
         let probe_start = Instant::now();
         let user = snap.instance.remote_user();
+        // Better than Go: an adopted worker (a previous dispatcher's) is asked what it runs
+        // before anything is uploaded to it. A runner upload can take longer than
+        // StaleLockTimeout, and until the worker reports, its containers look stale.
+        let mut early_report = None;
+        if snap.state == WorkerState::Unknown {
+            early_report = self.run_probe(id, &snap).await;
+        }
         let mut booted = snap.state.is_ready();
         let mut boot_stderr = String::new();
         if !booted {
@@ -178,8 +187,8 @@ impl Pool {
                 tracing::info!(Instance = %id, "instance booted; will try probeRunning");
             }
         }
-        let mut report = None;
-        if booted || snap.state == WorkerState::Unknown {
+        let mut report = early_report;
+        if report.is_none() && (booted || snap.state == WorkerState::Unknown) {
             report = self.run_probe(id, &snap).await;
         }
         let now = Instant::now();
@@ -190,6 +199,7 @@ impl Pool {
         let Some(w) = workers.get_mut(id) else {
             return;
         };
+        let mut changed_listing = false;
         if let Some(r) = &report
             && r.broken
             && w.idle_behavior == IdleBehavior::Run
@@ -202,6 +212,11 @@ impl Pool {
         }
         let uuids: Vec<String> = report.as_ref().map(|r| r.uuids.clone()).unwrap_or_default();
         if report.is_none() || (!booted && uuids.is_empty() && w.running.is_empty()) {
+            if report.is_some() {
+                // Nothing runs there, and nothing was thought to: that is a report too
+                // (subscribers are told below).
+                w.listed = true;
+            }
             if w.state == WorkerState::Shutdown && w.updated > snap.updated {
                 // Shut down meanwhile: nothing to add.
                 return;
@@ -221,9 +236,16 @@ impl Pool {
             return;
         }
         w.probed = now;
-        if w.updated != snap.updated {
-            // A start, sync or kill happened meanwhile; the next probe will catch up.
+        // Better than Go, which compares `updated` and so discards every probe slower than
+        // SyncInterval (each sync touches it): only a change to the worker's processes made
+        // while the probe ran (a start finishing, an exit, a kill) makes its report stale.
+        if w.proc_gen != snap.proc_gen {
+            // The next probe will catch up.
             return;
+        }
+        if !w.listed {
+            w.listed = true;
+            changed_listing = true;
         }
         if !uuids.is_empty() {
             w.busy = now;
@@ -279,6 +301,11 @@ impl Pool {
             changed = true;
         }
         if !changed {
+            if changed_listing {
+                // fix_stale_locks waits for adopted workers' first report.
+                drop(st);
+                self.notify();
+            }
             return;
         }
         if w.state == WorkerState::Unknown {
@@ -290,6 +317,7 @@ impl Pool {
             w.state = WorkerState::Idle;
         }
         w.updated = now;
+        w.proc_gen += 1;
         if booted && matches!(snap.state, WorkerState::Unknown | WorkerState::Booting) {
             self.report_boot_outcome(w, "success");
             tracing::info!(Instance = %id, "probes succeeded, instance is in service");

@@ -34,6 +34,13 @@ pub struct Worker {
     pub running: BTreeMap<String, Arc<Runner>>,
     pub starting: BTreeMap<String, Arc<Runner>>,
     pub probing: bool,
+    /// Found in the cloud rather than created by this process (a previous dispatcher's).
+    pub adopted: bool,
+    /// A run probe (`crunch-run --list`) has succeeded: its processes are known.
+    pub listed: bool,
+    /// Bumped whenever this process's view of the worker's crunch-run processes changes
+    /// (start done, exit, kill, probe applied): a probe that began before a bump is stale.
+    pub proc_gen: u64,
     pub boot_outcome_reported: bool,
     pub time_to_ready_reported: bool,
     pub stale_run_lock_since: Option<Instant>,

@@ -197,6 +197,14 @@ impl StubSet {
         lock(&self.cloud.vms).clone()
     }
 
+    /// From now on every command on the VMs the set has now answers `d` later (a slow network
+    /// or overloaded VMs); VMs created later are not slowed.
+    pub fn set_command_delay(&self, d: Duration) {
+        for vm in self.vms() {
+            vm.set_command_delay(d);
+        }
+    }
+
     /// Every crunch-run process that ever ran on the set's VMs, in start order: the cloud's
     /// own record, independent of the dispatcher's bookkeeping (see [`crate::oracle`]).
     pub fn process_lives(&self) -> Vec<ProcessLife> {
@@ -218,6 +226,8 @@ pub struct StubVm {
     init_command: String,
     /// When the cloud takes it away (`VanishAfter`).
     vanish_at: Option<Instant>,
+    /// Its commands answer this much later (see [`StubSet::set_command_delay`]).
+    command_delay_ms: Arc<std::sync::atomic::AtomicU64>,
     cloud: std::sync::Weak<Cloud>,
 }
 
@@ -239,6 +249,12 @@ impl StubVm {
     /// How many `crunch-run --detach` calls it accepted.
     pub fn detach_count(&self) -> usize {
         self.os.detaches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// From now on its commands answer `d` later (a slow network or an overloaded VM).
+    pub fn set_command_delay(&self, d: Duration) {
+        self.command_delay_ms
+            .store(d.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Power the VM off at once (no cloud call, no error rate): as if it crashed. It stays
@@ -359,9 +375,19 @@ impl InstanceSet for StubSet {
                 format!("inst{n},{}", it.provider_type),
             ));
             let handler_os = os.clone();
+            let command_delay_ms: Arc<std::sync::atomic::AtomicU64> = Default::default();
+            let delay = command_delay_ms.clone();
             let handler: Arc<dyn CommandHandler> =
                 Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| {
-                    handler_os.handle(cmd, stdin)
+                    let ms = delay.load(std::sync::atomic::Ordering::SeqCst);
+                    let out = handler_os.handle(cmd, stdin);
+                    if ms == 0 {
+                        return out;
+                    }
+                    Box::pin(async move {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        out.await
+                    })
                 });
             let ssh = SshVm::start(handler, authorized)
                 .await
@@ -375,6 +401,7 @@ impl InstanceSet for StubSet {
                 ssh: Mutex::new(Some(ssh)),
                 init_command: req.init_command.clone(),
                 vanish_at,
+                command_delay_ms,
                 os,
                 cloud: Arc::downgrade(cloud),
             });
