@@ -36,6 +36,9 @@ const QUEUED_CONTAINERS_TARGET: usize = 100;
 const MISSING_BATCH: usize = 20;
 /// New containers whose mounts are fetched at once.
 const MOUNTS_CONCURRENCY: usize = 8;
+/// The longest a mounts fetch (retries included) may hold up a queue update; one that fails
+/// is tried again at the next update.
+const MOUNTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The fields a scheduling pass reads for every queued container, kept together at the start
 /// of the entry so that a pass over 100 000 entries touches one cache line of each.
@@ -533,7 +536,11 @@ impl ContainerQueue {
         loop {
             let mut set = tokio::task::JoinSet::new();
             for ctr in pending.by_ref().take(MOUNTS_CONCURRENCY) {
-                let client = self.client.clone();
+                let timeout = self
+                    .client
+                    .timeout()
+                    .map_or(MOUNTS_TIMEOUT, |t| t.min(MOUNTS_TIMEOUT));
+                let client = self.client.with_timeout(timeout);
                 set.spawn(async move {
                     let mounts = client.get_container(&ctr.uuid, Some(&["mounts"])).await;
                     (ctr, mounts)

@@ -841,3 +841,103 @@ async fn hung_api_calls_do_not_stop_other_containers_or_shutdown() {
         .expect("shutdown ends within 10 s");
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
+
+/// A dispatcher stopped while its creates are still in flight: the VMs they make later are
+/// adopted by the next dispatcher (or retired when idle), nothing leaks, nothing runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_while_creates_are_in_flight_leaks_nothing() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let set = stub(json!({"HoldCloudOps": true}));
+    let mut c = cluster(&f, "tok");
+    c.containers.cloud_vms.timeout_idle = Duration::from_secs(1);
+    let uuids: Vec<String> = (0..3)
+        .map(|_| {
+            f.add_container(&ContainerSpec {
+                environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "200".into())],
+                ..Default::default()
+            })
+        })
+        .collect();
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let r1 = start(&c, set.clone()).await;
+    wait_for("creates in flight", Duration::from_secs(20), || {
+        r1.svc.pool.instances().len() == uuids.len()
+    })
+    .await;
+    r1.stop().await;
+    // The cloud gets round to those creates (and to every destroy from now on).
+    set.release_cloud_ops(1000);
+    wait_for(
+        "the held creates made their VMs",
+        Duration::from_secs(20),
+        || set.vms().len() == uuids.len(),
+    )
+    .await;
+    let r2 = start(&c, set.clone()).await;
+    wait_for("all Complete", Duration::from_secs(60), || {
+        uuids.iter().all(|u| state(u) == "Complete")
+    })
+    .await;
+    wait_for("every VM retired", Duration::from_secs(30), || {
+        testkit::oracle::leaked_vms(&set).is_empty()
+    })
+    .await;
+    let v = testkit::oracle::violations(&set, &f.state_changes());
+    assert!(v.is_empty(), "{v:#?}");
+    assert_eq!(set.process_lives().len(), uuids.len());
+    r2.stop().await;
+}
+
+/// After a restart, the mounts of a Running container cannot be fetched (the API answers 500
+/// for it): the container is kept in the queue and keeps running; Go dropped it, and sync then
+/// killed it as "not in queue".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_failing_mounts_fetch_keeps_a_running_container() {
+    use testkit::{Fault, FaultKind};
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let set = stub(json!({}));
+    let c = cluster(&f, "tok");
+    let u = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "15000".into())],
+        ..Default::default()
+    });
+    let state = |u: &str| {
+        f.container(u).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let r1 = start(&c, set.clone()).await;
+    wait_for("Running", Duration::from_secs(20), || {
+        state(&u) == "Running"
+    })
+    .await;
+    r1.stop().await;
+    f.inject_fault(Fault::new(FaultKind::Status(500)).on("GET", &u).always());
+    let r2 = start(&c, set.clone()).await;
+    wait_for(
+        "the restarted dispatcher to queue it without mounts, and see it running",
+        Duration::from_secs(30),
+        || {
+            r2.svc.queue.get(&u).is_some_and(|e| e.mounts_pending)
+                && r2.svc.pool.running().contains_key(&u)
+        },
+    )
+    .await;
+    // Polls and syncs go on; it still runs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(state(&u), "Running");
+    assert!(r2.svc.pool.running().contains_key(&u));
+    f.clear_faults();
+    wait_for("Complete", Duration::from_secs(30), || {
+        state(&u) == "Complete"
+    })
+    .await;
+    assert_eq!(set.process_lives().len(), 1);
+    r2.stop().await;
+}

@@ -552,3 +552,69 @@ async fn oracle_reports_the_double_start_of_a_pool_that_forgets() {
     );
     p.stop();
 }
+
+/// A pool over the stub cloud behind the service's call deadlines (short ones).
+fn pool_with_deadlines(
+    set: Arc<StubSet>,
+    tweak: impl FnOnce(&mut PoolConfig),
+) -> (Arc<Pool>, InstanceType) {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let types = vec![fixture_type(1)];
+    let c = cluster(&types, None);
+    let mut cfg = PoolConfig::from_cluster(&c, "zzzzz-test-pool", key);
+    cfg.max_concurrent_creates = 1;
+    tweak(&mut cfg);
+    let deadline =
+        cloud::wrappers::Deadline::new(set, Duration::from_millis(500), Duration::from_millis(500));
+    let p = Pool::new(cfg, Arc::new(deadline), &prometheus::Registry::new()).unwrap();
+    p.start();
+    (p, types[0].clone())
+}
+
+/// A create whose call makes the VM and then never answers (or fails with a server error):
+/// the deadline ends it, its place is kept so nothing creates a second VM, and the VM is
+/// adopted when the cloud lists it. Judged by the stub cloud's own VM list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_with_unknown_outcome_adopts_its_vm_and_makes_no_second() {
+    for knob in ["HangRateCreateAfterVm", "ErrorRateCreateAfterVm"] {
+        let set = stub(json!({ knob: 1.0 }));
+        let (p, it) = pool_with_deadlines(set.clone(), |_| {});
+        assert!(p.create(&it).is_some());
+        wait_for(
+            &format!("{knob}: the VM in service"),
+            Duration::from_secs(20),
+            || {
+                let v = p.instances();
+                v.len() == 1 && !v[0].instance.is_empty() && v[0].worker_state == WorkerState::Idle
+            },
+        )
+        .await;
+        assert_eq!(set.vms().len(), 1, "{knob}: exactly one VM in the cloud");
+        // No create slot is stuck: another create is possible at once.
+        assert_eq!(p.create_budget(), Some(1), "{knob}");
+        p.stop();
+    }
+}
+
+/// A create the cloud never answers and that made no VM: the place is freed once a list that
+/// started after the grace period does not show it; nothing leaks, nothing stays `creating`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_that_never_answers_and_made_nothing_frees_its_place() {
+    let set = stub(json!({"HoldCloudOps": true}));
+    let (p, it) = pool_with_deadlines(set.clone(), |cfg| {
+        cfg.unknown_create_grace = Duration::from_millis(300);
+    });
+    assert!(p.create(&it).is_some());
+    assert_eq!(p.instances().len(), 1);
+    assert_eq!(p.create_budget(), Some(0), "the create is in flight");
+    // The deadline ends the call; the place is kept a while, then freed.
+    wait_for(
+        "the unknown create's place freed",
+        Duration::from_secs(20),
+        || p.instances().is_empty(),
+    )
+    .await;
+    assert!(set.vms().is_empty(), "no VM was made");
+    assert_eq!(p.create_budget(), Some(1));
+    p.stop();
+}

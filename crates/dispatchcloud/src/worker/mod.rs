@@ -336,7 +336,14 @@ impl Pool {
                         error = %e,
                         "create outcome unknown; keeping its place until the cloud's instance list shows whether the VM exists"
                     );
-                    if let Some(c) = st.creating.get_mut(&secret) {
+                    let listed_already = st
+                        .workers
+                        .values()
+                        .any(|w| w.secret.as_deref() == Some(secret.as_str()));
+                    if listed_already {
+                        // A list that ran meanwhile showed its VM: that is the answer.
+                        st.creating.remove(&secret);
+                    } else if let Some(c) = st.creating.get_mut(&secret) {
                         c.unknown_since = Some(now);
                     }
                     st.create_ops_hold_until = None;
@@ -534,6 +541,16 @@ impl Pool {
         let tags = inst.tags();
         let id = inst.id();
         let secret = tags.get(&keys.instance_secret()).cloned();
+        if let Some(s) = &secret
+            && st.workers.contains_key(&id)
+            && st
+                .creating
+                .get(s)
+                .is_some_and(|c| c.unknown_since.is_some())
+        {
+            // The VM of a create with unknown outcome, already known: the create is settled.
+            st.creating.remove(s);
+        }
         if let Some(w) = st.workers.get_mut(&id) {
             w.executor.set_target(self.target(&inst, secret.clone()));
             w.instance = inst;
