@@ -85,6 +85,12 @@ impl Drop for Sshd {
 }
 
 fn start_sshd(client_key: &russh::keys::PrivateKey) -> Sshd {
+    start_sshd_with(client_key, None)
+}
+
+/// An sshd VM whose `crunch-run` is `script` (a shell script; `@DIR@` is the VM's directory)
+/// instead of the fake crunch-run.
+fn start_sshd_with(client_key: &russh::keys::PrivateKey, script: Option<&str>) -> Sshd {
     let (user, owner) = sshd_user();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -112,9 +118,20 @@ fn start_sshd(client_key: &russh::keys::PrivateKey) -> Sshd {
     let locks = d.join("lock");
     std::fs::create_dir(&bin).unwrap();
     std::fs::create_dir(&locks).unwrap();
-    // A copy, not a link: sshd's user may not be able to reach the build directory (it can
-    // be under root's home).
-    std::fs::copy(fake_crunch_run(), bin.join("crunch-run")).unwrap();
+    match script {
+        Some(body) => {
+            std::fs::write(
+                bin.join("crunch-run"),
+                body.replace("@DIR@", &d.display().to_string()),
+            )
+            .unwrap();
+        }
+        // A copy, not a link: sshd's user may not be able to reach the build directory (it
+        // can be under root's home).
+        None => {
+            std::fs::copy(fake_crunch_run(), bin.join("crunch-run")).unwrap();
+        }
+    }
     std::fs::set_permissions(
         bin.join("crunch-run"),
         std::fs::Permissions::from_mode(0o755),
@@ -144,6 +161,7 @@ fn start_sshd(client_key: &russh::keys::PrivateKey) -> Sshd {
         let _ = write("sshd.log", "", 0o644);
         for p in [
             d.to_path_buf(),
+            bin.clone(),
             host_key.clone(),
             locks.clone(),
             config.clone(),
@@ -374,5 +392,79 @@ async fn openssh_sshd_acts_as_a_worker_vm() {
     let impostor = pool.worker("impostor").unwrap();
     assert_eq!(impostor.worker_state, WorkerState::Unknown);
     assert!(!pool.start_container("impostor", &ctr));
+    pool.stop();
+}
+
+/// A worker whose `crunch-run --list` prints lines that are not container uuids but shell
+/// commands: none of them is taken for a container, so none ends up in a later command line
+/// (`--kill`), and no file appears on the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_lines_that_are_shell_commands_run_nothing() {
+    if !Path::new(SSHD).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "sshd missing in CI: scripts/test installs openssh-server"
+        );
+        eprintln!("SKIPPED: {SSHD} is not installed");
+        return;
+    }
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let script = r#"#!/bin/sh
+case "$*" in
+*--list*)
+  echo 'zzzzz-dz642-x;touch @DIR@/pwned1'
+  echo 'zzzzz-dz642-000000000000001 $(touch @DIR@/pwned2)'
+  echo 'zzzzz-dz642-00000000000000`touch @DIR@/pwned3`'
+  echo 'zzzzz-dz642-x;touch${IFS}@DIR@/pwned4'
+  exit 0;;
+esac
+exit 0
+"#;
+    let sshd = start_sshd_with(&key, Some(script));
+    let dir = sshd._dir.path().to_path_buf();
+    let vm = Arc::new(SshdVm {
+        id: "evil".into(),
+        addr: sshd.addr.clone(),
+        user: sshd.user.clone(),
+        host_key: sshd.host_key.clone(),
+    });
+    let mut cluster = arvados::Cluster {
+        cluster_id: "zzzzz".into(),
+        ..Default::default()
+    };
+    let vms = &mut cluster.containers.cloud_vms;
+    vms.deploy_runner_binary = String::new();
+    vms.boot_probe_command = "true".into();
+    vms.probe_interval = Duration::from_millis(50);
+    vms.sync_interval = Duration::from_millis(200);
+    cluster.instance_types.insert(
+        "sshd".into(),
+        InstanceType {
+            name: "sshd".into(),
+            provider_type: "sshd".into(),
+            vcpus: 1,
+            ram: 1 << 30,
+            ..Default::default()
+        },
+    );
+    let cfg = PoolConfig::from_cluster(&cluster, "openssh-test", key.clone());
+    let pool = Pool::new(cfg, Arc::new(Cloud(vec![vm])), &prometheus::Registry::new()).unwrap();
+    pool.start();
+    wait_for("the VM in service", Duration::from_secs(20), || {
+        pool.worker("evil")
+            .is_some_and(|v| v.worker_state.is_ready())
+    })
+    .await;
+    // Several more probes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(pool.running().is_empty(), "{:?}", pool.running());
+    // Were the no-space line taken for a container, killing it (as sync does with a process
+    // it does not know) would run it.
+    let evil = format!("zzzzz-dz642-x;touch${{IFS}}{}/pwned4", dir.display());
+    assert!(!pool.kill_container(&evil, "test"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for f in ["pwned1", "pwned2", "pwned3", "pwned4"] {
+        assert!(!dir.join(f).exists(), "{f} appeared on the VM");
+    }
     pool.stop();
 }

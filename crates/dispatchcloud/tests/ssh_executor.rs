@@ -351,3 +351,220 @@ async fn pem_rsa_and_ecdsa_dispatch_keys_authenticate() {
         assert!(out.is_ok(), "{file}: {:?}", out.err());
     }
 }
+
+/// Answers `flood` with more output than the executor keeps, anything else with "ok".
+struct Flood;
+
+impl CommandHandler for Flood {
+    fn run(&self, _user: &str, command: &str, _stdin: Vec<u8>) -> OutcomeFuture {
+        let command = command.to_string();
+        Box::pin(async move {
+            match command.as_str() {
+                "flood" => Outcome::ok("zzzzz-dz642-000000000000001\n".repeat(80_000)),
+                "flood-stderr" => Outcome {
+                    exit: 0,
+                    stdout: Vec::new(),
+                    stderr: vec![b'x'; 2 << 20],
+                },
+                _ => Outcome::ok("ok"),
+            }
+        })
+    }
+}
+
+/// A VM that answers with endless output (here: more than the cap, on either stream) gets
+/// an error instead of the dispatcher's memory; the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_beyond_the_cap_is_an_error() {
+    let key = new_ed25519_key();
+    let server = SshVm::start(Arc::new(Flood), vec![key.public_key().clone()])
+        .await
+        .unwrap();
+    let t = target(server.addr().to_string(), "root", Some(Ok(())), None);
+    let ex = Executor::new(t, Arc::new(key), "22", Timeouts::default());
+    for cmd in ["flood", "flood-stderr"] {
+        let f = ex.execute(&[], cmd, b"").await.unwrap_err();
+        assert_eq!(
+            f.error,
+            ExecError::OutputTooLarge(dispatchcloud::ssh_executor::MAX_OUTPUT),
+            "{cmd}"
+        );
+        assert!(f.output.stdout.len() <= dispatchcloud::ssh_executor::MAX_OUTPUT);
+        assert!(f.output.stderr.len() <= dispatchcloud::ssh_executor::MAX_OUTPUT);
+    }
+    assert_eq!(ex.execute(&[], "echo", b"").await.unwrap().stdout, b"ok");
+}
+
+/// A TCP relay to an SSH server whose existing connections can be made to swallow every
+/// byte without closing (a half-open connection: the peer vanished, no FIN, no RST).
+struct Blackhole {
+    addr: std::net::SocketAddr,
+    dead: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl Blackhole {
+    async fn start(to: std::net::SocketAddr) -> Blackhole {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dead: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> = Default::default();
+        let d = dead.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                d.lock().unwrap().push(flag.clone());
+                let server = tokio::net::TcpStream::connect(to).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (f1, f2) = (flag.clone(), flag);
+                // Relay until the flag is set; then read and drop everything.
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 8192];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !f1.load(Ordering::SeqCst) && sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 8192];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !f2.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Blackhole { addr, dead }
+    }
+
+    /// Every connection made so far goes silent.
+    fn swallow_existing(&self) {
+        for f in self.dead.lock().unwrap().iter() {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The connection to a worker goes silent without closing: the next command does not wait
+/// on it forever, the executor reconnects, and later commands work (the worker recovers
+/// without being destroyed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_connection_is_replaced() {
+    let r = rig().await;
+    let relay = Blackhole::start(r.server.addr()).await;
+    let t = target(relay.addr.to_string(), "root", Some(Ok(())), None);
+    let timeouts = Timeouts {
+        connect: Duration::from_secs(2),
+        command: Duration::from_secs(2),
+    };
+    let ex = Executor::new(t, r.key.clone(), "22", timeouts);
+    ex.execute(&env(), r#"foo 'bar' "baz""#, b"").await.unwrap();
+    relay.swallow_existing();
+    // The first command after the blackhole may fail (it ran on the dead connection), but it
+    // ends within its deadline; then commands work again over a new connection.
+    let t0 = tokio::time::Instant::now();
+    let first = ex.execute(&env(), r#"foo 'bar' "baz""#, b"").await;
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    if first.is_err() {
+        let again = ex.execute(&env(), r#"foo 'bar' "baz""#, b"").await;
+        assert!(again.is_ok(), "{again:?}");
+    }
+    assert_eq!(relay.dead.lock().unwrap().len(), 2, "exactly one reconnect");
+}
+
+/// The VM's host key changes mid-life (another machine now answers at its address): the key
+/// is verified again through the instance, the impostor is refused, nothing runs on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_key_that_changes_mid_life_is_verified_again() {
+    let r = rig().await;
+    let good_key = r.server.host_key().to_openssh().unwrap();
+    /// Accepts only one host key.
+    #[derive(Debug)]
+    struct Pinned {
+        addr: Mutex<String>,
+        key: String,
+    }
+    impl Instance for Pinned {
+        fn id(&self) -> String {
+            "vm".into()
+        }
+        fn provider_type(&self) -> String {
+            "t".into()
+        }
+        fn tags(&self) -> InstanceTags {
+            InstanceTags::new()
+        }
+        fn address(&self) -> String {
+            self.addr.lock().unwrap().clone()
+        }
+        fn remote_user(&self) -> String {
+            "root".into()
+        }
+        fn set_tags(&self, _: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn price_history(&self, _: &InstanceType) -> Vec<InstancePrice> {
+            Vec::new()
+        }
+        fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
+            let ok = key == self.key;
+            Box::pin(async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(CloudError::other("host key mismatch"))
+                }
+            })
+        }
+    }
+    let vm = Arc::new(Pinned {
+        addr: Mutex::new(r.server.addr().to_string()),
+        key: good_key,
+    });
+    let t = Target {
+        instance: vm.clone(),
+        secret: None,
+        on_verified: None,
+    };
+    let ex = Executor::new(t, r.key.clone(), "22", Timeouts::default());
+    ex.execute(&env(), r#"foo 'bar' "baz""#, b"").await.unwrap();
+    let runs_before = r.runs.load(Ordering::SeqCst);
+    // Another machine (new host key) now answers where the VM is reached (its address was
+    // given to someone else, say), and the old connection is gone.
+    r.server.stop();
+    let impostor_runs = Arc::new(AtomicUsize::new(0));
+    let impostor = SshVm::start(
+        Arc::new(Ac2 {
+            code: Arc::new(AtomicU32::new(0)),
+            runs: impostor_runs.clone(),
+        }),
+        vec![r.key.public_key().clone()],
+    )
+    .await
+    .unwrap();
+    *vm.addr.lock().unwrap() = impostor.addr().to_string();
+    ex.close();
+    let f = ex
+        .execute(&env(), r#"foo 'bar' "baz""#, b"")
+        .await
+        .unwrap_err();
+    assert!(matches!(f.error, ExecError::HostKey(_)), "{f}");
+    assert_eq!(
+        impostor_runs.load(Ordering::SeqCst),
+        0,
+        "nothing ran on the impostor"
+    );
+    assert_eq!(r.runs.load(Ordering::SeqCst), runs_before);
+    impostor.stop();
+}

@@ -227,6 +227,12 @@ pub fn start_command(runner: &str, args: &[String], uuid: &str, user: &str) -> S
     cmd
 }
 
+/// `<runner> --kill 15 '<uuid>'`. Quoted, though Go does not quote it: whatever reaches a
+/// remote command line is quoted.
+pub fn kill_command(runner: &str, uuid: &str) -> String {
+    format!("{runner} --kill 15 {}", shell_quote(uuid))
+}
+
 /// The instance type as crunch-run reads it: no `Name`, no `Scratch`, 4-space indented, with a
 /// trailing newline.
 pub fn instance_type_json(it: &InstanceType) -> String {
@@ -304,6 +310,18 @@ mod tests {
         );
         assert!(
             start_command("crunch-run", &[], "u", "admin").starts_with("sudo crunch-run --detach")
+        );
+    }
+
+    #[test]
+    fn kill_command_quotes_the_uuid() {
+        assert_eq!(
+            kill_command("crunch-run", "zzzzz-dz642-000000000000001"),
+            "crunch-run --kill 15 'zzzzz-dz642-000000000000001'"
+        );
+        assert_eq!(
+            kill_command("sudo crunch-run", "zzzzz-dz642-x;touch pwned'"),
+            r"sudo crunch-run --kill 15 'zzzzz-dz642-x;touch pwned'\'''"
         );
     }
 

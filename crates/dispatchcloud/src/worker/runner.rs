@@ -78,12 +78,7 @@ impl Runner {
 
     async fn kill_loop(self: Arc<Self>) {
         let started = Instant::now();
-        // Quoted, though Go does not quote it: the uuid came from a worker's --list or the API.
-        let command = format!(
-            "{} --kill 15 {}",
-            self.command,
-            super::config::shell_quote(&self.uuid)
-        );
+        let command = super::config::kill_command(&self.command, &self.uuid);
         loop {
             if self.closed.load(Ordering::SeqCst) {
                 return;
