@@ -14,6 +14,8 @@ pub mod index;
 pub mod plan;
 pub mod pool;
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod reference;
 pub mod scale;
 pub mod status;
