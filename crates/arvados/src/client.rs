@@ -729,7 +729,8 @@ fn error_messages(body: &[u8]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources on one line, each source once (`a: b: c`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {

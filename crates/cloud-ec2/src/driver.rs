@@ -380,7 +380,11 @@ impl Ec2Set {
             }
         }
         let (api, msg, _) = remembered.unwrap_or((None, "RunInstances: no attempt".into(), false));
-        Err(classify(api.as_ref(), &msg, &self.create_backoff))
+        let mut err = classify(api.as_ref(), &msg, &self.create_backoff);
+        // No answer, or EC2's own failure: the instance may exist (the pool waits for the
+        // instance list to say).
+        err.outcome_unknown = crate::errors::outcome_unknown(api.as_ref());
+        Err(err)
     }
 
     async fn list(&self, filter: &InstanceTags) -> Result<Vec<Arc<dyn Instance>>, CloudError> {

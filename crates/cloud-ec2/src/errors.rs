@@ -91,6 +91,18 @@ pub fn classify(err: Option<&ApiError>, text: &str, backoff: &Backoff) -> CloudE
     CloudError::other(text)
 }
 
+/// Whether a failed RunInstances may still have made an instance: no API answer at all
+/// (timeout, connection lost), or EC2's internal errors.
+pub fn outcome_unknown(err: Option<&ApiError>) -> bool {
+    match err {
+        None => true,
+        Some(e) => matches!(
+            e.code.as_str(),
+            "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
+        ),
+    }
+}
+
 /// The capacity error kind of an API error, if it is one: per quota group for
 /// `VcpuLimitExceeded`, per instance type for `InsufficientInstanceCapacity` and for
 /// `Unsupported` instance types.
@@ -137,6 +149,19 @@ pub fn is_subnet_specific(err: Option<&ApiError>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unanswered_and_internal_errors_leave_the_create_outcome_unknown() {
+        let e = |code: &str| ApiError {
+            code: code.into(),
+            message: "m".into(),
+        };
+        assert!(outcome_unknown(None));
+        assert!(outcome_unknown(Some(&e("InternalError"))));
+        assert!(outcome_unknown(Some(&e("ServiceUnavailable"))));
+        assert!(!outcome_unknown(Some(&e("InsufficientInstanceCapacity"))));
+        assert!(!outcome_unknown(Some(&e("InvalidParameterValue"))));
+    }
 
     fn api(code: &str, message: &str) -> ApiError {
         ApiError {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use cloud::CloudError;
 use serde_json::Value;
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows no credentials.
+#[derive(Clone, PartialEq)]
 pub struct Ec2Params {
     pub access_key_id: String,
     pub secret_access_key: String,
@@ -25,6 +26,32 @@ pub struct Ec2Params {
     pub instance_type_quota_groups: BTreeMap<String, String>,
     /// Endpoint override (tests: moto on 127.0.0.1).
     pub endpoint: Option<String>,
+}
+
+impl std::fmt::Debug for Ec2Params {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |s: &str| if s.is_empty() { "" } else { "[redacted]" };
+        f.debug_struct("Ec2Params")
+            .field("access_key_id", &redacted(&self.access_key_id))
+            .field("secret_access_key", &redacted(&self.secret_access_key))
+            .field("region", &self.region)
+            .field("security_group_ids", &self.security_group_ids)
+            .field("subnet_ids", &self.subnet_ids)
+            .field("admin_username", &self.admin_username)
+            .field("ebs_volume_type", &self.ebs_volume_type)
+            .field("ebs_price", &self.ebs_price)
+            .field("iam_instance_profile", &self.iam_instance_profile)
+            .field(
+                "spot_price_update_interval",
+                &self.spot_price_update_interval,
+            )
+            .field(
+                "instance_type_quota_groups",
+                &self.instance_type_quota_groups,
+            )
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
 }
 
 fn bad(key: &str, why: impl std::fmt::Display) -> CloudError {
@@ -132,6 +159,20 @@ impl Ec2Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_no_credentials() {
+        let p = Ec2Params::from_params(&serde_json::json!({
+            "AccessKeyID": "AKIDEXAMPLE", "SecretAccessKey": "wJalrXUtnFEMI-secret", "Region": "us-east-1"
+        }))
+        .unwrap();
+        let text = format!("{p:?}");
+        assert!(
+            !text.contains("AKIDEXAMPLE") && !text.contains("wJalrXUtnFEMI"),
+            "{text}"
+        );
+        assert!(text.contains("us-east-1"));
+    }
     use serde_json::json;
 
     #[test]

@@ -250,6 +250,30 @@ impl Instance for SshdVm {
     }
 }
 
+/// A cluster whose one instance type is the sshd VM, with quick probes and syncs.
+fn sshd_cluster() -> arvados::Cluster {
+    let mut cluster = arvados::Cluster {
+        cluster_id: "zzzzz".into(),
+        ..Default::default()
+    };
+    let vms = &mut cluster.containers.cloud_vms;
+    vms.deploy_runner_binary = String::new();
+    vms.boot_probe_command = "true".into();
+    vms.probe_interval = Duration::from_millis(50);
+    vms.sync_interval = Duration::from_millis(200);
+    cluster.instance_types.insert(
+        "sshd".into(),
+        InstanceType {
+            name: "sshd".into(),
+            provider_type: "sshd".into(),
+            vcpus: 1,
+            ram: 1 << 30,
+            ..Default::default()
+        },
+    );
+    cluster
+}
+
 struct Cloud(Vec<Arc<SshdVm>>);
 
 impl InstanceSet for Cloud {
@@ -305,27 +329,9 @@ async fn openssh_sshd_acts_as_a_worker_vm() {
             .to_openssh()
             .unwrap(),
     });
-    let mut cluster = arvados::Cluster {
-        cluster_id: "zzzzz".into(),
-        system_root_token: f.root_token().into(),
-        ..Default::default()
-    };
+    let mut cluster = sshd_cluster();
+    cluster.system_root_token = f.root_token().into();
     cluster.services.controller.external_url = f.base_url().into();
-    let vms = &mut cluster.containers.cloud_vms;
-    vms.deploy_runner_binary = String::new();
-    vms.boot_probe_command = "true".into();
-    vms.probe_interval = Duration::from_millis(50);
-    vms.sync_interval = Duration::from_millis(200);
-    cluster.instance_types.insert(
-        "sshd".into(),
-        InstanceType {
-            name: "sshd".into(),
-            provider_type: "sshd".into(),
-            vcpus: 1,
-            ram: 1 << 30,
-            ..Default::default()
-        },
-    );
     let cfg = PoolConfig::from_cluster(&cluster, "openssh-test", key.clone());
     let pool = Pool::new(
         cfg,
@@ -428,25 +434,7 @@ exit 0
         user: sshd.user.clone(),
         host_key: sshd.host_key.clone(),
     });
-    let mut cluster = arvados::Cluster {
-        cluster_id: "zzzzz".into(),
-        ..Default::default()
-    };
-    let vms = &mut cluster.containers.cloud_vms;
-    vms.deploy_runner_binary = String::new();
-    vms.boot_probe_command = "true".into();
-    vms.probe_interval = Duration::from_millis(50);
-    vms.sync_interval = Duration::from_millis(200);
-    cluster.instance_types.insert(
-        "sshd".into(),
-        InstanceType {
-            name: "sshd".into(),
-            provider_type: "sshd".into(),
-            vcpus: 1,
-            ram: 1 << 30,
-            ..Default::default()
-        },
-    );
+    let cluster = sshd_cluster();
     let cfg = PoolConfig::from_cluster(&cluster, "openssh-test", key.clone());
     let pool = Pool::new(cfg, Arc::new(Cloud(vec![vm])), &prometheus::Registry::new()).unwrap();
     pool.start();

@@ -31,6 +31,20 @@ fn pg_bin() -> Option<std::path::PathBuf> {
         .filter(|b| b.join("postgres").exists())
 }
 
+/// The PostgreSQL binaries; `None` (the test is skipped, loudly) where they are not installed,
+/// which CI does not allow.
+fn pg_bin_or_skip() -> Option<std::path::PathBuf> {
+    let bin = pg_bin();
+    if bin.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL missing in CI: scripts/test installs postgresql"
+        );
+        eprintln!("SKIPPED: PostgreSQL is not installed (scripts/test installs postgresql)");
+    }
+    bin
+}
+
 /// Run `cmd` as an unprivileged user: ourselves, or `adc-test` when we are root.
 fn unprivileged(program: &Path) -> (Command, Option<(u32, u32)>) {
     let id = |args: &[&str]| {
@@ -67,6 +81,11 @@ impl Drop for Postgres {
 }
 
 fn start_postgres(bin: &Path) -> Postgres {
+    start_postgres_tls(bin, None)
+}
+
+/// A server that also speaks TLS with this certificate and key (PEM) when given.
+fn start_postgres_tls(bin: &Path, tls: Option<(&str, &str)>) -> Postgres {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -92,8 +111,29 @@ fn start_postgres(bin: &Path) -> Postgres {
         .local_addr()
         .unwrap()
         .port();
+    let mut tls_args: Vec<String> = Vec::new();
+    if let Some((cert, key)) = tls {
+        let (c, k) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&c, Some(uid), Some(gid)).unwrap();
+            std::os::unix::fs::chown(&k, Some(uid), Some(gid)).unwrap();
+        }
+        for setting in [
+            "ssl=on".to_string(),
+            format!("ssl_cert_file={}", c.display()),
+            format!("ssl_key_file={}", k.display()),
+        ] {
+            tls_args.push("-c".into());
+            tls_args.push(setting);
+        }
+    }
     let (mut pg, _) = unprivileged(&bin.join("postgres"));
     let child = pg
+        .args(&tls_args)
         .arg("-D")
         .arg(&data)
         .arg("-k")
@@ -125,12 +165,7 @@ fn start_postgres(bin: &Path) -> Postgres {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_dispatcher_waits_for_the_first_to_release_lock_10005() {
-    let Some(bin) = pg_bin() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "PostgreSQL missing in CI: scripts/test installs postgresql"
-        );
-        eprintln!("SKIPPED: PostgreSQL is not installed (scripts/test installs postgresql)");
+    let Some(bin) = pg_bin_or_skip() else {
         return;
     };
     let pg = start_postgres(&bin);
@@ -230,12 +265,7 @@ async fn lock_holder(admin: &tokio_postgres::Client) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_lost_stops_dispatch_and_the_waiting_dispatcher_takes_over() {
-    let Some(bin) = pg_bin() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "PostgreSQL missing in CI: scripts/test installs postgresql"
-        );
-        eprintln!("SKIPPED: PostgreSQL is not installed (scripts/test installs postgresql)");
+    let Some(bin) = pg_bin_or_skip() else {
         return;
     };
     let pg = start_postgres(&bin);
@@ -277,12 +307,7 @@ async fn lock_lost_stops_dispatch_and_the_waiting_dispatcher_takes_over() {
             })
         })
         .collect();
-    let state = |u: &str| {
-        f.container(u).unwrap()["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let state = |u: &str| common::container_state(&f, u);
     wait_for("a container running", Duration::from_secs(60), || {
         uuids.iter().any(|u| state(u) == "Running")
     })
@@ -336,4 +361,65 @@ async fn lock_lost_stops_dispatch_and_the_waiting_dispatcher_takes_over() {
         .unwrap();
     assert!(r.is_ok(), "{r:?}");
     drop(pg);
+}
+
+/// `sslmode` as libpq means it, against a server with a self-signed certificate: `require`
+/// encrypts without checking it, `verify-full` accepts it only with that certificate as
+/// `sslrootcert`, and refuses the server otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_connections_honour_sslmode() {
+    use dispatchcloud::service::pgtls;
+    let Some(bin) = pg_bin_or_skip() else {
+        return;
+    };
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+    let pg = start_postgres_tls(&bin, Some((&cert, &key)));
+    let _ = admin_session(pg.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let other = dir.path().join("other.pem");
+    let other_ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(&other, other_ck.cert.pem()).unwrap();
+    let params = |mode: &str, root: Option<&Path>| {
+        let mut p = pg_params(pg.port);
+        p.insert("sslmode".into(), mode.into());
+        if let Some(r) = root {
+            p.insert("sslrootcert".into(), r.display().to_string());
+        }
+        p
+    };
+    let encrypted = |client: tokio_postgres::Client| async move {
+        let row = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, bool>(0)
+    };
+    for (mode, root, want_tls) in [
+        ("disable", None, false),
+        ("prefer", None, true),
+        ("require", None, true),
+        ("verify-full", Some(ca.as_path()), true),
+        ("verify-ca", Some(ca.as_path()), true),
+    ] {
+        let (client, task, _, _) = pgtls::connect(&params(mode, root), Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_eq!(encrypted(client).await, want_tls, "{mode}");
+        task.abort();
+    }
+    let refused = pgtls::connect(
+        &params("verify-full", Some(&other)),
+        Duration::from_secs(10),
+    )
+    .await;
+    let Err(e) = refused else {
+        panic!("a server whose certificate the root does not sign is refused");
+    };
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
 }

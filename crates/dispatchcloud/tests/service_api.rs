@@ -332,12 +332,7 @@ async fn container_runs_to_complete_and_metrics_pass_promtool() {
         environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "300".into())],
         ..Default::default()
     });
-    let state = |u: &str| {
-        f.container(u).unwrap()["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let state = |u: &str| common::container_state(&f, u);
     wait_for("container Running", Duration::from_secs(20), || {
         state(&u) == "Running"
     })
@@ -447,12 +442,7 @@ async fn restart_adopts_vms_and_containers_and_starts_nothing_twice() {
             })
         })
         .collect();
-    let state = |u: &str| {
-        f.container(u).unwrap()["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let state = |u: &str| common::container_state(&f, u);
     let r1 = start(&c, set.clone()).await;
     wait_for("all Running", Duration::from_secs(20), || {
         uuids.iter().all(|u| state(u) == "Running")
@@ -519,12 +509,7 @@ async fn adopted_workers_slower_than_stale_lock_timeout_start_nothing_twice() {
         environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "50".into())],
         ..Default::default()
     });
-    let state = |u: &str| {
-        f.container(u).unwrap()["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let state = |u: &str| common::container_state(&f, u);
     let r1 = start(&c, set.clone()).await;
     wait_for("every crunch-run started", Duration::from_secs(30), || {
         set.process_lives().len() == uuids.len() + 1 && state(&quick) == "Complete"
@@ -791,8 +776,8 @@ async fn metrics_stay_bounded_bodies_are_limited_and_concurrency_is_enforced() {
 }
 
 /// An API that accepts some requests and never answers them (one container's lock, another's
-/// mounts fetch): the call deadline ends them, the other containers dispatch, and shutdown
-/// with every list request hanging still ends promptly.
+/// mounts fetch, a third's unlock): the call deadline ends them, the other containers
+/// dispatch, and shutdown with every list request hanging still ends promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_api_calls_do_not_stop_other_containers_or_shutdown() {
     use testkit::{Fault, FaultKind};
@@ -806,6 +791,13 @@ async fn hung_api_calls_do_not_stop_other_containers_or_shutdown() {
     let hung_lock = f.add_container(&spec());
     let hung_mounts = f.add_container(&spec());
     let others: Vec<String> = (0..3).map(|_| f.add_container(&spec())).collect();
+    // Locked by this dispatcher's token and then put on hold: sync unlocks it.
+    let hung_unlock = f.add_container(&spec());
+    common::client(&f)
+        .lock_container(&hung_unlock)
+        .await
+        .unwrap();
+    assert!(f.set_priority(&hung_unlock, 0));
     let forever = FaultKind::Delay(Duration::from_secs(3600));
     f.inject_fault(
         Fault::new(forever.clone())
@@ -813,12 +805,12 @@ async fn hung_api_calls_do_not_stop_other_containers_or_shutdown() {
             .always(),
     );
     f.inject_fault(Fault::new(forever.clone()).on("GET", &hung_mounts).always());
-    let state = |u: &str| {
-        f.container(u).unwrap()["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    f.inject_fault(
+        Fault::new(forever.clone())
+            .on("POST", &format!("{hung_unlock}/unlock"))
+            .always(),
+    );
+    let state = |u: &str| common::container_state(&f, u);
     let r = start(&c, stub(json!({}))).await;
     wait_for(
         "the other containers Complete",
@@ -828,6 +820,21 @@ async fn hung_api_calls_do_not_stop_other_containers_or_shutdown() {
     .await;
     assert_eq!(state(&hung_lock), "Queued");
     assert_eq!(state(&hung_mounts), "Queued");
+    wait_for("the unlock tried", Duration::from_secs(30), || {
+        f.requests()
+            .iter()
+            .any(|r| r.path.ends_with(&format!("{hung_unlock}/unlock")))
+    })
+    .await;
+    // Still dispatching while it hangs: one more container goes through.
+    let late = f.add_container(&spec());
+    wait_for(
+        "a container added later Complete",
+        Duration::from_secs(60),
+        || state(&late) == "Complete",
+    )
+    .await;
+    assert_eq!(state(&hung_unlock), "Locked");
     // Now every list hangs too: the scheduler and the poller are stuck in API calls.
     f.inject_fault(
         Fault::new(forever)
@@ -858,12 +865,7 @@ async fn restart_while_creates_are_in_flight_leaks_nothing() {
             })
         })
         .collect();
-    let state = |u: &str| {
-        f.container(u).unwrap()["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let state = |u: &str| common::container_state(&f, u);
     let r1 = start(&c, set.clone()).await;
     wait_for("creates in flight", Duration::from_secs(20), || {
         r1.svc.pool.instances().len() == uuids.len()
@@ -906,12 +908,7 @@ async fn restart_with_failing_mounts_fetch_keeps_a_running_container() {
         environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "15000".into())],
         ..Default::default()
     });
-    let state = |u: &str| {
-        f.container(u).unwrap()["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let state = |u: &str| common::container_state(&f, u);
     let r1 = start(&c, set.clone()).await;
     wait_for("Running", Duration::from_secs(20), || {
         state(&u) == "Running"

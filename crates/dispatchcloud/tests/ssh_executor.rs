@@ -17,6 +17,8 @@ struct Vm {
     user: String,
     /// `None`: the driver cannot verify host keys.
     verdict: Option<Result<(), String>>,
+    /// When set, only this host key (OpenSSH text) is the VM's.
+    pinned: Option<String>,
 }
 
 impl Instance for Vm {
@@ -44,7 +46,15 @@ impl Instance for Vm {
     fn price_history(&self, _: &InstanceType) -> Vec<InstancePrice> {
         Vec::new()
     }
-    fn verify_host_key(&self, _key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
+    fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
+        if let Some(p) = &self.pinned {
+            let r = if p == key {
+                Ok(())
+            } else {
+                Err(CloudError::other("host key mismatch"))
+            };
+            return Box::pin(async move { r });
+        }
         let r = match &self.verdict {
             None => Err(CloudError::not_implemented()),
             Some(Ok(())) => Ok(()),
@@ -135,6 +145,7 @@ fn target(
             addr: Mutex::new(addr),
             user: user.into(),
             verdict,
+            pinned: None,
         }),
         secret: secret.map(String::from),
         on_verified: None,
@@ -486,51 +497,11 @@ async fn blackholed_connection_is_replaced() {
 async fn a_host_key_that_changes_mid_life_is_verified_again() {
     let r = rig().await;
     let good_key = r.server.host_key().to_openssh().unwrap();
-    /// Accepts only one host key.
-    #[derive(Debug)]
-    struct Pinned {
-        addr: Mutex<String>,
-        key: String,
-    }
-    impl Instance for Pinned {
-        fn id(&self) -> String {
-            "vm".into()
-        }
-        fn provider_type(&self) -> String {
-            "t".into()
-        }
-        fn tags(&self) -> InstanceTags {
-            InstanceTags::new()
-        }
-        fn address(&self) -> String {
-            self.addr.lock().unwrap().clone()
-        }
-        fn remote_user(&self) -> String {
-            "root".into()
-        }
-        fn set_tags(&self, _: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn price_history(&self, _: &InstanceType) -> Vec<InstancePrice> {
-            Vec::new()
-        }
-        fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
-            let ok = key == self.key;
-            Box::pin(async move {
-                if ok {
-                    Ok(())
-                } else {
-                    Err(CloudError::other("host key mismatch"))
-                }
-            })
-        }
-    }
-    let vm = Arc::new(Pinned {
+    let vm = Arc::new(Vm {
         addr: Mutex::new(r.server.addr().to_string()),
-        key: good_key,
+        user: "root".into(),
+        verdict: None,
+        pinned: Some(good_key),
     });
     let t = Target {
         instance: vm.clone(),

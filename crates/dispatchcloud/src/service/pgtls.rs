@@ -195,23 +195,12 @@ pub async fn connect(
             TlsMode::Require | TlsMode::Verify => SslMode::Require,
         });
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(&s)?);
-    let (client, conn) = cfg.connect(tls).await.map_err(|e| error_chain(&e))?;
+    let (client, conn) = cfg
+        .connect(tls)
+        .await
+        .map_err(|e| arvados::client::error_chain(&e))?;
     let (task, lost, releasing) = watch_connection(conn);
     Ok((client, task, lost, releasing))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

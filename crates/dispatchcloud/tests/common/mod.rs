@@ -134,3 +134,11 @@ pub fn stub_service_cluster(f: &FakeArvados, token: &str) -> Cluster {
     }
     c
 }
+
+/// The container's `state` as the fake API has it.
+pub fn container_state(f: &FakeArvados, uuid: &str) -> String {
+    f.container(uuid).expect("container exists")["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
