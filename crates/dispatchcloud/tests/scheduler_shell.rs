@@ -19,6 +19,7 @@ fn shell(stale: Duration) -> ShellConfig {
     ShellConfig {
         poll_interval: Duration::from_millis(100),
         stale_lock_timeout: stale,
+        adopted_report_timeout: Duration::from_secs(600),
     }
 }
 

@@ -155,6 +155,10 @@ impl<P: WorkerPool> Collector for AtQuotaGauge<P> {
 pub struct ShellConfig {
     pub poll_interval: Duration,
     pub stale_lock_timeout: Duration,
+    /// The longest `fix_stale_locks` waits for reachable adopted workers to report
+    /// (`TimeoutBooting`): past it, a worker that answers SSH but never lists its processes
+    /// is as good as broken, and scheduling must start.
+    pub adopted_report_timeout: Duration,
 }
 
 impl ShellConfig {
@@ -162,6 +166,11 @@ impl ShellConfig {
         ShellConfig {
             poll_interval: cluster.containers.cloud_vms.poll_interval,
             stale_lock_timeout: cluster.containers.stale_lock_timeout,
+            adopted_report_timeout: if cluster.containers.cloud_vms.timeout_booting.is_zero() {
+                Duration::from_secs(600)
+            } else {
+                cluster.containers.cloud_vms.timeout_booting
+            },
         }
     }
 }
@@ -542,13 +551,20 @@ impl<P: WorkerPool> Scheduler<P> {
     /// anywhere, once the adopted VMs have reported their processes (spec §7.8). Better than
     /// Go (§13.3 item 19): the stale list is computed after the last wait, so a container a
     /// worker reported in that last probe is not unlocked. And better than Go's
-    /// `StaleLockTimeout` alone: while an adopted worker has not reported (slow boot probe,
-    /// slow network) its containers are not unlocked even after the timeout, since unlocking
-    /// one that runs there would start it a second time elsewhere; a worker that never
-    /// answers is shut down after `TimeoutBooting`, and stops counting then.
+    /// `StaleLockTimeout` alone: while an adopted worker that answers SSH has not reported
+    /// (slow network, slow VM) its containers are not unlocked even after the timeout, since
+    /// unlocking one that runs there would start it a second time elsewhere. That wait ends
+    /// after `TimeoutBooting` whatever happens, so one odd VM cannot stop scheduling; VMs that
+    /// do not answer SSH at all count only for `StaleLockTimeout`, as in Go.
     pub async fn fix_stale_locks(&self) {
         let mut rx = self.pool.subscribe();
-        let deadline = tokio::time::Instant::now() + self.shell.stale_lock_timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.shell.stale_lock_timeout;
+        let last_resort = started
+            + self
+                .shell
+                .adopted_report_timeout
+                .max(self.shell.stale_lock_timeout);
         while !self.pool.loaded() {
             if rx.changed().await.is_err() {
                 return;
@@ -578,8 +594,15 @@ impl<P: WorkerPool> Scheduler<P> {
                 .get(&WorkerState::Unknown)
                 .copied()
                 .unwrap_or(0);
-            let past_deadline = tokio::time::Instant::now() >= deadline;
-            if unreported == 0 && (unknown == 0 || past_deadline) {
+            let now = tokio::time::Instant::now();
+            let past_deadline = now >= deadline;
+            if (unreported == 0 || now >= last_resort) && (unknown == 0 || past_deadline) {
+                if unreported > 0 {
+                    tracing::warn!(
+                        N = unreported,
+                        "adopted instances still have not reported their containers; unlocking stale containers anyway"
+                    );
+                }
                 break;
             }
             if stale().is_empty() {
@@ -593,9 +616,10 @@ impl<P: WorkerPool> Scheduler<P> {
                     "StaleLockTimeout passed, but adopted instances have not reported their containers yet; not unlocking until they do (or are shut down)"
                 );
             }
+            let wake = if past_deadline { last_resort } else { deadline };
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep_until(deadline), if !past_deadline => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
         if !waited {

@@ -142,10 +142,10 @@ pub trait WorkerPool: Send + Sync + 'static {
     fn snapshot(&self, cfg: &super::SchedConfig) -> super::PoolSnapshot {
         super::PoolSnapshot::read(self, cfg)
     }
-    /// Workers found at startup that have not yet reported their crunch-run processes (and
-    /// are not shutting down): until they have, a container this dispatcher locked may be
-    /// running on one of them, so `fix_stale_locks` waits for them past `StaleLockTimeout`.
-    /// Default 0: only the timeout counts, as in Go.
+    /// Workers found at startup that answer SSH but have not yet reported their crunch-run
+    /// processes (and are not shutting down): until they have, a container this dispatcher
+    /// locked may be running on one of them, so `fix_stale_locks` waits for them past
+    /// `StaleLockTimeout`. Default 0: only the timeout counts, as in Go.
     fn unreported_workers(&self) -> usize {
         0
     }

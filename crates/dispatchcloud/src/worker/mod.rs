@@ -524,6 +524,13 @@ impl Pool {
     fn ssh_connected(&self, id: &str) {
         let now = Instant::now();
         let mut st = self.lock();
+        let mut reached_first_time = false;
+        if let Some(w) = st.workers.get_mut(id)
+            && !w.reachable
+        {
+            w.reachable = true;
+            reached_first_time = w.adopted;
+        }
         if let Some(w) = st.workers.get_mut(id)
             && w.state == WorkerState::Booting
             && w.first_ssh.is_none()
@@ -532,6 +539,11 @@ impl Pool {
             self.metrics
                 .time_to_ssh
                 .observe(&[], now.saturating_duration_since(w.appeared).as_secs_f64());
+        }
+        drop(st);
+        if reached_first_time {
+            // fix_stale_locks now waits for this worker's report.
+            self.notify();
         }
     }
 
@@ -635,6 +647,7 @@ impl Pool {
             busy: now,
             destroyed: None,
             first_ssh: None,
+            reachable: false,
             last_uuid: String::new(),
             running: BTreeMap::new(),
             starting: BTreeMap::new(),
@@ -946,7 +959,7 @@ impl WorkerPool for Pool {
         self.lock()
             .workers
             .values()
-            .filter(|w| w.adopted && !w.listed && w.state != WorkerState::Shutdown)
+            .filter(|w| w.adopted && w.reachable && !w.listed && w.state != WorkerState::Shutdown)
             .count()
     }
 

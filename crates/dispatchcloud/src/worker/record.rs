@@ -30,6 +30,8 @@ pub struct Worker {
     pub busy: Instant,
     pub destroyed: Option<Instant>,
     pub first_ssh: Option<Instant>,
+    /// An SSH connection to it has been made (in any state).
+    pub reachable: bool,
     pub last_uuid: String,
     pub running: BTreeMap<String, Arc<Runner>>,
     pub starting: BTreeMap<String, Arc<Runner>>,

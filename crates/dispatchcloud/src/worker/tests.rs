@@ -297,6 +297,7 @@ impl Rig {
             busy: t,
             destroyed: None,
             first_ssh: None,
+            reachable: false,
             last_uuid: String::new(),
             running: running.iter().map(runner).collect(),
             starting: starting.iter().map(runner).collect::<BTreeMap<_, _>>(),
