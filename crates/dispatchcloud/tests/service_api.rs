@@ -938,3 +938,55 @@ async fn restart_with_failing_mounts_fetch_keeps_a_running_container() {
     assert_eq!(set.process_lives().len(), 1);
     r2.stop().await;
 }
+
+/// After a restart, an adopted VM that does not answer at all (it crashed) holds up
+/// scheduling only for `StaleLockTimeout`, as in Go: the longer wait for adopted workers'
+/// reports is only for those that answer SSH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_a_dead_adopted_vm_still_schedules() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let set = stub(json!({}));
+    let mut c = cluster(&f, "tok");
+    c.containers.stale_lock_timeout = Duration::from_millis(500);
+    c.containers.cloud_vms.timeout_booting = Duration::from_secs(600);
+    let state = |u: &str| common::container_state(&f, u);
+    // Its crunch-run is still starting (Locked) when the dispatcher restarts.
+    let long = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_START_MS".into(), "60000".into())],
+        ..Default::default()
+    });
+    let r1 = start(&c, set.clone()).await;
+    wait_for("crunch-run started", Duration::from_secs(20), || {
+        !set.process_lives().is_empty()
+    })
+    .await;
+    r1.stop().await;
+    let vm = set.process_lives()[0].vm.clone();
+    for v in set.vms() {
+        if cloud::Instance::id(&*v) == vm {
+            v.crash();
+        }
+    }
+    let r2 = start(&c, set.clone()).await;
+    let quick = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "100".into())],
+        ..Default::default()
+    });
+    // The scheduler locks only once fix_stale_locks is done: it is, long before the dead VM's
+    // TimeoutBooting (10 min). (The new container then waits for the dead VM's capacity, as
+    // in Go, until that VM is shut down.)
+    wait_for(
+        "scheduling to start despite the dead VM",
+        Duration::from_secs(15),
+        || state(&quick) == "Locked",
+    )
+    .await;
+    // The container whose crunch-run died with the VM was unlocked after StaleLockTimeout.
+    assert!(
+        f.state_changes()
+            .iter()
+            .any(|ch| ch.uuid == long && ch.from == "Locked" && ch.to == "Queued"),
+        "the stale lock was released"
+    );
+    r2.stop().await;
+}
