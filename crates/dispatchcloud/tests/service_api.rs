@@ -747,31 +747,33 @@ async fn metrics_stay_bounded_bodies_are_limited_and_concurrency_is_enforced() {
         .unwrap();
         held.push(s);
     }
-    let mut got_503 = false;
-    for _ in 0..100 {
-        let (status, body) = call("GET", &u("/arvados/v1/dispatch/instances"), Some("tok")).await;
-        if status == 503 {
-            assert_eq!(body, r#"{"errors":["too many concurrent requests"]}"#);
-            got_503 = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(got_503, "a third concurrent request is refused");
+    // Wait until the server has both of them in hand (a loaded machine may take a while to
+    // get to them), then a third request is refused at once.
+    let in_flight = |svc: &Service| {
+        svc.registry
+            .gather()
+            .iter()
+            .find(|m| m.name() == "arvados_concurrent_requests")
+            .and_then(|m| m.get_metric().first().map(|g| g.get_gauge().get_value()))
+            .unwrap_or(0.0)
+    };
+    wait_for("two requests in flight", Duration::from_secs(30), || {
+        in_flight(&r.svc) == 2.0
+    })
+    .await;
+    let (status, body) = call("GET", &u("/arvados/v1/dispatch/instances"), Some("tok")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, r#"{"errors":["too many concurrent requests"]}"#),
+        "a third concurrent request is refused"
+    );
     drop(held);
-    let mut ok = false;
-    for _ in 0..100 {
-        if call("GET", &u("/arvados/v1/dispatch/instances"), Some("tok"))
-            .await
-            .0
-            == 200
-        {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ok, "slots come back when the clients go");
+    wait_for("the slots back", Duration::from_secs(30), || {
+        in_flight(&r.svc) == 0.0
+    })
+    .await;
+    let (status, _) = call("GET", &u("/arvados/v1/dispatch/instances"), Some("tok")).await;
+    assert_eq!(status, 200, "slots come back when the clients go");
     r.stop().await;
 }
 
