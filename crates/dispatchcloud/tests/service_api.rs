@@ -687,7 +687,8 @@ async fn slowloris_clients_are_cut_off_and_do_not_hold_shutdown() {
         .unwrap();
     let t0 = tokio::time::Instant::now();
     r.stop().await;
-    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // Within the 10 s a SIGTERM may take (here drain is 0.5 s; the bound is for slow CI).
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 }
 
 /// Whatever methods clients invent, `/metrics` grows by one `other` label at most; bodies over
