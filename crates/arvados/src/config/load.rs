@@ -136,7 +136,7 @@ pub fn load_cluster_from_str(
     strip_samples_and_nulls(&mut value);
     merge_driver_parameters(&mut value);
 
-    let raw = yaml_to_json(&value);
+    let raw = value.clone();
     let mut cluster: Cluster = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let key_path = if path == "." || path.is_empty() {
@@ -156,7 +156,7 @@ pub fn load_cluster_from_str(
 }
 
 /// YAML to JSON; mapping keys that are not strings (numbers, booleans) become their text.
-fn yaml_to_json(v: &Value) -> serde_json::Value {
+pub(super) fn yaml_to_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Null => serde_json::Value::Null,
         Value::Bool(b) => serde_json::Value::Bool(*b),
@@ -211,7 +211,7 @@ fn strip_samples_and_nulls(v: &mut Value) {
 }
 
 /// Deep-merge `over` into `base`: maps merge key by key, anything else replaces.
-fn deep_merge(base: &mut Value, over: Value) {
+pub(super) fn deep_merge(base: &mut Value, over: Value) {
     match (base, over) {
         (Value::Mapping(b), Value::Mapping(o)) => {
             for (k, v) in o {
@@ -248,9 +248,9 @@ fn merge_driver_parameters(cluster: &mut Value) {
     }
 }
 
-/// Fill the derived fields and check what serde cannot.
-/// Values that parse but cannot work: a zero poll interval (a busy loop), negative sizes and
-/// counts, rates and factors that are negative or not numbers.
+/// Values that parse but cannot work: a zero poll interval (a busy loop), negative counts,
+/// rates and factors that are negative or not numbers. (Byte sizes cannot be negative: their
+/// parser refuses that.)
 fn check_ranges(cluster: &Cluster, prefix: &str) -> Result<(), ConfigError> {
     let bad = |key: &str, message: String| ConfigError::Invalid {
         key_path: format!("{prefix}.{key}"),
@@ -265,13 +265,11 @@ fn check_ranges(cluster: &Cluster, prefix: &str) -> Result<(), ConfigError> {
         ));
     }
     for (key, v) in [
-        ("Containers.ReserveExtraRAM", k.reserve_extra_ram),
         (
             "Containers.LocalKeepBlobBuffersPerVCPU",
             k.local_keep_blob_buffers_per_vcpu,
         ),
         ("Containers.MaxDispatchAttempts", k.max_dispatch_attempts),
-        ("Containers.DefaultKeepCacheRAM", k.default_keep_cache_ram),
         (
             "Containers.CloudVMs.MaxConcurrentInstanceCreateOps",
             vms.max_concurrent_instance_create_ops,
@@ -316,24 +314,10 @@ fn check_ranges(cluster: &Cluster, prefix: &str) -> Result<(), ConfigError> {
             ));
         }
     }
-    for (name, it) in &cluster.instance_types {
-        for (key, v) in [
-            ("RAM", it.ram),
-            ("IncludedScratch", it.included_scratch),
-            ("AddedScratch", it.added_scratch),
-            ("GPU.VRAM", it.gpu.vram),
-        ] {
-            if v < 0 {
-                return Err(bad(
-                    &format!("InstanceTypes.{name}.{key}"),
-                    format!("invalid value {v}: must not be negative"),
-                ));
-            }
-        }
-    }
     Ok(())
 }
 
+/// Fill the derived fields and check what serde cannot.
 fn finish(cluster: &mut Cluster, prefix: &str) -> Result<(), ConfigError> {
     check_ranges(cluster, prefix)?;
     let vms = &cluster.containers.cloud_vms;

@@ -53,10 +53,10 @@ pub struct Cluster {
     pub raw: RawTree,
 }
 
-/// The operator's config tree as JSON. Not part of a config's identity (two configs compare
-/// equal whatever their raw trees), and its `Debug` shows only its size: it holds secrets.
+/// The operator's config tree. Not part of a config's identity (two configs compare equal
+/// whatever their raw trees), and its `Debug` shows only its size: it holds secrets.
 #[derive(Clone, Default)]
-pub struct RawTree(pub serde_json::Value);
+pub struct RawTree(pub serde_norway::Value);
 
 impl PartialEq for RawTree {
     fn eq(&self, _: &RawTree) -> bool {
@@ -66,7 +66,7 @@ impl PartialEq for RawTree {
 
 impl std::fmt::Debug for RawTree {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys = self.0.as_object().map_or(0, |m| m.len());
+        let keys = self.0.as_mapping().map_or(0, |m| m.len());
         write!(f, "RawTree({keys} top-level keys)")
     }
 }
@@ -550,8 +550,7 @@ fn redact_yaml(v: &mut serde_norway::Value) {
     match v {
         serde_norway::Value::Mapping(m) => {
             for (k, child) in m.iter_mut() {
-                let key = k.as_str().unwrap_or_default().to_ascii_lowercase();
-                let secret = SECRET_KEY_PARTS.iter().any(|p| key.contains(p));
+                let secret = is_secret_key(k.as_str().unwrap_or_default());
                 match child {
                     serde_norway::Value::String(s) if secret => redact(s),
                     _ if secret && !child.is_null() => {
@@ -685,29 +684,13 @@ pub const CRUNCH_RUN_STRIPPED_KEYS: &[&str] = &[
 /// it models) with the operator's whole tree merged over it, minus
 /// [`CRUNCH_RUN_STRIPPED_KEYS`].
 pub fn crunch_run_cluster_config(cluster: &Cluster) -> serde_json::Value {
-    let mut v = serde_json::to_value(cluster).unwrap_or_default();
-    deep_merge_json(&mut v, &cluster.raw.0);
+    let mut tree = serde_norway::to_value(cluster).unwrap_or_default();
+    load::deep_merge(&mut tree, cluster.raw.0.clone());
+    let mut v = load::yaml_to_json(&tree);
     for path in CRUNCH_RUN_STRIPPED_KEYS {
         remove_path(&mut v, path);
     }
     v
-}
-
-fn deep_merge_json(base: &mut serde_json::Value, over: &serde_json::Value) {
-    match (base, over) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
-            for (k, ov) in o {
-                match b.get_mut(k) {
-                    Some(bv) => deep_merge_json(bv, ov),
-                    None => {
-                        b.insert(k.clone(), ov.clone());
-                    }
-                }
-            }
-        }
-        (b, o) if !o.is_null() => *b = o.clone(),
-        _ => {}
-    }
 }
 
 fn remove_path(v: &mut serde_json::Value, path: &str) {
@@ -743,7 +726,10 @@ mod redaction_tests {
         c.containers.cloud_vms.driver_parameters["SecretAccessKey"] =
             serde_norway::Value::String("aws-secret-4".into());
         c.raw = RawTree(
-            serde_json::json!({"Volumes": {"v": {"DriverParameters": {"SecretAccessKey": "vol-secret-5"}}}}),
+            serde_norway::from_str(
+                "Volumes: {v: {DriverParameters: {SecretAccessKey: vol-secret-5}}}",
+            )
+            .unwrap(),
         );
         for text in [
             format!("{c:?}"),
