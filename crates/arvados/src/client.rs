@@ -115,6 +115,7 @@ impl ClientConfig {
                 "Services.Controller.ExternalURL is not set".into(),
             ));
         }
+        let timeout = dispatcher_timeout(cluster.api.request_timeout);
         let base_url = Url::parse(ext).map_err(|e| {
             ApiError::Config(format!("Services.Controller.ExternalURL {ext:?}: {e}"))
         })?;
@@ -122,8 +123,8 @@ impl ClientConfig {
             base_url,
             token: cluster.system_root_token.clone(),
             insecure: cluster.tls.insecure,
-            timeout: Some(dispatcher_timeout(cluster.api.request_timeout)),
-            retry: RetryPolicy::for_timeout(dispatcher_timeout(cluster.api.request_timeout)),
+            timeout: Some(timeout),
+            retry: RetryPolicy::for_timeout(timeout),
         })
     }
 
@@ -622,13 +623,12 @@ impl Client {
         loop {
             let page = self.list_containers(&page_opts).await?;
             // Page on the last record received, decoded or not.
-            let Some(last) = page.last_uuid.clone().filter(|u| !u.is_empty()) else {
-                all.extend(page.items);
-                skipped.extend(page.skipped);
-                return Ok((all, skipped));
-            };
+            let last = page.last_uuid.filter(|u| !u.is_empty());
             all.extend(page.items);
             skipped.extend(page.skipped);
+            let Some(last) = last else {
+                return Ok((all, skipped));
+            };
             page_opts.filters = opts.filters.clone();
             page_opts.filters.push(Filter::new("uuid", ">", last));
         }
