@@ -84,8 +84,8 @@ pub async fn serve(
     let (http_stop, http_rx) = watch::channel(false);
     tokio::spawn(async move {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => {}
-            _ = done_rx2.wait_for(|d| *d) => {}
+            _ = dispatchcloud::until_true(&mut stop) => {}
+            _ = dispatchcloud::until_true(&mut done_rx2) => {}
         }
         let _ = http_stop.send(true);
     });

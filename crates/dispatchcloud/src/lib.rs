@@ -16,3 +16,9 @@ pub mod scheduler;
 pub mod service;
 pub mod ssh_executor;
 pub mod worker;
+
+/// Resolves once `flag` is true (or its sender is gone): the `select!` arm for a shutdown or a
+/// lost-lock signal.
+pub async fn until_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = flag.wait_for(|s| *s).await;
+}

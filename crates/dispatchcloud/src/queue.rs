@@ -343,17 +343,15 @@ impl ContainerQueue {
         let (known, mounts_pending, auth_uuid) = {
             let mut inner = self.lock_inner();
             inner.dont_update = Some(HashSet::new());
-            let known: HashMap<String, ContainerState> = inner
-                .entries
-                .iter()
-                .map(|(k, e)| (k.clone(), e.container().state))
-                .collect();
-            let pending: HashSet<String> = inner
-                .entries
-                .iter()
-                .filter(|(_, e)| e.mounts_pending)
-                .map(|(k, _)| k.clone())
-                .collect();
+            let mut known: HashMap<String, ContainerState> =
+                HashMap::with_capacity(inner.entries.len());
+            let mut pending: HashSet<String> = HashSet::new();
+            for (k, e) in &inner.entries {
+                known.insert(k.clone(), e.container().state);
+                if e.mounts_pending {
+                    pending.insert(k.clone());
+                }
+            }
             (known, pending, inner.auth_uuid.clone())
         };
         let polled = self.poll(&known, auth_uuid).await;

@@ -265,7 +265,7 @@ impl<P: WorkerPool> Scheduler<P> {
             }
             let update = tokio::select! {
                 r = self.queue.update() => r,
-                _ = stopping(&mut shutdown) => return,
+                _ = crate::until_true(&mut shutdown) => return,
             };
             match update {
                 Ok(()) => break,
@@ -300,7 +300,7 @@ impl<P: WorkerPool> Scheduler<P> {
             // A pass waits on the API (unlocks) and the pool; shutdown does not wait for it.
             tokio::select! {
                 _ = self.tick() => {}
-                _ = stopping(&mut shutdown) => break,
+                _ = crate::until_true(&mut shutdown) => break,
             }
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -651,11 +651,6 @@ pub fn longest_wait(entries: &[Arc<QueueEnt>], running: &RunningMap, now: DateTi
         .filter_map(|e| e.sched().created_ms)
         .min();
     oldest.map_or(0.0, |t| (now.timestamp_millis() - t).max(0) as f64 / 1000.0)
-}
-
-/// Resolves once `shutdown` is true (or its sender is gone).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 /// The background queue poller: update, then sleep the poll interval (or as long as the

@@ -31,7 +31,8 @@ fn text(status: StatusCode, body: &str) -> Response {
         .into_response()
 }
 
-fn json_error(status: StatusCode, message: &str) -> Response {
+/// Arvados' error body: `{"errors":["…"]}`.
+pub(super) fn json_error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"errors": [message]}))).into_response()
 }
 

@@ -131,7 +131,7 @@ impl DbLock {
         let mut lost = self.lost.clone();
         loop {
             tokio::select! {
-                _ = async { let _ = lost.wait_for(|l| *l).await; } => return,
+                _ = crate::until_true(&mut lost) => return,
                 _ = tokio::time::sleep(HEALTH_INTERVAL) => {
                     match tokio::time::timeout(HEALTH_TIMEOUT, self.client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}

@@ -128,12 +128,10 @@ pub async fn track(State(m): State<Arc<ServiceMetrics>>, req: Request, next: Nex
         Some(s) => match s.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                use axum::response::IntoResponse;
-                return (
+                return super::api::json_error(
                     axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    axum::Json(serde_json::json!({"errors": ["too many concurrent requests"]})),
-                )
-                    .into_response();
+                    "too many concurrent requests",
+                );
             }
         },
         None => None,

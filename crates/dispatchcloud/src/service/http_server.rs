@@ -35,10 +35,6 @@ impl Default for ServeOptions {
     }
 }
 
-async fn stopping(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 /// Serve `router` on `listener` until `shutdown` turns true, then drain (bounded).
 pub async fn serve(
     listener: TcpListener,
@@ -58,7 +54,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stopping(&mut shutdown) => break,
+            _ = crate::until_true(&mut shutdown) => break,
         };
         // Finished connection tasks are reaped as we go.
         while conns.try_join_next().is_some() {}
@@ -72,7 +68,7 @@ pub async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = stopping(&mut stop) => {
+                _ = crate::until_true(&mut stop) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(opts.drain, conn).await;
                 }

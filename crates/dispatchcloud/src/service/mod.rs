@@ -213,3 +213,45 @@ impl Service {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cloud_deadlines_come_from_driver_parameters_and_bad_ones_name_their_key() {
+        assert_eq!(
+            CloudDeadlines::from_params(&json!({})),
+            Ok(CloudDeadlines::DEFAULT)
+        );
+        assert_eq!(
+            CloudDeadlines::from_params(&json!({"CreateTimeout": "90s", "CallTimeout": "5s"})),
+            Ok(CloudDeadlines {
+                create: Duration::from_secs(90),
+                other: Duration::from_secs(5),
+            })
+        );
+        for (params, want) in [
+            (
+                json!({"CallTimeout": 5}),
+                "DriverParameters.CallTimeout: not a duration string",
+            ),
+            (
+                json!({"CreateTimeout": "5x"}),
+                "DriverParameters.CreateTimeout: invalid duration",
+            ),
+            (
+                json!({"CallTimeout": "1ms"}),
+                "DriverParameters.CallTimeout: \"1ms\" is out of range",
+            ),
+            (
+                json!({"CreateTimeout": "48h"}),
+                "DriverParameters.CreateTimeout: \"48h\" is out of range",
+            ),
+        ] {
+            let err = CloudDeadlines::from_params(&params).unwrap_err();
+            assert!(err.starts_with(want), "{params}: {err}");
+        }
+    }
+}

@@ -524,17 +524,12 @@ impl Pool {
     fn ssh_connected(&self, id: &str) {
         let now = Instant::now();
         let mut st = self.lock();
-        let mut reached_first_time = false;
-        if let Some(w) = st.workers.get_mut(id)
-            && !w.reachable
-        {
-            w.reachable = true;
-            reached_first_time = w.adopted;
-        }
-        if let Some(w) = st.workers.get_mut(id)
-            && w.state == WorkerState::Booting
-            && w.first_ssh.is_none()
-        {
+        let Some(w) = st.workers.get_mut(id) else {
+            return;
+        };
+        let reached_first_time = !w.reachable && w.adopted;
+        w.reachable = true;
+        if w.state == WorkerState::Booting && w.first_ssh.is_none() {
             w.first_ssh = Some(now);
             self.metrics
                 .time_to_ssh
@@ -553,14 +548,17 @@ impl Pool {
         let tags = inst.tags();
         let id = inst.id();
         let secret = tags.get(&keys.instance_secret()).cloned();
-        if let Some(s) = &secret
-            && st.workers.contains_key(&id)
-            && st
-                .creating
-                .get(s)
-                .is_some_and(|c| c.unknown_since.is_some())
+        // Made by one of our creates: Some(true) if that create's call failed with an unknown
+        // outcome. This VM is the answer: it settles the create (as a new worker, it is
+        // booting in the create's place).
+        let from_create = secret
+            .as_ref()
+            .and_then(|s| st.creating.get(s))
+            .map(|c| c.unknown_since.is_some());
+        if from_create == Some(true)
+            && let Some(s) = &secret
         {
-            // The VM of a create with unknown outcome, already known: the create is settled.
+            tracing::info!(Instance = %id, "instance from a create with unknown outcome listed; it settles that create");
             st.creating.remove(s);
         }
         if let Some(w) = st.workers.get_mut(&id) {
@@ -606,19 +604,7 @@ impl Pool {
                 )
             }
         };
-        let booting = secret.as_ref().is_some_and(|s| st.creating.contains_key(s));
-        // A create whose call failed with an unknown outcome did make this VM: it takes the
-        // create's place.
-        if let Some(s) = &secret
-            && st
-                .creating
-                .get(s)
-                .is_some_and(|c| c.unknown_since.is_some())
-        {
-            tracing::info!(Instance = %id, "instance from a create with unknown outcome appeared; adopting it");
-            st.creating.remove(s);
-        }
-        let state = if booting {
+        let state = if from_create.is_some() {
             WorkerState::Booting
         } else {
             WorkerState::Unknown
