@@ -121,6 +121,18 @@ fn cli(d: &Dispatcher, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Send SIGTERM to the dispatcher.
+fn sigterm(d: &Dispatcher) {
+    let pid = d.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
 /// Wait (up to a minute: CI machines are slow and loaded) until `cond` holds.
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -216,14 +228,7 @@ async fn sigterm_stops_the_dispatcher_cleanly() {
     let mut d = start(&f);
     let out = cli(&d, &["instances", "list"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&d);
     let mut status = None;
     for _ in 0..100 {
         if let Some(s) = d.child.try_wait().unwrap() {
@@ -260,15 +265,8 @@ async fn sigterm_exits_promptly_while_the_api_never_answers() {
     slow.write_all(b"GET /arvados/v1/dispatch/instances HTTP/1.1\r\n")
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let pid = d.child.id().to_string();
     let t0 = std::time::Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&d);
     let status = loop {
         if let Some(s) = d.child.try_wait().unwrap() {
             break s;

@@ -159,10 +159,11 @@ impl Ec2Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn debug_shows_no_credentials() {
-        let p = Ec2Params::from_params(&serde_json::json!({
+        let p = Ec2Params::from_params(&json!({
             "AccessKeyID": "AKIDEXAMPLE", "SecretAccessKey": "wJalrXUtnFEMI-secret", "Region": "us-east-1"
         }))
         .unwrap();
@@ -173,7 +174,6 @@ mod tests {
         );
         assert!(text.contains("us-east-1"));
     }
-    use serde_json::json;
 
     #[test]
     fn ac_ec2_1_subnet_id_is_a_string_or_a_list() {

@@ -3,7 +3,7 @@
 //! run of 20 containers.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,21 +12,9 @@ use testkit::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_crunch-dispatch-local");
 
-/// `fake-crunch-run`, built with the workspace (`cargo test --workspace` builds every
-/// package's binaries before running tests).
+/// `fake-crunch-run`, built with the workspace.
 fn fake_crunch_run() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("fake-crunch-run");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build -p testkit --bins` (or the whole workspace's tests)",
-        p.display()
-    );
-    p
+    testkit::fake_crunch_run_binary()
 }
 
 struct Run {

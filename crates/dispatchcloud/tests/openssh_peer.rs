@@ -29,19 +29,7 @@ use common::wait_for;
 const SSHD: &str = "/usr/sbin/sshd";
 
 fn fake_crunch_run() -> PathBuf {
-    // Beside this test's own binary (target/debug/deps/…), wherever the target dir is.
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("fake-crunch-run");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build -p testkit --bins` (or the whole workspace's tests)",
-        p.display()
-    );
-    p
+    testkit::fake_crunch_run_binary()
 }
 
 /// Who sshd runs as: the user name, and its uid/gid when we must switch to it (as root).

@@ -15,3 +15,21 @@ pub use cloud::sshd as ssh_vm;
 pub mod stub_driver;
 
 pub use fake_api::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind, StateChange};
+
+/// `fake-crunch-run` as the workspace built it, for an integration test of another package:
+/// beside that test's own binary (`target/debug/deps/…`), wherever the target dir is
+/// (`cargo test --workspace` builds every package's binaries first).
+pub fn fake_crunch_run_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let p = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test binary is in target/<profile>/deps")
+        .join("fake-crunch-run");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p testkit --bins` (or the whole workspace's tests)",
+        p.display()
+    );
+    p
+}
