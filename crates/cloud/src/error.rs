@@ -36,6 +36,30 @@ pub struct CloudError {
 }
 
 impl CloudError {
+    /// The `kind` label values of `driver_errors_total`.
+    pub const METRIC_KINDS: [&'static str; 6] = [
+        "rate_limit",
+        "quota",
+        "capacity",
+        "not_implemented",
+        "outcome_unknown",
+        "other",
+    ];
+
+    /// This error's `kind` label in `driver_errors_total`: its [`ErrorKind`], except that an
+    /// unclassified error whose outcome is unknown (a timeout, a server error) is
+    /// `outcome_unknown`.
+    pub fn metric_kind(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::RateLimit { .. } => "rate_limit",
+            ErrorKind::Quota => "quota",
+            ErrorKind::Capacity { .. } => "capacity",
+            ErrorKind::NotImplemented => "not_implemented",
+            ErrorKind::Other if self.outcome_unknown => "outcome_unknown",
+            ErrorKind::Other => "other",
+        }
+    }
+
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> CloudError {
         CloudError {
             kind,

@@ -22,10 +22,32 @@ use crate::{
 // Instrumented
 
 /// Counts every Create, List, Destroy and SetTags call in
-/// `arvados_dispatchcloud_driver_operations{operation,error}`.
+/// `arvados_dispatchcloud_driver_operations{operation,error}` (Arvados' metric) and each
+/// failed one in `arvados_dispatchcloud_driver_errors_total{operation,kind}` (ours: which
+/// [`CloudError::metric_kind`]).
 pub struct Instrumented {
     inner: Arc<dyn InstanceSet>,
+    counters: Counters,
+}
+
+const OPERATIONS: [&str; 4] = ["Create", "List", "Destroy", "SetTags"];
+
+#[derive(Debug, Clone)]
+struct Counters {
     ops: IntCounterVec,
+    errors: IntCounterVec,
+}
+
+impl Counters {
+    fn count<T>(&self, op: &str, r: &Result<T, CloudError>) {
+        let e = if r.is_ok() { "0" } else { "1" };
+        self.ops.with_label_values(&[op, e]).inc();
+        if let Err(err) = r {
+            self.errors
+                .with_label_values(&[op, err.metric_kind()])
+                .inc();
+        }
+    }
 }
 
 impl Instrumented {
@@ -43,18 +65,29 @@ impl Instrumented {
             &["operation", "error"],
         )?;
         registry.register(Box::new(ops.clone()))?;
-        for op in ["Create", "List", "Destroy", "SetTags"] {
+        let errors = IntCounterVec::new(
+            prometheus::Opts::new(
+                "driver_errors_total",
+                "Number of failed instance-create/list/destroy/settags operations, by kind of error.",
+            )
+            .namespace("arvados")
+            .subsystem("dispatchcloud"),
+            &["operation", "kind"],
+        )?;
+        registry.register(Box::new(errors.clone()))?;
+        for op in OPERATIONS {
             for e in ["0", "1"] {
                 ops.with_label_values(&[op, e]);
             }
+            for k in CloudError::METRIC_KINDS {
+                errors.with_label_values(&[op, k]);
+            }
         }
-        Ok(Instrumented { inner, ops })
+        Ok(Instrumented {
+            inner,
+            counters: Counters { ops, errors },
+        })
     }
-}
-
-fn count<T>(ops: &IntCounterVec, op: &str, r: &Result<T, CloudError>) {
-    let e = if r.is_ok() { "0" } else { "1" };
-    ops.with_label_values(&[op, e]).inc();
 }
 
 /// What a wrapper does around an instance's own cloud calls (SetTags, Destroy).
@@ -117,9 +150,9 @@ impl<H: Hook> Instance for Hooked<H> {
     }
 }
 
-/// Counts each call in `driver_operations`.
+/// Counts each call in `driver_operations` and `driver_errors_total`.
 #[derive(Debug, Clone)]
-struct Counting(IntCounterVec);
+struct Counting(Counters);
 
 impl Hook for Counting {
     fn around<'a>(
@@ -129,7 +162,7 @@ impl Hook for Counting {
     ) -> BoxFuture<'a, Result<(), CloudError>> {
         Box::pin(async move {
             let r = call.await;
-            count(&self.0, op, &r);
+            self.0.count(op, &r);
             r
         })
     }
@@ -144,8 +177,8 @@ impl InstanceSet for Instrumented {
         let it = it.clone();
         Box::pin(async move {
             let r = self.inner.create(&it, req).await;
-            count(&self.ops, "Create", &r);
-            r.map(|i| hooked(i, &Counting(self.ops.clone())))
+            self.counters.count("Create", &r);
+            r.map(|i| hooked(i, &Counting(self.counters.clone())))
         })
     }
     fn instances(
@@ -155,8 +188,8 @@ impl InstanceSet for Instrumented {
         let filter = filter.clone();
         Box::pin(async move {
             let r = self.inner.instances(&filter).await;
-            count(&self.ops, "List", &r);
-            let hook = Counting(self.ops.clone());
+            self.counters.count("List", &r);
+            let hook = Counting(self.counters.clone());
             r.map(|v| v.into_iter().map(|i| hooked(i, &hook)).collect())
         })
     }

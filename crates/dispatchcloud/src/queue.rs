@@ -197,7 +197,18 @@ struct Inner {
 /// Queue metrics (spec §5.5).
 struct Metrics {
     entries: prometheus::IntGaugeVec,
+    /// Not in Arvados: containers this dispatcher saw reach a final state, by that state.
+    finished: prometheus::IntCounterVec,
     seen: Mutex<HashSet<(String, String)>>,
+}
+
+impl Metrics {
+    /// Count an entry's change from `was` to `now` if it is the one into a final state.
+    fn count_finish(&self, was: ContainerState, now: ContainerState) {
+        if now.is_final() && !was.is_final() {
+            self.finished.with_label_values(&[now.as_str()]).inc();
+        }
+    }
 }
 
 /// The cached container queue.
@@ -224,6 +235,19 @@ impl ContainerQueue {
             &["state", "instance_type"],
         )?;
         registry.register(Box::new(entries.clone()))?;
+        let finished = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "containers_finished_total",
+                "Number of queued containers seen reaching a final state (Complete or Cancelled), by state.",
+            )
+            .namespace("arvados")
+            .subsystem("dispatchcloud"),
+            &["state"],
+        )?;
+        registry.register(Box::new(finished.clone()))?;
+        for s in [ContainerState::Complete, ContainerState::Cancelled] {
+            finished.with_label_values(&[s.as_str()]);
+        }
         let (notify, _) = watch::channel(0);
         let q = Arc::new(ContainerQueue {
             client,
@@ -232,6 +256,7 @@ impl ContainerQueue {
             notify,
             metrics: Metrics {
                 entries,
+                finished,
                 seen: Mutex::new(HashSet::new()),
             },
         });
@@ -328,6 +353,7 @@ impl ContainerQueue {
         let Some(ent) = inner.entries.get_mut(uuid) else {
             return;
         };
+        self.metrics.count_finish(ent.container().state, resp.state);
         Arc::make_mut(ent).modify(|c| {
             c.state = resp.state;
             c.priority = resp.priority;
@@ -395,6 +421,7 @@ impl ContainerQueue {
                 );
                 inner.entries.insert(uuid.clone(), Arc::new(ent));
             } else if let Some(ent) = inner.entries.get_mut(uuid) {
+                self.metrics.count_finish(ent.container().state, ctr.state);
                 Arc::make_mut(ent).modify(|c| *c = ctr.clone());
             }
         }

@@ -287,13 +287,43 @@ async fn ac_dsp_1_dispatch_to_stub_driver() {
         let text = String::from_utf8_lossy(stdin);
         assert!(!text.contains("PRIVATE KEY") && !text.contains("test-management-token"));
     }
-    let resp = reqwest::Client::new()
-        .get(format!("{url}/metrics"))
-        .bearer_auth("test-management-token")
-        .send()
-        .await
-        .unwrap();
-    let m = resp.text().await.unwrap();
+    let cancelled = uuids
+        .iter()
+        .filter(|u| f.container(u).unwrap()["state"] == "Cancelled")
+        .count();
+    let scrape = || async {
+        reqwest::Client::new()
+            .get(format!("{url}/metrics"))
+            .bearer_auth("test-management-token")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // Every finished container is counted once, when the queue lets it go (wait for the
+    // last ones to be polled).
+    let finished = |m: &str| {
+        let n = |s| {
+            metric(
+                m,
+                &format!("arvados_dispatchcloud_containers_finished_total{{state=\"{s}\"}}"),
+            )
+        };
+        (n("Complete"), n("Cancelled"))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut m = scrape().await;
+    while finished(&m) != (Some(complete as f64), Some(cancelled as f64)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "containers_finished_total {:?}, the API has {complete} Complete and {cancelled} Cancelled",
+            finished(&m)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m = scrape().await;
+    }
     let get = |k: &str| {
         metric(&m, &format!("arvados_dispatchcloud_{k}"))
             .unwrap_or_else(|| panic!("{k} missing in\n{m}"))
@@ -334,6 +364,27 @@ async fn ac_dsp_1_dispatch_to_stub_driver() {
     }
     assert!(get("last_503_time") > 0.0);
     assert!(get("max_concurrent_containers") > 0.0);
+    // The metrics the dashboards add to Arvados' set.
+    assert!(get("scheduling_pass_duration_seconds_count") > 0.0);
+    assert!(get("instances_broken_total") > 0.0);
+    assert!(get("driver_errors_total{kind=\"other\",operation=\"Create\"}") > 0.0);
+    let sum = |prefix: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(&format!("arvados_dispatchcloud_{prefix}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // VMs were busy and idle for a while, and cost something.
+    assert!(sum("instances_seconds_total") > 1.0);
+    assert!(sum("instances_cost_total") > 0.0);
+    for c in ["inuse", "idle", "booting"] {
+        assert!(
+            m.lines().any(|l| l.starts_with(&format!(
+                "arvados_dispatchcloud_instances_seconds_total{{category=\"{c}\""
+            )) && !l.ends_with(" 0")),
+            "no {c} instance-seconds"
+        );
+    }
 
     let _ = stop.send(true);
     let _ = run.await;

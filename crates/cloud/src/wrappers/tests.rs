@@ -264,6 +264,13 @@ async fn instrumented_counts_operations_with_error_label() {
     i.destroy().await.unwrap();
     *mem.fail_next.lock().unwrap() = Some(CloudError::other("boom"));
     assert!(set.instances(&InstanceTags::new()).await.is_err());
+    *mem.fail_next.lock().unwrap() = Some(CloudError::deadline_exceeded(
+        "List",
+        std::time::Duration::from_secs(1),
+    ));
+    assert!(set.instances(&InstanceTags::new()).await.is_err());
+    *mem.fail_next.lock().unwrap() = Some(CloudError::new(ErrorKind::Quota, "full"));
+    assert!(set.create(&it, CreateRequest::default()).await.is_err());
     let text = prometheus::TextEncoder::new()
         .encode_to_string(&registry.gather())
         .unwrap();
@@ -271,8 +278,14 @@ async fn instrumented_counts_operations_with_error_label() {
         r#"arvados_dispatchcloud_driver_operations{error="0",operation="Create"} 1"#,
         r#"arvados_dispatchcloud_driver_operations{error="0",operation="SetTags"} 1"#,
         r#"arvados_dispatchcloud_driver_operations{error="0",operation="Destroy"} 1"#,
-        r#"arvados_dispatchcloud_driver_operations{error="1",operation="List"} 1"#,
-        r#"arvados_dispatchcloud_driver_operations{error="1",operation="Create"} 0"#,
+        r#"arvados_dispatchcloud_driver_operations{error="1",operation="List"} 2"#,
+        r#"arvados_dispatchcloud_driver_operations{error="1",operation="Create"} 1"#,
+        r#"arvados_dispatchcloud_driver_operations{error="1",operation="Destroy"} 0"#,
+        r#"arvados_dispatchcloud_driver_errors_total{kind="other",operation="List"} 1"#,
+        r#"arvados_dispatchcloud_driver_errors_total{kind="outcome_unknown",operation="List"} 1"#,
+        r#"arvados_dispatchcloud_driver_errors_total{kind="quota",operation="Create"} 1"#,
+        r#"arvados_dispatchcloud_driver_errors_total{kind="capacity",operation="Create"} 0"#,
+        r#"arvados_dispatchcloud_driver_errors_total{kind="rate_limit",operation="SetTags"} 0"#,
     ] {
         assert!(text.contains(line), "{line} missing in\n{text}");
     }

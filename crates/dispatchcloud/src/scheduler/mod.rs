@@ -70,9 +70,11 @@ struct Metrics {
     longest_wait: prometheus::Gauge,
     last_503: prometheus::Gauge,
     max_concurrent: prometheus::IntGauge,
+    /// Not in Arvados: how long each round (plan, carry out, sync) takes.
+    pass_duration: prometheus::Histogram,
 }
 
-fn gauge<G: Collector + Clone + 'static>(
+fn register<G: Collector + Clone + 'static>(
     registry: &prometheus::Registry,
     g: G,
 ) -> Result<G, prometheus::Error> {
@@ -89,40 +91,55 @@ fn opts(name: &str, help: &str) -> prometheus::Opts {
 impl Metrics {
     fn new(registry: &prometheus::Registry) -> Result<Metrics, prometheus::Error> {
         Ok(Metrics {
-            allocated_not_started: gauge(
+            allocated_not_started: register(
                 registry,
                 prometheus::IntGauge::with_opts(opts(
                     "containers_allocated_not_started",
                     "Number of containers allocated to a worker but not started yet (worker is booting).",
                 ))?,
             )?,
-            over_quota: gauge(
+            over_quota: register(
                 registry,
                 prometheus::IntGauge::with_opts(opts(
                     "containers_not_allocated_over_quota",
                     "Number of containers not allocated to a worker because the system has hit a quota.",
                 ))?,
             )?,
-            longest_wait: gauge(
+            longest_wait: register(
                 registry,
                 prometheus::Gauge::with_opts(opts(
                     "containers_longest_wait_time_seconds",
                     "Current longest wait time of any container since queuing, and before the start of crunch-run.",
                 ))?,
             )?,
-            last_503: gauge(
+            last_503: register(
                 registry,
                 prometheus::Gauge::with_opts(opts(
                     "last_503_time",
                     "Time of most recent 503 error received from API.",
                 ))?,
             )?,
-            max_concurrent: gauge(
+            max_concurrent: register(
                 registry,
                 prometheus::IntGauge::with_opts(opts(
                     "max_concurrent_containers",
                     "Dynamically assigned limit on number of containers scheduled concurrency, set after receiving 503 errors from API.",
                 ))?,
+            )?,
+            pass_duration: register(
+                registry,
+                prometheus::Histogram::with_opts(
+                    prometheus::HistogramOpts::new(
+                        "scheduling_pass_duration_seconds",
+                        "Seconds per scheduling pass: plan, lock/start/unlock, sync.",
+                    )
+                    .namespace("arvados")
+                    .subsystem("dispatchcloud")
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0, 60.0,
+                    ]),
+                )?,
             )?,
         })
     }
@@ -317,6 +334,7 @@ impl<P: WorkerPool> Scheduler<P> {
         if self.is_stopped() {
             return;
         }
+        let _timer = self.metrics.pass_duration.start_timer();
         self.run_queue().await;
         if self.is_stopped() {
             return;

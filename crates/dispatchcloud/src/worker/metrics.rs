@@ -6,11 +6,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use arvados::InstanceType;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{
     LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary as PSummary,
 };
-use prometheus::{CounterVec, Gauge, GaugeVec, IntGauge, Opts, Registry};
+use prometheus::{CounterVec, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry};
 
 const QUANTILES: [f64; 4] = [0.5, 0.9, 0.95, 0.99];
 const MAX_AGE: Duration = Duration::from_secs(600);
@@ -69,6 +70,13 @@ impl Summary {
         {
             d.recent.pop_front();
         }
+    }
+
+    /// Expose the series for `label_values` (count 0) before its first observation.
+    pub fn init(&self, label_values: &[&str]) {
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        data.entry(label_values.iter().map(|s| s.to_string()).collect())
+            .or_default();
     }
 
     /// Samples observed so far (for tests and reports).
@@ -153,6 +161,8 @@ fn full(name: &str) -> String {
 pub const CATEGORIES: [&str; 5] = ["inuse", "hold", "booting", "unknown", "idle"];
 pub const BOOT_OUTCOMES: [&str; 4] = ["failure", "success", "aborted", "disappeared"];
 pub const STATES: [&str; 5] = ["unknown", "booting", "idle", "running", "shutdown"];
+/// The states whose age `instances_state_age_seconds_max` reports: where a VM gets stuck.
+pub const AGED_STATES: [&str; 3] = ["unknown", "booting", "shutdown"];
 
 /// Every pool metric of Appendix C.
 pub struct PoolMetrics {
@@ -170,6 +180,24 @@ pub struct PoolMetrics {
     pub time_to_disappear: std::sync::Arc<Summary>,
     pub queue_to_crunch_run: std::sync::Arc<Summary>,
     pub run_probe_duration: std::sync::Arc<Summary>,
+    // Not in Arvados: what the dashboards need for cost, capacity and stuck VMs.
+    /// Cumulative instance-seconds by category, type and spot-ness.
+    pub instances_seconds: CounterVec,
+    /// Cumulative cost (price × hours) by category, type and spot-ness.
+    pub instances_cost: CounterVec,
+    /// VMs whose crunch-run reported them broken (then drained and shut down).
+    pub broken: IntCounter,
+    /// The age of the oldest VM in each of [`AGED_STATES`].
+    pub state_age_max: GaugeVec,
+    /// Counts and prices at the last [`PoolMetrics::set_gauges`], integrated into the two
+    /// counters above at the next one.
+    integrated: Mutex<Integrated>,
+}
+
+/// Instance counts and summed prices per (category, type, preemptible) since `at`.
+struct Integrated {
+    at: Instant,
+    current: BTreeMap<(&'static str, String, &'static str), (f64, f64)>,
 }
 
 /// Lets an `Arc<Summary>` be registered while its owner keeps observing through it.
@@ -244,8 +272,45 @@ impl PoolMetrics {
         for s in STATES {
             disappeared.with_label_values(&[s]);
         }
+        let instances_seconds = CounterVec::new(
+            opts(
+                "instances_seconds_total",
+                "Cumulative seconds cloud VMs have spent in each category, by instance type.",
+            ),
+            &["category", "instance_type", "preemptible"],
+        )?;
+        registry.register(Box::new(instances_seconds.clone()))?;
+        let instances_cost = CounterVec::new(
+            opts(
+                "instances_cost_total",
+                "Cumulative cost of cloud VMs (InstanceTypes Price times hours) in each category, by instance type.",
+            ),
+            &["category", "instance_type", "preemptible"],
+        )?;
+        registry.register(Box::new(instances_cost.clone()))?;
+        let broken = IntCounter::with_opts(opts(
+            "instances_broken_total",
+            "Number of cloud VMs whose crunch-run reported them broken.",
+        ))?;
+        registry.register(Box::new(broken.clone()))?;
+        let state_age_max = gauge_vec(
+            "instances_state_age_seconds_max",
+            "Seconds the oldest cloud VM in each state has been in it (unknown, booting: since it appeared; shutdown: since the first shutdown attempt).",
+            &["state"],
+        )?;
+        for s in AGED_STATES {
+            state_age_max.with_label_values(&[s]);
+        }
         Ok(PoolMetrics {
             containers_running,
+            instances_seconds,
+            instances_cost,
+            broken,
+            state_age_max,
+            integrated: Mutex::new(Integrated {
+                at: Instant::now(),
+                current: BTreeMap::new(),
+            }),
             instances_total: gauge_vec(
                 "instances_total",
                 "Number of cloud VMs.",
@@ -286,11 +351,18 @@ impl PoolMetrics {
                 "Number of seconds between the queuing of a container and the start of crunch-run.",
                 &[],
             )?,
-            run_probe_duration: summary(
-                "instances_run_probe_duration_seconds",
-                "Number of seconds per runProbe call.",
-                &["outcome"],
-            )?,
+            run_probe_duration: {
+                let s = summary(
+                    "instances_run_probe_duration_seconds",
+                    "Number of seconds per runProbe call.",
+                    &["outcome"],
+                )?;
+                // Both outcomes from the start, so a dashboard's failure rate reads 0, not
+                // "No data", until a probe fails.
+                s.init(&["success"]);
+                s.init(&["fail"]);
+                s
+            },
         })
     }
 }
@@ -299,6 +371,9 @@ impl PoolMetrics {
 pub struct Sample<'a> {
     pub category: &'static str,
     pub instance_type: &'a str,
+    pub preemptible: bool,
+    /// One of [`AGED_STATES`] and how long the VM has been in it, or `None`.
+    pub state_age: Option<(&'static str, Duration)>,
     pub price: f64,
     pub vcpus: i64,
     pub ram: i64,
@@ -307,31 +382,57 @@ pub struct Sample<'a> {
 }
 
 impl PoolMetrics {
-    /// Recompute every gauge from the workers (`configured`: every configured type name, so
-    /// absent (category, type) pairs read 0).
+    /// Recompute every gauge from the workers at `now`, and add the time since the last call,
+    /// at the last call's counts and prices, to the cumulative counters (`configured`: every
+    /// configured type, so absent (category, type) pairs read 0).
     pub fn set_gauges<'a>(
         &self,
-        configured: impl Iterator<Item = &'a String>,
+        now: Instant,
+        configured: impl Iterator<Item = &'a InstanceType>,
         samples: &[Sample<'_>],
     ) {
         let mut totals: BTreeMap<(&str, &str), f64> = BTreeMap::new();
+        let mut current: BTreeMap<(&'static str, String, &'static str), (f64, f64)> =
+            BTreeMap::new();
         for t in configured {
             for c in CATEGORIES {
-                totals.insert((c, t.as_str()), 0.0);
+                totals.insert((c, t.name.as_str()), 0.0);
+                current.insert((c, t.name.clone(), bool_label(t.preemptible)), (0.0, 0.0));
             }
         }
+        let mut ages: BTreeMap<&str, Duration> =
+            AGED_STATES.iter().map(|s| (*s, Duration::ZERO)).collect();
         let mut price: BTreeMap<&str, f64> = CATEGORIES.iter().map(|c| (*c, 0.0)).collect();
         let mut vcpus = price.clone();
         let mut ram = price.clone();
         let mut processes = 0;
-        let mut ages: Vec<Duration> = Vec::with_capacity(samples.len());
+        let mut probe_ages: Vec<Duration> = Vec::with_capacity(samples.len());
         for s in samples {
             *totals.entry((s.category, s.instance_type)).or_default() += 1.0;
+            let cur = current
+                .entry((
+                    s.category,
+                    s.instance_type.to_string(),
+                    bool_label(s.preemptible),
+                ))
+                .or_default();
+            cur.0 += 1.0;
+            cur.1 += s.price;
+            if let Some((state, age)) = s.state_age {
+                let max = ages.entry(state).or_default();
+                *max = (*max).max(age);
+            }
             *price.entry(s.category).or_default() += s.price;
             *vcpus.entry(s.category).or_default() += s.vcpus as f64;
             *ram.entry(s.category).or_default() += s.ram as f64;
             processes += s.processes;
-            ages.push(s.probe_age);
+            probe_ages.push(s.probe_age);
+        }
+        self.integrate(now, current);
+        for (state, age) in ages {
+            self.state_age_max
+                .with_label_values(&[state])
+                .set(age.as_secs_f64());
         }
         self.instances_total.reset();
         for ((c, t), n) in totals {
@@ -343,14 +444,49 @@ impl PoolMetrics {
             self.memory_bytes_total.with_label_values(&[c]).set(ram[c]);
         }
         self.containers_running.set(processes as i64);
-        ages.sort();
-        let (max, median) = match ages.len() {
+        probe_ages.sort();
+        let (max, median) = match probe_ages.len() {
             0 => (0.0, 0.0),
-            n => (ages[n - 1].as_secs_f64(), ages[n / 2].as_secs_f64()),
+            n => (
+                probe_ages[n - 1].as_secs_f64(),
+                probe_ages[n / 2].as_secs_f64(),
+            ),
         };
         self.probe_age_max.set(max);
         self.probe_age_median.set(median);
     }
+
+    /// Credit the time since the last call to the counts and prices of the last call, then
+    /// remember `current` for the next.
+    fn integrate(
+        &self,
+        now: Instant,
+        current: BTreeMap<(&'static str, String, &'static str), (f64, f64)>,
+    ) {
+        let mut last = self.integrated.lock().unwrap_or_else(|e| e.into_inner());
+        let dt = now.saturating_duration_since(last.at).as_secs_f64();
+        for ((c, t, p), (n, price)) in &last.current {
+            let labels = [*c, t.as_str(), *p];
+            // Touch every series, so counters read 0 rather than being absent.
+            let seconds = self.instances_seconds.with_label_values(&labels);
+            let cost = self.instances_cost.with_label_values(&labels);
+            if *n > 0.0 {
+                seconds.inc_by(n * dt);
+                cost.inc_by(price * dt / 3600.0);
+            }
+        }
+        for (c, t, p) in current.keys() {
+            let labels = [*c, t.as_str(), *p];
+            self.instances_seconds.with_label_values(&labels);
+            self.instances_cost.with_label_values(&labels);
+        }
+        last.at = now.max(last.at);
+        last.current = current;
+    }
+}
+
+fn bool_label(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
 }
 
 #[cfg(test)]
@@ -388,17 +524,29 @@ mod tests {
     fn gauges_cover_every_configured_type_and_category() {
         let r = Registry::new();
         let m = PoolMetrics::new(&r).unwrap();
-        let types = ["a".to_string(), "b".to_string()];
+        let types: Vec<InstanceType> = ["a", "b"]
+            .iter()
+            .map(|n| InstanceType {
+                name: n.to_string(),
+                ..Default::default()
+            })
+            .collect();
         let s = |category, age| Sample {
             category,
             instance_type: "a",
+            preemptible: false,
+            state_age: None,
             price: 0.5,
             vcpus: 2,
             ram: 100,
             processes: usize::from(category == "inuse"),
             probe_age: Duration::from_secs(age),
         };
-        m.set_gauges(types.iter(), &[s("inuse", 1), s("idle", 5), s("idle", 9)]);
+        m.set_gauges(
+            Instant::now(),
+            types.iter(),
+            &[s("inuse", 1), s("idle", 5), s("idle", 9)],
+        );
         assert_eq!(
             m.instances_total.with_label_values(&["idle", "a"]).get(),
             2.0
@@ -420,5 +568,109 @@ mod tests {
             .find(|f| f.name() == "arvados_dispatchcloud_instances_total")
             .unwrap();
         assert_eq!(total.get_metric().len(), 10, "5 categories × 2 types");
+    }
+
+    #[test]
+    fn instance_seconds_and_cost_accumulate_at_the_previous_counts_and_prices() {
+        let r = Registry::new();
+        let m = PoolMetrics::new(&r).unwrap();
+        let spot = InstanceType {
+            name: "s".into(),
+            preemptible: true,
+            ..Default::default()
+        };
+        let vm = |category, state_age| Sample {
+            category,
+            instance_type: "s",
+            preemptible: true,
+            state_age,
+            price: 0.36,
+            vcpus: 2,
+            ram: 100,
+            processes: usize::from(category == "inuse"),
+            probe_age: Duration::ZERO,
+        };
+        let t0 = Instant::now();
+        let booting = Some(("booting", Duration::from_secs(7)));
+        m.set_gauges(
+            t0,
+            [&spot].into_iter(),
+            &[vm("booting", booting), vm("inuse", None)],
+        );
+        // 10 s later one VM is busy, the other idle: the 10 s are credited to the first
+        // call's categories.
+        m.set_gauges(
+            t0 + Duration::from_secs(10),
+            [&spot].into_iter(),
+            &[vm("inuse", None), vm("idle", None)],
+        );
+        let secs = |c| {
+            m.instances_seconds
+                .with_label_values(&[c, "s", "true"])
+                .get()
+        };
+        let cost = |c| m.instances_cost.with_label_values(&[c, "s", "true"]).get();
+        assert_eq!(
+            (secs("booting"), secs("inuse"), secs("idle")),
+            (10.0, 10.0, 0.0)
+        );
+        assert!((cost("inuse") - 0.001).abs() < 1e-12, "{}", cost("inuse"));
+        assert_eq!(cost("idle"), 0.0);
+        assert_eq!(
+            m.state_age_max.with_label_values(&["booting"]).get(),
+            0.0,
+            "no VM is booting any more"
+        );
+        m.set_gauges(
+            t0 + Duration::from_secs(20),
+            [&spot].into_iter(),
+            &[vm("idle", None), vm("idle", None)],
+        );
+        assert_eq!((secs("inuse"), secs("idle")), (20.0, 10.0));
+        // Every configured (category, type) pair is exposed, at 0 when never seen.
+        assert_eq!(
+            m.instances_seconds
+                .with_label_values(&["hold", "s", "true"])
+                .get(),
+            0.0
+        );
+        let families = r.gather();
+        let seconds = families
+            .iter()
+            .find(|f| f.name() == "arvados_dispatchcloud_instances_seconds_total")
+            .unwrap();
+        assert_eq!(seconds.get_metric().len(), 5, "5 categories × 1 type");
+    }
+
+    #[test]
+    fn state_age_reports_the_oldest_vm_per_state() {
+        let r = Registry::new();
+        let m = PoolMetrics::new(&r).unwrap();
+        let vm = |state_age| Sample {
+            category: "booting",
+            instance_type: "a",
+            preemptible: false,
+            state_age,
+            price: 0.0,
+            vcpus: 1,
+            ram: 1,
+            processes: 0,
+            probe_age: Duration::ZERO,
+        };
+        let d = Duration::from_secs;
+        m.set_gauges(
+            Instant::now(),
+            std::iter::empty(),
+            &[
+                vm(Some(("booting", d(30)))),
+                vm(Some(("booting", d(90)))),
+                vm(Some(("shutdown", d(4)))),
+            ],
+        );
+        let age = |s| m.state_age_max.with_label_values(&[s]).get();
+        assert_eq!(
+            (age("booting"), age("shutdown"), age("unknown")),
+            (90.0, 4.0, 0.0)
+        );
     }
 }

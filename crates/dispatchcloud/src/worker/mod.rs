@@ -43,6 +43,9 @@ use runner::Runner;
 use crate::scheduler::pool::{IdleBehavior, InstanceView, RunningMap, WorkerPool, WorkerState};
 use crate::ssh_executor::{Executor, Target, Timeouts};
 
+/// How often the pool's gauges and cumulative counters are refreshed when nothing changes.
+const METRICS_REFRESH: Duration = Duration::from_secs(5);
+
 /// A create call in flight, keyed by the instance secret it carries.
 struct Creating {
     it: Arc<InstanceType>,
@@ -192,6 +195,9 @@ impl Pool {
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 _ = stop.wait_for(|s| *s) => return,
+                // The cumulative instance-seconds and cost counters advance while nothing
+                // changes, too.
+                _ = tokio::time::sleep(METRICS_REFRESH) => {}
             }
             // Coalesce bursts of notifications.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -208,6 +214,17 @@ impl Pool {
             .map(|w| Sample {
                 category: w.category(),
                 instance_type: &w.it.name,
+                preemptible: w.it.preemptible,
+                state_age: match w.state {
+                    WorkerState::Unknown | WorkerState::Booting => {
+                        Some((w.state.as_str(), now.saturating_duration_since(w.appeared)))
+                    }
+                    WorkerState::Shutdown => Some((
+                        "shutdown",
+                        now.saturating_duration_since(w.destroyed.unwrap_or(w.updated)),
+                    )),
+                    WorkerState::Idle | WorkerState::Running => None,
+                },
                 price: w.it.price,
                 vcpus: w.it.vcpus,
                 ram: w.it.ram,
@@ -216,7 +233,7 @@ impl Pool {
             })
             .collect();
         self.metrics
-            .set_gauges(self.cfg.instance_types.keys(), &samples);
+            .set_gauges(now.into_std(), self.cfg.instance_types.values(), &samples);
     }
 
     /// Whether the pool can work: the runner binary, if one is to be deployed, was loaded.

@@ -205,6 +205,7 @@ impl Pool {
             && w.idle_behavior == IdleBehavior::Run
         {
             tracing::warn!(Instance = %id, "probe reported broken instance");
+            self.metrics.broken.inc();
             self.report_boot_outcome(w, "failure");
             w.idle_behavior = IdleBehavior::Drain;
             self.save_tags(w);
