@@ -46,6 +46,10 @@ pub struct SimulateArgs {
     /// Also write the summary as JSON here
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Where the management API (and /metrics) listens, e.g. 127.0.0.1:9006 to point a
+    /// Prometheus at it; by default a free loopback port
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
     /// Give up (exit 1) after this long
     #[arg(long, value_name = "DURATION", default_value = "10m")]
     timeout: String,
@@ -149,7 +153,9 @@ async fn simulate(
     let mut drivers = crate::drivers::registry();
     drivers.register("stub", Arc::new(SharedStubDriver(cloud.clone())));
     let svc = Service::build(&cluster, &drivers)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
     let api_url = format!("http://{}", listener.local_addr()?);
     println!(
         "simulate: {} containers (seed {}, faults {:?}) on a fake Arvados at {} with the stub cloud",
