@@ -94,12 +94,10 @@ fn main() -> ExitCode {
             };
             cluster.and_then(|c| simulate::run(c, args)).and_then(exit)
         }
-        Some(Command::Instances(cmd)) => {
-            load(&cli.config).and_then(|c| mgmt_cli::instances(&c, &cli.target, cmd))
-        }
-        Some(Command::Containers(cmd)) => {
-            load(&cli.config).and_then(|c| mgmt_cli::containers(&c, &cli.target, cmd))
-        }
+        Some(Command::Instances(cmd)) => mgmt_config(&cli.config, &cli.target)
+            .and_then(|c| mgmt_cli::instances(c.as_ref(), &cli.target, cmd)),
+        Some(Command::Containers(cmd)) => mgmt_config(&cli.config, &cli.target)
+            .and_then(|c| mgmt_cli::containers(c.as_ref(), &cli.target, cmd)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -149,6 +147,18 @@ fn load(args: &ConfigArgs) -> anyhow::Result<arvados::Cluster> {
         &source,
         args.cluster.as_deref(),
     )?)
+}
+
+/// The config for `instances`/`containers`: none when `--url` and a token say everything
+/// (unless `--config` is given), else the loaded one.
+fn mgmt_config(
+    args: &ConfigArgs,
+    target: &mgmt_cli::Target,
+) -> anyhow::Result<Option<arvados::Cluster>> {
+    if args.config.is_none() && target.needs_no_config() {
+        return Ok(None);
+    }
+    load(args).map(Some)
 }
 
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {

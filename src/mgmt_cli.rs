@@ -23,6 +23,15 @@ pub struct Target {
 }
 
 impl Target {
+    /// Whether `--url` and a token (flag, file or `$ARVADOS_MANAGEMENT_TOKEN`) are given, so
+    /// no config file is needed.
+    pub fn needs_no_config(&self) -> bool {
+        self.url.is_some()
+            && (self.token.is_some()
+                || self.token_file.is_some()
+                || std::env::var("ARVADOS_MANAGEMENT_TOKEN").is_ok_and(|t| !t.is_empty()))
+    }
+
     /// The token to send: `--token`, `--token-file`, `$ARVADOS_MANAGEMENT_TOKEN`, the config.
     fn token(&self, env: Option<String>, from_config: &str) -> anyhow::Result<String> {
         if let Some(t) = &self.token {
@@ -96,24 +105,34 @@ struct Api {
 }
 
 impl Api {
-    fn new(cluster: &arvados::Cluster, t: &Target) -> anyhow::Result<Api> {
-        let urls: Vec<String> = match &t.url {
-            Some(u) => vec![u.clone()],
-            None => cluster
+    /// The management API at `--url` or the config's URLs; `cluster` is `None` when
+    /// [`Target::needs_no_config`].
+    fn new(cluster: Option<&arvados::Cluster>, t: &Target) -> anyhow::Result<Api> {
+        let urls: Vec<String> = match (&t.url, cluster) {
+            (Some(u), _) => vec![u.clone()],
+            (None, Some(c)) => c
                 .services
                 .dispatch_cloud
                 .internal_urls
                 .keys()
                 .cloned()
                 .collect(),
+            (None, None) => Vec::new(),
         };
         if urls.is_empty() {
-            return Err(anyhow!("no Services.DispatchCloud.InternalURLs configured"));
+            return Err(anyhow!(
+                "no Services.DispatchCloud.InternalURLs configured (or give --url)"
+            ));
         }
         let token = t.token(
             std::env::var("ARVADOS_MANAGEMENT_TOKEN").ok(),
-            &cluster.management_token,
+            cluster.map_or("", |c| c.management_token.as_str()),
         )?;
+        if token.is_empty() {
+            return Err(anyhow!(
+                "no management token: give --token, --token-file or $ARVADOS_MANAGEMENT_TOKEN, or set ManagementToken in the config"
+            ));
+        }
         Ok(Api {
             urls: urls
                 .into_iter()
@@ -121,7 +140,7 @@ impl Api {
                 .collect(),
             token,
             http: reqwest::Client::builder()
-                .danger_accept_invalid_certs(cluster.tls.insecure)
+                .danger_accept_invalid_certs(cluster.is_some_and(|c| c.tls.insecure))
                 // A dispatcher that accepts and never answers must not hang the command.
                 .connect_timeout(std::time::Duration::from_secs(10))
                 .timeout(std::time::Duration::from_secs(60))
@@ -198,7 +217,11 @@ fn dash(s: &str) -> &str {
 }
 
 /// `instances …`; returns the exit code.
-pub fn instances(cluster: &arvados::Cluster, t: &Target, cmd: Instances) -> anyhow::Result<u8> {
+pub fn instances(
+    cluster: Option<&arvados::Cluster>,
+    t: &Target,
+    cmd: Instances,
+) -> anyhow::Result<u8> {
     let api = Api::new(cluster, t)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -250,7 +273,11 @@ pub fn instances(cluster: &arvados::Cluster, t: &Target, cmd: Instances) -> anyh
 }
 
 /// `containers …`; returns the exit code.
-pub fn containers(cluster: &arvados::Cluster, t: &Target, cmd: Containers) -> anyhow::Result<u8> {
+pub fn containers(
+    cluster: Option<&arvados::Cluster>,
+    t: &Target,
+    cmd: Containers,
+) -> anyhow::Result<u8> {
     let api = Api::new(cluster, t)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -38,6 +38,12 @@ fn assert_one_line_failure(out: &Output, wanted: &str) {
     assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     assert!(err.contains(wanted), "{err:?} should mention {wanted:?}");
     assert!(out.stdout.is_empty());
+    // Each cause is stated once (an error chain printed in full must not repeat a cause
+    // its message already includes).
+    let parts: Vec<&str> = err.trim_end().split(": ").collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "{p:?} repeated in {err:?}");
+    }
 }
 
 #[test]

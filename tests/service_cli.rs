@@ -220,6 +220,53 @@ async fn ac_dsp_6_instances_cli_against_a_running_dispatcher() {
     let out = cli(&d, &["instances", "list", "--token", "wrong"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("403"), "{}", text(&out.stderr));
+
+    // With --url and a token no config file is read (there is none here), for either
+    // command and either way of giving the token.
+    let url = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .split("InternalURLs: {\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_string();
+    let no_config = || {
+        let mut c = bin();
+        c.env("ARVADOS_CONFIG", "/nonexistent/arvados/config.yml")
+            .env_remove("ARVADOS_MANAGEMENT_TOKEN");
+        c
+    };
+    let out = no_config()
+        .args([
+            "instances",
+            "list",
+            "--url",
+            &url,
+            "--token",
+            "test-management-token",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("inst1,providertype1"));
+    let out = no_config()
+        .args(["containers", "list", "--url", &url])
+        .env("ARVADOS_MANAGEMENT_TOKEN", "test-management-token")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Without a token it still needs the config, and says so once.
+    let out = no_config()
+        .args(["instances", "list", "--url", &url])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the cause is stated once: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

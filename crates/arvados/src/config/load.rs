@@ -21,11 +21,12 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/arvados/config.yml";
 /// Why a config could not be loaded. `Display` is one line that names the file or key path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    /// The I/O error is part of the message, not a separate `source`: an error chain printed
+    /// in full (`{:#}`) would say it twice.
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{origin}: YAML syntax error: {message}")]
     Syntax { origin: String, message: String },
@@ -73,7 +74,7 @@ impl ConfigSource {
 pub fn load_cluster(source: &ConfigSource, cluster: Option<&str>) -> Result<Cluster, ConfigError> {
     let text = std::fs::read_to_string(&source.path).map_err(|e| ConfigError::Read {
         path: source.path.clone(),
-        source: e,
+        error: e,
     })?;
     load_cluster_from_str(&text, &source.path.display().to_string(), cluster)
 }
