@@ -4,6 +4,7 @@
 
 mod cloudtest;
 mod drivers;
+mod logging;
 mod mgmt_cli;
 mod service;
 mod simulate;
@@ -20,20 +21,14 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Log format [default: text on a terminal, else json]
+    /// Log format [default: text on a terminal, else SystemLogs.Format from the config (json)]
     #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormat>,
+    log_format: Option<logging::LogFormat>,
     #[command(flatten)]
     target: mgmt_cli::Target,
     /// Without a subcommand: run the dispatcher service (same as `run`)
     #[command(subcommand)]
     command: Option<Command>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,7 +68,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    logging::init(cli.log_format);
     let exit = |ok: bool| if ok { Ok(0) } else { Ok(1) };
     let result: anyhow::Result<u8> = match cli.command {
         Some(Command::CheckConfig) => check_config(&cli.config).map(|()| 0),
@@ -109,30 +104,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// `tracing` to stderr: text on a terminal, JSON (flat, Arvados' field names) otherwise.
-/// `RUST_LOG` sets the level (default info).
-fn init_logging(format: Option<LogFormat>) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn"));
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Text
-    } else {
-        LogFormat::Json
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-    };
-}
-
 /// The config file's modification time (for `arvados_config_source_timestamp_seconds`).
 fn config_time(args: &ConfigArgs) -> Option<std::time::SystemTime> {
     let source = arvados::ConfigSource::resolve(args.config.as_deref());
@@ -143,10 +114,9 @@ fn config_time(args: &ConfigArgs) -> Option<std::time::SystemTime> {
 
 fn load(args: &ConfigArgs) -> anyhow::Result<arvados::Cluster> {
     let source = arvados::ConfigSource::resolve(args.config.as_deref());
-    Ok(arvados::config::load_cluster(
-        &source,
-        args.cluster.as_deref(),
-    )?)
+    let cluster = arvados::config::load_cluster(&source, args.cluster.as_deref())?;
+    logging::apply_config(&cluster)?;
+    Ok(cluster)
 }
 
 /// The config for `instances`/`containers`: none when `--url` and a token say everything

@@ -86,7 +86,13 @@ pub fn run(cluster: Option<arvados::Cluster>, args: SimulateArgs) -> anyhow::Res
     let mut cluster = match cluster {
         Some(c) => c,
         None => {
-            arvados::config::load_cluster_from_str(DEFAULT_CONFIG, "config/simulate.yml", None)?
+            let c = arvados::config::load_cluster_from_str(
+                DEFAULT_CONFIG,
+                "config/simulate.yml",
+                None,
+            )?;
+            crate::logging::apply_config(&c)?;
+            c
         }
     };
     let timeout = arvados::config::units::parse_duration(&args.timeout)

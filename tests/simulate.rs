@@ -132,3 +132,80 @@ fn simulate_2000_containers_with_chaos_seed_7_completes_each_exactly_once() {
     assert_eq!(r["instances_left"], 0);
     assert_adds_up(&r);
 }
+
+/// The dispatcher's JSON logs have Arvados' shape (what log pipelines built for the Go
+/// dispatcher key on), and `SystemLogs.LogLevel` sets the level.
+#[test]
+fn logs_are_arvados_shaped_json_lines_at_the_configured_level() {
+    let run = |config: Option<&std::path::Path>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"));
+        c.args(["--log-format", "json", "simulate", "--containers", "10"])
+            .env_remove("RUST_LOG");
+        if let Some(p) = config {
+            c.arg("--config").arg(p);
+        }
+        let child = c
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        (pid, lines)
+    };
+    let (pid, lines) = run(None);
+    assert!(lines.len() > 10, "{lines:?}");
+    for l in &lines {
+        let time = l["time"].as_str().unwrap();
+        // 2026-11-30T12:00:00.123456789Z: RFC 3339, UTC, nanoseconds.
+        assert!(
+            time.len() == 30
+                && time.ends_with('Z')
+                && &time[19..20] == "."
+                && time[20..29].bytes().all(|b| b.is_ascii_digit())
+                && chrono::DateTime::parse_from_rfc3339(time).is_ok(),
+            "{l}"
+        );
+        assert!(
+            ["trace", "debug", "info", "warning", "error"].contains(&l["level"].as_str().unwrap()),
+            "{l}"
+        );
+        assert!(l["msg"].is_string(), "{l}");
+        assert_eq!(l["PID"], pid, "{l}");
+        assert_eq!(l["ClusterID"], "zzzzz", "{l}");
+        for k in ["message", "fields", "target", "timestamp"] {
+            assert!(l.get(k).is_none(), "{k} in {l}");
+        }
+    }
+    for field in ["ContainerUUID", "Instance", "InstanceType"] {
+        assert!(
+            lines.iter().any(|l| l[field].is_string()),
+            "no line has {field}"
+        );
+    }
+    assert!(lines.iter().any(|l| l["level"] == "info"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("simulate.yml");
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/simulate.yml"),
+    )
+    .unwrap()
+    .replace(
+        "    ManagementToken:",
+        "    SystemLogs: {LogLevel: warning}\n    ManagementToken:",
+    );
+    std::fs::write(&config, text).unwrap();
+    let (_, lines) = run(Some(&config));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"] == "warning" || l["level"] == "error"),
+        "{lines:?}"
+    );
+}
