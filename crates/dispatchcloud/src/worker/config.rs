@@ -108,6 +108,45 @@ pub fn api_host(external_url: &str) -> String {
     }
 }
 
+/// What goes to the VMs as crunch-run.
+#[derive(Debug, PartialEq)]
+pub enum RunnerSource {
+    /// Nothing (why); VMs run `Containers.CrunchRunCommand` from their image.
+    None(String),
+    /// This file.
+    File(std::path::PathBuf),
+}
+
+/// `DeployRunnerBinary` as this dispatcher reads it. Empty: deploy nothing. Arvados' default
+/// `/proc/self/exe` means "the dispatcher's own binary", which for Go's multi-call
+/// `arvados-server` is also crunch-run; this binary is not, so the crunch-run installed on
+/// this host stands in for it: `crunch-run`, else `arvados-server` (Arvados' packages), first
+/// on `path_env`. Any other value is that file.
+pub fn runner_source(deploy: &str, path_env: Option<&std::ffi::OsStr>) -> RunnerSource {
+    if deploy.is_empty() {
+        return RunnerSource::None("DeployRunnerBinary is empty".into());
+    }
+    if deploy != "/proc/self/exe" {
+        return RunnerSource::File(deploy.into());
+    }
+    let dirs: Vec<std::path::PathBuf> = path_env
+        .map(|p| std::env::split_paths(p).collect())
+        .unwrap_or_default();
+    for name in ["crunch-run", "arvados-server"] {
+        for d in &dirs {
+            let candidate = d.join(name);
+            if candidate.is_file() {
+                return RunnerSource::File(candidate);
+            }
+        }
+    }
+    RunnerSource::None(
+        "DeployRunnerBinary is /proc/self/exe (Go's own crunch-run) and no crunch-run or \
+         arvados-server is installed on this host ($PATH)"
+            .into(),
+    )
+}
+
 impl PoolConfig {
     /// Settings from `cluster` with Go's fallbacks for unset values.
     pub fn from_cluster(
@@ -116,25 +155,35 @@ impl PoolConfig {
         private_key: Arc<PrivateKey>,
     ) -> PoolConfig {
         let vms = &cluster.containers.cloud_vms;
-        let (runner_binary, runner_error) = if vms.deploy_runner_binary.is_empty() {
-            (None, None)
-        } else if vms.deploy_runner_binary == "/proc/self/exe" {
-            // Arvados' default: the Go arvados-server binary doubles as crunch-run. This
-            // dispatcher is not crunch-run, so deploying itself would break every VM.
-            tracing::warn!(
-                "DeployRunnerBinary is /proc/self/exe (the Go dispatcher's own crunch-run); \
-                 not deploying anything: VMs run Containers.CrunchRunCommand from their image"
-            );
-            (None, None)
-        } else {
-            match std::fs::read(&vms.deploy_runner_binary) {
-                Ok(data) => (Some(RunnerBinary::new(data)), None),
+        let (runner_binary, runner_error) = match runner_source(
+            &vms.deploy_runner_binary,
+            std::env::var_os("PATH").as_deref(),
+        ) {
+            RunnerSource::None(why) => {
+                tracing::warn!(
+                    CrunchRunCommand = %cluster.containers.crunch_run_command,
+                    "{why}: deploying no crunch-run; VMs run Containers.CrunchRunCommand from their image"
+                );
+                (None, None)
+            }
+            RunnerSource::File(path) => match std::fs::read(&path) {
+                Ok(data) => {
+                    let bin = RunnerBinary::new(data);
+                    tracing::info!(
+                        DeployRunnerBinary = %vms.deploy_runner_binary,
+                        "deploying {} to VMs as {}/crunch-run~{}",
+                        path.display(),
+                        vms.deploy_runner_directory,
+                        bin.md5
+                    );
+                    (Some(bin), None)
+                }
                 Err(e) => {
-                    let msg = format!("{}: {e}", vms.deploy_runner_binary);
+                    let msg = format!("{}: {e}", path.display());
                     tracing::error!(error = %msg, "failed to load runner program");
                     (None, Some(msg))
                 }
-            }
+            },
         };
         let mut runner_args = vec![format!(
             "--runtime-engine={}",
@@ -297,6 +346,41 @@ pub fn install_command(deploy_directory: &str, runner: &str, user: &str) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runner_source_follows_go_defaults_with_the_hosts_crunch_run() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let path = std::env::join_paths([a.path(), b.path()]).unwrap();
+        let src = |deploy: &str| runner_source(deploy, Some(&path));
+        // Nothing installed: nothing deployed, and why.
+        match src("/proc/self/exe") {
+            RunnerSource::None(why) => assert!(why.contains("no crunch-run"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // arvados-server (Arvados' multi-call binary) stands in, but crunch-run comes first,
+        // wherever each is on $PATH.
+        std::fs::write(a.path().join("arvados-server"), b"x").unwrap();
+        assert_eq!(
+            src("/proc/self/exe"),
+            RunnerSource::File(a.path().join("arvados-server"))
+        );
+        std::fs::write(b.path().join("crunch-run"), b"x").unwrap();
+        assert_eq!(
+            src("/proc/self/exe"),
+            RunnerSource::File(b.path().join("crunch-run"))
+        );
+        // A configured path wins; empty deploys nothing.
+        assert_eq!(
+            src("/opt/crunch-run"),
+            RunnerSource::File("/opt/crunch-run".into())
+        );
+        assert!(matches!(src(""), RunnerSource::None(_)));
+        assert!(matches!(
+            runner_source("/proc/self/exe", None),
+            RunnerSource::None(_)
+        ));
+    }
 
     #[test]
     fn start_command_quotes_every_argument_like_the_spec_example() {
