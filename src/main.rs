@@ -6,6 +6,7 @@ mod cloudtest;
 mod drivers;
 mod logging;
 mod mgmt_cli;
+mod sd_notify;
 mod service;
 mod simulate;
 

@@ -87,6 +87,7 @@ pub async fn serve(
             _ = dispatchcloud::until_true(&mut stop) => {}
             _ = dispatchcloud::until_true(&mut done_rx2) => {}
         }
+        crate::sd_notify::notify("STOPPING=1");
         let _ = http_stop.send(true);
     });
     let http = tokio::spawn(http_server::serve(
@@ -95,6 +96,9 @@ pub async fn serve(
         http_server::ServeOptions::default(),
         http_rx,
     ));
+    // Ready once the management API (health, metrics) is served: a standby waiting for the
+    // PostgreSQL lock is up and healthy too.
+    crate::sd_notify::notify("READY=1");
     let result = svc.run(shutdown).await;
     let _ = done.send(true);
     drop(done_rx);

@@ -40,6 +40,10 @@ fn free_port() -> u16 {
 }
 
 fn start(f: &FakeArvados) -> Dispatcher {
+    start_with_env(f, &[])
+}
+
+fn start_with_env(f: &FakeArvados, env: &[(&str, &std::ffi::OsStr)]) -> Dispatcher {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = dir.path().join("config.yml");
@@ -94,6 +98,7 @@ fn start(f: &FakeArvados) -> Dispatcher {
     let child = bin()
         .args(["run", "--config"])
         .arg(&config)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -351,4 +356,34 @@ fn run_with_a_bad_dispatch_key_is_one_clear_line() {
         ),
         "{err}"
     );
+}
+
+/// Under systemd (`Type=notify`): READY=1 once the management API answers, STOPPING=1 when
+/// SIGTERM arrives, then a clean exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tells_systemd_when_ready_and_when_stopping() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("notify");
+    let rx = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut d = start_with_env(&f, &[("NOTIFY_SOCKET", socket.as_os_str())]);
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).expect("READY=1 within 60 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means serving.
+    let out = cli(&d, &["instances", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    sigterm(&d);
+    let n = rx.recv(&mut buf).expect("STOPPING=1 within 60 s");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
 }
