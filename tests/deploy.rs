@@ -1,0 +1,281 @@
+//! `deploy/`: the systemd units, the Debian packages and the usage text they ship, checked
+//! with the real tools (`systemd-analyze`, `cargo-deb`, `lintian`, `dpkg-deb`). Under `CI`
+//! a missing tool fails the test (scripts/test installs them); elsewhere it is skipped
+//! loudly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn dispatcher() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))
+}
+
+/// crunch-dispatch-local, built beside this package's binary by `cargo test --workspace`.
+fn local_dispatcher() -> Option<PathBuf> {
+    let p = dispatcher().with_file_name("crunch-dispatch-local");
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} missing: scripts/test runs cargo test --workspace",
+        p.display()
+    );
+    eprintln!("SKIPPED: crunch-dispatch-local is not built (cargo test --workspace builds it)");
+    None
+}
+
+/// `tool` if it runs (found on $PATH, or in scripts/test's tool directory).
+fn tool(name: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("arvados-dispatch-cloud/tools/bin").join(name));
+    let candidates = [Some(PathBuf::from(name)), cache];
+    for c in candidates.into_iter().flatten() {
+        let ok = Command::new(&c)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(c);
+        }
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{name} is missing in CI: scripts/test installs it"
+    );
+    eprintln!("SKIPPED: {name} is not installed (scripts/test installs it)");
+    None
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A copy of `unit` whose ExecStart runs `binary` (the one just built) instead of
+/// /usr/bin/…, in a directory of its own.
+fn unit_with_binary(unit: &str, binary: &Path) -> (tempfile::TempDir, PathBuf) {
+    let text = std::fs::read_to_string(repo().join("deploy/systemd").join(unit)).unwrap();
+    let name = binary.file_name().unwrap().to_str().unwrap();
+    let installed = format!("ExecStart=/usr/bin/{name}");
+    assert!(text.contains(&installed), "{unit}: {installed} expected");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(unit);
+    std::fs::write(
+        &path,
+        text.replace(&installed, &format!("ExecStart={}", binary.display())),
+    )
+    .unwrap();
+    (dir, path)
+}
+
+#[test]
+fn systemd_units_verify_clean_with_the_built_binaries() {
+    let Some(analyze) = tool("systemd-analyze") else {
+        return;
+    };
+    let mut units = vec![("arvados-dispatch-cloud.service", dispatcher())];
+    if let Some(b) = local_dispatcher() {
+        units.push(("crunch-dispatch-local.service", b));
+    }
+    for (unit, binary) in units {
+        let (_dir, path) = unit_with_binary(unit, &binary);
+        let (ok, out) = run(Command::new(&analyze).arg("verify").arg(&path));
+        assert!(ok && out.trim().is_empty(), "{unit}: {out}");
+    }
+    let text =
+        std::fs::read_to_string(repo().join("deploy/systemd/arvados-dispatch-cloud.service"))
+            .unwrap();
+    assert!(text.contains("\nType=notify\n"));
+}
+
+/// The exposure deploy/README.md states is what `systemd-analyze security` computes.
+#[test]
+fn systemd_security_exposure_is_as_documented() {
+    let Some(analyze) = tool("systemd-analyze") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo().join("deploy/systemd/arvados-dispatch-cloud.service"),
+        dir.path().join("arvados-dispatch-cloud.service"),
+    )
+    .unwrap();
+    let (_, out) = run(Command::new(&analyze)
+        .args([
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            "arvados-dispatch-cloud.service",
+        ])
+        .current_dir(dir.path()));
+    let level = out
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for arvados-dispatch-cloud.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no exposure level in\n{out}"));
+    let readme = std::fs::read_to_string(repo().join("deploy/README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("exposure level {level} ")),
+        "deploy/README.md should state exposure level {level}"
+    );
+}
+
+/// The man-page-like text the packages ship: every `--help`, as the binaries print it.
+fn usage_text(binary: &Path, subcommands: &[&str]) -> String {
+    let mut out = String::new();
+    let name = binary.file_name().unwrap().to_str().unwrap();
+    for sub in std::iter::once(&"").chain(subcommands) {
+        let mut cmd = Command::new(binary);
+        if !sub.is_empty() {
+            cmd.arg(sub);
+        }
+        let o = cmd.arg("--help").output().unwrap();
+        assert!(o.status.success());
+        let title = format!("{name} {sub} --help").replace("  ", " ");
+        out.push_str(&format!("$ {title}\n\n{}\n", String::from_utf8_lossy(&o.stdout)));
+    }
+    out
+}
+
+/// deploy/debian/*usage.txt are current; `UPDATE_USAGE=1 cargo test --test deploy` rewrites
+/// them.
+#[test]
+fn packaged_usage_texts_are_current() {
+    let mut want = vec![(
+        "usage.txt",
+        usage_text(
+            &dispatcher(),
+            &[
+                "run",
+                "check-config",
+                "simulate",
+                "cloudtest",
+                "instances",
+                "containers",
+            ],
+        ),
+    )];
+    if let Some(b) = local_dispatcher() {
+        want.push(("crunch-dispatch-local.usage.txt", usage_text(&b, &[])));
+    }
+    for (file, text) in want {
+        let path = repo().join("deploy/debian").join(file);
+        if std::env::var_os("UPDATE_USAGE").is_some() {
+            std::fs::write(&path, &text).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap_or_default(),
+            text,
+            "{file} is out of date: UPDATE_USAGE=1 cargo test --test deploy"
+        );
+    }
+}
+
+#[test]
+fn debian_packages_build_lint_clean_and_their_units_verify_in_the_unpacked_root() {
+    let (Some(cargo_deb), Some(lintian), Some(analyze)) = (
+        tool("cargo-deb"),
+        tool("lintian"),
+        tool("systemd-analyze"),
+    ) else {
+        return;
+    };
+    let mut packages = vec![(
+        "arvados-dispatch-cloud",
+        "arvados-dispatch-cloud-rs",
+        "arvados-dispatch-cloud.service",
+    )];
+    if local_dispatcher().is_some() {
+        packages.push((
+            "crunch-dispatch-local",
+            "crunch-dispatch-local-rs",
+            "crunch-dispatch-local.service",
+        ));
+    }
+    for (crate_name, package, unit) in packages {
+        let out_dir = tempfile::tempdir().unwrap();
+        // The binaries `cargo test` just built (dev profile), so no second build: what is
+        // checked here is the packaging, which is the same for `cargo deb`'s release build.
+        let (ok, out) = run(Command::new(&cargo_deb)
+            .args(["-p", crate_name, "--profile", "dev", "--no-build", "-o"])
+            .arg(out_dir.path())
+            .current_dir(repo()));
+        assert!(ok, "cargo-deb -p {crate_name}: {out}");
+        let deb = std::fs::read_dir(out_dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .unwrap_or_else(|| panic!("no .deb: {out}"));
+        assert!(
+            deb.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(&format!("{package}_")),
+            "{}",
+            deb.display()
+        );
+
+        // It takes the Go package's place.
+        for field in ["Provides", "Conflicts", "Replaces"] {
+            let (ok, value) = run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(field));
+            assert!(ok && value.trim() == crate_name, "{field}: {value}");
+        }
+
+        // Lint: errors and warnings fail; overrides are in deploy/debian with reasons.
+        let (ok, out) = run(Command::new(&lintian)
+            .args(["--fail-on", "error,warning"])
+            .arg(&deb));
+        let findings: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.contains("running with root privileges"))
+            .collect();
+        assert!(ok && findings.is_empty(), "lintian {package}:\n{out}");
+
+        // Unpacked into a root with systemd's own units, the unit verifies there.
+        let root = tempfile::tempdir().unwrap();
+        let (ok, out) = run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root.path()));
+        assert!(ok, "{out}");
+        let binary = root.path().join("usr/bin").join(crate_name);
+        assert!(binary.is_file(), "{} not in the package", binary.display());
+        let (ok, out) = run(Command::new(&binary).arg("--help"));
+        assert!(ok, "the packaged binary runs: {out}");
+        for dir in ["lib/systemd/system", "usr/lib/systemd/system"] {
+            let host = Path::new("/").join(dir);
+            if !host.is_dir() {
+                continue;
+            }
+            let target = root.path().join(dir);
+            std::fs::create_dir_all(&target).unwrap();
+            for e in std::fs::read_dir(&host).unwrap() {
+                let e = e.unwrap();
+                let to = target.join(e.file_name());
+                if e.file_type().unwrap().is_file() && !to.exists() {
+                    std::fs::copy(e.path(), to).unwrap();
+                }
+            }
+        }
+        assert!(root.path().join("lib/systemd/system").join(unit).is_file());
+        let (ok, out) = run(Command::new(&analyze)
+            .arg("verify")
+            .arg(format!("--root={}", root.path().display()))
+            .arg(unit));
+        assert!(ok && out.trim().is_empty(), "{package}: {unit}: {out}");
+    }
+}
