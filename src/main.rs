@@ -65,6 +65,9 @@ enum Command {
     /// List and stop containers through the dispatcher's management API
     #[command(subcommand)]
     Containers(mgmt_cli::Containers),
+    /// Ask each dispatcher's /_health/ping; exit 0 only if all say OK (for container and
+    /// load balancer health checks)
+    Health,
 }
 
 fn main() -> ExitCode {
@@ -94,6 +97,8 @@ fn main() -> ExitCode {
             .and_then(|c| mgmt_cli::instances(c.as_ref(), &cli.target, cmd)),
         Some(Command::Containers(cmd)) => mgmt_config(&cli.config, &cli.target)
             .and_then(|c| mgmt_cli::containers(c.as_ref(), &cli.target, cmd)),
+        Some(Command::Health) => mgmt_config(&cli.config, &cli.target)
+            .and_then(|c| mgmt_cli::health(c.as_ref(), &cli.target)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -272,6 +272,30 @@ pub fn instances(
     })
 }
 
+/// `health`: `GET /_health/ping` on each URL; exit 0 only if every dispatcher says OK (a
+/// container health check; the token comes as for the other commands).
+pub fn health(cluster: Option<&arvados::Cluster>, t: &Target) -> anyhow::Result<u8> {
+    let api = Api::new(cluster, t)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut bad = 0;
+        for url in &api.urls {
+            match api.get(url, "/_health/ping").await {
+                Ok(v) if v["health"] == "OK" => println!("{url}: OK"),
+                Ok(v) => {
+                    println!("{url}: {v}");
+                    bad += 1;
+                }
+                Err(e) => {
+                    println!("{url}: {e:#}");
+                    bad += 1;
+                }
+            }
+        }
+        Ok(u8::from(bad > 0))
+    })
+}
+
 /// `containers …`; returns the exit code.
 pub fn containers(
     cluster: Option<&arvados::Cluster>,

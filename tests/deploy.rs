@@ -126,7 +126,10 @@ fn systemd_security_exposure_is_as_documented() {
         .current_dir(dir.path()));
     let level = out
         .lines()
-        .find_map(|l| l.split("Overall exposure level for arvados-dispatch-cloud.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for arvados-dispatch-cloud.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no exposure level in\n{out}"));
     let readme = std::fs::read_to_string(repo().join("deploy/README.md")).unwrap();
@@ -148,7 +151,10 @@ fn usage_text(binary: &Path, subcommands: &[&str]) -> String {
         let o = cmd.arg("--help").output().unwrap();
         assert!(o.status.success());
         let title = format!("{name} {sub} --help").replace("  ", " ");
-        out.push_str(&format!("$ {title}\n\n{}\n", String::from_utf8_lossy(&o.stdout)));
+        out.push_str(&format!(
+            "$ {title}\n\n{}\n",
+            String::from_utf8_lossy(&o.stdout)
+        ));
     }
     out
 }
@@ -189,11 +195,9 @@ fn packaged_usage_texts_are_current() {
 
 #[test]
 fn debian_packages_build_lint_clean_and_their_units_verify_in_the_unpacked_root() {
-    let (Some(cargo_deb), Some(lintian), Some(analyze)) = (
-        tool("cargo-deb"),
-        tool("lintian"),
-        tool("systemd-analyze"),
-    ) else {
+    let (Some(cargo_deb), Some(lintian), Some(analyze)) =
+        (tool("cargo-deb"), tool("lintian"), tool("systemd-analyze"))
+    else {
         return;
     };
     let mut packages = vec![(
@@ -250,7 +254,10 @@ fn debian_packages_build_lint_clean_and_their_units_verify_in_the_unpacked_root(
 
         // Unpacked into a root with systemd's own units, the unit verifies there.
         let root = tempfile::tempdir().unwrap();
-        let (ok, out) = run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root.path()));
+        let (ok, out) = run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(root.path()));
         assert!(ok, "{out}");
         let binary = root.path().join("usr/bin").join(crate_name);
         assert!(binary.is_file(), "{} not in the package", binary.display());
@@ -278,4 +285,146 @@ fn debian_packages_build_lint_clean_and_their_units_verify_in_the_unpacked_root(
             .arg(unit));
         assert!(ok && out.trim().is_empty(), "{package}: {unit}: {out}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The container image
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// podman with the options this machine needs (no systemd, no overlay, no cgroup manager).
+fn podman(podman: &Path) -> Command {
+    let mut c = Command::new(podman);
+    c.args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"]);
+    c
+}
+
+/// Removes the test's container and image however the test ends.
+struct Cleanup {
+    podman: PathBuf,
+    container: String,
+    image: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = podman(&self.podman)
+            .args(["rm", "-f", &self.container])
+            .output();
+        let _ = podman(&self.podman)
+            .args(["rmi", "-f", &self.image])
+            .output();
+    }
+}
+
+/// deploy/container: the image builds FROM scratch from the built binary, runs `simulate`
+/// as a non-root user with a mounted config, serves the management API to the host on
+/// 127.0.0.1, and its health check passes.
+#[test]
+fn container_image_runs_simulate_and_serves_the_management_api_to_the_host() {
+    let (Some(_buildah), Some(podman_bin)) = (tool("buildah"), tool("podman")) else {
+        return;
+    };
+    let id = std::process::id();
+    let image = format!("localhost/arvados-dispatch-cloud-test:{id}");
+    let container = format!("adc-test-{id}");
+    let _cleanup = Cleanup {
+        podman: podman_bin.clone(),
+        container: container.clone(),
+        image: image.clone(),
+    };
+    let (ok, out) = run(Command::new(repo().join("deploy/container/build.sh"))
+        .arg(dispatcher())
+        .arg(&image)
+        .env("BUILDAH_OPTS", "--storage-driver vfs")
+        .env("BUILDAH_BUD_OPTS", "--isolation chroot"));
+    assert!(ok, "build.sh: {out}");
+
+    // The simulator's cluster, with the InternalURLs the health check reads.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yml");
+    let text = std::fs::read_to_string(repo().join("config/simulate.yml"))
+        .unwrap()
+        .replace(
+            "    ManagementToken: simulate-management-token\n",
+            &format!(
+                "    ManagementToken: simulate-management-token\n    Services:\n      DispatchCloud:\n        InternalURLs: {{\"{url}\": {{}}}}\n"
+            ),
+        );
+    std::fs::write(&config, text).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (ok, out) = run(podman(&podman_bin)
+        .args(["run", "-d", "--name", &container, "--network", "host"])
+        .args(["--runtime", "runc", "--health-interval", "disable"])
+        .args([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
+        .arg("-v")
+        .arg(format!("{}:/etc/arvados/config.yml:ro", config.display()))
+        .arg(&image)
+        .args(["simulate", "--config", "/etc/arvados/config.yml"])
+        .args([
+            "--containers",
+            "2000",
+            "--boot-delay",
+            "5s",
+            "--timeout",
+            "10m",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")]));
+    assert!(ok, "podman run: {out}");
+
+    // The management API answers the host, with the simulated cluster's VMs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let instances = loop {
+        let (ok, out) = run(Command::new("curl")
+            .args(["-sf", "--max-time", "5", "-H"])
+            .arg("Authorization: Bearer simulate-management-token")
+            .arg(format!("{url}/arvados/v1/dispatch/instances")));
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if v["items"].as_array().is_some_and(|a| !a.is_empty()) {
+                break v;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let (_, logs) = run(podman(&podman_bin).args(["logs", &container]));
+            panic!("no VMs listed at {url} within 90 s; container log:\n{logs}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(instances["items"][0]["instance"].is_string());
+
+    // The image's health check (/_health/ping with the config's token) passes.
+    let (ok, out) = run(podman(&podman_bin).args(["healthcheck", "run", &container]));
+    assert!(ok, "healthcheck: {out}");
+    // It runs as the image's non-root user.
+    let (ok, out) = run(podman(&podman_bin).args(["top", &container, "user"]));
+    assert!(
+        ok && out.lines().nth(1).map(str::trim) == Some("arvados"),
+        "{out}"
+    );
+    // JSON logs from the container, Arvados-shaped.
+    let (_, logs) = run(podman(&podman_bin).args(["logs", &container]));
+    assert!(
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|l| l["ClusterID"] == "zzzzz" && l["msg"].is_string()),
+        "{logs}"
+    );
 }

@@ -260,6 +260,16 @@ async fn ac_dsp_6_instances_cli_against_a_running_dispatcher() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The health check, with the config and without.
+    let out = cli(&d, &["health"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{url}: OK\n"));
+    let out = no_config()
+        .args(["health", "--url", &url, "--token", "wrong"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("401") || text(&out.stdout).contains("403"));
     // Without a token it still needs the config, and says so once.
     let out = no_config()
         .args(["instances", "list", "--url", &url])
