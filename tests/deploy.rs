@@ -31,6 +31,11 @@ fn local_dispatcher() -> Option<PathBuf> {
 
 /// `tool` if it runs (found on $PATH, or in scripts/test's tool directory).
 fn tool(name: &str) -> Option<PathBuf> {
+    tool_with(name, &["--version"])
+}
+
+/// `tool`, if `name version_args` succeeds.
+fn tool_with(name: &str, version_args: &[&str]) -> Option<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -38,7 +43,7 @@ fn tool(name: &str) -> Option<PathBuf> {
     let candidates = [Some(PathBuf::from(name)), cache];
     for c in candidates.into_iter().flatten() {
         let ok = Command::new(&c)
-            .arg("--version")
+            .args(version_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -174,6 +179,7 @@ fn packaged_usage_texts_are_current() {
                 "cloudtest",
                 "instances",
                 "containers",
+                "health",
             ],
         ),
     )];
@@ -427,4 +433,167 @@ fn container_image_runs_simulate_and_serves_the_management_api_to_the_host() {
             .any(|l| l["ClusterID"] == "zzzzz" && l["msg"].is_string()),
         "{logs}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes
+
+type Yaml = serde_norway::Value;
+
+fn yaml_file(path: &Path) -> Yaml {
+    serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// deploy/kubernetes/prometheusrule.yaml carries dashboards/alerts.yml's groups unchanged;
+/// `UPDATE_K8S=1 cargo test --test deploy` rewrites it.
+#[test]
+fn prometheus_rule_carries_the_alert_rules() {
+    let alerts = yaml_file(&repo().join("dashboards/alerts.yml"));
+    let path = repo().join("deploy/kubernetes/prometheusrule.yaml");
+    if std::env::var_os("UPDATE_K8S").is_some() {
+        let mut doc = serde_norway::Mapping::new();
+        doc.insert("apiVersion".into(), "monitoring.coreos.com/v1".into());
+        doc.insert("kind".into(), "PrometheusRule".into());
+        let mut meta = serde_norway::Mapping::new();
+        meta.insert("name".into(), "arvados-dispatch-cloud".into());
+        doc.insert("metadata".into(), meta.into());
+        let mut spec = serde_norway::Mapping::new();
+        spec.insert("groups".into(), alerts["groups"].clone());
+        doc.insert("spec".into(), spec.into());
+        std::fs::write(
+            &path,
+            format!(
+                "# Generated from dashboards/alerts.yml: UPDATE_K8S=1 cargo test --test deploy\n{}",
+                serde_norway::to_string(&doc).unwrap()
+            ),
+        )
+        .unwrap();
+    }
+    let rule = yaml_file(&path);
+    assert_eq!(
+        rule["spec"]["groups"], alerts["groups"],
+        "prometheusrule.yaml is out of date: UPDATE_K8S=1 cargo test --test deploy"
+    );
+}
+
+#[test]
+fn kubernetes_manifests_render_and_validate() {
+    let (Some(kubectl), Some(validate)) = (
+        tool_with("kubectl", &["version", "--client"]),
+        tool_at(
+            &repo().join(".venv/bin/kubernetes-validate"),
+            "kubernetes-validate",
+        ),
+    ) else {
+        return;
+    };
+    let (ok, rendered) = run(Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(repo().join("deploy/kubernetes")));
+    assert!(ok, "kubectl kustomize: {rendered}");
+    let docs: Vec<Yaml> = rendered
+        .split("\n---\n")
+        .map(|d| serde_norway::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect();
+    let kind = |k: &str| -> Vec<&Yaml> { docs.iter().filter(|d| d["kind"] == k).collect() };
+
+    // Built-in kinds: the schema of a current Kubernetes, strictly (no unknown fields).
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for d in &docs {
+        if d["apiVersion"]
+            .as_str()
+            .unwrap()
+            .contains("monitoring.coreos.com")
+        {
+            continue;
+        }
+        n += 1;
+        let f = dir.path().join(format!("{n}.yaml"));
+        std::fs::write(&f, serde_norway::to_string(d).unwrap()).unwrap();
+    }
+    assert!(n >= 4, "{rendered}");
+    let (ok, out) = run(Command::new(&validate)
+        .args(["--strict", "--no-warn"])
+        .args((1..=n).map(|i| dir.path().join(format!("{i}.yaml")))));
+    assert!(ok, "kubernetes-validate --strict:\n{out}");
+
+    // What the dispatcher needs from them.
+    let dep = kind("Deployment")[0];
+    let spec = &dep["spec"];
+    assert_eq!(spec["replicas"].as_u64(), Some(1));
+    assert_eq!(spec["strategy"]["type"], "Recreate");
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "localhost/arvados-dispatch-cloud:latest");
+    assert_eq!(
+        c["securityContext"]["readOnlyRootFilesystem"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        c["securityContext"]["allowPrivilegeEscalation"].as_bool(),
+        Some(false)
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let cmd = &c[probe]["exec"]["command"];
+        assert_eq!(cmd[1], "health", "{probe}");
+    }
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    let secret = kind("Secret")[0];
+    let secret_name = secret["metadata"]["name"].as_str().unwrap();
+    assert_eq!(pod["volumes"][0]["secret"]["secretName"], secret_name);
+    for key in ["config.yml", "dispatch-key", "management-token"] {
+        assert!(secret["data"][key].is_string(), "secret lacks {key}");
+    }
+    let svc = kind("Service")[0];
+    let port_name = svc["spec"]["ports"][0]["name"].as_str().unwrap();
+    assert_eq!(c["ports"][0]["name"], port_name);
+    assert!(!kind("NetworkPolicy").is_empty());
+
+    // Custom resources (no schema here): the fields the Prometheus Operator requires, and
+    // the references that must match the other objects.
+    let sm = kind("ServiceMonitor")[0];
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    assert!(sm["metadata"]["name"].is_string());
+    let ep = &sm["spec"]["endpoints"][0];
+    assert_eq!(ep["port"], port_name);
+    assert_eq!(ep["path"], "/metrics");
+    assert_eq!(ep["authorization"]["credentials"]["name"], secret_name);
+    assert_eq!(
+        ep["authorization"]["credentials"]["key"],
+        "management-token"
+    );
+    let selector = sm["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+    for (k, v) in selector {
+        assert_eq!(
+            &svc["metadata"]["labels"][k], v,
+            "ServiceMonitor selects the Service"
+        );
+    }
+    let pr = kind("PrometheusRule")[0];
+    assert_eq!(pr["apiVersion"], "monitoring.coreos.com/v1");
+    let groups = pr["spec"]["groups"].as_sequence().unwrap();
+    assert!(!groups.is_empty());
+    for g in groups {
+        assert!(g["name"].is_string());
+        for r in g["rules"].as_sequence().unwrap() {
+            assert!(r["expr"].is_string(), "{r:?}");
+            assert!(r["alert"].is_string() ^ r["record"].is_string(), "{r:?}");
+        }
+    }
+}
+
+/// `path` if it runs, else `tool(name)` (which fails under CI).
+fn tool_at(path: &Path, name: &str) -> Option<PathBuf> {
+    if Command::new(path)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return Some(path.to_path_buf());
+    }
+    tool(name)
 }
