@@ -3,8 +3,7 @@
 //! capacity codes (per type, or per quota group for `VcpuLimitExceeded`), and the
 //! subnet-specific predicate that drives subnet fail-over.
 
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use cloud::{CloudError, ErrorKind};
 
@@ -47,23 +46,7 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-/// The growing back-off after throttling errors of one category of call (create, list).
-#[derive(Debug, Default)]
-pub struct Backoff(Mutex<Duration>);
-
-impl Backoff {
-    /// `d = previous × 3/2 + 1 s`, within [1 s, 60 s].
-    fn grow(&self) -> Duration {
-        let mut d = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *d = (*d * 3 / 2 + Duration::from_secs(1))
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
-        *d
-    }
-
-    pub fn reset(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Duration::ZERO;
-    }
-}
+pub use cloud::error::Backoff;
 
 /// Classify an API error (or a transport error: `None`, kept as "other" with `text`).
 pub fn classify(err: Option<&ApiError>, text: &str, backoff: &Backoff) -> CloudError {
@@ -149,6 +132,7 @@ pub fn is_subnet_specific(err: Option<&ApiError>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn unanswered_and_internal_errors_leave_the_create_outcome_unknown() {
@@ -242,13 +226,13 @@ mod tests {
         let mut seen = Vec::new();
         for _ in 0..12 {
             classify(Some(&api("RequestLimitExceeded", "r")), "r", &b);
-            seen.push(*b.0.lock().unwrap());
+            seen.push(b.current());
         }
         assert_eq!(seen[0], Duration::from_secs(1));
         assert_eq!(seen[1], Duration::from_millis(2500));
         assert_eq!(seen[2], Duration::from_millis(4750));
         assert_eq!(*seen.last().unwrap(), Duration::from_secs(60));
         classify(Some(&api("AuthFailure", "a")), "a", &b);
-        assert_eq!(*b.0.lock().unwrap(), Duration::ZERO);
+        assert_eq!(b.current(), Duration::ZERO);
     }
 }

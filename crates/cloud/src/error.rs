@@ -163,3 +163,29 @@ mod tests {
         assert_eq!(CloudError::not_implemented().to_string(), "not implemented");
     }
 }
+
+/// The growing back-off after throttling errors of one category of call (create, list): a
+/// driver asks it for the earliest retry of each rate-limit error it reports, and resets it
+/// after any other answer.
+#[derive(Debug, Default)]
+pub struct Backoff(std::sync::Mutex<std::time::Duration>);
+
+impl Backoff {
+    /// `d = previous × 3/2 + 1 s`, within [1 s, 60 s].
+    pub fn grow(&self) -> std::time::Duration {
+        use std::time::Duration;
+        let mut d = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *d = (*d * 3 / 2 + Duration::from_secs(1))
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        *d
+    }
+
+    pub fn reset(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Duration::ZERO;
+    }
+
+    /// The back-off the last rate-limit error got (zero after a reset).
+    pub fn current(&self) -> std::time::Duration {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

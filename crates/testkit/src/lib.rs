@@ -8,6 +8,7 @@
 
 pub mod fake_api;
 pub mod fake_crunch_run;
+pub mod fake_gce;
 pub mod moto;
 pub mod oracle;
 /// The SSH VM server now lives in `cloud::sshd` (the loopback driver needs it too).
