@@ -9,5 +9,6 @@ pub fn registry() -> Registry {
     r.register("stub", Arc::new(testkit::stub_driver::StubDriver));
     r.register("loopback", Arc::new(cloud_loopback::LoopbackDriver));
     r.register("ec2", Arc::new(cloud_ec2::Ec2Driver));
+    r.register("gce", Arc::new(cloud_gce::GceDriver));
     r
 }

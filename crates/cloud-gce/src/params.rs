@@ -221,4 +221,28 @@ mod tests {
         assert_eq!(p.zone_capacity_hold_off, Duration::from_secs(60));
         assert_eq!(p.admin_username, "crunch");
     }
+
+    /// The annotated example operators start from loads, and its DriverParameters are valid.
+    #[test]
+    fn config_gce_yml_is_a_valid_example() {
+        let cluster = arvados::config::load_cluster_from_str(
+            include_str!("../../../config/gce.yml"),
+            "config/gce.yml",
+            None,
+        )
+        .unwrap();
+        assert_eq!(cluster.containers.cloud_vms.driver, "gce");
+        let params = serde_json::to_value(&cluster.containers.cloud_vms.driver_parameters).unwrap();
+        let p = GceParams::from_params(&params).unwrap();
+        assert_eq!(p.project, "my-project");
+        assert_eq!(p.zones.len(), 3);
+        assert_eq!(p.accelerator_types["n1-standard-8"], "nvidia-tesla-t4");
+        assert_eq!(p.labels["cost-center"], "genomics");
+        assert!(p.endpoint.is_none() && !p.anonymous_credentials);
+        let gpu = &cluster.instance_types["n1-standard-8-t4"];
+        assert_eq!(
+            (gpu.provider_type.as_str(), gpu.gpu.device_count),
+            ("n1-standard-8", 1)
+        );
+    }
 }

@@ -442,3 +442,31 @@ async fn destroy_is_idempotent_and_a_preempted_spot_vm_is_gone() {
     assert!(f.set_status(&zone, &name, "TERMINATED"));
     assert!(s.instances(&InstanceTags::new()).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn driver_metrics_have_ec2s_shape_per_zone() {
+    use cloud::Driver;
+    let f = fake().await;
+    let registry = prometheus::Registry::new();
+    let p = json!({
+        "Project": "proj", "Zones": ["us-central1-a"], "Endpoint": f.endpoint(),
+        "AnonymousCredentials": true,
+    });
+    let s = cloud_gce::GceDriver
+        .instance_set_with_metrics(&p, &"isid".to_string(), &InstanceTags::new(), &registry)
+        .unwrap();
+    s.create(&it("e2-small"), request(&[])).await.unwrap();
+    f.inject(op_fault("QUOTA_EXCEEDED", "Quota 'CPUS' exceeded.", 1));
+    assert!(s.create(&it("e2-small"), request(&[])).await.is_err());
+    s.instances(&InstanceTags::new()).await.unwrap();
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    for line in [
+        r#"arvados_dispatchcloud_gce_instance_starts_total{success="1",zone="us-central1-a"} 1"#,
+        r#"arvados_dispatchcloud_gce_instance_starts_total{success="0",zone="us-central1-a"} 1"#,
+        r#"arvados_dispatchcloud_gce_instances{zone="us-central1-a"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} missing in\n{text}");
+    }
+}
