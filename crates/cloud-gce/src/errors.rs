@@ -187,7 +187,7 @@ mod tests {
     }
 
     #[test]
-    fn rate_limits_back_off_growing_and_reset() {
+    fn row_rate_limits_back_off_growing_and_reset() {
         let b = Backoff::default();
         for (status, reason) in [
             (403, "rateLimitExceeded"),
@@ -209,12 +209,17 @@ mod tests {
     }
 
     #[test]
-    fn every_row_of_the_error_table() {
+    fn row_quota_exceeded_on_the_call_is_quota() {
         let b = Backoff::default();
         assert_eq!(
             kind(&classify_http(&http(403, "quotaExceeded"), "Create", &b)),
             "quota"
         );
+    }
+
+    #[test]
+    fn row_other_client_errors_are_other() {
+        let b = Backoff::default();
         assert_eq!(
             kind(&classify_http(&http(403, "forbidden"), "Create", &b)),
             "other"
@@ -223,21 +228,46 @@ mod tests {
             kind(&classify_http(&http(400, "invalid"), "Create", &b)),
             "other"
         );
-        let e = classify_http(&http(503, "backendError"), "Create", &b);
+        let e = classify_http(&http(404, "notFound"), "Create", &b);
         assert_eq!(kind(&e), "other");
-        assert!(e.outcome_unknown);
-        assert!(!classify_http(&http(404, "notFound"), "Create", &b).outcome_unknown);
+        assert!(!e.outcome_unknown);
+        assert_eq!(
+            kind(&classify_operation("RESOURCE_NOT_FOUND", "image", "Create")),
+            "other"
+        );
+    }
 
-        let q = |m: &str| {
-            classify_operation(
-                "QUOTA_EXCEEDED",
-                &format!("Quota '{m}' exceeded.  Limit: 24.0 in region us-central1."),
-                "Create",
-            )
-        };
-        for m in ["CPUS", "INSTANCES", "CPUS_ALL_REGIONS", "IN_USE_ADDRESSES"] {
-            assert_eq!(kind(&q(m)), "quota", "{m}");
+    #[test]
+    fn row_server_errors_leave_the_outcome_unknown() {
+        let b = Backoff::default();
+        for status in [500, 502, 503] {
+            let e = classify_http(&http(status, "backendError"), "Create", &b);
+            assert_eq!(kind(&e), "other");
+            assert!(e.outcome_unknown, "{status}");
         }
+    }
+
+    fn quota(metric: &str) -> CloudError {
+        classify_operation(
+            "QUOTA_EXCEEDED",
+            &format!("Quota '{metric}' exceeded.  Limit: 24.0 in region us-central1."),
+            "Create",
+        )
+    }
+
+    #[test]
+    fn row_global_quotas_in_an_operation_are_quota() {
+        for m in ["CPUS", "INSTANCES", "CPUS_ALL_REGIONS", "IN_USE_ADDRESSES"] {
+            assert_eq!(kind(&quota(m)), "quota", "{m}");
+        }
+        assert_eq!(
+            kind(&classify_operation("QUOTA_EXCEEDED", "no metric", "Create")),
+            "quota"
+        );
+    }
+
+    #[test]
+    fn row_family_and_class_quotas_are_capacity_of_a_quota_group() {
         for m in [
             "N2_CPUS",
             "PREEMPTIBLE_CPUS",
@@ -245,12 +275,12 @@ mod tests {
             "NVIDIA_T4_GPUS",
             "C3D_CPUS",
         ] {
-            assert_eq!(kind(&q(m)), "capacity-group", "{m}");
+            assert_eq!(kind(&quota(m)), "capacity-group", "{m}");
         }
-        assert_eq!(
-            kind(&classify_operation("QUOTA_EXCEEDED", "no metric", "Create")),
-            "quota"
-        );
+    }
+
+    #[test]
+    fn row_zone_resource_pool_exhausted_is_capacity_of_the_type_in_that_zone() {
         for c in [
             "ZONE_RESOURCE_POOL_EXHAUSTED",
             "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
@@ -265,10 +295,6 @@ mod tests {
             );
             assert!(is_zone_capacity(c));
         }
-        assert_eq!(
-            kind(&classify_operation("RESOURCE_NOT_FOUND", "image", "Create")),
-            "other"
-        );
         assert!(!is_zone_capacity("QUOTA_EXCEEDED"));
     }
 

@@ -470,3 +470,94 @@ async fn driver_metrics_have_ec2s_shape_per_zone() {
         assert!(text.contains(line), "{line} missing in\n{text}");
     }
 }
+
+/// A GCE endpoint that accepts a list and never answers cannot hold the caller: the
+/// dispatcher's `Deadline` wrapper ends the call, with an unknown outcome.
+#[tokio::test]
+async fn a_hung_call_is_ended_by_the_deadline_wrapper() {
+    let f = fake().await;
+    let s = cloud::wrappers::Deadline::new(
+        set(&f, json!({})),
+        Duration::from_secs(5),
+        Duration::from_millis(300),
+    );
+    f.inject(GceFault::Hang {
+        path: "/aggregated/instances".into(),
+        times: 1,
+    });
+    let t0 = std::time::Instant::now();
+    let e = s.instances(&InstanceTags::new()).await.unwrap_err();
+    assert!(e.outcome_unknown, "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // The next call is answered.
+    assert!(s.instances(&InstanceTags::new()).await.unwrap().is_empty());
+}
+
+/// `fake-gce` as a process: prints its URL, serves the project, stops on SIGTERM.
+#[test]
+fn fake_gce_binary_serves_until_sigterm() {
+    use std::io::BufRead;
+    // Beside this test binary's directory (target/<profile>/deps/..), where cargo puts the
+    // workspace's binaries.
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("fake-gce");
+    if !bin.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} missing: cargo test --workspace builds it",
+            bin.display()
+        );
+        eprintln!(
+            "SKIPPED: {} is not built (cargo test --workspace builds it)",
+            bin.display()
+        );
+        return;
+    }
+    let mut child = std::process::Command::new(&bin)
+        .args(["--project", "p1", "--zones", "z1,z2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("fake-gce listening on ")
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let zone: Value = rt.block_on(async {
+        reqwest::get(format!("{url}/compute/v1/projects/p1/zones/z2"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(zone["name"], "z2");
+    assert!(
+        zone["selfLink"]
+            .as_str()
+            .unwrap()
+            .ends_with("/projects/p1/zones/z2")
+    );
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "{s}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
