@@ -12,6 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+mod common;
+use common::run;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -29,32 +32,7 @@ fn dashboards() -> Vec<(String, Value)> {
 /// Whether `tool` runs; if not, fail under CI (scripts/test installs it) and skip loudly
 /// elsewhere.
 fn have(tool: &str, version_arg: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg(version_arg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is missing in CI: scripts/test installs it"
-        );
-        eprintln!("SKIPPED: {tool} is not installed (scripts/test installs it)");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    common::tool_with(tool, &[version_arg]).is_some()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -309,14 +287,6 @@ fn example_prometheus_config_and_grafana_provisioning_are_valid() {
 // ---------------------------------------------------------------------------------------------
 // A real Prometheus scraping the dispatcher
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Prometheus {
     child: std::process::Child,
     url: String,
@@ -354,7 +324,7 @@ scrape_configs:
             rules = repo().join("dashboards/alerts.yml").display(),
         );
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-        let port = free_port();
+        let port = testkit::free_port();
         let child = Command::new("prometheus")
             .arg(format!(
                 "--config.file={}",
@@ -524,7 +494,7 @@ fn every_panel_and_rule_query_returns_data_from_prometheus_scraping_simulate() {
     if !have("prometheus", "--version") {
         return;
     }
-    let port = free_port();
+    let port = testkit::free_port();
     let target = format!("127.0.0.1:{port}");
     let token = "simulate-management-token";
     let mut prom = Prometheus::start(&target, token);

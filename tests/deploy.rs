@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+mod common;
+use common::{run, tool, tool_with};
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -27,49 +30,6 @@ fn local_dispatcher() -> Option<PathBuf> {
     );
     eprintln!("SKIPPED: crunch-dispatch-local is not built (cargo test --workspace builds it)");
     None
-}
-
-/// `tool` if it runs (found on $PATH, or in scripts/test's tool directory).
-fn tool(name: &str) -> Option<PathBuf> {
-    tool_with(name, &["--version"])
-}
-
-/// `tool`, if `name version_args` succeeds.
-fn tool_with(name: &str, version_args: &[&str]) -> Option<PathBuf> {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|c| c.join("arvados-dispatch-cloud/tools/bin").join(name));
-    let candidates = [Some(PathBuf::from(name)), cache];
-    for c in candidates.into_iter().flatten() {
-        let ok = Command::new(&c)
-            .args(version_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(c);
-        }
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{name} is missing in CI: scripts/test installs it"
-    );
-    eprintln!("SKIPPED: {name} is not installed (scripts/test installs it)");
-    None
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// A copy of `unit` whose ExecStart runs `binary` (the one just built) instead of
@@ -296,14 +256,6 @@ fn debian_packages_build_lint_clean_and_their_units_verify_in_the_unpacked_root(
 // ---------------------------------------------------------------------------------------------
 // The container image
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// podman with the options this machine needs (no systemd, no overlay, no cgroup manager).
 fn podman(podman: &Path) -> Command {
     let mut c = Command::new(podman);
@@ -353,7 +305,7 @@ fn container_image_runs_simulate_and_serves_the_management_api_to_the_host() {
     assert!(ok, "build.sh: {out}");
 
     // The simulator's cluster, with the InternalURLs the health check reads.
-    let port = free_port();
+    let port = testkit::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yml");

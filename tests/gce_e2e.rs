@@ -65,14 +65,6 @@ async fn serve_vms(
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
     let gce = Arc::new(
@@ -86,7 +78,7 @@ async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
     );
     let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
     let key = cloud::sshd::new_ed25519_key();
-    let ssh_port = free_port();
+    let ssh_port = testkit::free_port();
     let mut c = arvados::Cluster {
         cluster_id: "zzzzz".into(),
         system_root_token: f.root_token().into(),
@@ -206,7 +198,7 @@ async fn cloudtest_passes_on_gce() {
         .unwrap(),
     );
     let key = cloud::sshd::new_ed25519_key();
-    let ssh_port = free_port();
+    let ssh_port = testkit::free_port();
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("id_ed25519");
     std::fs::write(

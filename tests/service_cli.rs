@@ -31,21 +31,13 @@ impl Drop for Dispatcher {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(f: &FakeArvados) -> Dispatcher {
     start_with_env(f, &[])
 }
 
 fn start_with_env(f: &FakeArvados, env: &[(&str, &std::ffi::OsStr)]) -> Dispatcher {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = testkit::free_port();
     let config = dir.path().join("config.yml");
     std::fs::write(
         &config,

@@ -20,6 +20,7 @@ use aws_sdk_ec2::types::{
     InstanceNetworkInterfaceSpecification, InstanceStateName, MarketType, ResourceType,
     ShutdownBehavior, SpotMarketOptions, Tag, TagSpecification, VolumeType,
 };
+use cloud::metrics::ProviderMetrics;
 use cloud::{
     BoxFuture, CloudError, CreateRequest, Driver, Instance, InstanceId, InstancePrice, InstanceSet,
     InstanceSetId, InstanceTags,
@@ -75,51 +76,6 @@ impl Driver for Ec2Driver {
     }
 }
 
-/// `ec2_instances{subnet_id}` and `ec2_instance_starts_total{subnet_id,success}`.
-struct Metrics {
-    instances: prometheus::GaugeVec,
-    starts: prometheus::CounterVec,
-}
-
-impl Metrics {
-    fn new(
-        subnets: &[String],
-        registry: Option<&prometheus::Registry>,
-    ) -> Result<Metrics, prometheus::Error> {
-        let opts = |n: &str, h: &str| {
-            prometheus::Opts::new(n, h)
-                .namespace("arvados")
-                .subsystem("dispatchcloud")
-        };
-        let instances = prometheus::GaugeVec::new(
-            opts("ec2_instances", "Number of instances running"),
-            &["subnet_id"],
-        )?;
-        let starts = prometheus::CounterVec::new(
-            opts(
-                "ec2_instance_starts_total",
-                "Number of attempts to start a new instance",
-            ),
-            &["subnet_id", "success"],
-        )?;
-        let labels: Vec<&str> = if subnets.is_empty() {
-            vec![""]
-        } else {
-            subnets.iter().map(String::as_str).collect()
-        };
-        for s in &labels {
-            for ok in ["0", "1"] {
-                starts.with_label_values(&[s, ok]);
-            }
-        }
-        if let Some(r) = registry {
-            r.register(Box::new(instances.clone()))?;
-            r.register(Box::new(starts.clone()))?;
-        }
-        Ok(Metrics { instances, starts })
-    }
-}
-
 /// Spot price history cache key: (instance type, availability zone).
 type SpotKey = (String, String);
 
@@ -131,7 +87,7 @@ pub struct Ec2Set {
     list_backoff: Backoff,
     subnet_index: AtomicUsize,
     key_names: Mutex<HashMap<String, String>>,
-    metrics: Metrics,
+    metrics: ProviderMetrics,
     spot: Mutex<HashMap<SpotKey, (SystemTime, Vec<InstancePrice>)>>,
 }
 
@@ -152,7 +108,13 @@ impl Ec2Set {
         _id: &InstanceSetId,
         registry: Option<&prometheus::Registry>,
     ) -> Result<Ec2Set, CloudError> {
-        let metrics = Metrics::new(&params.subnet_ids, registry)
+        // No subnet configured: one series for "AWS chooses".
+        let places = if params.subnet_ids.is_empty() {
+            vec![String::new()]
+        } else {
+            params.subnet_ids.clone()
+        };
+        let metrics = ProviderMetrics::new("ec2", "subnet_id", &places, registry)
             .map_err(|e| CloudError::other(format!("registering EC2 metrics: {e}")))?;
         Ok(Ec2Set {
             params,
@@ -350,10 +312,7 @@ impl Ec2Set {
             }
             let result = call.send().await;
             let label = subnet.map(String::as_str).unwrap_or("");
-            self.metrics
-                .starts
-                .with_label_values(&[label, if result.is_ok() { "1" } else { "0" }])
-                .inc();
+            self.metrics.count_start(label, result.is_ok());
             match result {
                 Ok(out) => {
                     self.subnet_index.store(idx, Ordering::SeqCst);

@@ -3,8 +3,6 @@
 //! capacity codes (per type, or per quota group for `VcpuLimitExceeded`), and the
 //! subnet-specific predicate that drives subnet fail-over.
 
-use std::time::SystemTime;
-
 use cloud::{CloudError, ErrorKind};
 
 /// The AWS SDKs' default list of throttling error codes.
@@ -56,13 +54,7 @@ pub fn classify(err: Option<&ApiError>, text: &str, backoff: &Backoff) -> CloudE
     };
     let code = e.code.as_str();
     if THROTTLE.contains(&code) {
-        let d = backoff.grow();
-        return CloudError::new(
-            ErrorKind::RateLimit {
-                earliest_retry: SystemTime::now() + d,
-            },
-            text,
-        );
+        return backoff.rate_limited(text);
     }
     backoff.reset();
     if QUOTA.contains(&code) {
@@ -132,7 +124,7 @@ pub fn is_subnet_specific(err: Option<&ApiError>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, SystemTime};
 
     #[test]
     fn unanswered_and_internal_errors_leave_the_create_outcome_unknown() {

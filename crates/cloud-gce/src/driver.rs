@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use arvados::InstanceType;
 use cloud::error::Backoff;
+use cloud::metrics::ProviderMetrics;
 use cloud::{
     BoxFuture, CloudError, CreateRequest, Driver, ErrorKind, Instance, InstanceId, InstancePrice,
     InstanceSet, InstanceSetId, InstanceTags,
@@ -58,47 +59,6 @@ impl Driver for GceDriver {
     }
 }
 
-/// `gce_instances{zone}` and `gce_instance_starts_total{zone,success}`, shaped as EC2's.
-struct Metrics {
-    instances: prometheus::GaugeVec,
-    starts: prometheus::CounterVec,
-}
-
-impl Metrics {
-    fn new(
-        zones: &[String],
-        registry: Option<&prometheus::Registry>,
-    ) -> Result<Metrics, prometheus::Error> {
-        let opts = |n: &str, h: &str| {
-            prometheus::Opts::new(n, h)
-                .namespace("arvados")
-                .subsystem("dispatchcloud")
-        };
-        let instances = prometheus::GaugeVec::new(
-            opts("gce_instances", "Number of instances running"),
-            &["zone"],
-        )?;
-        let starts = prometheus::CounterVec::new(
-            opts(
-                "gce_instance_starts_total",
-                "Number of attempts to start a new instance",
-            ),
-            &["zone", "success"],
-        )?;
-        for z in zones {
-            instances.with_label_values(&[z]);
-            for ok in ["0", "1"] {
-                starts.with_label_values(&[z, ok]);
-            }
-        }
-        if let Some(r) = registry {
-            r.register(Box::new(instances.clone()))?;
-            r.register(Box::new(starts.clone()))?;
-        }
-        Ok(Metrics { instances, starts })
-    }
-}
-
 struct Clients {
     instances: Instances,
     operations: ZoneOperations,
@@ -125,7 +85,7 @@ pub struct Inner {
     call_backoff: Backoff,
     /// (provider type + market, zone) → no creates there until.
     zone_hold: Mutex<HashMap<(String, String), Instant>>,
-    metrics: Metrics,
+    metrics: ProviderMetrics,
 }
 
 fn model_to_json<T: serde::Serialize>(v: &T) -> Value {
@@ -207,7 +167,7 @@ impl Inner {
         _id: &InstanceSetId,
         registry: Option<&prometheus::Registry>,
     ) -> Result<Inner, CloudError> {
-        let metrics = Metrics::new(&params.zones, registry)
+        let metrics = ProviderMetrics::new("gce", "zone", &params.zones, registry)
             .map_err(|e| CloudError::other(format!("registering GCE metrics: {e}")))?;
         Ok(Inner {
             params,
@@ -507,11 +467,11 @@ impl Inner {
             }
             match self.create_in(&it, &req, &zone).await {
                 Ok(i) => {
-                    self.metrics.starts.with_label_values(&[&zone, "1"]).inc();
+                    self.metrics.count_start(&zone, true);
                     return Ok(i);
                 }
                 Err(e) => {
-                    self.metrics.starts.with_label_values(&[&zone, "0"]).inc();
+                    self.metrics.count_start(&zone, false);
                     let zonal = e.message.split(": ").nth(1).is_some_and(is_zone_capacity);
                     if !zonal {
                         return Err(e);
@@ -636,13 +596,27 @@ impl std::fmt::Debug for GceInstance {
     }
 }
 
+/// A set call's operation; `None` if the fingerprint was stale on the first attempt (fetch
+/// it again and retry).
+fn accepted(
+    r: Result<model::Operation, google_cloud_gax::error::Error>,
+    attempt: usize,
+    backoff: &Backoff,
+) -> Result<Option<model::Operation>, CloudError> {
+    match r {
+        Ok(op) => Ok(Some(op)),
+        Err(e) if e.http_status_code() == Some(412) && attempt == 0 => Ok(None),
+        Err(e) => Err(call_error(&e, "SetTags", backoff)),
+    }
+}
+
 impl GceInstance {
     /// Replace the tag metadata item and the labels, each with the current fingerprint; a
     /// stale fingerprint (412) is fetched again once.
     async fn save_tags(&self, tags: InstanceTags) -> Result<(), CloudError> {
         let s = &self.set;
         let c = s.clients().await?;
-        for attempt in 0..2 {
+        for attempt in 0..2_usize {
             let current = s.get(&self.zone, &self.name).await?;
             let mut items: Vec<Value> = current["metadata"]["items"]
                 .as_array()
@@ -665,10 +639,8 @@ impl GceInstance {
                 .set_body(md)
                 .send()
                 .await;
-            let op = match r {
-                Ok(op) => op,
-                Err(e) if e.http_status_code() == Some(412) && attempt == 0 => continue,
-                Err(e) => return Err(call_error(&e, "SetTags", &s.call_backoff)),
+            let Some(op) = accepted(r, attempt, &s.call_backoff)? else {
+                continue;
             };
             s.wait(&self.zone, op, "SetTags").await?;
             let lr: model::InstancesSetLabelsRequest = json_to_model(
@@ -687,10 +659,8 @@ impl GceInstance {
                 .set_body(lr)
                 .send()
                 .await;
-            let op = match r {
-                Ok(op) => op,
-                Err(e) if e.http_status_code() == Some(412) && attempt == 0 => continue,
-                Err(e) => return Err(call_error(&e, "SetTags", &s.call_backoff)),
+            let Some(op) = accepted(r, attempt, &s.call_backoff)? else {
+                continue;
             };
             s.wait(&self.zone, op, "SetTags").await?;
             return Ok(());

@@ -66,13 +66,7 @@ pub fn classify_http(e: &HttpError, op: &str, backoff: &Backoff) -> CloudError {
     if e.status == 429
         || (e.status == 403 && (has("rateLimitExceeded") || has("userRateLimitExceeded")))
     {
-        let d = backoff.grow();
-        return CloudError::new(
-            ErrorKind::RateLimit {
-                earliest_retry: SystemTime::now() + d,
-            },
-            text,
-        );
+        return backoff.rate_limited(text);
     }
     backoff.reset();
     if e.status == 403 && has("quotaExceeded") {

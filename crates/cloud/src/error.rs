@@ -184,6 +184,16 @@ impl Backoff {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Duration::ZERO;
     }
 
+    /// A rate-limit error saying `text`, retry allowed after the grown back-off.
+    pub fn rate_limited(&self, text: impl Into<String>) -> CloudError {
+        CloudError::new(
+            ErrorKind::RateLimit {
+                earliest_retry: SystemTime::now() + self.grow(),
+            },
+            text,
+        )
+    }
+
     /// The back-off the last rate-limit error got (zero after a reset).
     pub fn current(&self) -> std::time::Duration {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())

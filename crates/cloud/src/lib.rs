@@ -7,6 +7,7 @@
 //! * [`error`]: [`CloudError`] and its kinds (spec §2.5).
 //! * [`tags`]: tag keys, InstanceSetID derivation (§11.3), instance secrets and user data
 //!   (Appendix D).
+//! * [`metrics`]: the per-place instance and start counters every driver exports.
 //! * [`price`]: price history normalisation (§2.8).
 //! * [`wrappers`]: the stack of §1.5 and the hold-offs of §2.7.
 //! * [`registry`]: driver names → factories.
@@ -18,6 +19,7 @@
 
 pub mod conformance;
 pub mod error;
+pub mod metrics;
 pub mod price;
 pub mod registry;
 pub mod sshd;

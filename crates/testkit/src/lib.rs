@@ -34,3 +34,11 @@ pub fn fake_crunch_run_binary() -> std::path::PathBuf {
     );
     p
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a server the test starts next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
