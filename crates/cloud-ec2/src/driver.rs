@@ -35,12 +35,8 @@ use crate::params::Ec2Params;
 /// which holds the new VM's unique instance secret, and the subnet's index (at most 64 ASCII
 /// characters, as EC2 requires).
 fn client_token(init_command: &str, subnet_index: usize) -> String {
-    use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: the same request always gets the same token.
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
-    init_command.hash(&mut h);
-    format!("arvados-{:016x}-{subnet_index}", h.finish())
+    let h = cloud::tags::stable_hash(init_command, (0, 0));
+    format!("arvados-{h:016x}-{subnet_index}")
 }
 
 /// The EC2 driver.

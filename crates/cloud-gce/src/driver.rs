@@ -22,7 +22,7 @@ use google_cloud_compute_v1::model;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-use crate::errors::{HttpError, classify_http, classify_operation, is_zone_capacity, quota_group};
+use crate::errors::{HttpError, classify_http, classify_operation, quota_group};
 use crate::labels::{TAGS_ITEM, filter, labels, tags_from_metadata};
 use crate::params::GceParams;
 
@@ -126,14 +126,7 @@ fn call_error(e: &google_cloud_gax::error::Error, op: &str, backoff: &Backoff) -
 /// A UUID-shaped `requestId` derived from `seed`: the same create (or delete) asked again
 /// is the same request to GCE, which makes no second VM.
 fn request_id(seed: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut parts = [0u64; 2];
-    for (i, p) in parts.iter_mut().enumerate() {
-        #[allow(deprecated)]
-        let mut h = std::hash::SipHasher::new_with_keys(i as u64, 0x5eed);
-        seed.hash(&mut h);
-        *p = h.finish();
-    }
+    let parts = [0, 1].map(|i| cloud::tags::stable_hash(seed, (i, 0x5eed)));
     let b: Vec<u8> = parts.iter().flat_map(|p| p.to_be_bytes()).collect();
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     // Version 4 / RFC 4122 variant bits, so GCE accepts it as a UUID.
@@ -186,18 +179,14 @@ impl Inner {
                 let creds = if p.anonymous_credentials {
                     google_cloud_auth::credentials::anonymous::Builder::new().build()
                 } else if !p.credentials_file.is_empty() {
-                    let text = std::fs::read_to_string(&p.credentials_file).map_err(|e| {
+                    let bad = |e: &dyn std::fmt::Display| {
                         CloudError::other(format!(
                             "DriverParameters.CredentialsFile: {}: {e}",
                             p.credentials_file
                         ))
-                    })?;
-                    let key: Value = serde_json::from_str(&text).map_err(|e| {
-                        CloudError::other(format!(
-                            "DriverParameters.CredentialsFile: {}: {e}",
-                            p.credentials_file
-                        ))
-                    })?;
+                    };
+                    let text = std::fs::read_to_string(&p.credentials_file).map_err(|e| bad(&e))?;
+                    let key: Value = serde_json::from_str(&text).map_err(|e| bad(&e))?;
                     google_cloud_auth::credentials::service_account::Builder::new(key)
                         .build()
                         .map_err(|e| CloudError::other(format!("GCE credentials: {e}")))?
@@ -395,7 +384,7 @@ impl Inner {
         Ok(model_to_json(&i))
     }
 
-    fn wrap(self: &Arc<Self>, v: Value) -> Option<Arc<dyn Instance>> {
+    fn wrap(self: &Arc<Self>, v: Value) -> Option<GceInstance> {
         let zone = v["zone"].as_str()?.rsplit('/').next()?.to_string();
         let name = v["name"].as_str()?.to_string();
         let nic = &v["networkInterfaces"][0];
@@ -406,7 +395,7 @@ impl Inner {
         }
         .unwrap_or("")
         .to_string();
-        Some(Arc::new(GceInstance {
+        Some(GceInstance {
             set: self.clone(),
             zone,
             name,
@@ -417,7 +406,7 @@ impl Inner {
                 .to_string(),
             tags: tags_from_metadata(&v["metadata"]["items"]),
             address,
-        }))
+        })
     }
 
     async fn create_in(
@@ -444,9 +433,12 @@ impl Inner {
         self.create_backoff.reset();
         self.wait(zone, op, "Create").await?;
         let v = self.get(zone, &name).await?;
-        self.wrap(v).ok_or_else(|| {
-            CloudError::other(format!("Create: instance {zone}/{name}: no zone or name"))
-        })
+        match self.wrap(v) {
+            Some(i) => Ok(Arc::new(i)),
+            None => Err(CloudError::other(format!(
+                "Create: instance {zone}/{name}: no zone or name"
+            ))),
+        }
     }
 
     async fn create_anywhere(
@@ -472,8 +464,9 @@ impl Inner {
                 }
                 Err(e) => {
                     self.metrics.count_start(&zone, false);
-                    let zonal = e.message.split(": ").nth(1).is_some_and(is_zone_capacity);
-                    if !zonal {
+                    // Only a zone's shortage of this type (ZONE_RESOURCE_POOL_EXHAUSTED…) is
+                    // classified type-specific: the next zone may have it.
+                    if !e.is_instance_type_specific() {
                         return Err(e);
                     }
                     tracing::info!(InstanceType = %it.name, Zone = %zone, error = %e, "no capacity in zone; trying the next");
@@ -505,7 +498,7 @@ impl Inner {
 
     async fn list(self: Arc<Self>, f: InstanceTags) -> Result<Vec<Arc<dyn Instance>>, CloudError> {
         let c = self.clients().await?;
-        let mut out = Vec::new();
+        let mut out: Vec<Arc<dyn Instance>> = Vec::new();
         let mut per_zone: BTreeMap<String, f64> =
             self.params.zones.iter().map(|z| (z.clone(), 0.0)).collect();
         let mut token: Option<String> = None;
@@ -533,14 +526,13 @@ impl Inner {
                         continue;
                     }
                     let Some(inst) = self.wrap(v) else { continue };
-                    let tags = inst.tags();
-                    if f.iter().any(|(k, want)| tags.get(k) != Some(want)) {
+                    if f.iter().any(|(k, want)| inst.tags.get(k) != Some(want)) {
                         continue;
                     }
-                    if let Some(n) = per_zone.get_mut(&zone_of(&inst.id())) {
+                    if let Some(n) = per_zone.get_mut(&inst.zone) {
                         *n += 1.0;
                     }
-                    out.push(inst);
+                    out.push(Arc::new(inst));
                 }
             }
             token = page.next_page_token.filter(|t| !t.is_empty());
@@ -554,10 +546,6 @@ impl Inner {
         }
         Ok(out)
     }
-}
-
-fn zone_of(id: &str) -> String {
-    id.split('/').next().unwrap_or("").to_string()
 }
 
 impl InstanceSet for GceSet {

@@ -42,12 +42,7 @@ pub fn label_value(v: &str) -> String {
     if ok {
         return v.to_string();
     }
-    use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: stable across processes and versions of this program.
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
-    v.hash(&mut h);
-    format!("h{:016x}", h.finish())
+    format!("h{:016x}", cloud::tags::stable_hash(v, (0, 0)))
 }
 
 /// Labels for `tags`, plus `extra` (operator's labels; tags win on a clash).

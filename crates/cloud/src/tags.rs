@@ -51,6 +51,18 @@ pub fn instance_set_id(token: &str) -> String {
         .collect()
 }
 
+/// A 64-bit hash of `s` that is the same in every process and every version of this program
+/// (SipHash-2-4 with the fixed `keys`; std's hasher is randomly keyed): for provider request
+/// tokens and names derived from a create request, so that a retried request is recognised
+/// as the same one.
+pub fn stable_hash(s: &str, keys: (u64, u64)) -> u64 {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(keys.0, keys.1);
+    s.hash(&mut h);
+    h.finish()
+}
+
 /// 40 random lowercase hex digits (20 random bytes).
 pub fn new_instance_secret() -> String {
     let mut b = [0u8; 20];

@@ -391,24 +391,23 @@ impl PoolMetrics {
         configured: impl Iterator<Item = &'a InstanceType>,
         samples: &[Sample<'_>],
     ) {
-        let mut totals: BTreeMap<(&str, &str), f64> = BTreeMap::new();
+        // (category, type, preemptible) → (count, summed price): the source of the per-type
+        // and per-category gauges and of the cumulative counters.
         let mut current: BTreeMap<(&'static str, String, &'static str), (f64, f64)> =
             BTreeMap::new();
         for t in configured {
             for c in CATEGORIES {
-                totals.insert((c, t.name.as_str()), 0.0);
                 current.insert((c, t.name.clone(), bool_label(t.preemptible)), (0.0, 0.0));
             }
         }
         let mut ages: BTreeMap<&str, Duration> =
             AGED_STATES.iter().map(|s| (*s, Duration::ZERO)).collect();
-        let mut price: BTreeMap<&str, f64> = CATEGORIES.iter().map(|c| (*c, 0.0)).collect();
-        let mut vcpus = price.clone();
-        let mut ram = price.clone();
+        let zeros: BTreeMap<&str, f64> = CATEGORIES.iter().map(|c| (*c, 0.0)).collect();
+        let mut vcpus = zeros.clone();
+        let mut ram = zeros.clone();
         let mut processes = 0;
         let mut probe_ages: Vec<Duration> = Vec::with_capacity(samples.len());
         for s in samples {
-            *totals.entry((s.category, s.instance_type)).or_default() += 1.0;
             let cur = current
                 .entry((
                     s.category,
@@ -422,22 +421,25 @@ impl PoolMetrics {
                 let max = ages.entry(state).or_default();
                 *max = (*max).max(age);
             }
-            *price.entry(s.category).or_default() += s.price;
             *vcpus.entry(s.category).or_default() += s.vcpus as f64;
             *ram.entry(s.category).or_default() += s.ram as f64;
             processes += s.processes;
             probe_ages.push(s.probe_age);
         }
-        self.integrate(now, current);
         for (state, age) in ages {
             self.state_age_max
                 .with_label_values(&[state])
                 .set(age.as_secs_f64());
         }
         self.instances_total.reset();
-        for ((c, t), n) in totals {
-            self.instances_total.with_label_values(&[c, t]).set(n);
+        let mut price = zeros;
+        for ((c, t, _), (n, p)) in &current {
+            self.instances_total
+                .with_label_values(&[*c, t.as_str()])
+                .add(*n);
+            *price.entry(c).or_default() += p;
         }
+        self.integrate(now, current);
         for (c, v) in price {
             self.instances_price.with_label_values(&[c]).set(v);
             self.vcpus_total.with_label_values(&[c]).set(vcpus[c]);
