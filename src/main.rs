@@ -40,6 +40,10 @@ struct ConfigArgs {
     /// Cluster ID to use when the file defines more than one cluster
     #[arg(long, global = true, value_name = "ID")]
     cluster: Option<String>,
+    /// Settings Arvados does not have (spend caps; see docs/settings.md) [default:
+    /// $ARVADOS_DISPATCH_CLOUD_SETTINGS, else /etc/arvados/dispatch-cloud-rs.yml if it exists]
+    #[arg(long, global = true, value_name = "FILE")]
+    settings: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,10 +84,12 @@ fn main() -> ExitCode {
             .and_then(|c| cloudtest::run(c, args))
             .and_then(exit),
         None => load(&cli.config)
-            .and_then(|c| service::run(c, None, config_time(&cli.config)))
+            .and_then(|c| Ok((c, settings(&cli.config)?)))
+            .and_then(|(c, s)| service::run(c, s, None, config_time(&cli.config)))
             .map(|()| 0),
         Some(Command::Run { listen }) => load(&cli.config)
-            .and_then(|c| service::run(c, listen, config_time(&cli.config)))
+            .and_then(|c| Ok((c, settings(&cli.config)?)))
+            .and_then(|(c, s)| service::run(c, s, listen, config_time(&cli.config)))
             .map(|()| 0),
         Some(Command::Simulate(args)) => {
             // Its own default config unless one is given.
@@ -91,7 +97,18 @@ fn main() -> ExitCode {
                 Some(_) => load(&cli.config).map(Some),
                 None => Ok(None),
             };
-            cluster.and_then(|c| simulate::run(c, args)).and_then(exit)
+            // Only a settings file named on the command line: a host's own file is for its
+            // real dispatcher.
+            let settings = match &cli.config.settings {
+                Some(p) => {
+                    dispatchcloud::settings::Settings::load(Some(p)).map_err(anyhow::Error::from)
+                }
+                None => Ok(Default::default()),
+            };
+            cluster
+                .and_then(|c| Ok((c, settings?)))
+                .and_then(|(c, s)| simulate::run(c, s, args))
+                .and_then(exit)
         }
         Some(Command::Instances(cmd)) => mgmt_config(&cli.config, &cli.target)
             .and_then(|c| mgmt_cli::instances(c.as_ref(), &cli.target, cmd)),
@@ -108,6 +125,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The settings file (`--settings`, `$ARVADOS_DISPATCH_CLOUD_SETTINGS`, the default path).
+fn settings(args: &ConfigArgs) -> anyhow::Result<dispatchcloud::settings::Settings> {
+    let s = dispatchcloud::settings::Settings::load(args.settings.as_deref())?;
+    if let Some(p) = dispatchcloud::settings::Settings::resolve(args.settings.as_deref()) {
+        tracing::info!(path = %p.display(), "loaded settings file");
+    }
+    Ok(s)
 }
 
 /// The config file's modification time (for `arvados_config_source_timestamp_seconds`).
@@ -139,6 +165,8 @@ fn mgmt_config(
 
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     let cluster = load(args)?;
+    // A bad settings file fails the check too (it is printed only to stderr's log).
+    settings(args)?;
     // Wrapped as `Clusters: <id>: …`, so the output is itself a loadable config file.
     let mut clusters = std::collections::BTreeMap::new();
     clusters.insert(cluster.cluster_id.clone(), cluster.redacted());

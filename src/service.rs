@@ -116,12 +116,13 @@ const HTTP_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn run(
     cluster: arvados::Cluster,
+    settings: dispatchcloud::settings::Settings,
     listen: Option<String>,
     config_time: Option<std::time::SystemTime>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let svc = Service::build(&cluster, &crate::drivers::registry())?;
+        let svc = Service::build_with(&cluster, &settings, &crate::drivers::registry())?;
         if let Some(t) = config_time {
             svc.http_metrics.set_config_source_time(t);
         }

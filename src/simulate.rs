@@ -80,9 +80,15 @@ struct Usage {
     idle_seconds: f64,
     cost: f64,
     peak_instances: usize,
+    /// The highest hourly price of every VM the stub cloud had at once (its own record).
+    peak_price_per_hour: f64,
 }
 
-pub fn run(cluster: Option<arvados::Cluster>, args: SimulateArgs) -> anyhow::Result<bool> {
+pub fn run(
+    cluster: Option<arvados::Cluster>,
+    settings: dispatchcloud::settings::Settings,
+    args: SimulateArgs,
+) -> anyhow::Result<bool> {
     let mut cluster = match cluster {
         Some(c) => c,
         None => {
@@ -124,11 +130,12 @@ pub fn run(cluster: Option<arvados::Cluster>, args: SimulateArgs) -> anyhow::Res
     }
     cluster.containers.cloud_vms.driver = "stub".into();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(simulate(cluster, args, timeout))
+    rt.block_on(simulate(cluster, settings, args, timeout))
 }
 
 async fn simulate(
     mut cluster: arvados::Cluster,
+    settings: dispatchcloud::settings::Settings,
     args: SimulateArgs,
     timeout: Duration,
 ) -> anyhow::Result<bool> {
@@ -158,7 +165,7 @@ async fn simulate(
     ));
     let mut drivers = crate::drivers::registry();
     drivers.register("stub", Arc::new(SharedStubDriver(cloud.clone())));
-    let svc = Service::build(&cluster, &drivers)?;
+    let svc = Service::build_with(&cluster, &settings, &drivers)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -190,6 +197,8 @@ async fn simulate(
     // Ctrl-C ends the run early (VMs are then left for the report to count).
     let mut interrupted = crate::service::shutdown_on_signals();
 
+    let type_tag =
+        cloud::tags::TagKeys::new(&cluster.containers.cloud_vms.tag_key_prefix).instance_type();
     let started = Instant::now();
     let mut usage = Usage::default();
     let mut last_sample = Instant::now();
@@ -201,6 +210,16 @@ async fn simulate(
         last_sample = Instant::now();
         let instances = svc.pool.instances();
         usage.peak_instances = usage.peak_instances.max(instances.len());
+        let fleet_price: f64 = cloud
+            .vms()
+            .iter()
+            .filter_map(|vm| {
+                use cloud::Instance;
+                let ty = vm.tags().get(&type_tag).cloned()?;
+                cluster.instance_types.get(&ty).map(|it| it.price)
+            })
+            .sum();
+        usage.peak_price_per_hour = usage.peak_price_per_hour.max(fleet_price);
         for v in &instances {
             if v.instance.is_empty() {
                 continue;
@@ -335,6 +354,8 @@ async fn simulate(
         "instances_left": vms_left,
         "instance_seconds": {"busy": usage.busy_seconds, "idle": usage.idle_seconds, "total": total_seconds},
         "cost": {"estimated": usage.cost, "ideal": ideal},
+        "fleet_price_per_hour_peak": usage.peak_price_per_hour,
+        "spend_cap_per_hour": settings.spend_caps.max_cost_per_hour,
         "queue_to_crunch_run_seconds": {
             "p50": percentile(&latencies, 0.5),
             "p95": percentile(&latencies, 0.95),
@@ -368,6 +389,14 @@ async fn simulate(
         "  cost:             ${:.4} estimated vs ${:.4} ideal (each container's run time on its cheapest type)",
         usage.cost, ideal
     );
+    if settings.spend_caps.is_set() {
+        println!(
+            "  spend cap:        peak fleet price ${:.4}/h (cap ${:.4}/h, ${:.4}/day)",
+            usage.peak_price_per_hour,
+            settings.spend_caps.max_cost_per_hour,
+            settings.spend_caps.max_cost_per_day
+        );
+    }
     println!(
         "  queue → crunch-run: p50 {:.2} s, p95 {:.2} s, max {:.2} s",
         report["queue_to_crunch_run_seconds"]["p50"]

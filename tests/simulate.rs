@@ -209,3 +209,33 @@ fn logs_are_arvados_shaped_json_lines_at_the_configured_level() {
         "{lines:?}"
     );
 }
+
+/// The spend cap judged by the stub cloud's own record: with `SpendCaps.MaxCostPerHour: 2`
+/// the VMs the cloud holds at once never cost more than 2/h and every container still runs
+/// once; the same workload without the cap goes well past it (so the check can fail).
+#[test]
+fn simulate_with_a_spend_cap_keeps_the_cloud_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("settings.yml");
+    std::fs::write(&settings, "SpendCaps:\n  MaxCostPerHour: 2.0\n").unwrap();
+    let base = ["--containers", "40", "--seed", "3", "--boot-delay", "200ms"];
+    let mut capped: Vec<&str> = base.to_vec();
+    capped.extend(["--settings", settings.to_str().unwrap()]);
+    let (out, r) = simulate(&capped);
+    assert!(out.status.success(), "{r}");
+    assert_adds_up(&r);
+    assert_eq!(r["complete"], 40, "{r}");
+    assert_eq!(r["ran_more_than_once"], serde_json::json!([]), "{r}");
+    let peak = r["fleet_price_per_hour_peak"].as_f64().unwrap();
+    assert!(
+        peak > 0.0 && peak <= 2.0 + 1e-9,
+        "peak {peak}/h over the cap: {r}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spend cap:"));
+    let (_, free) = simulate(&base);
+    let peak = free["fleet_price_per_hour_peak"].as_f64().unwrap();
+    assert!(
+        peak > 2.0,
+        "without the cap the fleet peaks at {peak}/h: {free}"
+    );
+}

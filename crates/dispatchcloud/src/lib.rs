@@ -14,6 +14,7 @@ pub mod node_size;
 pub mod queue;
 pub mod scheduler;
 pub mod service;
+pub mod settings;
 pub mod ssh_executor;
 pub mod worker;
 

@@ -12,6 +12,7 @@ use cloud::registry::Registry;
 
 use dispatchcloud::scheduler::pool::WorkerPool;
 use dispatchcloud::service::{Service, api, http_server};
+use dispatchcloud::settings::Settings;
 use serde_json::{Value, json};
 use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
@@ -48,9 +49,18 @@ async fn start_with(
     set: Arc<StubSet>,
     opts: http_server::ServeOptions,
 ) -> Running {
+    start_full(cluster, &Settings::default(), set, opts).await
+}
+
+async fn start_full(
+    cluster: &arvados::Cluster,
+    settings: &Settings,
+    set: Arc<StubSet>,
+    opts: http_server::ServeOptions,
+) -> Running {
     let mut drivers = Registry::new();
     drivers.register("stub", Arc::new(SharedStub(set)));
-    let svc = Service::build(cluster, &drivers).unwrap();
+    let svc = Service::build_with(cluster, settings, &drivers).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = watch::channel(false);
@@ -1008,4 +1018,79 @@ async fn restart_with_a_dead_adopted_vm_still_schedules() {
         "the stale lock was released"
     );
     r2.stop().await;
+}
+
+/// The spend cap end to end: the stub cloud (its own record) never holds more than the cap
+/// allows, the waiting containers say why through the management API, the metrics show the
+/// cap, the headroom and the waiting count, and every container still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_cap_holds_the_fleet_under_it_and_says_why_containers_wait() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let set = stub(json!({}));
+    // The containers need type2 (1 GiB plus the RAM reserve): one at a time fits the cap.
+    let cap = common::fixture_type(2).price * 1.5;
+    let settings =
+        Settings::from_str(&format!("SpendCaps:\n  MaxCostPerHour: {cap}\n"), "test").unwrap();
+    let r = start_full(
+        &cluster(&f, "tok"),
+        &settings,
+        set.clone(),
+        http_server::ServeOptions::default(),
+    )
+    .await;
+    let uuids: Vec<String> = (0..3)
+        .map(|_| {
+            f.add_container(&ContainerSpec {
+                environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "1500".into())],
+                ..Default::default()
+            })
+        })
+        .collect();
+    let state = |u: &str| common::container_state(&f, u);
+    let mut most_vms = 0;
+    let mut saw_status = false;
+    let mut saw_metrics = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !uuids.iter().all(|u| state(u) == "Complete") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "containers did not complete"
+        );
+        most_vms = most_vms.max(set.vms().len());
+        if !saw_status {
+            let (_, body) = call(
+                "GET",
+                &format!("{}/arvados/v1/dispatch/containers", r.url),
+                Some("tok"),
+            )
+            .await;
+            saw_status = body.contains("would exceed the configured spend cap");
+        }
+        if !saw_metrics {
+            let (_, m) = call("GET", &format!("{}/metrics", r.url), Some("tok")).await;
+            assert!(
+                m.contains(&format!(
+                    "arvados_dispatchcloud_spend_cap{{period=\"hour\"}} {cap}"
+                )),
+                "{m}"
+            );
+            assert!(m.contains("arvados_dispatchcloud_spend_cap{period=\"day\"} 0"));
+            let value = |name: &str| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                    .unwrap_or(-1.0)
+            };
+            let headroom = value("arvados_dispatchcloud_spend_headroom_per_hour");
+            saw_metrics = value("arvados_dispatchcloud_containers_waiting_spend_cap") == 2.0
+                && (headroom - (cap - common::fixture_type(2).price)).abs() < 1e-9;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(most_vms, 1, "the cap allows one type2 VM at a time");
+    assert!(saw_status, "no container said it waits for the spend cap");
+    assert!(
+        saw_metrics,
+        "the metrics never showed two containers waiting"
+    );
+    r.stop().await;
 }

@@ -72,6 +72,12 @@ struct Metrics {
     max_concurrent: prometheus::IntGauge,
     /// Not in Arvados: how long each round (plan, carry out, sync) takes.
     pass_duration: prometheus::Histogram,
+    /// Not in Arvados: the spend caps (0: none), the headroom under them at the last pass
+    /// (+Inf without a cap), today's spend, and containers waiting because of a cap.
+    spend_cap: prometheus::GaugeVec,
+    spend_headroom: prometheus::Gauge,
+    spent_today: prometheus::Gauge,
+    waiting_spend_cap: prometheus::IntGauge,
 }
 
 fn register<G: Collector + Clone + 'static>(
@@ -140,6 +146,37 @@ impl Metrics {
                         10.0, 30.0, 60.0,
                     ]),
                 )?,
+            )?,
+            spend_cap: register(
+                registry,
+                prometheus::GaugeVec::new(
+                    opts(
+                        "spend_cap",
+                        "Configured fleet spend cap (SpendCaps in the settings file) in the unit of InstanceTypes Price, by period (hour, day); 0 means no cap.",
+                    ),
+                    &["period"],
+                )?,
+            )?,
+            spend_headroom: register(
+                registry,
+                prometheus::Gauge::with_opts(opts(
+                    "spend_headroom_per_hour",
+                    "Hourly price that new instances could still add under the spend caps at the last scheduling pass (+Inf without a cap).",
+                ))?,
+            )?,
+            spent_today: register(
+                registry,
+                prometheus::Gauge::with_opts(opts(
+                    "spent_today",
+                    "Cost of the fleet since 00:00 UTC as seen by this process (for SpendCaps.MaxCostPerDay).",
+                ))?,
+            )?,
+            waiting_spend_cap: register(
+                registry,
+                prometheus::IntGauge::with_opts(opts(
+                    "containers_waiting_spend_cap",
+                    "Containers waiting at the last scheduling pass because a new instance would exceed a spend cap.",
+                ))?,
             )?,
         })
     }
@@ -221,6 +258,15 @@ impl<P: WorkerPool> Scheduler<P> {
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, prometheus::Error> {
         let metrics = Metrics::new(registry)?;
+        metrics
+            .spend_cap
+            .with_label_values(&["hour"])
+            .set(cfg.spend_caps.max_cost_per_hour);
+        metrics
+            .spend_cap
+            .with_label_values(&["day"])
+            .set(cfg.spend_caps.max_cost_per_day);
+        metrics.spend_headroom.set(f64::INFINITY);
         let desc = Desc::new(
             "arvados_dispatchcloud_at_quota".into(),
             "Flag indicating the cloud driver is reporting an at-quota condition.".into(),
@@ -376,6 +422,17 @@ impl<P: WorkerPool> Scheduler<P> {
         self.metrics
             .over_quota
             .set(plan.not_allocated_over_quota as i64);
+        self.metrics
+            .spend_headroom
+            .set(plan.spend_headroom.unwrap_or(f64::INFINITY));
+        self.metrics.spent_today.set(snapshot.spent_today);
+        self.metrics.waiting_spend_cap.set(
+            plan.queue
+                .statuses
+                .iter()
+                .filter(|s| matches!(s, Status::SpendCap(..)))
+                .count() as i64,
+        );
 
         for uuid in &plan.locks {
             let s = self.clone();

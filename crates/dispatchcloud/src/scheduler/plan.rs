@@ -36,6 +36,8 @@ pub struct SchedConfig {
     pub supervisor_fraction: f64,
     /// 0: no limit.
     pub max_running_containers_per_instance: usize,
+    /// Fleet cost limits from the settings file (default: none).
+    pub spend_caps: crate::settings::SpendCaps,
 }
 
 impl SchedConfig {
@@ -55,6 +57,7 @@ impl SchedConfig {
                 c.cloud_vms.max_running_containers_per_instance,
             )
             .unwrap_or(0),
+            spend_caps: Default::default(),
         }
     }
 }
@@ -98,6 +101,8 @@ pub struct PoolSnapshot {
     pub create_budget: Option<usize>,
     /// Names of configured types whose provider type is at capacity.
     pub at_capacity: HashSet<String>,
+    /// What the fleet has cost since 00:00 UTC (for the daily spend cap).
+    pub spent_today: f64,
 }
 
 impl PoolSnapshot {
@@ -124,6 +129,7 @@ impl PoolSnapshot {
                 .filter(|it| pool.at_capacity(it))
                 .map(|it| it.name.clone())
                 .collect(),
+            spent_today: pool.spent_today(),
         }
     }
 }
@@ -137,6 +143,9 @@ pub struct QueuePlan {
     pub locks: Vec<String>,
     /// Instances to create: the type, and the container that asked for it.
     pub creates: Vec<(Arc<InstanceType>, String)>,
+    /// Hourly price that could still be added under the spend caps at the start of the pass
+    /// (`None`: no cap).
+    pub spend_headroom: Option<f64>,
     /// Creates the pool would decline right now (no call is made).
     pub declined_creates: Vec<(Arc<InstanceType>, String)>,
     /// Containers to start: instance id, container.
@@ -503,9 +512,14 @@ pub fn plan_queue(
     let max_containers = limits.max_containers;
     let mut quota_headroom = pool.quota_headroom;
     let mut create_budget = pool.create_budget;
+    let fleet_per_hour: f64 = pool.instances.iter().map(|v| v.price).sum();
+    let mut spend_headroom = cfg.spend_caps.headroom(fleet_per_hour, pool.spent_today);
+    // A new instance of type `it` fits under the spend caps.
+    let affordable = |room: Option<f64>, it: &InstanceType| room.is_none_or(|r| it.price <= r);
 
     let mut plan = QueuePlan {
         max_containers,
+        spend_headroom,
         ..Default::default()
     };
     let mut statuses: Vec<Status> = Vec::new();
@@ -594,6 +608,15 @@ pub fn plan_queue(
                 if best.is_none() && available.is_none() {
                     continue;
                 }
+                if best.is_none()
+                    && let Some(it) = available
+                    && !affordable(spend_headroom, it)
+                {
+                    // Locking it would only hold it: no instance can be made for it now.
+                    qpos += 1;
+                    statuses[k] = Status::SpendCap(qpos, Arc::from(it.name.as_str()));
+                    continue;
+                }
                 plan.locks.push(ent.container().uuid.clone());
                 if let Some(b) = best {
                     index.place(b, need);
@@ -629,12 +652,18 @@ pub fn plan_queue(
                 statuses[k] = Status::AllTypesAtCapacity(qpos, Arc::from(names.join(", ")));
                 continue;
             };
+            if !affordable(spend_headroom, it) {
+                qpos += 1;
+                statuses[k] = Status::SpendCap(qpos, Arc::from(it.name.as_str()));
+                continue;
+            }
             if create_budget == Some(0) {
                 plan.declined_creates
                     .push((it.clone(), ent.container().uuid.clone()));
                 continue;
             }
             create_budget = create_budget.map(|n| n - 1);
+            spend_headroom = spend_headroom.map(|r| r - it.price);
             quota_headroom = quota_headroom.map(|n| n.saturating_sub(1));
             if quota_headroom == Some(0) {
                 at_quota = true;

@@ -149,4 +149,9 @@ pub trait WorkerPool: Send + Sync + 'static {
     fn unreported_workers(&self) -> usize {
         0
     }
+    /// What the fleet has cost since 00:00 UTC, as far as this pool has seen (for the daily
+    /// spend cap). Default 0.
+    fn spent_today(&self) -> f64 {
+        0.0
+    }
 }

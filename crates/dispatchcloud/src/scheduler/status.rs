@@ -21,6 +21,8 @@ pub enum Status {
     AllTypesAtCapacity(usize, Arc<str>),
     CloudLimits(usize),
     ClusterCapacity(usize),
+    /// Not in Arvados: a new instance of this type would pass the configured spend cap.
+    SpendCap(usize, Arc<str>),
 }
 
 impl Status {
@@ -62,6 +64,10 @@ impl fmt::Display for Status {
             Status::ClusterCapacity(n) => write!(
                 f,
                 "Waiting in queue at position {n}.  Cluster is at capacity and cannot start any new instances right now."
+            ),
+            Status::SpendCap(n, t) => write!(
+                f,
+                "Waiting in queue at position {n}.  A new {t} instance would exceed the configured spend cap (SpendCaps in the dispatcher's settings file)."
             ),
         }
     }

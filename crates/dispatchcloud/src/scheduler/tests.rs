@@ -58,6 +58,8 @@ struct Harness {
     threshold: DateTime<Utc>,
     last_plan: QueuePlan,
     last_entries: Vec<Arc<QueueEnt>>,
+    /// Put into every pass's snapshot (the stub pool keeps no cost).
+    spent_today: f64,
 }
 
 impl Harness {
@@ -89,6 +91,7 @@ impl Harness {
             threshold: t0(),
             last_plan: QueuePlan::default(),
             last_entries: Vec::new(),
+            spent_today: 0.0,
         }
     }
 
@@ -156,7 +159,8 @@ impl Harness {
     }
 
     fn run_queue_with_503(&mut self, last_503: Option<SystemTime>) -> QueuePlan {
-        let snapshot = PoolSnapshot::take(&self.pool, &self.cfg);
+        let mut snapshot = PoolSnapshot::take(&self.pool, &self.cfg);
+        snapshot.spent_today = self.spent_today;
         let entries = self.entries();
         let plan = plan_queue(
             &self.cfg,
@@ -1216,4 +1220,95 @@ fn lazy_tail_statuses_match_literal_run_queue() {
         let want = reference::run_queue(&s.cfg, &mut s.limits, &s.entries, &s.pool, None, now);
         assert_eq!(decisions(&fast, &s.entries), want);
     }
+}
+
+// Spend caps (not in Arvados; the settings file's `SpendCaps`).
+
+fn spend_cap_text(qpos: usize, ty: &str) -> String {
+    format!(
+        "Waiting in queue at position {qpos}.  A new {ty} instance would exceed the configured spend cap (SpendCaps in the dispatcher's settings file)."
+    )
+}
+
+#[test]
+fn spend_cap_per_hour_creates_only_what_fits_and_says_why() {
+    let mut h = Harness::new(&[1, 2, 4], |_| {});
+    h.cfg.spend_caps.max_cost_per_hour = 0.5;
+    for n in 1..=6 {
+        h.add(n, ContainerState::Locked, 10 - n as i64, 1, GIB, |_| {});
+    }
+    let plan = h.run_queue();
+    // type1 costs 0.123: four fit under 0.5, the fifth would make 0.615.
+    assert_eq!(plan.spend_headroom, Some(0.5));
+    assert_eq!(h.pool.creates(), names(&["type1"; 4]));
+    assert_eq!(h.status_of(&uuid(5)), spend_cap_text(1, "type1"));
+    assert_eq!(h.status_of(&uuid(6)), spend_cap_text(2, "type1"));
+    assert_eq!(
+        h.status_of(&uuid(1)),
+        "Waiting for a type1 instance to boot and be ready to accept work."
+    );
+    // The pending creates count against the cap in the next pass: nothing more is created.
+    let plan = h.run_queue();
+    assert!((plan.spend_headroom.unwrap() - (0.5 - 4.0 * 0.123)).abs() < 1e-9);
+    assert_eq!(h.pool.creates().len(), 4);
+    assert_eq!(h.status_of(&uuid(5)), spend_cap_text(1, "type1"));
+    // A raised cap lets the rest start.
+    h.cfg.spend_caps.max_cost_per_hour = 1.0;
+    h.run_queue();
+    assert_eq!(h.pool.creates(), names(&["type1"; 6]));
+}
+
+#[test]
+fn spend_cap_leaves_queued_containers_unlocked_and_still_uses_idle_instances() {
+    let mut h = Harness::new(&[1, 2], |_| {});
+    h.cfg.spend_caps.max_cost_per_hour = 0.2;
+    // An idle type1 (0.123/h) already uses most of the cap.
+    h.worker(1, WorkerState::Idle);
+    for n in 1..=3 {
+        h.add(n, ContainerState::Queued, 10 - n as i64, 1, GIB, |_| {});
+    }
+    h.run_queue();
+    // The first fits the idle instance, so it is locked; the others would need a new instance
+    // the cap does not allow, so they are not locked (locking would only hold them).
+    assert_eq!(h.queue[&uuid(1)].container().state, ContainerState::Locked);
+    assert_eq!(h.queue[&uuid(2)].container().state, ContainerState::Queued);
+    assert_eq!(h.queue[&uuid(3)].container().state, ContainerState::Queued);
+    assert_eq!(h.status_of(&uuid(2)), spend_cap_text(1, "type1"));
+    h.run_queue();
+    assert_eq!(h.pool.starts(), vec![uuid(1)]);
+    assert_eq!(h.pool.creates().len(), 1, "only the setup create");
+}
+
+#[test]
+fn spend_cap_per_day_counts_todays_spend_plus_an_hour_of_the_fleet() {
+    let mut h = Harness::new(&[1, 2], |_| {});
+    h.cfg.spend_caps.max_cost_per_day = 10.0;
+    h.spent_today = 9.7;
+    for n in 1..=4 {
+        h.add(n, ContainerState::Locked, 10 - n as i64, 1, GIB, |_| {});
+    }
+    // 0.3 left today: two type1 instances (0.246 for the next hour) fit, a third does not.
+    h.run_queue();
+    assert_eq!(h.pool.creates(), names(&["type1", "type1"]));
+    assert_eq!(h.status_of(&uuid(3)), spend_cap_text(1, "type1"));
+    // Past the cap already: nothing at all.
+    let mut h2 = Harness::new(&[1], |_| {});
+    h2.cfg.spend_caps.max_cost_per_day = 10.0;
+    h2.spent_today = 10.5;
+    h2.add(1, ContainerState::Locked, 1, 1, GIB, |_| {});
+    let plan = h2.run_queue();
+    assert_eq!(plan.spend_headroom, Some(0.0));
+    assert!(h2.pool.creates().is_empty());
+}
+
+#[test]
+fn without_spend_caps_nothing_changes() {
+    let mut h = Harness::new(&[1, 2], |_| {});
+    h.spent_today = 1e9;
+    for n in 1..=6 {
+        h.add(n, ContainerState::Locked, 10 - n as i64, 1, GIB, |_| {});
+    }
+    let plan = h.run_queue();
+    assert_eq!(plan.spend_headroom, None);
+    assert_eq!(h.pool.creates(), names(&["type1"; 6]));
 }

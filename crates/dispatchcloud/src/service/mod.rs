@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::node_size::TypeChooser;
 use crate::queue::ContainerQueue;
 use crate::scheduler::{SchedConfig, Scheduler, ShellConfig};
+use crate::settings::Settings;
 use crate::worker::{Pool, PoolConfig};
 
 /// A startup failure, with Arvados' wording.
@@ -118,8 +119,17 @@ pub fn wrap_instance_set(
 }
 
 impl Service {
-    /// Build every part (nothing runs until [`Service::run`]).
+    /// Build every part with default [`Settings`] (nothing runs until [`Service::run`]).
     pub fn build(cluster: &Cluster, drivers: &Registry) -> Result<Arc<Service>, StartError> {
+        Self::build_with(cluster, &Settings::default(), drivers)
+    }
+
+    /// Build every part, with the settings Arvados does not have.
+    pub fn build_with(
+        cluster: &Cluster,
+        settings: &Settings,
+        drivers: &Registry,
+    ) -> Result<Arc<Service>, StartError> {
         let vms = &cluster.containers.cloud_vms;
         let instance_set_id = cloud::tags::instance_set_id(&cluster.system_root_token);
         let key = crate::ssh_executor::load_private_key(&cluster.containers.dispatch_private_key)
@@ -148,7 +158,10 @@ impl Service {
         let scheduler = Scheduler::new(
             queue.clone(),
             pool.clone(),
-            SchedConfig::from_cluster(cluster),
+            SchedConfig {
+                spend_caps: settings.spend_caps,
+                ..SchedConfig::from_cluster(cluster)
+            },
             ShellConfig::from_cluster(cluster),
             &registry,
         )?;

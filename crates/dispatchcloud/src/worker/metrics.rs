@@ -198,6 +198,15 @@ pub struct PoolMetrics {
 struct Integrated {
     at: Instant,
     current: BTreeMap<(&'static str, String, &'static str), (f64, f64)>,
+    /// The UTC day (days since 1970-01-01) `spent_today` counts, and the cost in it.
+    day: u64,
+    spent_today: f64,
+}
+
+/// Today's number in days since 1970-01-01, UTC.
+fn utc_day(now: std::time::SystemTime) -> u64 {
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400)
 }
 
 /// Lets an `Arc<Summary>` be registered while its owner keeps observing through it.
@@ -310,6 +319,8 @@ impl PoolMetrics {
             integrated: Mutex::new(Integrated {
                 at: Instant::now(),
                 current: BTreeMap::new(),
+                day: utc_day(std::time::SystemTime::now()),
+                spent_today: 0.0,
             }),
             instances_total: gauge_vec(
                 "instances_total",
@@ -458,6 +469,17 @@ impl PoolMetrics {
         self.probe_age_median.set(median);
     }
 
+    /// What the fleet cost since 00:00 UTC (as of the last [`PoolMetrics::set_gauges`]; this
+    /// process's view, so it restarts at 0 with the process).
+    pub fn spent_today(&self) -> f64 {
+        let last = self.integrated.lock().unwrap_or_else(|e| e.into_inner());
+        if last.day == utc_day(std::time::SystemTime::now()) {
+            last.spent_today
+        } else {
+            0.0
+        }
+    }
+
     /// Credit the time since the last call to the counts and prices of the last call, then
     /// remember `current` for the next.
     fn integrate(
@@ -467,6 +489,12 @@ impl PoolMetrics {
     ) {
         let mut last = self.integrated.lock().unwrap_or_else(|e| e.into_inner());
         let dt = now.saturating_duration_since(last.at).as_secs_f64();
+        let day = utc_day(std::time::SystemTime::now());
+        if day != last.day {
+            last.day = day;
+            last.spent_today = 0.0;
+        }
+        let mut spent = 0.0;
         for ((c, t, p), (n, price)) in &last.current {
             let labels = [*c, t.as_str(), *p];
             // Touch every series, so counters read 0 rather than being absent.
@@ -475,8 +503,10 @@ impl PoolMetrics {
             if *n > 0.0 {
                 seconds.inc_by(n * dt);
                 cost.inc_by(price * dt / 3600.0);
+                spent += price * dt / 3600.0;
             }
         }
+        last.spent_today += spent;
         for (c, t, p) in current.keys() {
             let labels = [*c, t.as_str(), *p];
             self.instances_seconds.with_label_values(&labels);

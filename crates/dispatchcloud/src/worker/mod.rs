@@ -955,7 +955,12 @@ impl WorkerPool for Pool {
                 .filter(|it| self.at_capacity_locked(&st, it, now))
                 .map(|it| it.name.clone())
                 .collect(),
+            spent_today: self.metrics.spent_today(),
         }
+    }
+
+    fn spent_today(&self) -> f64 {
+        self.metrics.spent_today()
     }
 
     fn unreported_workers(&self) -> usize {

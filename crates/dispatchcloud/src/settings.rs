@@ -1,0 +1,244 @@
+//! Settings Arvados does not have, in their own optional YAML file, so the operator's shared
+//! `config.yml` stays valid for Arvados' own services (which reject unknown keys).
+//!
+//! The file is found at `--settings PATH`, else `$ARVADOS_DISPATCH_CLOUD_SETTINGS`, else
+//! [`DEFAULT_PATH`] if it exists; no file means every feature here is off, which is Arvados'
+//! behaviour. Unknown keys and bad values are errors naming the key path. The format is
+//! documented in `docs/settings.md`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the settings file is looked for when none is named.
+pub const DEFAULT_PATH: &str = "/etc/arvados/dispatch-cloud-rs.yml";
+/// The environment variable naming the settings file.
+pub const ENV_VAR: &str = "ARVADOS_DISPATCH_CLOUD_SETTINGS";
+
+/// Everything in the settings file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct Settings {
+    #[serde(default)]
+    pub spend_caps: SpendCaps,
+}
+
+/// Limits on what the fleet may cost, in the unit of `InstanceTypes.*.Price` (per hour).
+/// Absent or 0: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct SpendCaps {
+    /// No instance is created while the fleet's hourly price (every VM, booting and shutting
+    /// down ones and pending creates included) plus the new one's would pass this.
+    #[serde(default)]
+    pub max_cost_per_hour: f64,
+    /// No instance is created while the day's spend so far (since 00:00 UTC, as this process
+    /// has seen it) plus one more hour of the fleet with the new instance would pass this.
+    #[serde(default)]
+    pub max_cost_per_day: f64,
+}
+
+impl SpendCaps {
+    pub fn is_set(&self) -> bool {
+        self.max_cost_per_hour > 0.0 || self.max_cost_per_day > 0.0
+    }
+
+    /// How much more hourly price may be added now (`None`: no cap), given the fleet's
+    /// current hourly price and what was spent today.
+    pub fn headroom(&self, fleet_per_hour: f64, spent_today: f64) -> Option<f64> {
+        let mut room: Option<f64> = None;
+        if self.max_cost_per_hour > 0.0 {
+            room = Some(self.max_cost_per_hour - fleet_per_hour);
+        }
+        if self.max_cost_per_day > 0.0 {
+            let day = self.max_cost_per_day - spent_today - fleet_per_hour;
+            room = Some(room.map_or(day, |r| r.min(day)));
+        }
+        room.map(|r| r.max(0.0))
+    }
+}
+
+/// A settings file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("settings file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("settings file {path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Which file to read: the flag, else the environment, else the default path if present.
+    pub fn resolve(flag: Option<&Path>) -> Option<PathBuf> {
+        if let Some(p) = flag {
+            return Some(p.to_path_buf());
+        }
+        if let Some(p) = std::env::var_os(ENV_VAR).filter(|p| !p.is_empty()) {
+            return Some(PathBuf::from(p));
+        }
+        let d = Path::new(DEFAULT_PATH);
+        d.exists().then(|| d.to_path_buf())
+    }
+
+    /// Load the resolved file, or the defaults when there is none.
+    pub fn load(flag: Option<&Path>) -> Result<Settings, SettingsError> {
+        let Some(path) = Self::resolve(flag) else {
+            return Ok(Settings::default());
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| SettingsError::Read {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        Self::from_str(&text, &shown)
+    }
+
+    /// Parse and check settings text (`path` is only for messages).
+    pub fn from_str(text: &str, path: &str) -> Result<Settings, SettingsError> {
+        if text.trim().is_empty() {
+            return Ok(Settings::default());
+        }
+        let de = serde_norway::Deserializer::from_str(text);
+        let s: Settings = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            };
+            // The YAML library may already name the key; say it once.
+            let message = e.into_inner().to_string();
+            let message = match message.split_once(": ") {
+                Some((named, rest)) if key.starts_with(named) => rest.to_string(),
+                _ => message,
+            };
+            SettingsError::Invalid {
+                path: path.into(),
+                key,
+                message,
+            }
+        })?;
+        s.check(path)?;
+        Ok(s)
+    }
+
+    fn check(&self, path: &str) -> Result<(), SettingsError> {
+        for (key, v) in [
+            (
+                "SpendCaps.MaxCostPerHour",
+                self.spend_caps.max_cost_per_hour,
+            ),
+            ("SpendCaps.MaxCostPerDay", self.spend_caps.max_cost_per_day),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(SettingsError::Invalid {
+                    path: path.into(),
+                    key: key.into(),
+                    message: format!("{v} is not a cost (a number ≥ 0; 0 means no cap)"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_or_absent_settings_turn_everything_off() {
+        assert_eq!(
+            Settings::from_str("", "s.yml").unwrap(),
+            Settings::default()
+        );
+        assert_eq!(
+            Settings::from_str("{}\n", "s.yml").unwrap(),
+            Settings::default()
+        );
+        assert!(!Settings::default().spend_caps.is_set());
+    }
+
+    #[test]
+    fn spend_caps_parse() {
+        let s = Settings::from_str(
+            "SpendCaps:\n  MaxCostPerHour: 12.5\n  MaxCostPerDay: 200\n",
+            "s.yml",
+        )
+        .unwrap();
+        assert_eq!(
+            s.spend_caps,
+            SpendCaps {
+                max_cost_per_hour: 12.5,
+                max_cost_per_day: 200.0
+            }
+        );
+    }
+
+    #[test]
+    fn bad_settings_name_the_file_and_key() {
+        for (text, want) in [
+            (
+                "SpendCaps:\n  MaxCostPerHour: -1\n",
+                "settings file s.yml: SpendCaps.MaxCostPerHour: -1 is not a cost",
+            ),
+            (
+                "SpendCaps:\n  MaxCostPerDay: .nan\n",
+                "settings file s.yml: SpendCaps.MaxCostPerDay: NaN is not a cost",
+            ),
+            (
+                "SpendCaps:\n  MaxCostPerHour: lots\n",
+                "settings file s.yml: SpendCaps.MaxCostPerHour: invalid type",
+            ),
+            (
+                "SpendCaps:\n  MaxCostPerHr: 3\n",
+                "settings file s.yml: SpendCaps.MaxCostPerHr: unknown field `MaxCostPerHr`",
+            ),
+            (
+                "Spend: {}\n",
+                "settings file s.yml: Spend: unknown field `Spend`",
+            ),
+        ] {
+            let err = Settings::from_str(text, "s.yml").unwrap_err().to_string();
+            assert!(err.starts_with(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_named_file_that_is_missing_is_an_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/s.yml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("settings file /nonexistent/s.yml: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn headroom_is_the_tighter_of_the_hourly_and_daily_caps() {
+        let none = SpendCaps::default();
+        assert_eq!(none.headroom(100.0, 1e6), None);
+        let hour = SpendCaps {
+            max_cost_per_hour: 10.0,
+            max_cost_per_day: 0.0,
+        };
+        assert_eq!(hour.headroom(4.0, 1e6), Some(6.0));
+        assert_eq!(hour.headroom(12.0, 0.0), Some(0.0));
+        let day = SpendCaps {
+            max_cost_per_hour: 0.0,
+            max_cost_per_day: 100.0,
+        };
+        assert_eq!(day.headroom(4.0, 90.0), Some(6.0));
+        let both = SpendCaps {
+            max_cost_per_hour: 10.0,
+            max_cost_per_day: 100.0,
+        };
+        assert_eq!(both.headroom(4.0, 93.0), Some(3.0));
+        assert_eq!(both.headroom(4.0, 0.0), Some(6.0));
+    }
+}
