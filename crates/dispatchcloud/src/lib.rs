@@ -9,6 +9,7 @@
 //! (`service`), and `cloudtest`.
 
 pub mod cloudtest;
+pub mod events;
 pub mod fasthash;
 pub mod node_size;
 pub mod queue;

@@ -218,9 +218,26 @@ pub struct ContainerQueue {
     inner: Mutex<Inner>,
     notify: watch::Sender<u64>,
     metrics: Metrics,
+    /// Containers seen finishing (for the status page).
+    pub events: crate::events::EventLog,
+    /// A standby's queue: polls, but cancels nothing (see [`ContainerQueue::set_read_only`]).
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 impl ContainerQueue {
+    /// Count (and log for the status page) an entry's change into a final state.
+    fn count_finish(&self, uuid: &str, was: ContainerState, now: ContainerState) {
+        if now.is_final() && !was.is_final() {
+            let kind = if now == ContainerState::Complete {
+                "complete"
+            } else {
+                "cancelled"
+            };
+            self.events.push(kind, uuid, format!("{was} → {now}"));
+        }
+        self.metrics.count_finish(was, now);
+    }
+
     /// A queue polling through `client`, choosing types with `chooser`, registering its gauge
     /// in `registry`. Inside a tokio runtime it also starts the metrics updater.
     pub fn new(
@@ -254,6 +271,8 @@ impl ContainerQueue {
             chooser,
             inner: Mutex::new(Inner::default()),
             notify,
+            events: crate::events::EventLog::default(),
+            read_only: Default::default(),
             metrics: Metrics {
                 entries,
                 finished,
@@ -353,7 +372,7 @@ impl ContainerQueue {
         let Some(ent) = inner.entries.get_mut(uuid) else {
             return;
         };
-        self.metrics.count_finish(ent.container().state, resp.state);
+        self.count_finish(uuid, ent.container().state, resp.state);
         Arc::make_mut(ent).modify(|c| {
             c.state = resp.state;
             c.priority = resp.priority;
@@ -421,7 +440,7 @@ impl ContainerQueue {
                 );
                 inner.entries.insert(uuid.clone(), Arc::new(ent));
             } else if let Some(ent) = inner.entries.get_mut(uuid) {
-                self.metrics.count_finish(ent.container().state, ctr.state);
+                self.count_finish(uuid, ent.container().state, ctr.state);
                 Arc::make_mut(ent).modify(|c| *c = ctr.clone());
             }
         }
@@ -633,7 +652,19 @@ impl ContainerQueue {
         Some(QueueEnt::new(ctr, need, types, Utc::now()))
     }
 
+    /// A read-only queue (a standby's warm view) polls but never writes: containers it would
+    /// cancel are left out of the queue, so the first poll after it turns writable again
+    /// finds them new and cancels them then.
+    pub fn set_read_only(&self, read_only: bool) {
+        self.read_only
+            .store(read_only, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn spawn_cancel_unsatisfiable(self: &Arc<Self>, ctr: Container, message: String) {
+        if self.read_only.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::debug!(ContainerUUID = %ctr.uuid, "read-only queue: not cancelling unrunnable container yet");
+            return;
+        }
         let q = self.clone();
         tokio::spawn(async move { q.cancel_unsatisfiable(&ctr, &message).await });
     }

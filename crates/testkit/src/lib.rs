@@ -11,6 +11,7 @@ pub mod fake_crunch_run;
 pub mod fake_gce;
 pub mod moto;
 pub mod oracle;
+pub mod postgres;
 /// The SSH VM server now lives in `cloud::sshd` (the loopback driver needs it too).
 pub use cloud::sshd as ssh_vm;
 pub mod stub_driver;

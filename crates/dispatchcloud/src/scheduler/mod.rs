@@ -302,6 +302,11 @@ impl<P: WorkerPool> Scheduler<P> {
         self.stopped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The configured spend caps.
+    pub fn spend_caps(&self) -> crate::settings::SpendCaps {
+        self.cfg.spend_caps
+    }
+
     /// The queue as of the last pass, in scheduling order, with statuses.
     pub fn queue_view(&self) -> SortedQueue {
         self.last_queue

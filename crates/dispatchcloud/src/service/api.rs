@@ -42,9 +42,9 @@ fn same(a: &str, b: &str) -> bool {
 
 /// Every token a request carries: `Authorization: Bearer|OAuth2`, HTTP Basic password,
 /// `api_token` query parameters, the `arvados_api_token` cookie.
-fn request_tokens(req: &Request) -> Vec<String> {
+fn request_tokens(headers: &HeaderMap, uri: &axum::http::Uri) -> Vec<String> {
     let mut tokens = Vec::new();
-    for v in req.headers().get_all(header::AUTHORIZATION) {
+    for v in headers.get_all(header::AUTHORIZATION) {
         let Ok(v) = v.to_str() else { continue };
         if let Some(t) = v
             .strip_prefix("Bearer ")
@@ -58,14 +58,14 @@ fn request_tokens(req: &Request) -> Vec<String> {
             tokens.push(pass);
         }
     }
-    if let Some(q) = req.uri().query() {
+    if let Some(q) = uri.query() {
         for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
             if k == "api_token" {
                 tokens.push(v.into_owned());
             }
         }
     }
-    for v in req.headers().get_all(header::COOKIE) {
+    for v in headers.get_all(header::COOKIE) {
         let Ok(v) = v.to_str() else { continue };
         for c in v.split(';') {
             if let Some(t) = c.trim().strip_prefix("arvados_api_token=") {
@@ -95,24 +95,55 @@ fn base64_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-async fn auth(State(svc): State<Shared>, req: Request, next: Next) -> Response {
+/// Why a request may not see the management API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Denied {
+    /// No `ManagementToken` is configured: nobody may.
+    NotConfigured,
+    /// The request carries no token.
+    NoToken,
+    /// None of its tokens is the `ManagementToken`.
+    WrongToken,
+}
+
+/// Whether the request carries the `ManagementToken` (in any of the places Arvados accepts).
+pub(super) fn check_token(
+    svc: &Service,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> Result<(), Denied> {
     let want = &svc.cluster.management_token;
     if want.is_empty() {
-        return text(
-            StatusCode::FORBIDDEN,
-            "Management API authentication is not configured",
-        );
+        return Err(Denied::NotConfigured);
     }
-    let tokens = request_tokens(&req);
+    let tokens = request_tokens(headers, uri);
     if tokens.is_empty() {
-        return text(StatusCode::UNAUTHORIZED, "Unauthorized");
+        return Err(Denied::NoToken);
     }
     // Compare every token, so timing does not tell which one (or where) matched.
-    let ok = tokens.iter().fold(false, |ok, t| ok | same(t, want));
-    if !ok {
-        return text(StatusCode::FORBIDDEN, "Forbidden");
+    if tokens.iter().fold(false, |ok, t| ok | same(t, want)) {
+        Ok(())
+    } else {
+        Err(Denied::WrongToken)
     }
-    next.run(req).await
+}
+
+/// Whether `token` is the `ManagementToken` (constant time).
+pub(super) fn is_management_token(svc: &Service, token: &str) -> bool {
+    let want = &svc.cluster.management_token;
+    !want.is_empty() && same(token, want)
+}
+
+async fn auth(State(svc): State<Shared>, req: Request, next: Next) -> Response {
+    match check_token(&svc, req.headers(), req.uri()) {
+        Ok(()) => next.run(req).await,
+        Err(Denied::NotConfigured) => text(
+            StatusCode::FORBIDDEN,
+            "Management API authentication is not configured",
+        ),
+        Err(Denied::NoToken) => text(StatusCode::UNAUTHORIZED, "Unauthorized"),
+        Err(Denied::WrongToken) => text(StatusCode::FORBIDDEN, "Forbidden"),
+    }
 }
 
 /// Query-string and form-body parameters (body values win).
@@ -357,6 +388,7 @@ pub fn router(svc: Shared) -> Router {
         .route_layer(middleware::from_fn_with_state(svc.clone(), auth));
     Router::new()
         .route("/_health/{check}", get(health))
+        .merge(super::status_page::routes())
         .merge(api)
         .method_not_allowed_fallback(|m: Method| async move {
             json_error(

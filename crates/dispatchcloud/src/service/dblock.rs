@@ -64,7 +64,17 @@ impl DbLock {
     pub async fn acquire(
         params: &BTreeMap<String, String>,
         retry: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Option<DbLock> {
+        Self::acquire_reporting(params, retry, shutdown, |_| {}).await
+    }
+
+    /// [`DbLock::acquire`], telling `on_holder` who holds the lock whenever that changes.
+    pub async fn acquire_reporting(
+        params: &BTreeMap<String, String>,
+        retry: Duration,
         mut shutdown: watch::Receiver<bool>,
+        on_holder: impl Fn(&str),
     ) -> Option<DbLock> {
         let mut last_holder = String::new();
         loop {
@@ -76,6 +86,7 @@ impl DbLock {
                 Ok(Err(who)) => {
                     if who != last_holder {
                         tracing::info!(holder = %who, "waiting for other process to release lock");
+                        on_holder(&who);
                         last_holder = who;
                     }
                 }

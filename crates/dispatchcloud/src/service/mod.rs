@@ -9,6 +9,7 @@ pub mod dblock;
 pub mod http_metrics;
 pub mod http_server;
 pub mod pgtls;
+pub mod status_page;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,10 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// How often a standby tries the dispatcher lock: it takes over within about this long of
+/// the lock becoming free.
+pub const LOCK_RETRY: Duration = Duration::from_secs(1);
+
 /// Why [`Service::run`] ended other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -46,6 +51,32 @@ pub enum RunError {
     /// (systemd restarts it, and it waits for the lock again).
     #[error("lost the dispatcher lock (PostgreSQL advisory lock 10005): stopped dispatching")]
     LockLost,
+}
+
+/// What this dispatcher is doing now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Built, not yet running.
+    #[default]
+    Starting,
+    /// Waiting for the dispatcher lock another process holds (`holder`: who, if known),
+    /// keeping a read-only view of the queue and the cloud.
+    Standby { holder: String },
+    /// Holding the lock (or running without a database): dispatching.
+    Active,
+    /// Stopped (shutdown or lost lock).
+    Stopped,
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Starting => "starting",
+            Role::Standby { .. } => "standby",
+            Role::Active => "active",
+            Role::Stopped => "stopped",
+        }
+    }
 }
 
 /// The running parts of one dispatcher.
@@ -57,6 +88,7 @@ pub struct Service {
     pub scheduler: Arc<Scheduler<Pool>>,
     pub registry: prometheus::Registry,
     pub http_metrics: Arc<http_metrics::ServiceMetrics>,
+    role: std::sync::Mutex<Role>,
 }
 
 /// Deadlines of cloud calls: `DriverParameters.CreateTimeout` (default 5 min) for a create,
@@ -119,6 +151,15 @@ pub fn wrap_instance_set(
 }
 
 impl Service {
+    /// What this dispatcher is doing now.
+    pub fn role(&self) -> Role {
+        self.role.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_role(&self, r: Role) {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = r;
+    }
+
     /// Build every part with default [`Settings`] (nothing runs until [`Service::run`]).
     pub fn build(cluster: &Cluster, drivers: &Registry) -> Result<Arc<Service>, StartError> {
         Self::build_with(cluster, &Settings::default(), drivers)
@@ -173,7 +214,29 @@ impl Service {
             scheduler,
             registry,
             http_metrics,
+            role: Default::default(),
         }))
+    }
+
+    /// A standby's view while it waits for the lock: poll the queue and list the cloud's
+    /// instances, changing nothing (no locks, cancels, creates, tag writes or SSH), so the
+    /// status page and management API show the cluster, and taking over starts from a known
+    /// queue and instance list.
+    async fn warm_view(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let every = self.cluster.containers.cloud_vms.poll_interval.max(Duration::from_secs(1));
+        loop {
+            let (listed, polled) = tokio::join!(self.pool.sync(), self.queue.update());
+            if let Err(e) = listed {
+                tracing::warn!(error = %e, "standby: listing cloud instances failed");
+            }
+            if let Err(e) = polled {
+                tracing::warn!(error = %e, "standby: polling the queue failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = crate::until_true(&mut stop) => return,
+            }
+        }
     }
 
     /// Run the pool and the scheduler until `shutdown` turns true; then stop them, leaving
@@ -181,17 +244,41 @@ impl Service {
     /// lock is lost meanwhile, stop dispatching at once (no new locks, creates, starts,
     /// unlocks or cancels) and return [`RunError::LockLost`].
     pub async fn run(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
-        // Only one dispatcher per cluster: wait for the database lock when there is one.
+        // Only one dispatcher per cluster: wait for the database lock when there is one,
+        // as a hot standby with a read-only view of the queue and the cloud.
         let lock = if self.cluster.postgresql.is_configured() {
-            match dblock::DbLock::acquire(
+            self.set_role(Role::Standby {
+                holder: "unknown".into(),
+            });
+            self.pool.set_passive(true);
+            self.queue.set_read_only(true);
+            let (warm_stop, warm_rx) = watch::channel(false);
+            let warm = tokio::spawn(self.clone().warm_view(warm_rx));
+            let me = self.clone();
+            let lock = dblock::DbLock::acquire_reporting(
                 &self.cluster.postgresql.connection,
-                Duration::from_secs(5),
+                LOCK_RETRY,
                 shutdown.clone(),
+                move |holder| {
+                    me.set_role(Role::Standby {
+                        holder: holder.to_string(),
+                    })
+                },
             )
-            .await
-            {
+            .await;
+            // The warm view's calls have deadlines; do not wait for a slow one past a moment.
+            let _ = warm_stop.send(true);
+            if tokio::time::timeout(Duration::from_secs(2), warm).await.is_err() {
+                tracing::warn!("standby view still polling after 2s; taking over anyway");
+            }
+            self.pool.set_passive(false);
+            self.queue.set_read_only(false);
+            match lock {
                 Some(l) => Some(l),
-                None => return Ok(()),
+                None => {
+                    self.set_role(Role::Stopped);
+                    return Ok(());
+                }
             }
         } else {
             tracing::warn!(
@@ -200,6 +287,7 @@ impl Service {
             );
             None
         };
+        self.set_role(Role::Active);
         self.pool.start();
         let result = match &lock {
             Some(l) => tokio::select! {
@@ -216,6 +304,7 @@ impl Service {
         };
         self.scheduler.stop();
         self.pool.stop();
+        self.set_role(Role::Stopped);
         if let Some(l) = lock {
             if result.is_ok() {
                 l.release().await;

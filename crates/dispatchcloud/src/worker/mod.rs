@@ -46,6 +46,15 @@ use crate::ssh_executor::{Executor, Target, Timeouts};
 /// How often the pool's gauges and cumulative counters are refreshed when nothing changes.
 const METRICS_REFRESH: Duration = Duration::from_secs(5);
 
+/// Something the pool is holding off (an offering short of capacity, all creates at quota).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldOff {
+    pub what: String,
+    pub reason: String,
+    /// `None`: until a condition changes (see `reason`).
+    pub until: Option<DateTime<Utc>>,
+}
+
 /// A create call in flight, keyed by the instance secret it carries.
 struct Creating {
     it: Arc<InstanceType>,
@@ -92,6 +101,11 @@ pub struct Pool {
     notify: watch::Sender<u64>,
     stop: watch::Sender<bool>,
     pub metrics: PoolMetrics,
+    /// What the pool did, for the status page.
+    pub events: crate::events::EventLog,
+    /// A standby's read-only pool: [`Pool::sync`] learns the cloud's instances but changes
+    /// nothing in the cloud (no tag writes); nothing else runs until [`Pool::start`].
+    passive: std::sync::atomic::AtomicBool,
     me: Weak<Pool>,
 }
 
@@ -122,6 +136,8 @@ impl Pool {
             notify: watch::channel(0).0,
             stop: watch::channel(false).0,
             metrics,
+            events: crate::events::EventLog::default(),
+            passive: Default::default(),
             me: me.clone(),
             cfg,
         }))
@@ -180,6 +196,8 @@ impl Pool {
         loop {
             if let Err(e) = self.sync().await {
                 tracing::warn!(error = %e, "sync failed");
+                self.events
+                    .push("error", "cloud", format!("listing instances failed: {e}"));
             }
             if !self.pause(self.cfg.sync_interval, &mut stop).await {
                 return;
@@ -259,6 +277,84 @@ impl Pool {
         self.capacity_keys(it)
             .iter()
             .any(|k| st.at_capacity_until.get(k).is_some_and(|t| now < *t))
+    }
+
+    /// Make the pool read-only (a standby's warm view) or normal again.
+    pub fn set_passive(&self, passive: bool) {
+        self.passive
+            .store(passive, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_passive(&self) -> bool {
+        self.passive.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// What the pool holds off now and why, for the status page.
+    pub fn holdoffs(&self) -> Vec<HoldOff> {
+        let now = Instant::now();
+        let until = |t: Instant| Utc::now() + chrono::Duration::from_std(t - now).unwrap_or_default();
+        let st = self.lock();
+        let mut out = Vec::new();
+        let mut caps: Vec<(&String, &Instant)> = st
+            .at_capacity_until
+            .iter()
+            .filter(|(_, t)| now < **t)
+            .collect();
+        caps.sort();
+        for (key, t) in caps {
+            out.push(HoldOff {
+                what: if key.is_empty() {
+                    "every instance type".into()
+                } else {
+                    key.clone()
+                },
+                reason: "the cloud reported insufficient capacity".into(),
+                until: Some(until(*t)),
+            });
+        }
+        if let Some(t) = st.at_quota_until.filter(|t| now < *t) {
+            out.push(HoldOff {
+                what: "new instances".into(),
+                reason: "the cloud reported a quota error".into(),
+                until: Some(until(t)),
+            });
+        }
+        if st.at_quota_until_fewer > 0 {
+            out.push(HoldOff {
+                what: "new instances".into(),
+                reason: format!(
+                    "cloud quota: held until fewer than {} instances exist",
+                    st.at_quota_until_fewer
+                ),
+                until: None,
+            });
+        }
+        let n = st.workers.len() + st.creating.len();
+        if self.cfg.max_instances > 0 && n >= self.cfg.max_instances {
+            out.push(HoldOff {
+                what: "new instances".into(),
+                reason: format!("MaxInstances ({}) reached", self.cfg.max_instances),
+                until: None,
+            });
+        }
+        if let Some(t) = st.create_ops_hold_until.filter(|t| now < *t) {
+            out.push(HoldOff {
+                what: "create calls".into(),
+                reason: "MaxConcurrentInstanceCreateOps reached".into(),
+                until: Some(until(t)),
+            });
+        }
+        out
+    }
+
+    /// How long each worker has existed (since this process first saw it), by instance id.
+    pub fn instance_ages(&self) -> HashMap<String, Duration> {
+        let now = Instant::now();
+        self.lock()
+            .workers
+            .iter()
+            .map(|(id, w)| (id.clone(), now.saturating_duration_since(w.appeared)))
+            .collect()
     }
 
     fn at_quota_locked(&self, st: &State, now: Instant) -> bool {
@@ -345,6 +441,7 @@ impl Pool {
             let mut st = self.lock();
             match result {
                 Ok(inst) => {
+                    self.events.push("created", inst.id(), it.name.clone());
                     self.update_worker(&mut st, inst, now);
                 }
                 Err(e) if e.outcome_unknown => {
@@ -352,6 +449,11 @@ impl Pool {
                         InstanceType = %it.name,
                         error = %e,
                         "create outcome unknown; keeping its place until the cloud's instance list shows whether the VM exists"
+                    );
+                    self.events.push(
+                        "create-failed",
+                        it.name.clone(),
+                        format!("outcome unknown, waiting for the list: {e}"),
                     );
                     let listed_already = st
                         .workers
@@ -408,6 +510,8 @@ impl Pool {
                         error = %e,
                         "create failed"
                     );
+                    self.events
+                        .push("create-failed", it.name.clone(), e.to_string());
                 }
             }
             st.creating.remove(&secret);
@@ -474,6 +578,8 @@ impl Pool {
                 WorkerState = %w.state,
                 "instance disappeared in cloud"
             );
+            self.events
+                .push("gone", id.clone(), format!("disappeared while {}", w.state));
             if !w.boot_outcome_reported {
                 self.metrics
                     .boot_outcomes
@@ -672,7 +778,8 @@ impl Pool {
     /// item 21), the `drain` forced on an unrecognised type is not written to the tag, so
     /// configuring the type again restores the VM's own behaviour after a restart.
     fn save_tags(&self, w: &mut Worker) {
-        if !w.known_type {
+        if !w.known_type || self.is_passive() {
+            // A passive pool writes nothing; the first sync after it turns active does.
             return;
         }
         let keys = &self.cfg.tag_keys;
@@ -711,12 +818,20 @@ impl Pool {
         w.updated = now;
         w.proc_gen += 1;
         w.destroyed = Some(now);
+        self.events.push(
+            "shutdown",
+            w.id.clone(),
+            format!("{} was {}", w.it.name, w.state),
+        );
         w.state = WorkerState::Shutdown;
         self.notify();
-        let (inst, id) = (w.instance.clone(), w.id.clone());
+        let (inst, id, me) = (w.instance.clone(), w.id.clone(), self.me.clone());
         tokio::spawn(async move {
             if let Err(e) = inst.destroy().await {
                 tracing::warn!(Instance = %id, error = %e, "shutdown failed");
+                if let Some(p) = me.upgrade() {
+                    p.events.push("error", id, format!("shutdown failed: {e}"));
+                }
             }
         });
     }
@@ -747,6 +862,7 @@ impl Pool {
             .get_mut(id)
             .ok_or_else(|| "requested instance does not exist".to_string())?;
         tracing::info!(Instance = %id, IdleBehavior = %b.as_str(), "set idle behavior");
+        self.events.push(b.as_str(), id, "idle behavior set");
         w.idle_behavior = b;
         self.save_tags(w);
         self.shutdown_if_idle(w, now);
@@ -764,6 +880,7 @@ impl Pool {
             .get_mut(id)
             .ok_or_else(|| "instance not found".to_string())?;
         tracing::info!(Instance = %id, Reason = %reason, "shutting down");
+        self.events.push("kill", id, reason);
         self.report_boot_outcome(w, "aborted");
         self.shutdown_locked(w, now);
         Ok(())
@@ -1057,8 +1174,10 @@ impl WorkerPool for Pool {
         let created_at = ctr.created_at;
         drop(st);
         self.notify();
+        let me = self.me.clone();
         tokio::spawn(async move {
-            match exec.execute(&[], &command, &stdin).await {
+            let result = exec.execute(&[], &command, &stdin).await;
+            match &result {
                 Ok(_) => {
                     tracing::info!(Instance = %id, ContainerUUID = %uuid, "crunch-run process started")
                 }
@@ -1070,6 +1189,16 @@ impl WorkerPool for Pool {
                     stderr = %String::from_utf8_lossy(&f.output.stderr).trim(),
                     "error starting crunch-run process"
                 ),
+            }
+            if let Some(p) = me.upgrade() {
+                match &result {
+                    Ok(_) => p.events.push("started", uuid.clone(), format!("on {id}")),
+                    Err(f) => p.events.push(
+                        "error",
+                        uuid.clone(),
+                        format!("starting crunch-run on {id} failed: {f}"),
+                    ),
+                }
             }
             if let Some(t) = created_at {
                 let waited = (Utc::now() - t).to_std().unwrap_or_default();

@@ -205,6 +205,8 @@ impl Pool {
             && w.idle_behavior == IdleBehavior::Run
         {
             tracing::warn!(Instance = %id, "probe reported broken instance");
+            self.events
+                .push("broken", id, "crunch-run reported it broken; draining");
             self.metrics.broken.inc();
             self.report_boot_outcome(w, "failure");
             w.idle_behavior = IdleBehavior::Drain;

@@ -42,13 +42,24 @@ pub struct StubDriver;
 /// install, crunch-run) with `cfg`'s VM-side knobs, for serving a VM some other cloud fake
 /// created (moto's, say) with [`crate::ssh_vm::SshVm::start_on`].
 pub fn vm_handler(cfg: StubConfig, init_command: &str) -> Arc<dyn CommandHandler> {
+    vm_handler_recording(cfg, init_command, "vm0", Default::default())
+}
+
+/// [`vm_handler`] for the VM `vm_id`, recording every crunch-run life in `lives` (one log
+/// shared by all of a harness's VMs is the cloud's record for [`crate::oracle::double_runs`]).
+pub fn vm_handler_recording(
+    cfg: StubConfig,
+    init_command: &str,
+    vm_id: &str,
+    lives: LifeLog,
+) -> Arc<dyn CommandHandler> {
     let os = Arc::new(VmOs::new(
         cfg,
         0,
         init_command,
         Default::default(),
-        Default::default(),
-        "vm0".into(),
+        lives,
+        vm_id.into(),
     ));
     Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| os.handle(cmd, stdin))
 }
@@ -212,7 +223,7 @@ impl StubSet {
     }
 }
 
-pub use vm::ProcessLife;
+pub use vm::{LifeLog, ProcessLife};
 
 /// One stub VM.
 pub struct StubVm {

@@ -73,7 +73,7 @@ pub struct ProcessLife {
 }
 
 /// The cloud-wide record of process lives, in start order.
-pub(super) type LifeLog = Arc<Mutex<Vec<ProcessLife>>>;
+pub type LifeLog = Arc<Mutex<Vec<ProcessLife>>>;
 
 /// Mark the life at `index` ended now (if it had not ended yet).
 fn end_life(lives: &LifeLog, index: usize) {
