@@ -43,6 +43,10 @@ pub struct SimulateArgs {
     /// How long stub VMs take to boot (overrides DriverParameters.BootDelay), e.g. 2s
     #[arg(long, value_name = "DURATION")]
     boot_delay: Option<String>,
+    /// How long each container runs: one duration (e.g. 2s) or a range drawn from uniformly
+    /// (e.g. 1s..5s) [default: the workload's own, 0.1s..5s]
+    #[arg(long, value_name = "D|MIN..MAX", value_parser = parse_run_time)]
+    run_time: Option<(Duration, Duration)>,
     /// Also write the summary as JSON here
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -53,6 +57,19 @@ pub struct SimulateArgs {
     /// Give up (exit 1) after this long
     #[arg(long, value_name = "DURATION", default_value = "10m")]
     timeout: String,
+}
+
+/// `--run-time`: `D` or `MIN..MAX` (Go durations), MIN ≤ MAX.
+fn parse_run_time(s: &str) -> Result<(Duration, Duration), String> {
+    let d = |t: &str| arvados::config::units::parse_duration(t.trim()).map_err(|e| e.to_string());
+    let (lo, hi) = match s.split_once("..") {
+        Some((a, b)) => (d(a)?, d(b)?),
+        None => (d(s)?, d(s)?),
+    };
+    if lo > hi {
+        return Err(format!("{s:?}: the minimum is larger than the maximum"));
+    }
+    Ok((lo, hi))
 }
 
 fn set_param(cluster: &mut arvados::Cluster, key: &str, v: serde_norway::Value) {
@@ -144,7 +161,19 @@ async fn simulate(
         ..FakeConfig::default()
     })
     .await?;
-    let workload = testkit::fake_api::generate_workload(args.containers, args.seed);
+    let mut workload = testkit::fake_api::generate_workload(args.containers, args.seed);
+    if let Some((lo, hi)) = args.run_time {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed_0f_2a11);
+        for spec in &mut workload {
+            let ms = rng.random_range(lo.as_millis()..=hi.as_millis());
+            for (k, v) in &mut spec.environment {
+                if k == "FAKE_CRUNCH_RUN_MS" {
+                    *v = ms.to_string();
+                }
+            }
+        }
+    }
     let uuids: Vec<String> = workload.iter().map(|c| fake.add_container(c)).collect();
     cluster.services.controller.external_url = fake.base_url().to_string();
     cluster.system_root_token = fake.root_token().to_string();
@@ -422,4 +451,24 @@ async fn simulate(
 
 fn russh_line_ending() -> russh::keys::ssh_key::LineEnding {
     russh::keys::ssh_key::LineEnding::LF
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_time_is_one_duration_or_a_range() {
+        let s = Duration::from_secs;
+        assert_eq!(parse_run_time("2s"), Ok((s(2), s(2))));
+        assert_eq!(parse_run_time("1s..5s"), Ok((s(1), s(5))));
+        assert_eq!(parse_run_time("0s"), Ok((s(0), s(0))));
+        assert!(
+            parse_run_time("5s..1s")
+                .unwrap_err()
+                .contains("minimum is larger")
+        );
+        assert!(parse_run_time("soon").is_err());
+        assert!(parse_run_time("1s..").is_err());
+    }
 }

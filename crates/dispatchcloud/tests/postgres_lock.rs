@@ -79,7 +79,6 @@ async fn second_dispatcher_waits_for_the_first_to_release_lock_10005() {
     second.release().await;
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_lost_stops_dispatch_and_the_waiting_dispatcher_takes_over() {
     let Some(bin) = pg_bin_or_skip() else {

@@ -1094,3 +1094,116 @@ async fn spend_cap_holds_the_fleet_under_it_and_says_why_containers_wait() {
     );
     r.stop().await;
 }
+
+/// The status page over HTTP: the login form without a token, nothing with a wrong one, a
+/// session cookie that scripts and other sites cannot use, the live view with it, and
+/// headers that forbid framing and inline scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_needs_the_management_token_and_sets_a_strict_cookie() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let r = start(&cluster(&f, "s3cret"), stub(json!({}))).await;
+    let u = f.add_container(&ContainerSpec {
+        environment: vec![("FAKE_CRUNCH_RUN_MS".into(), "60000".into())],
+        ..Default::default()
+    });
+    wait_for("container Running", Duration::from_secs(30), || {
+        common::container_state(&f, &u) == "Running"
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let root = client.get(format!("{}/", r.url)).send().await.unwrap();
+    assert_eq!(root.status().as_u16(), 303);
+    assert_eq!(root.headers()["location"], "/status");
+
+    let page = client
+        .get(format!("{}/status", r.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let h = page.headers().clone();
+    assert_eq!(h["x-frame-options"], "DENY");
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    let body = page.text().await.unwrap();
+    assert!(body.contains("name=\"token\""), "{body}");
+    assert!(!body.contains(&u), "no data without a token");
+    let live = client
+        .get(format!("{}/status/live", r.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status().as_u16(), 401);
+
+    let wrong = client
+        .post(format!("{}/status/login", r.url))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("token=guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 403);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    assert!(!wrong.text().await.unwrap().contains(&u));
+
+    let ok = client
+        .post(format!("{}/status/login", r.url))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("token=s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 303);
+    let cookie = ok.headers()["set-cookie"].to_str().unwrap().to_string();
+    for part in [
+        "arvados_api_token=s3cret",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/",
+    ] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    let with_cookie = |path: &str| {
+        client
+            .get(format!("{}{path}", r.url))
+            .header("Cookie", "arvados_api_token=s3cret")
+            .send()
+    };
+    let live = with_cookie("/status/live").await.unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    let live = live.text().await.unwrap();
+    assert!(live.contains(&format!("data-container=\"{u}\"")), "{live}");
+    assert!(
+        !live.contains("data-role") && live.contains(">active<"),
+        "{live}"
+    );
+    // The buttons' calls work with the cookie alone.
+    let id = r.svc.pool.instances()[0].instance.clone();
+    let hold = client
+        .post(format!("{}/arvados/v1/dispatch/instances/hold", r.url))
+        .header("Cookie", "arvados_api_token=s3cret")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "instance_id={}",
+            url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hold.status().as_u16(), 200);
+    let live = with_cookie("/status/live")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(live.contains("data-idle-behavior=\"hold\""), "{live}");
+    assert!(
+        live.contains("data-kind=\"hold\""),
+        "the event log shows the hold: {live}"
+    );
+    r.stop().await;
+}

@@ -223,7 +223,12 @@ impl Service {
     /// status page and management API show the cluster, and taking over starts from a known
     /// queue and instance list.
     async fn warm_view(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let every = self.cluster.containers.cloud_vms.poll_interval.max(Duration::from_secs(1));
+        let every = self
+            .cluster
+            .containers
+            .cloud_vms
+            .poll_interval
+            .max(Duration::from_secs(1));
         loop {
             let (listed, polled) = tokio::join!(self.pool.sync(), self.queue.update());
             if let Err(e) = listed {
@@ -268,7 +273,10 @@ impl Service {
             .await;
             // The warm view's calls have deadlines; do not wait for a slow one past a moment.
             let _ = warm_stop.send(true);
-            if tokio::time::timeout(Duration::from_secs(2), warm).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), warm)
+                .await
+                .is_err()
+            {
                 tracing::warn!("standby view still polling after 2s; taking over anyway");
             }
             self.pool.set_passive(false);

@@ -45,8 +45,16 @@ pub fn routes() -> Router<Shared> {
         .route("/status/live", get(live))
         .route("/status/login", post(login))
         .route("/status/logout", post(logout))
-        .route("/status/app.js", get(|| async { asset(APP_JS, "text/javascript") }))
-        .route("/status/app.css", get(|| async { asset(APP_CSS, "text/css") }))
+        .route(
+            "/status/app.js",
+            get(|| async { asset(APP_JS, "text/javascript") }),
+        )
+        .route(
+            "/status/app.css",
+            get(|| async { asset(APP_CSS, "text/css") }),
+        )
+        // Browsers ask for it; an empty answer keeps their consoles quiet.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
 }
 
 fn asset(body: &'static str, kind: &'static str) -> Response {
@@ -233,7 +241,9 @@ async fn logout() -> Response {
     let mut r = Redirect::to("/status").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("arvados_api_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_static(
+            "arvados_api_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
     );
     r
 }
@@ -278,11 +288,7 @@ pub fn live_html(svc: &Service) -> String {
         .filter(|(_, s)| matches!(s, crate::scheduler::Status::SpendCap(..)))
         .count();
     let cap_text = |v: f64| {
-        if v > 0.0 {
-            money(v)
-        } else {
-            "none".into()
-        }
+        if v > 0.0 { money(v) } else { "none".into() }
     };
     let _ = write!(
         h,
@@ -413,7 +419,10 @@ pub fn live_html(svc: &Service) -> String {
     let holdoffs = svc.pool.holdoffs();
     let _ = write!(h, "<section><h2>Held off</h2>");
     if holdoffs.is_empty() {
-        let _ = write!(h, "<p class=\"muted\" id=\"holdoffs\">Nothing is held off.</p>");
+        let _ = write!(
+            h,
+            "<p class=\"muted\" id=\"holdoffs\">Nothing is held off.</p>"
+        );
     } else {
         let _ = write!(
             h,
@@ -422,10 +431,7 @@ pub fn live_html(svc: &Service) -> String {
         );
         for o in holdoffs {
             let until = match o.until {
-                Some(t) => format!(
-                    "in {}",
-                    age((t - now).to_std().unwrap_or_default())
-                ),
+                Some(t) => format!("in {}", age((t - now).to_std().unwrap_or_default())),
                 None => "until that changes".into(),
             };
             let _ = write!(
@@ -441,7 +447,10 @@ pub fn live_html(svc: &Service) -> String {
     let _ = write!(h, "</section>");
 
     // Events.
-    let _ = write!(h, "<section><h2>Recent events</h2><ul class=\"events\" id=\"events\">");
+    let _ = write!(
+        h,
+        "<section><h2>Recent events</h2><ul class=\"events\" id=\"events\">"
+    );
     let evs = events::newest(&[&svc.pool.events, &svc.queue.events], MAX_EVENTS);
     if evs.is_empty() {
         let _ = write!(h, "<li class=\"muted\">Nothing yet.</li>");

@@ -292,7 +292,8 @@ impl Pool {
     /// What the pool holds off now and why, for the status page.
     pub fn holdoffs(&self) -> Vec<HoldOff> {
         let now = Instant::now();
-        let until = |t: Instant| Utc::now() + chrono::Duration::from_std(t - now).unwrap_or_default();
+        let until =
+            |t: Instant| Utc::now() + chrono::Duration::from_std(t - now).unwrap_or_default();
         let st = self.lock();
         let mut out = Vec::new();
         let mut caps: Vec<(&String, &Instant)> = st
