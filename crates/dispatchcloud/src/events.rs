@@ -78,7 +78,7 @@ impl EventLog {
 /// The newest `n` events of several logs together, newest first.
 pub fn newest(logs: &[&EventLog], n: usize) -> Vec<Event> {
     let mut all: Vec<Event> = logs.iter().flat_map(|l| l.all()).collect();
-    all.sort_by(|a, b| b.at.cmp(&a.at));
+    all.sort_by_key(|e| std::cmp::Reverse(e.at));
     all.truncate(n);
     all
 }
