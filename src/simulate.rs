@@ -164,7 +164,7 @@ async fn simulate(
     let mut workload = testkit::fake_api::generate_workload(args.containers, args.seed);
     if let Some((lo, hi)) = args.run_time {
         use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed_0f_2a11);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0x5eed_0f2a_11ce);
         for spec in &mut workload {
             let ms = rng.random_range(lo.as_millis()..=hi.as_millis());
             for (k, v) in &mut spec.environment {
