@@ -3,67 +3,15 @@
 //! (127.0.0.x) with a stub VM that learned its instance secret from the startup script. A
 //! container goes from Queued to Complete and the idle VM is deleted.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use dispatchcloud::service::Service;
 use testkit::fake_gce::{FakeGce, FakeGceConfig};
-use testkit::ssh_vm::SshVm;
-use testkit::stub_driver::{StubConfig, vm_handler};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
 use tokio::sync::watch;
-
-fn startup_script(inst: &serde_json::Value) -> String {
-    inst["metadata"]["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|i| i["key"] == "startup-script")
-        .and_then(|i| i["value"].as_str())
-        .unwrap_or("")
-        .to_string()
-}
-
-/// Answer SSH on each address the fake hands out, while its instance exists, with a stub VM
-/// that learned its instance secret from the startup script; returns how many VMs it served.
-async fn serve_vms(
-    gce: Arc<FakeGce>,
-    ssh_port: u16,
-    pubkey: russh::keys::ssh_key::PublicKey,
-    mut stop: watch::Receiver<bool>,
-) -> usize {
-    let mut vms: BTreeMap<String, SshVm> = BTreeMap::new();
-    let mut served = 0;
-    loop {
-        let now = gce.instances();
-        let ids: Vec<String> = now
-            .iter()
-            .filter_map(|i| i["id"].as_str().map(String::from))
-            .collect();
-        vms.retain(|id, _| ids.contains(id));
-        for inst in now {
-            let id = inst["id"].as_str().unwrap_or("").to_string();
-            if vms.contains_key(&id) {
-                continue;
-            }
-            let Some(ip) = inst["networkInterfaces"][0]["networkIP"].as_str() else {
-                continue;
-            };
-            let addr: std::net::SocketAddr = format!("{ip}:{ssh_port}").parse().unwrap();
-            let handler = vm_handler(StubConfig::default(), &startup_script(&inst));
-            let vm = SshVm::start_on(addr, handler, vec![pubkey.clone()])
-                .await
-                .unwrap();
-            vms.insert(id, vm);
-            served += 1;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = stop.wait_for(|s| *s) => return served,
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
@@ -131,10 +79,11 @@ async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
 
     // The "VMs": an SSH server on each address the fake hands out, while the instance exists.
     let (harness_stop, harness_rx) = watch::channel(false);
-    let harness = tokio::spawn(serve_vms(
+    let harness = tokio::spawn(common::gce_vms::serve_vms(
         gce.clone(),
         ssh_port,
         key.public_key().clone(),
+        Default::default(),
         harness_rx,
     ));
 
@@ -240,10 +189,11 @@ async fn cloudtest_passes_on_gce() {
     )
     .unwrap();
     let (harness_stop, harness_rx) = watch::channel(false);
-    let harness = tokio::spawn(serve_vms(
+    let harness = tokio::spawn(common::gce_vms::serve_vms(
         gce.clone(),
         ssh_port,
         key.public_key().clone(),
+        Default::default(),
         harness_rx,
     ));
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod gce_vms;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 

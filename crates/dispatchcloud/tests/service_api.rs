@@ -378,6 +378,7 @@ async fn container_runs_to_complete_and_metrics_pass_promtool() {
         "arvados_dispatchcloud_containers_time_from_queue_to_crunch_run_seconds_count 1",
         "arvados_dispatchcloud_max_concurrent_containers",
         "arvados_dispatchcloud_at_quota 0",
+        "arvados_dispatchcloud_active 1",
         "arvados_version_running{version=",
         "arvados_config_load_timestamp_seconds",
         "arvados_concurrent_requests 1",

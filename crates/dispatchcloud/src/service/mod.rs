@@ -89,6 +89,8 @@ pub struct Service {
     pub registry: prometheus::Registry,
     pub http_metrics: Arc<http_metrics::ServiceMetrics>,
     role: std::sync::Mutex<Role>,
+    /// `arvados_dispatchcloud_active`: 1 while this process dispatches, 0 as a standby.
+    active: prometheus::IntGauge,
 }
 
 /// Deadlines of cloud calls: `DriverParameters.CreateTimeout` (default 5 min) for a create,
@@ -157,6 +159,7 @@ impl Service {
     }
 
     fn set_role(&self, r: Role) {
+        self.active.set(i64::from(r == Role::Active));
         *self.role.lock().unwrap_or_else(|e| e.into_inner()) = r;
     }
 
@@ -196,6 +199,15 @@ impl Service {
             .and_then(Client::new)
             .map_err(|e| StartError::Api(e.to_string()))?;
         let queue = ContainerQueue::new(client, TypeChooser::new(cluster), &registry)?;
+        let active = prometheus::IntGauge::with_opts(
+            prometheus::Opts::new(
+                "active",
+                "1 while this dispatcher holds the dispatcher lock (or runs without a database) and dispatches; 0 while it starts, stands by or has stopped.",
+            )
+            .namespace("arvados")
+            .subsystem("dispatchcloud"),
+        )?;
+        registry.register(Box::new(active.clone()))?;
         let scheduler = Scheduler::new(
             queue.clone(),
             pool.clone(),
@@ -215,6 +227,7 @@ impl Service {
             registry,
             http_metrics,
             role: Default::default(),
+            active,
         }))
     }
 
