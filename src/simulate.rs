@@ -47,6 +47,9 @@ pub struct SimulateArgs {
     /// (e.g. 1s..5s) [default: the workload's own, 0.1s..5s]
     #[arg(long, value_name = "D|MIN..MAX", value_parser = parse_run_time)]
     run_time: Option<(Duration, Duration)>,
+    /// At most this many instances at once (overrides CloudVMs.MaxInstances)
+    #[arg(long, value_name = "N")]
+    max_instances: Option<i64>,
     /// Also write the summary as JSON here
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -125,6 +128,12 @@ pub fn run(
         set_param(&mut cluster, "BootDelay", d.clone().into());
     }
     set_param(&mut cluster, "Seed", args.seed.into());
+    if let Some(n) = args.max_instances {
+        if n < 1 {
+            return Err(anyhow!("--max-instances: {n} is not a positive count"));
+        }
+        cluster.containers.cloud_vms.max_instances = n;
+    }
     if args.faults == Faults::Chaos {
         for (k, v) in [
             ("ErrorRateCreate", serde_norway::Value::from(0.1)),
@@ -189,9 +198,9 @@ async fn simulate(
     // The stub cloud is built here so the run can be judged from its own record of VMs and
     // crunch-run processes, not from the dispatcher's bookkeeping.
     let params = serde_json::to_value(&cluster.containers.cloud_vms.driver_parameters)?;
-    let cloud = Arc::new(StubSet::new(
-        StubConfig::from_params(&params).map_err(|e| anyhow!("{e}"))?,
-    ));
+    let stub_cfg = StubConfig::from_params(&params).map_err(|e| anyhow!("{e}"))?;
+    let boot_delay = stub_cfg.boot_delay;
+    let cloud = Arc::new(StubSet::new(stub_cfg));
     let mut drivers = crate::drivers::registry();
     drivers.register("stub", Arc::new(SharedStubDriver(cloud.clone())));
     let svc = Service::build_with(&cluster, &settings, &drivers)?;
@@ -312,6 +321,17 @@ async fn simulate(
         }
     };
     let wall = started.elapsed().as_secs_f64();
+    let requests = fake.requests();
+    let minutes = (wall / 60.0).max(1e-9);
+    let api = json!({
+        "requests_per_minute": requests.len() as f64 / minutes,
+        "list_requests_per_minute": requests
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == "/arvados/v1/containers")
+            .count() as f64
+            / minutes,
+        "rows_listed_per_minute": fake.rows_listed() as f64 / minutes,
+    });
     let _ = stop_tx.send(true);
     let _ = runner.await;
     let _ = http.await;
@@ -322,6 +342,13 @@ async fn simulate(
     let changes = fake.state_changes();
     let mut runs: BTreeMap<&str, usize> = BTreeMap::new();
     let mut first_running: BTreeMap<&str, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+    let lives = cloud.process_lives();
+    let vms: BTreeMap<String, testkit::stub_driver::VmRecord> = cloud
+        .vm_history()
+        .into_iter()
+        .map(|v| (v.id.clone(), v))
+        .collect();
+    let mut splits: Vec<WaitSplit> = Vec::new();
     for c in &changes {
         if c.to == "Running" {
             *runs.entry(c.uuid.as_str()).or_default() += 1;
@@ -339,12 +366,40 @@ async fn simulate(
     let (mut complete, mut cancelled, mut unfinished) = (0, 0, 0);
     let mut latencies = Vec::new();
     let mut ideal = 0.0;
+    let mut ideal_with_boot = 0.0;
     for (u, spec) in uuids.iter().zip(&workload) {
         let rec = fake.container(u).unwrap_or(Value::Null);
         match rec["state"].as_str() {
             Some("Complete") => complete += 1,
             Some("Cancelled") => cancelled += 1,
             _ => unfinished += 1,
+        }
+        let created_at = rec["created_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc));
+        if let (Some(created), Some(life)) = (created_at, lives.iter().find(|l| &l.uuid == u))
+            && let Some(vm) = vms.get(&life.vm)
+        {
+            // The VM was last freed by a crunch-run on it that ended before this one began.
+            let wall_end = |l: &testkit::stub_driver::ProcessLife| {
+                l.end.map(|e| {
+                    l.started_at + chrono::Duration::from_std(e - l.start).unwrap_or_default()
+                })
+            };
+            let freed = lives
+                .iter()
+                .filter(|l| l.vm == life.vm && l.start < life.start)
+                .filter_map(wall_end)
+                .filter(|e| *e <= life.started_at)
+                .max();
+            splits.push(WaitSplit::of(
+                created,
+                vm.created_at,
+                vm.ready_at,
+                freed,
+                life.started_at,
+            ));
         }
         if let (Some(run_at), Some(created)) = (
             first_running.get(u.as_str()),
@@ -367,9 +422,35 @@ async fn simulate(
             && let Some(cheapest) = types.first()
         {
             ideal += cheapest.price * run_ms / 1000.0 / 3600.0;
+            ideal_with_boot +=
+                cheapest.price * (run_ms / 1000.0 + boot_delay.as_secs_f64()) / 3600.0;
         }
     }
     latencies.sort_by(f64::total_cmp);
+    let quantiles = |pick: fn(&WaitSplit) -> f64| {
+        let mut v: Vec<f64> = splits.iter().map(pick).collect();
+        v.sort_by(f64::total_cmp);
+        json!({"p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99), "max": v.last().copied().unwrap_or(0.0)})
+    };
+    let split = json!({
+        "containers": splits.len(),
+        "queue": quantiles(|s| s.queue),
+        "boot": quantiles(|s| s.boot),
+        "dispatch_overhead": quantiles(|s| s.overhead),
+        "sum": {
+            "queue": splits.iter().map(|s| s.queue).sum::<f64>(),
+            "boot": splits.iter().map(|s| s.boot).sum::<f64>(),
+            "dispatch_overhead": splits.iter().map(|s| s.overhead).sum::<f64>(),
+            "total": splits.iter().map(|s| s.total).sum::<f64>(),
+        },
+    });
+    let efficiency = |ideal: f64| {
+        if usage.cost > 0.0 {
+            ideal / usage.cost
+        } else {
+            0.0
+        }
+    };
     let total_seconds = usage.busy_seconds + usage.idle_seconds;
     let report = json!({
         "containers": uuids.len(),
@@ -382,7 +463,15 @@ async fn simulate(
         "instances_peak": usage.peak_instances,
         "instances_left": vms_left,
         "instance_seconds": {"busy": usage.busy_seconds, "idle": usage.idle_seconds, "total": total_seconds},
-        "cost": {"estimated": usage.cost, "ideal": ideal},
+        "cost": {
+            "estimated": usage.cost,
+            "ideal": ideal,
+            "ideal_with_boot": ideal_with_boot,
+            "efficiency": efficiency(ideal),
+            "efficiency_with_boot": efficiency(ideal_with_boot),
+        },
+        "queue_to_crunch_run_split_seconds": split,
+        "api": api,
         "fleet_price_per_hour_peak": usage.peak_price_per_hour,
         "spend_cap_per_hour": settings.spend_caps.max_cost_per_hour,
         "queue_to_crunch_run_seconds": {
@@ -417,6 +506,36 @@ async fn simulate(
     println!(
         "  cost:             ${:.4} estimated vs ${:.4} ideal (each container's run time on its cheapest type)",
         usage.cost, ideal
+    );
+    println!(
+        "  cost efficiency:  {:.0}% of the ideal, {:.0}% counting each container's boot ({}s)",
+        100.0 * efficiency(ideal),
+        100.0 * efficiency(ideal_with_boot),
+        boot_delay.as_secs_f64()
+    );
+    let q = |k: &str, p: &str| {
+        report["queue_to_crunch_run_split_seconds"][k][p]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    println!(
+        "  of which:         queued p50 {:.2} s / p99 {:.2} s, booting p50 {:.2} s / p99 {:.2} s, dispatcher overhead (instance ready → crunch-run) p50 {:.3} s / p99 {:.3} s",
+        q("queue", "p50"),
+        q("queue", "p99"),
+        q("boot", "p50"),
+        q("boot", "p99"),
+        q("dispatch_overhead", "p50"),
+        q("dispatch_overhead", "p99"),
+    );
+    println!(
+        "  API:              {:.0} requests/min ({:.0} queue polls/min, {:.0} rows listed/min)",
+        report["api"]["requests_per_minute"].as_f64().unwrap_or(0.0),
+        report["api"]["list_requests_per_minute"]
+            .as_f64()
+            .unwrap_or(0.0),
+        report["api"]["rows_listed_per_minute"]
+            .as_f64()
+            .unwrap_or(0.0),
     );
     if settings.spend_caps.is_set() {
         println!(
@@ -453,9 +572,97 @@ fn russh_line_ending() -> russh::keys::ssh_key::LineEnding {
     russh::keys::ssh_key::LineEnding::LF
 }
 
+/// Where one container's time from queued to crunch-run went. The three parts add up to the
+/// whole: `boot` is the part spent waiting for its VM's boot, `overhead` the dispatcher's own
+/// time from "a ready VM had room" to crunch-run started, `queue` the rest (waiting for
+/// capacity, limits, a pass).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct WaitSplit {
+    queue: f64,
+    boot: f64,
+    overhead: f64,
+    /// Queued to crunch-run started, by the cloud's clock.
+    total: f64,
+}
+
+impl WaitSplit {
+    fn of(
+        created: chrono::DateTime<chrono::Utc>,
+        vm_created: chrono::DateTime<chrono::Utc>,
+        vm_ready: chrono::DateTime<chrono::Utc>,
+        vm_freed: Option<chrono::DateTime<chrono::Utc>>,
+        started: chrono::DateTime<chrono::Utc>,
+    ) -> WaitSplit {
+        let secs = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0) as f64 / 1e6;
+        let total = secs(started - created).max(0.0);
+        let boot = secs(vm_ready - created.max(vm_created)).clamp(0.0, total);
+        let available = [Some(created), Some(vm_ready), vm_freed]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(created);
+        let overhead = secs(started - available).clamp(0.0, total - boot);
+        WaitSplit {
+            queue: total - boot - overhead,
+            boot,
+            overhead,
+            total,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_splits_into_queue_boot_and_overhead_that_add_up() {
+        let t = |ms: i64| {
+            chrono::DateTime::<chrono::Utc>::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
+        };
+        let near = |s: WaitSplit, want: (f64, f64, f64)| {
+            assert!(
+                (s.queue - want.0).abs() < 1e-9
+                    && (s.boot - want.1).abs() < 1e-9
+                    && (s.overhead - want.2).abs() < 1e-9,
+                "{s:?} != {want:?}"
+            );
+        };
+        // Queued at 0, its VM made at once and ready at 2 s, crunch-run at 2.1 s: boot plus
+        // 0.1 s overhead.
+        near(
+            WaitSplit::of(t(0), t(0), t(2000), None, t(2100)),
+            (0.0, 2.0, 0.1),
+        );
+        // A VM ready long before, freed by another container at 5 s, start at 5.05 s: 5 s of
+        // queueing (no capacity), 0.05 s overhead.
+        near(
+            WaitSplit::of(t(0), t(-90_000), t(-60_000), Some(t(5000)), t(5050)),
+            (5.0, 0.0, 0.05),
+        );
+        // Waited 1 s for a create, then a 2 s boot: 1 s queue, 2 s boot.
+        near(
+            WaitSplit::of(t(0), t(1000), t(3000), None, t(3000)),
+            (1.0, 2.0, 0.0),
+        );
+        // Whatever the clocks say, the parts are never negative and add up.
+        for (c, r, f, st) in [
+            (0, 5000, Some(9000), 4000),
+            (100, 0, None, 50),
+            (0, 0, Some(-5), 0),
+        ] {
+            let s = WaitSplit::of(t(c), t(c), t(r), f.map(t), t(st));
+            let total = ((st - c) as f64 / 1000.0).max(0.0);
+            assert!(
+                s.queue >= 0.0 && s.boot >= 0.0 && s.overhead >= 0.0,
+                "{s:?}"
+            );
+            assert!(
+                (s.queue + s.boot + s.overhead - total).abs() < 1e-9,
+                "{s:?}"
+            );
+        }
+    }
 
     #[test]
     fn run_time_is_one_duration_or_a_range() {

@@ -49,6 +49,52 @@ fn assert_adds_up(r: &serde_json::Value) {
         "{cost}"
     );
     assert!(cost["ideal"].as_f64().unwrap() > 0.0);
+    assert!(cost["ideal_with_boot"].as_f64().unwrap() >= cost["ideal"].as_f64().unwrap());
+    let eff = cost["efficiency"].as_f64().unwrap();
+    assert!(
+        (eff - cost["ideal"].as_f64().unwrap() / cost["estimated"].as_f64().unwrap()).abs() < 1e-9,
+        "{cost}"
+    );
+    // Queued → crunch-run splits into queue + boot + dispatcher overhead, per container.
+    let split = &r["queue_to_crunch_run_split_seconds"];
+    // Every completed container started once at least; a cancelled one may have too.
+    let with_split = split["containers"].as_u64().unwrap();
+    assert!(
+        with_split >= r["complete"].as_u64().unwrap()
+            && with_split <= r["complete"].as_u64().unwrap() + r["cancelled"].as_u64().unwrap(),
+        "{split}"
+    );
+    let sum = &split["sum"];
+    let part = |k: &str| sum[k].as_f64().unwrap();
+    assert!(
+        (part("queue") + part("boot") + part("dispatch_overhead") - part("total")).abs() < 1e-6,
+        "{sum}"
+    );
+    for k in ["queue", "boot", "dispatch_overhead"] {
+        let q = &split[k];
+        assert!(
+            q["p50"].as_f64().unwrap() <= q["p99"].as_f64().unwrap(),
+            "{k}: {q}"
+        );
+        assert!(
+            q["p99"].as_f64().unwrap() <= q["max"].as_f64().unwrap(),
+            "{k}: {q}"
+        );
+    }
+    let api = &r["api"];
+    assert!(
+        api["list_requests_per_minute"].as_f64().unwrap() > 0.0,
+        "{api}"
+    );
+    assert!(
+        api["rows_listed_per_minute"].as_f64().unwrap() > 0.0,
+        "{api}"
+    );
+    assert!(
+        api["requests_per_minute"].as_f64().unwrap()
+            >= api["list_requests_per_minute"].as_f64().unwrap(),
+        "{api}"
+    );
     let l = &r["queue_to_crunch_run_seconds"];
     assert!(
         l["p50"].as_f64().unwrap() <= l["p95"].as_f64().unwrap()

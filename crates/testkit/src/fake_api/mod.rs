@@ -250,6 +250,11 @@ impl FakeArvados {
     }
 
     /// Every state change so far, in order.
+    /// Container records returned by list calls so far (what a queue poll costs the API).
+    pub fn rows_listed(&self) -> u64 {
+        lock(&self.app.store).rows_listed()
+    }
+
     pub fn state_changes(&self) -> Vec<StateChange> {
         lock(&self.app.store).state_changes().to_vec()
     }

@@ -123,6 +123,8 @@ pub struct Store {
     state_changes: Vec<StateChange>,
     logs: Vec<Value>,
     next_container: u64,
+    /// Container records returned by list calls so far.
+    rows_listed: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -136,6 +138,7 @@ impl Store {
             state_changes: Vec::new(),
             logs: Vec::new(),
             next_container: 0,
+            rows_listed: Default::default(),
         };
         let root = Token {
             uuid: format!("{cluster_id}-gj3su-000000000000000"),
@@ -337,6 +340,11 @@ impl Store {
         caller.token.admin || caller.token.container_uuid.as_deref() == Some(uuid)
     }
 
+    /// Container records returned by list calls so far.
+    pub fn rows_listed(&self) -> u64 {
+        self.rows_listed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// `GET /arvados/v1/containers`.
     pub fn list(&self, caller: &Caller, params: &Map<String, Value>) -> Outcome {
         let null = Value::Null;
@@ -379,6 +387,8 @@ impl Store {
             .take(limit as usize)
             .map(|r| render(r, select.as_deref(), false))
             .collect();
+        self.rows_listed
+            .fetch_add(items.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut out = json!({
             "kind": "arvados#containerList",
             "etag": "",

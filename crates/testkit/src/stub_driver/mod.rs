@@ -96,10 +96,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 type VmList = Arc<Mutex<Vec<Arc<StubVm>>>>;
 
+/// One VM the stub cloud ever made: when, and when its boot delay ends (ready as the cloud
+/// sees it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    pub id: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub ready_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// Cloud-side state shared by a set and its VMs.
 struct Cloud {
     cfg: StubConfig,
     vms: VmList,
+    /// Every VM ever made, in creation order.
+    history: Mutex<Vec<VmRecord>>,
     rng: Mutex<StdRng>,
     /// Held create/destroy calls wait for a permit (`HoldCloudOps`).
     held: Semaphore,
@@ -183,6 +194,7 @@ impl StubSet {
                 rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
                 cfg,
                 vms: Arc::new(Mutex::new(Vec::new())),
+                history: Default::default(),
                 held: Semaphore::new(0),
                 started: Instant::now(),
                 detach_log: Default::default(),
@@ -214,6 +226,11 @@ impl StubSet {
         for vm in self.vms() {
             vm.set_command_delay(d);
         }
+    }
+
+    /// Every VM the set ever made, in creation order (the cloud's own record).
+    pub fn vm_history(&self) -> Vec<VmRecord> {
+        lock(&self.cloud.history).clone()
     }
 
     /// Every crunch-run process that ever ran on the set's VMs, in start order: the cloud's
@@ -377,6 +394,12 @@ impl InstanceSet for StubSet {
                 vm_cfg.boot_delay = Duration::from_secs(365 * 24 * 3600);
             }
             let vanish_at = vm_cfg.vanish_after.map(|d| Instant::now() + d);
+            let now = chrono::Utc::now();
+            lock(&cloud.history).push(VmRecord {
+                id: format!("inst{n},{}", it.provider_type),
+                created_at: now,
+                ready_at: now + chrono::Duration::from_std(vm_cfg.boot_delay).unwrap_or_default(),
+            });
             let os = Arc::new(VmOs::new(
                 vm_cfg,
                 n,
