@@ -30,6 +30,17 @@ const SELECT: [&str; 7] = [
     "scheduling_parameters",
     "created_at",
 ];
+/// What a poll returns: the containers by uuid, the uuids whose records could not be
+/// decoded, our token's uuid, how many records were received, and the latest `modified_at`
+/// among them (when selected).
+type PollResult = (
+    HashMap<String, Container>,
+    HashSet<String>,
+    String,
+    usize,
+    Option<DateTime<Utc>>,
+);
+
 /// Stop fetching Queued pages once this many non-supervisor containers were received.
 const QUEUED_CONTAINERS_TARGET: usize = 100;
 /// Missing containers are re-fetched by uuid in batches of this size.
@@ -192,6 +203,49 @@ struct Inner {
     dont_update: Option<HashSet<String>>,
     /// The uuid of our token: containers locked by it are ours.
     auth_uuid: Option<String>,
+    /// Incremental mode: the latest `modified_at` seen (the next incremental poll asks for
+    /// changes since it, minus the overlap), polls since the last full one, and how many
+    /// queued containers a full poll fetches.
+    watermark: Option<DateTime<Utc>>,
+    polls_since_full: u32,
+    queued_target: usize,
+}
+
+/// Which kind of poll [`ContainerQueue::update`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollKind {
+    /// Arvados' poll: every container locked by us, the top queued ones, and the known ones
+    /// neither of those returned (by uuid).
+    Full,
+    /// Only the containers modified since the given time.
+    Changes(DateTime<Utc>),
+}
+
+impl PollKind {
+    fn label(self) -> &'static str {
+        match self {
+            PollKind::Full => "full",
+            PollKind::Changes(_) => "incremental",
+        }
+    }
+}
+
+/// The next poll's kind: full without incremental mode, for the first poll, every
+/// `full_poll_every` polls, and whenever no change time is known yet.
+pub fn next_poll_kind(
+    settings: Option<&crate::settings::QueueSettings>,
+    watermark: Option<DateTime<Utc>>,
+    polls_since_full: u32,
+) -> PollKind {
+    let Some(s) = settings.filter(|s| s.incremental) else {
+        return PollKind::Full;
+    };
+    match watermark {
+        Some(w) if polls_since_full + 1 < s.full_poll_every => {
+            PollKind::Changes(w - chrono::Duration::from_std(s.overlap).unwrap_or_default())
+        }
+        _ => PollKind::Full,
+    }
 }
 
 /// Queue metrics (spec §5.5).
@@ -200,6 +254,9 @@ struct Metrics {
     /// Not in Arvados: containers this dispatcher saw reach a final state, by that state.
     finished: prometheus::IntCounterVec,
     seen: Mutex<HashSet<(String, String)>>,
+    /// Not in Arvados: polls and the records they fetched, by kind.
+    polls: prometheus::IntCounterVec,
+    rows: prometheus::IntCounterVec,
 }
 
 impl Metrics {
@@ -220,6 +277,8 @@ pub struct ContainerQueue {
     metrics: Metrics,
     /// Containers seen finishing (for the status page).
     pub events: crate::events::EventLog,
+    /// Incremental polling, when the settings file turns it on.
+    incremental: std::sync::OnceLock<crate::settings::QueueSettings>,
     /// A standby's queue: polls, but cancels nothing (see [`ContainerQueue::set_read_only`]).
     read_only: std::sync::atomic::AtomicBool,
 }
@@ -265,18 +324,48 @@ impl ContainerQueue {
         for s in [ContainerState::Complete, ContainerState::Cancelled] {
             finished.with_label_values(&[s.as_str()]);
         }
+        let polls = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "queue_polls_total",
+                "Number of queue polls of the API, by kind (full, incremental).",
+            )
+            .namespace("arvados")
+            .subsystem("dispatchcloud"),
+            &["kind"],
+        )?;
+        registry.register(Box::new(polls.clone()))?;
+        let rows = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "queue_rows_fetched_total",
+                "Number of container records the queue's polls received from the API, by poll kind.",
+            )
+            .namespace("arvados")
+            .subsystem("dispatchcloud"),
+            &["kind"],
+        )?;
+        registry.register(Box::new(rows.clone()))?;
+        for k in ["full", "incremental"] {
+            polls.with_label_values(&[k]);
+            rows.with_label_values(&[k]);
+        }
         let (notify, _) = watch::channel(0);
         let q = Arc::new(ContainerQueue {
             client,
             chooser,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                queued_target: QUEUED_CONTAINERS_TARGET,
+                ..Inner::default()
+            }),
             notify,
             events: crate::events::EventLog::default(),
+            incremental: Default::default(),
             read_only: Default::default(),
             metrics: Metrics {
                 entries,
                 finished,
                 seen: Mutex::new(HashSet::new()),
+                polls,
+                rows,
             },
         });
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -385,8 +474,10 @@ impl ContainerQueue {
     /// Poll the API and refresh the cache (spec §5.3). On error the cache is unchanged.
     pub async fn update(self: &Arc<Self>) -> Result<(), ApiError> {
         let started = Utc::now();
-        let (known, mounts_pending, auth_uuid) = {
+        let settings = self.incremental.get();
+        let (known, mounts_pending, auth_uuid, kind, queued_target) = {
             let mut inner = self.lock_inner();
+            let kind = next_poll_kind(settings, inner.watermark, inner.polls_since_full);
             inner.dont_update = Some(HashSet::new());
             let mut known: HashMap<String, ContainerState> =
                 HashMap::with_capacity(inner.entries.len());
@@ -397,16 +488,60 @@ impl ContainerQueue {
                     pending.insert(k.clone());
                 }
             }
-            (known, pending, inner.auth_uuid.clone())
+            (
+                known,
+                pending,
+                inner.auth_uuid.clone(),
+                kind,
+                inner.queued_target,
+            )
         };
-        let polled = self.poll(&known, auth_uuid).await;
-        let (next, skipped, auth_uuid) = match polled {
+        let polled = match kind {
+            PollKind::Full => self.poll(&known, auth_uuid, queued_target).await,
+            PollKind::Changes(since) => self.poll_changes(since, auth_uuid).await,
+        };
+        let (mut next, skipped, auth_uuid, fetched, newest) = match polled {
             Ok(x) => x,
             Err(e) => {
                 self.lock_inner().dont_update = None;
                 return Err(e);
             }
         };
+        self.metrics.polls.with_label_values(&[kind.label()]).inc();
+        self.metrics
+            .rows
+            .with_label_values(&[kind.label()])
+            .inc_by(fetched as u64);
+        if let PollKind::Changes(_) = kind {
+            // Changed known containers are updated and unchanged ones stay as they are (see
+            // `retain` below); new ones join if they are ours or queued (up to MaxQueued
+            // queued ones).
+            let max_queued = settings.map_or(usize::MAX, |s| s.max_queued);
+            let inner = self.lock_inner();
+            let mut queued = inner
+                .entries
+                .values()
+                .filter(|e| e.container().state == ContainerState::Queued)
+                .count();
+            let changed = std::mem::take(&mut next);
+            for uuid in &mounts_pending {
+                if let Some(e) = inner.entries.get(uuid) {
+                    next.insert(uuid.clone(), e.container().clone());
+                }
+            }
+            for (uuid, c) in changed {
+                let known_now = inner.entries.contains_key(&uuid);
+                let mine = c.locked_by_uuid == auth_uuid;
+                let wanted =
+                    c.state == ContainerState::Queued && c.priority > 0 && queued < max_queued;
+                if known_now || mine || wanted {
+                    if !known_now && !mine {
+                        queued += 1;
+                    }
+                    next.insert(uuid, c);
+                }
+            }
+        }
         // Mounts and type choice for containers seen for the first time, outside the lock.
         let new: Vec<Container> = next
             .values()
@@ -446,16 +581,87 @@ impl ContainerQueue {
         }
         inner.entries.retain(|uuid, _| {
             // A record that came back but could not be decoded is not gone: keep what we knew.
-            let keep = dont.contains(uuid) || next.contains_key(uuid) || skipped.contains(uuid);
+            let keep = matches!(kind, PollKind::Changes(_))
+                || dont.contains(uuid)
+                || next.contains_key(uuid)
+                || skipped.contains(uuid);
             if !keep {
                 tracing::info!(ContainerUUID = %uuid, "dropping container from queue");
             }
             keep
         });
         inner.updated = Some(started);
+        if settings.is_some_and(|s| s.incremental) {
+            inner.watermark = match (inner.watermark, newest) {
+                (Some(w), Some(n)) => Some(w.max(n)),
+                (w, n) => n.or(w),
+            };
+            inner.polls_since_full = match kind {
+                PollKind::Full => 0,
+                PollKind::Changes(_) => inner.polls_since_full + 1,
+            };
+        }
         drop(inner);
         self.notify_subscribers();
         Ok(())
+    }
+
+    /// Turn on incremental polling (from the settings file; once, before the first update).
+    pub fn set_incremental(&self, s: crate::settings::QueueSettings) {
+        if s.incremental {
+            let _ = self.incremental.set(s);
+        }
+    }
+
+    /// The scheduler's word after a pass: whether it had capacity left for more queued
+    /// containers than the queue holds. In incremental mode, full polls then fetch up to 1000
+    /// more queued containers (at most `MaxQueued`); without spare capacity, Arvados' 100.
+    pub fn set_capacity_free(&self, free: bool) {
+        let Some(s) = self.incremental.get() else {
+            return;
+        };
+        let mut inner = self.lock_inner();
+        inner.queued_target = if free {
+            (inner.queued_target + 1000).min(s.max_queued)
+        } else {
+            QUEUED_CONTAINERS_TARGET
+        };
+    }
+
+    /// The changes since `since`: every container modified then or later, by `modified_at`.
+    async fn poll_changes(
+        &self,
+        since: DateTime<Utc>,
+        auth_uuid: Option<String>,
+    ) -> Result<PollResult, ApiError> {
+        let auth_uuid = match auth_uuid {
+            Some(u) => u,
+            None => self.client.current_token().await?.uuid,
+        };
+        let mut select: Vec<String> = SELECT.iter().map(|s| s.to_string()).collect();
+        select.extend(["modified_at".to_string(), "locked_by_uuid".to_string()]);
+        let opts = ListOptions {
+            filters: vec![Filter::new(
+                "modified_at",
+                ">=",
+                since.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string(),
+            )],
+            order: Some("modified_at asc, uuid asc".into()),
+            limit: Some(1000),
+            count: Some(Count::None),
+            select: Some(select),
+            ..Default::default()
+        };
+        let (items, bad) = self
+            .client
+            .list_containers_by_offset_with_skipped(&opts, |_| false)
+            .await?;
+        let fetched = items.len() + bad.len();
+        let newest = items.iter().filter_map(|c| c.modified_at).max();
+        let mut skipped: HashSet<String> = bad.into_iter().collect();
+        skipped.remove("");
+        let next = items.into_iter().map(|c| (c.uuid.clone(), c)).collect();
+        Ok((next, skipped, auth_uuid, fetched, newest))
     }
 
     /// The API side of an update: every container that belongs in the cache, by uuid.
@@ -463,12 +669,18 @@ impl ContainerQueue {
         &self,
         known: &HashMap<String, ContainerState>,
         auth_uuid: Option<String>,
-    ) -> Result<(HashMap<String, Container>, HashSet<String>, String), ApiError> {
+        queued_target: usize,
+    ) -> Result<PollResult, ApiError> {
         let auth_uuid = match auth_uuid {
             Some(u) => u,
             None => self.client.current_token().await?.uuid,
         };
-        let select: Vec<String> = SELECT.iter().map(|s| s.to_string()).collect();
+        let mut select: Vec<String> = SELECT.iter().map(|s| s.to_string()).collect();
+        if self.incremental.get().is_some() {
+            // The change time the next incremental poll starts from.
+            select.push("modified_at".into());
+        }
+        let mut fetched = 0usize;
         let mut next: HashMap<String, Container> = HashMap::new();
 
         let mine = ListOptions {
@@ -483,6 +695,7 @@ impl ContainerQueue {
             .client
             .list_all_containers_by_uuid_with_skipped(&mine)
             .await?;
+        fetched += items.len() + bad.len();
         skipped.extend(bad);
         for c in items {
             next.insert(c.uuid.clone(), c);
@@ -505,9 +718,10 @@ impl ContainerQueue {
                 all.iter()
                     .filter(|c| !c.scheduling_parameters.supervisor)
                     .count()
-                    >= QUEUED_CONTAINERS_TARGET
+                    >= queued_target
             })
             .await?;
+        fetched += queued.len() + bad.len();
         skipped.extend(bad);
         for c in queued {
             next.insert(c.uuid.clone(), c);
@@ -533,6 +747,7 @@ impl ContainerQueue {
                 .client
                 .list_all_containers_by_uuid_with_skipped(&opts)
                 .await?;
+            fetched += found.len() + bad.len();
             // Records that came back undecodable are not deleted: the caller keeps them.
             missing.retain(|u| !bad.contains(u));
             skipped.extend(bad);
@@ -567,7 +782,8 @@ impl ContainerQueue {
             }
         }
         skipped.remove("");
-        Ok((next, skipped, auth_uuid))
+        let newest = next.values().filter_map(|c| c.modified_at).max();
+        Ok((next, skipped, auth_uuid, fetched, newest))
     }
 
     /// Fetch mounts, compute needs and types for new containers. Containers that can never run

@@ -21,6 +21,56 @@ pub const ENV_VAR: &str = "ARVADOS_DISPATCH_CLOUD_SETTINGS";
 pub struct Settings {
     #[serde(default)]
     pub spend_caps: SpendCaps,
+    #[serde(default)]
+    pub queue: QueueSettings,
+}
+
+/// How the container queue polls the API. The default is Arvados' way: every poll reloads
+/// the containers this dispatcher has locked and the top 100 queued ones.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct QueueSettings {
+    /// After a full poll, ask only for containers modified since the last poll (minus
+    /// `Overlap`), and reload everything every `FullPollEvery` polls to repair anything an
+    /// incremental poll missed.
+    #[serde(default)]
+    pub incremental: bool,
+    #[serde(default = "QueueSettings::default_full_poll_every")]
+    pub full_poll_every: u32,
+    /// How far back each incremental poll reaches before the last change it saw (covers
+    /// transactions that commit late and clock differences between API servers).
+    #[serde(
+        default = "QueueSettings::default_overlap",
+        with = "arvados::config::units::duration"
+    )]
+    pub overlap: std::time::Duration,
+    /// With `Incremental`, queued containers beyond the top 100 are fetched (up to this many)
+    /// while the scheduler has capacity to start them.
+    #[serde(default = "QueueSettings::default_max_queued")]
+    pub max_queued: usize,
+}
+
+impl QueueSettings {
+    fn default_full_poll_every() -> u32 {
+        10
+    }
+    fn default_overlap() -> std::time::Duration {
+        std::time::Duration::from_secs(5)
+    }
+    fn default_max_queued() -> usize {
+        10_000
+    }
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            incremental: false,
+            full_poll_every: Self::default_full_poll_every(),
+            overlap: Self::default_overlap(),
+            max_queued: Self::default_max_queued(),
+        }
+    }
 }
 
 /// Limits on what the fleet may cost, in the unit of `InstanceTypes.*.Price` (per hour).
@@ -142,6 +192,20 @@ impl Settings {
                 });
             }
         }
+        if self.queue.full_poll_every == 0 {
+            return Err(SettingsError::Invalid {
+                path: path.into(),
+                key: "Queue.FullPollEvery".into(),
+                message: "0 is not a number of polls (1 means every poll is full)".into(),
+            });
+        }
+        if self.queue.max_queued < 100 {
+            return Err(SettingsError::Invalid {
+                path: path.into(),
+                key: "Queue.MaxQueued".into(),
+                message: format!("{} is below Arvados' 100", self.queue.max_queued),
+            });
+        }
         Ok(())
     }
 }
@@ -217,6 +281,34 @@ mod tests {
             err.starts_with("settings file /nonexistent/s.yml: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn queue_settings_parse_with_defaults_and_checks() {
+        let s =
+            Settings::from_str("Queue:\n  Incremental: true\n  Overlap: 10s\n", "s.yml").unwrap();
+        assert!(s.queue.incremental);
+        assert_eq!(s.queue.overlap, std::time::Duration::from_secs(10));
+        assert_eq!(s.queue.full_poll_every, 10);
+        assert_eq!(s.queue.max_queued, 10_000);
+        assert!(!Settings::default().queue.incremental);
+        for (text, want) in [
+            (
+                "Queue:\n  FullPollEvery: 0\n",
+                "settings file s.yml: Queue.FullPollEvery: 0 is not a number of polls",
+            ),
+            (
+                "Queue:\n  MaxQueued: 5\n",
+                "settings file s.yml: Queue.MaxQueued: 5 is below",
+            ),
+            (
+                "Queue:\n  Overlap: soon\n",
+                "settings file s.yml: Queue.Overlap: ",
+            ),
+        ] {
+            let err = Settings::from_str(text, "s.yml").unwrap_err().to_string();
+            assert!(err.starts_with(want), "{text:?}: {err}");
+        }
     }
 
     #[test]

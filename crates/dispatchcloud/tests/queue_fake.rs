@@ -289,3 +289,248 @@ async fn lock_during_poll_is_not_undone_by_the_poll() {
     q.update().await.unwrap();
     assert_eq!(q.get(&u).unwrap().container().state, ContainerState::Locked);
 }
+
+// ---- Incremental polling (settings file `Queue.Incremental`)
+
+/// Incremental polling with no overlap window: these tests poll many times a second, where
+/// the default 5 s window would make every poll fetch everything.
+fn incremental(full_poll_every: u32) -> dispatchcloud::settings::QueueSettings {
+    dispatchcloud::settings::QueueSettings {
+        incremental: true,
+        full_poll_every,
+        overlap: Duration::ZERO,
+        ..Default::default()
+    }
+}
+
+/// uuid → (state, priority) of every entry: what a scheduling pass decides from.
+fn view(
+    q: &dispatchcloud::queue::ContainerQueue,
+) -> std::collections::BTreeMap<String, (String, i64)> {
+    q.entries()
+        .0
+        .iter()
+        .map(|e| {
+            let c = e.container();
+            (c.uuid.clone(), (c.state.as_str().to_string(), c.priority))
+        })
+        .collect()
+}
+
+/// One scheduling pass over the queue's entries with an empty pool: what it locks and what
+/// it creates instances for.
+fn decide(
+    cl: &arvados::Cluster,
+    q: &dispatchcloud::queue::ContainerQueue,
+) -> (Vec<String>, Vec<String>) {
+    use dispatchcloud::scheduler::{Limits, PoolSnapshot, SchedConfig, plan_queue};
+    let cfg = SchedConfig::from_cluster(cl);
+    let mut limits = Limits::new(&cfg);
+    let (entries, _) = q.entries();
+    let plan = plan_queue(
+        &cfg,
+        &mut limits,
+        &entries,
+        &PoolSnapshot::default(),
+        None,
+        std::time::SystemTime::now(),
+    );
+    let mut locks = plan.locks.clone();
+    locks.sort();
+    let mut creates: Vec<String> = plan.creates.iter().map(|(_, u)| u.clone()).collect();
+    creates.sort();
+    (locks, creates)
+}
+
+fn counter(registry: &prometheus::Registry, name: &str, kind: &str) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .find(|m| m.name() == name)
+        .and_then(|m| {
+            m.get_metric()
+                .iter()
+                .find(|x| x.get_label().iter().any(|l| l.value() == kind))
+                .map(|x| x.get_counter().get_value() as u64)
+        })
+        .unwrap_or(0)
+}
+
+/// The same API, polled fully by one queue and incrementally by another, through locks,
+/// priority changes, new and finished containers: both queues hold the same entries after
+/// every round, so every scheduling pass decides the same; the incremental one fetches far
+/// fewer records.
+#[tokio::test]
+async fn incremental_polls_see_the_same_queue_as_full_polls_for_fewer_rows() {
+    let f = fake().await;
+    let cl = cluster(vec![test_type()]);
+    let mut uuids: Vec<String> = (0..60)
+        .map(|i| {
+            f.add_container(&ContainerSpec {
+                priority: 1 + i % 7,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let (full, full_reg) = queue(&f, &cl);
+    let (inc, inc_reg) = queue(&f, &cl);
+    inc.set_incremental(incremental(1000));
+    full.update().await.unwrap();
+    inc.update().await.unwrap();
+    assert_eq!(view(&full), view(&inc));
+    for round in 0..12usize {
+        // Changes through the API as a dispatcher and crunch-run would make them.
+        let u = uuids[round].clone();
+        full.lock(&u).await.unwrap();
+        f.force_update(
+            &u,
+            json!({"state": "Running", "modified_at": testkit::fake_api::format_time(Utc::now())}),
+        );
+        if round >= 2 {
+            let done = uuids[round - 2].clone();
+            f.force_update(
+                &done,
+                json!({"state": "Complete", "modified_at": testkit::fake_api::format_time(Utc::now())}),
+            );
+        }
+        f.set_priority(&uuids[30 + round], 0);
+        uuids.push(f.add_container(&ContainerSpec::default()));
+        // Both queues see it after their next poll (mine = the lock holder's, the same token).
+        full.update().await.unwrap();
+        inc.update().await.unwrap();
+        // The queue drops finished and priority-0 containers once the scheduler forgets them.
+        for (uuid, (state, prio)) in view(&full) {
+            if state == "Complete" || (state == "Queued" && prio == 0) {
+                full.forget(&uuid);
+                inc.forget(&uuid);
+            }
+        }
+        assert_eq!(view(&full), view(&inc), "round {round}");
+        assert_eq!(decide(&cl, &full), decide(&cl, &inc), "round {round}");
+    }
+    let full_rows = counter(
+        &full_reg,
+        "arvados_dispatchcloud_queue_rows_fetched_total",
+        "full",
+    );
+    let inc_rows = counter(
+        &inc_reg,
+        "arvados_dispatchcloud_queue_rows_fetched_total",
+        "incremental",
+    ) + counter(
+        &inc_reg,
+        "arvados_dispatchcloud_queue_rows_fetched_total",
+        "full",
+    );
+    assert_eq!(
+        counter(
+            &inc_reg,
+            "arvados_dispatchcloud_queue_polls_total",
+            "incremental"
+        ),
+        12
+    );
+    eprintln!("records fetched in 13 polls: full {full_rows}, incremental {inc_rows}");
+    assert!(
+        inc_rows * 3 < full_rows,
+        "incremental fetched {inc_rows} records, full {full_rows}"
+    );
+}
+
+/// A change the incremental poll cannot see (its `modified_at` is not moved, as when a
+/// transaction commits after the overlap window) is repaired by the periodic full poll.
+#[tokio::test]
+async fn the_periodic_full_poll_repairs_a_missed_update() {
+    let f = fake().await;
+    let u = f.add_container(&ContainerSpec {
+        priority: 5,
+        ..Default::default()
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A later change: the incremental polls start from its time, after `u`'s.
+    f.add_container(&ContainerSpec::default());
+    let (q, reg) = queue(&f, &cluster(vec![test_type()]));
+    q.set_incremental(incremental(4));
+    q.update().await.unwrap();
+    assert_eq!(q.get(&u).unwrap().container().priority, 5);
+    // Silently changed: same modified_at.
+    f.force_update(&u, json!({"priority": 9}));
+    for poll in 2..=4 {
+        q.update().await.unwrap();
+        assert_eq!(
+            q.get(&u).unwrap().container().priority,
+            5,
+            "incremental poll {poll} cannot see it"
+        );
+    }
+    q.update().await.unwrap();
+    assert_eq!(
+        q.get(&u).unwrap().container().priority,
+        9,
+        "the 4th poll is full"
+    );
+    assert_eq!(
+        counter(&reg, "arvados_dispatchcloud_queue_polls_total", "full"),
+        2
+    );
+    assert_eq!(
+        counter(
+            &reg,
+            "arvados_dispatchcloud_queue_polls_total",
+            "incremental"
+        ),
+        3
+    );
+}
+
+/// With capacity to spare, incremental mode's full polls fetch queued containers beyond
+/// Arvados' 100 (up to MaxQueued); without it, they keep to 100.
+#[tokio::test]
+async fn spare_capacity_fetches_queued_containers_beyond_the_top_100() {
+    let f = fake().await;
+    f.set_max_items_per_response(50);
+    for _ in 0..300 {
+        f.add_container(&ContainerSpec {
+            priority: 5,
+            ..Default::default()
+        });
+    }
+    let (q, _) = queue(&f, &cluster(vec![test_type()]));
+    q.set_incremental(incremental(1));
+    q.update().await.unwrap();
+    assert_eq!(
+        q.entries().0.len(),
+        100,
+        "Arvados' top 100 (two pages of 50)"
+    );
+    q.set_capacity_free(true);
+    q.update().await.unwrap();
+    assert_eq!(
+        q.entries().0.len(),
+        300,
+        "room for more: every queued container"
+    );
+    // No room: new queued containers past the top 100 are not fetched (the known ones are
+    // still followed, as Arvados follows every known container).
+    q.set_capacity_free(false);
+    for _ in 0..50 {
+        f.add_container(&ContainerSpec {
+            priority: 1,
+            ..Default::default()
+        });
+    }
+    q.update().await.unwrap();
+    assert_eq!(
+        q.entries().0.len(),
+        300,
+        "no room: nothing new past the top 100"
+    );
+    q.set_capacity_free(true);
+    q.update().await.unwrap();
+    assert_eq!(q.entries().0.len(), 350, "room again: the new ones too");
+    // Without incremental mode the hint changes nothing.
+    let (plain, _) = queue(&f, &cluster(vec![test_type()]));
+    plain.set_capacity_free(true);
+    plain.update().await.unwrap();
+    assert_eq!(plain.entries().0.len(), 100);
+}

@@ -427,6 +427,18 @@ impl<P: WorkerPool> Scheduler<P> {
         self.metrics
             .over_quota
             .set(plan.not_allocated_over_quota as i64);
+        // Room for more queued containers than the queue holds? (Incremental polling then
+        // fetches beyond the top 100.)
+        let queued = entries
+            .iter()
+            .filter(|e| {
+                let c = e.container();
+                c.state == ContainerState::Queued && c.priority > 0
+            })
+            .count();
+        self.queue.set_capacity_free(
+            !snapshot.at_quota && snapshot.quota_headroom != Some(0) && plan.locks.len() >= queued,
+        );
         self.metrics
             .spend_headroom
             .set(plan.spend_headroom.unwrap_or(f64::INFINITY));

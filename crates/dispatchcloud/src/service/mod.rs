@@ -199,6 +199,7 @@ impl Service {
             .and_then(Client::new)
             .map_err(|e| StartError::Api(e.to_string()))?;
         let queue = ContainerQueue::new(client, TypeChooser::new(cluster), &registry)?;
+        queue.set_incremental(settings.queue);
         let active = prometheus::IntGauge::with_opts(
             prometheus::Opts::new(
                 "active",

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Map, Value};
 
-pub use store::StateChange;
+pub use store::{StateChange, format_time};
 pub use workload::{ContainerSpec, generate_workload};
 
 use server::{App, lock};
@@ -250,6 +250,12 @@ impl FakeArvados {
     }
 
     /// Every state change so far, in order.
+    /// Answer list calls with at most `n` records per page (`API.MaxItemsPerResponse`,
+    /// default 1000).
+    pub fn set_max_items_per_response(&self, n: i64) {
+        lock(&self.app.store).max_items_per_response = n.max(1);
+    }
+
     /// Container records returned by list calls so far (what a queue poll costs the API).
     pub fn rows_listed(&self) -> u64 {
         lock(&self.app.store).rows_listed()
