@@ -238,6 +238,7 @@ async fn simulate(
     let type_tag =
         cloud::tags::TagKeys::new(&cluster.containers.cloud_vms.tag_key_prefix).instance_type();
     let started = Instant::now();
+    let started_wall = chrono::Utc::now();
     let mut usage = Usage::default();
     let mut last_sample = Instant::now();
     let mut last_print = Instant::now() - Duration::from_secs(10);
@@ -349,6 +350,24 @@ async fn simulate(
         .map(|v| (v.id.clone(), v))
         .collect();
     let mut splits: Vec<WaitSplit> = Vec::new();
+    // When the first crunch-run of each container started, from the run's start (s).
+    let mut first_starts: BTreeMap<&str, f64> = BTreeMap::new();
+    for l in &lives {
+        let at = (l.started_at - started_wall)
+            .num_microseconds()
+            .unwrap_or(0) as f64
+            / 1e6;
+        first_starts.entry(l.uuid.as_str()).or_insert(at);
+    }
+    let mut first_starts: Vec<f64> = first_starts.into_values().collect();
+    first_starts.sort_by(f64::total_cmp);
+    let nth_start = |n: usize| -> Value {
+        if n >= 1 && n <= first_starts.len() {
+            json!(first_starts[n - 1])
+        } else {
+            Value::Null
+        }
+    };
     for c in &changes {
         if c.to == "Running" {
             *runs.entry(c.uuid.as_str()).or_default() += 1;
@@ -471,6 +490,14 @@ async fn simulate(
             "efficiency_with_boot": efficiency(ideal_with_boot),
         },
         "queue_to_crunch_run_split_seconds": split,
+        // Seconds from the start of the run until the 1st, 1 000th, 10 000th and last
+        // crunch-run started (null when fewer ran).
+        "started_after_seconds": {
+            "first": nth_start(1),
+            "1000": nth_start(1000),
+            "10000": nth_start(10000),
+            "all": nth_start(first_starts.len()),
+        },
         "api": api,
         "fleet_price_per_hour_peak": usage.peak_price_per_hour,
         "spend_cap_per_hour": settings.spend_caps.max_cost_per_hour,

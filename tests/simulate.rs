@@ -81,6 +81,15 @@ fn assert_adds_up(r: &serde_json::Value) {
             "{k}: {q}"
         );
     }
+    let starts = &r["started_after_seconds"];
+    let (first, all) = (
+        starts["first"].as_f64().unwrap(),
+        starts["all"].as_f64().unwrap(),
+    );
+    assert!(
+        0.0 <= first && first <= all && all <= r["wall_seconds"].as_f64().unwrap(),
+        "{starts}"
+    );
     let api = &r["api"];
     assert!(
         api["list_requests_per_minute"].as_f64().unwrap() > 0.0,
