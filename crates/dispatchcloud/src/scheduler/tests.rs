@@ -1312,3 +1312,15 @@ fn without_spend_caps_nothing_changes() {
     assert_eq!(plan.spend_headroom, None);
     assert_eq!(h.pool.creates(), names(&["type1"; 6]));
 }
+
+#[test]
+fn passes_are_spaced_by_the_gap_or_twice_their_own_length() {
+    use super::{MIN_PASS_GAP, next_pass_at};
+    let t = tokio::time::Instant::now();
+    assert_eq!(
+        next_pass_at(t, Duration::milliseconds(1).to_std().unwrap()),
+        t + MIN_PASS_GAP
+    );
+    let long = std::time::Duration::from_millis(40);
+    assert_eq!(next_pass_at(t, long), t + 2 * long);
+}

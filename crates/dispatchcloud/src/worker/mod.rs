@@ -992,6 +992,16 @@ impl Pool {
         m
     }
 
+    /// Each worker's state, price and whether it runs anything, without copying its record
+    /// (cheap enough to sample many times a second; pending creates are not included).
+    pub fn usage_sample(&self) -> Vec<(WorkerState, f64, bool)> {
+        self.lock()
+            .workers
+            .values()
+            .map(|w| (w.state, w.it.price, w.processes() > 0))
+            .collect()
+    }
+
     fn instances_locked(st: &State) -> Vec<InstanceView> {
         let mut v: Vec<InstanceView> = st.workers.values().map(Worker::view).collect();
         for c in st.creating.values() {

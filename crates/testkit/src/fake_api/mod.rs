@@ -219,6 +219,29 @@ impl FakeArvados {
     }
 
     /// The full stored record.
+    /// How many containers are in each state (one pass, no copies: cheap to ask often).
+    pub fn count_by_state(&self) -> std::collections::BTreeMap<String, usize> {
+        const STATES: [&str; 5] = ["Queued", "Locked", "Running", "Complete", "Cancelled"];
+        let mut n = [0usize; STATES.len() + 1];
+        let store = lock(&self.app.store);
+        for state in store.container_states() {
+            n[STATES
+                .iter()
+                .position(|s| *s == state)
+                .unwrap_or(STATES.len())] += 1;
+        }
+        let mut counts: std::collections::BTreeMap<String, usize> = STATES
+            .iter()
+            .zip(n)
+            .filter(|(_, k)| *k > 0)
+            .map(|(s, k)| (s.to_string(), k))
+            .collect();
+        if n[STATES.len()] > 0 {
+            counts.insert("other".into(), n[STATES.len()]);
+        }
+        counts
+    }
+
     pub fn container(&self, uuid: &str) -> Option<Value> {
         lock(&self.app.store)
             .container(uuid)

@@ -340,6 +340,13 @@ impl Store {
         caller.token.admin || caller.token.container_uuid.as_deref() == Some(uuid)
     }
 
+    /// Every container's state, in uuid order.
+    pub fn container_states(&self) -> impl Iterator<Item = &str> {
+        self.containers
+            .values()
+            .map(|r| r.get("state").and_then(Value::as_str).unwrap_or(""))
+    }
+
     /// Container records returned by list calls so far.
     pub fn rows_listed(&self) -> u64 {
         self.rows_listed.load(std::sync::atomic::Ordering::Relaxed)
