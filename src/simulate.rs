@@ -363,16 +363,26 @@ async fn simulate(
         .map(|v| (v.id.clone(), v))
         .collect();
     let mut splits: Vec<WaitSplit> = Vec::new();
-    // When the first crunch-run of each container started, from the run's start (s).
-    let mut first_starts: BTreeMap<&str, f64> = BTreeMap::new();
+    // Each container's first crunch-run (lives are in start order), and the lives on each VM:
+    // looked up per container below, so a report over many containers stays linear.
+    let mut first_life: std::collections::HashMap<&str, &testkit::stub_driver::ProcessLife> =
+        Default::default();
+    let mut lives_on: std::collections::HashMap<&str, Vec<&testkit::stub_driver::ProcessLife>> =
+        Default::default();
     for l in &lives {
-        let at = (l.started_at - started_wall)
-            .num_microseconds()
-            .unwrap_or(0) as f64
-            / 1e6;
-        first_starts.entry(l.uuid.as_str()).or_insert(at);
+        first_life.entry(l.uuid.as_str()).or_insert(l);
+        lives_on.entry(l.vm.as_str()).or_default().push(l);
     }
-    let mut first_starts: Vec<f64> = first_starts.into_values().collect();
+    // When the first crunch-run of each container started, from the run's start (s).
+    let mut first_starts: Vec<f64> = first_life
+        .values()
+        .map(|l| {
+            (l.started_at - started_wall)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1e6
+        })
+        .collect();
     first_starts.sort_by(f64::total_cmp);
     let nth_start = |n: usize| -> Value {
         if n >= 1 && n <= first_starts.len() {
@@ -410,7 +420,7 @@ async fn simulate(
             .as_str()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&chrono::Utc));
-        if let (Some(created), Some(life)) = (created_at, lives.iter().find(|l| &l.uuid == u))
+        if let (Some(created), Some(life)) = (created_at, first_life.get(u.as_str()))
             && let Some(vm) = vms.get(&life.vm)
         {
             // The VM was last freed by a crunch-run on it that ended before this one began.
@@ -419,9 +429,12 @@ async fn simulate(
                     l.started_at + chrono::Duration::from_std(e - l.start).unwrap_or_default()
                 })
             };
-            let freed = lives
-                .iter()
-                .filter(|l| l.vm == life.vm && l.start < life.start)
+            let freed = lives_on
+                .get(life.vm.as_str())
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|l| l.start < life.start)
                 .filter_map(wall_end)
                 .filter(|e| *e <= life.started_at)
                 .max();

@@ -259,15 +259,6 @@ struct Metrics {
     rows: prometheus::IntCounterVec,
 }
 
-impl Metrics {
-    /// Count an entry's change from `was` to `now` if it is the one into a final state.
-    fn count_finish(&self, was: ContainerState, now: ContainerState) {
-        if now.is_final() && !was.is_final() {
-            self.finished.with_label_values(&[now.as_str()]).inc();
-        }
-    }
-}
-
 /// The cached container queue.
 pub struct ContainerQueue {
     client: Client,
@@ -286,15 +277,19 @@ pub struct ContainerQueue {
 impl ContainerQueue {
     /// Count (and log for the status page) an entry's change into a final state.
     fn count_finish(&self, uuid: &str, was: ContainerState, now: ContainerState) {
-        if now.is_final() && !was.is_final() {
-            let kind = if now == ContainerState::Complete {
-                "complete"
-            } else {
-                "cancelled"
-            };
-            self.events.push(kind, uuid, format!("{was} → {now}"));
+        if !now.is_final() || was.is_final() {
+            return;
         }
-        self.metrics.count_finish(was, now);
+        self.metrics
+            .finished
+            .with_label_values(&[now.as_str()])
+            .inc();
+        let kind = if now == ContainerState::Complete {
+            "complete"
+        } else {
+            "cancelled"
+        };
+        self.events.push(kind, uuid, format!("{was} → {now}"));
     }
 
     /// A queue polling through `client`, choosing types with `chooser`, registering its gauge
@@ -611,6 +606,11 @@ impl ContainerQueue {
         if s.incremental {
             let _ = self.incremental.set(s);
         }
+    }
+
+    /// Whether incremental polling is on (only then does [`Self::set_capacity_free`] matter).
+    pub fn is_incremental(&self) -> bool {
+        self.incremental.get().is_some()
     }
 
     /// The scheduler's word after a pass: whether it had capacity left for more queued

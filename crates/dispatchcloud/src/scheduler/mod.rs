@@ -446,28 +446,35 @@ impl<P: WorkerPool> Scheduler<P> {
             .over_quota
             .set(plan.not_allocated_over_quota as i64);
         // Room for more queued containers than the queue holds? (Incremental polling then
-        // fetches beyond the top 100.)
-        let queued = entries
-            .iter()
-            .filter(|e| {
-                let c = e.container();
-                c.state == ContainerState::Queued && c.priority > 0
-            })
-            .count();
-        self.queue.set_capacity_free(
-            !snapshot.at_quota && snapshot.quota_headroom != Some(0) && plan.locks.len() >= queued,
-        );
+        // fetches beyond the top 100; otherwise nobody asks, and a pass over a big queue need
+        // not count it.)
+        if self.queue.is_incremental() {
+            let queued = entries
+                .iter()
+                .filter(|e| {
+                    let c = e.container();
+                    c.state == ContainerState::Queued && c.priority > 0
+                })
+                .count();
+            self.queue.set_capacity_free(
+                !snapshot.at_quota
+                    && snapshot.quota_headroom != Some(0)
+                    && plan.locks.len() >= queued,
+            );
+        }
         self.metrics
             .spend_headroom
             .set(plan.spend_headroom.unwrap_or(f64::INFINITY));
         self.metrics.spent_today.set(snapshot.spent_today);
-        self.metrics.waiting_spend_cap.set(
-            plan.queue
-                .statuses
-                .iter()
-                .filter(|s| matches!(s, Status::SpendCap(..)))
-                .count() as i64,
-        );
+        if self.cfg.spend_caps.is_set() {
+            self.metrics.waiting_spend_cap.set(
+                plan.queue
+                    .statuses
+                    .iter()
+                    .filter(|s| matches!(s, Status::SpendCap(..)))
+                    .count() as i64,
+            );
+        }
 
         for uuid in &plan.locks {
             let s = self.clone();
