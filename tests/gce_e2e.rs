@@ -5,25 +5,15 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use dispatchcloud::service::Service;
-use testkit::fake_gce::{FakeGce, FakeGceConfig};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
 use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
-    let gce = Arc::new(
-        FakeGce::start(FakeGceConfig {
-            project: "proj".into(),
-            zones: vec!["us-central1-a".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap(),
-    );
+    let gce = common::gce_vms::one_zone_gce().await;
     let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
     let key = cloud::sshd::new_ed25519_key();
     let ssh_port = testkit::free_port();
@@ -137,26 +127,11 @@ fn arvados_dispatch_cloud_drivers() -> cloud::registry::Registry {
 /// and the VM it made is gone afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudtest_passes_on_gce() {
-    let gce = Arc::new(
-        FakeGce::start(FakeGceConfig {
-            project: "proj".into(),
-            zones: vec!["us-central1-a".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap(),
-    );
+    let gce = common::gce_vms::one_zone_gce().await;
     let key = cloud::sshd::new_ed25519_key();
     let ssh_port = testkit::free_port();
     let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("id_ed25519");
-    std::fs::write(
-        &key_path,
-        key.to_openssh(russh::keys::ssh_key::LineEnding::LF)
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
+    let key_path = common::write_private_key(dir.path(), &key);
     let config = dir.path().join("config.yml");
     std::fs::write(
         &config,

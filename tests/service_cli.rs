@@ -2,6 +2,8 @@
 //! stub cloud, then the `instances` and `containers` commands against its management API
 //! (AC-DSP-6), and a clean exit on SIGTERM.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output};
 use std::time::Duration;
@@ -70,15 +72,7 @@ fn start_with_env(f: &FakeArvados, env: &[(&str, &std::ffi::OsStr)]) -> Dispatch
     )
     .unwrap();
     // The dispatch key comes from a file, as operators configure it.
-    let key = dir.path().join("id_ed25519");
-    std::fs::write(
-        &key,
-        cloud::sshd::new_ed25519_key()
-            .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
+    let key = common::write_private_key(dir.path(), &cloud::sshd::new_ed25519_key());
     let body = std::fs::read_to_string(&config).unwrap().replace(
         "      ReserveExtraRAM: 0\n",
         &format!(

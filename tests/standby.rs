@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use testkit::fake_gce::{FakeGce, FakeGceConfig};
+use testkit::fake_gce::FakeGce;
 use testkit::postgres::{admin_session, lock_holder, pg_bin_or_skip, start_postgres};
 use testkit::stub_driver::LifeLog;
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
@@ -117,15 +117,7 @@ struct World {
 
 async fn world(pg_port: u16) -> World {
     let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
-    let gce = Arc::new(
-        FakeGce::start(FakeGceConfig {
-            project: "proj".into(),
-            zones: vec!["us-central1-a".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap(),
-    );
+    let gce = common::gce_vms::one_zone_gce().await;
     let key = cloud::sshd::new_ed25519_key();
     let ssh_port = testkit::free_port();
     let lives = LifeLog::default();
@@ -138,14 +130,7 @@ async fn world(pg_port: u16) -> World {
         rx,
     ));
     let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("id_ed25519");
-    std::fs::write(
-        &key_path,
-        key.to_openssh(russh::keys::ssh_key::LineEnding::LF)
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
+    let key_path = common::write_private_key(dir.path(), &key);
     let config = dir.path().join("config.yml");
     std::fs::write(
         &config,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use testkit::fake_gce::FakeGce;
+use testkit::fake_gce::{FakeGce, FakeGceConfig};
 use testkit::ssh_vm::SshVm;
 use testkit::stub_driver::{LifeLog, StubConfig, vm_handler_recording};
 use tokio::sync::watch;
@@ -19,6 +19,19 @@ fn startup_script(inst: &serde_json::Value) -> String {
         .and_then(|i| i["value"].as_str())
         .unwrap_or("")
         .to_string()
+}
+
+/// A fake Compute Engine with project `proj` and the one zone `us-central1-a`.
+pub async fn one_zone_gce() -> Arc<FakeGce> {
+    Arc::new(
+        FakeGce::start(FakeGceConfig {
+            project: "proj".into(),
+            zones: vec!["us-central1-a".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    )
 }
 
 /// Answer SSH on each address the fake hands out, while its instance exists, with a stub VM

@@ -4,7 +4,7 @@
 
 pub mod gce_vms;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Run `cmd`: whether it succeeded, and its stdout and stderr together.
@@ -49,4 +49,18 @@ pub fn tool_with(name: &str, version_args: &[&str]) -> Option<PathBuf> {
 /// [`tool_with`] `--version`.
 pub fn tool(name: &str) -> Option<PathBuf> {
     tool_with(name, &["--version"])
+}
+
+/// Write `key` as an OpenSSH private key file `dir/id_ed25519` (the dispatch key, given to
+/// the binary as `DispatchPrivateKey: file://…`, as operators configure it).
+pub fn write_private_key(dir: &Path, key: &russh::keys::PrivateKey) -> PathBuf {
+    let path = dir.join("id_ed25519");
+    std::fs::write(
+        &path,
+        key.to_openssh(russh::keys::ssh_key::LineEnding::LF)
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    path
 }
