@@ -76,8 +76,12 @@ impl Run {
             .collect()
     }
 
+    /// Whether `text` appears in the log within 30 s. An error message can come only after
+    /// the API client has spent its GET retries (up to ~7 s of back-off under the
+    /// dispatcher's policy, longer on a loaded machine), so the window is generous; it
+    /// returns as soon as the message appears.
     async fn logged(&self, text: &str) -> bool {
-        eventually(10, || self.messages().iter().any(|m| m.contains(text))).await
+        eventually(30, || self.messages().iter().any(|m| m.contains(text))).await
     }
 
     fn state(&self, u: &str) -> String {
