@@ -79,6 +79,8 @@ pub struct Services {
     pub controller: Service,
     #[serde(rename = "DispatchCloud")]
     pub dispatch_cloud: Service,
+    #[serde(rename = "DispatchSLURM")]
+    pub dispatch_slurm: Service,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -208,6 +210,8 @@ pub struct Containers {
     pub min_retry_period: Duration,
     #[serde(rename = "CloudVMs")]
     pub cloud_vms: CloudVms,
+    #[serde(rename = "SLURM")]
+    pub slurm: Slurm,
 }
 
 impl Default for Containers {
@@ -227,7 +231,66 @@ impl Default for Containers {
             default_keep_cache_ram: 0,
             min_retry_period: Duration::ZERO,
             cloud_vms: CloudVms::default(),
+            slurm: Slurm::default(),
         }
+    }
+}
+
+/// `Containers.SLURM`: crunch-dispatch-slurm's settings.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Slurm {
+    /// Nice spacing between adjacent jobs; values below 1 mean 10.
+    #[serde(rename = "PrioritySpread")]
+    pub priority_spread: i64,
+    /// The sbatch argument template (`%U`, `%C`, `%M`, `%T`, `%G`, `%W`, `%P`, `%I`, `%%`).
+    /// A YAML null is an empty list (just the fixed arguments), as in Arvados.
+    #[serde(
+        rename = "SbatchArgumentsList",
+        deserialize_with = "null_as_empty_list"
+    )]
+    pub sbatch_arguments_list: Vec<String>,
+    /// Appended to the template for containers that want GPUs.
+    #[serde(
+        rename = "SbatchGPUArgumentsList",
+        deserialize_with = "null_as_empty_list"
+    )]
+    pub sbatch_gpu_arguments_list: Vec<String>,
+    /// Put into every job's environment. May hold secrets: `Debug` shows only the names.
+    #[serde(rename = "SbatchEnvironmentVariables", deserialize_with = "string_map")]
+    pub sbatch_environment_variables: BTreeMap<String, String>,
+}
+
+impl Default for Slurm {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect();
+        Slurm {
+            priority_spread: 0,
+            sbatch_arguments_list: s(&[
+                "--job-name=%U",
+                "--mem=%M",
+                "--cpus-per-task=%C",
+                "--tmp=%T",
+                "--partition=%P",
+            ]),
+            sbatch_gpu_arguments_list: s(&["--gpus=%G"]),
+            sbatch_environment_variables: BTreeMap::new(),
+        }
+    }
+}
+
+impl Slurm {
+    /// A copy with the environment values redacted.
+    pub fn redacted(&self) -> Slurm {
+        let mut s = self.clone();
+        s.sbatch_environment_variables.values_mut().for_each(redact);
+        s
+    }
+}
+
+impl std::fmt::Debug for Slurm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_as_json(f, "Slurm", &self.redacted())
     }
 }
 
@@ -467,6 +530,10 @@ fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error>
     )
 }
 
+fn null_as_empty_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
+}
+
 fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
     #[derive(Deserialize)]
     struct W(#[serde(deserialize_with = "string_or_number")] String);
@@ -599,6 +666,7 @@ impl Containers {
         let mut c = self.clone();
         redact(&mut c.dispatch_private_key);
         c.cloud_vms = c.cloud_vms.redacted();
+        c.slurm = c.slurm.redacted();
         c
     }
 }
