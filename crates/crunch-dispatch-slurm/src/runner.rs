@@ -248,8 +248,9 @@ async fn watch_pending(
     // The update that follows ends the tracker's updates, and the job is scancelled then.
 }
 
-/// The job left squeue: put the container right.
-async fn job_gone(d: &Dispatcher, uuid: &str, last_known: ContainerState) {
+/// The job left squeue: put the container right (`last_known` is used if it cannot be
+/// read).
+pub async fn job_gone(d: &Dispatcher, uuid: &str, last_known: ContainerState) {
     let state = match d
         .client()
         .get_container(uuid, Some(&["uuid", "state"]))

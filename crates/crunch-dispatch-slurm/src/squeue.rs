@@ -458,7 +458,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_snapshot_from_an_squeue_started_earlier_does_not_answer() {
+    async fn bug_5_a_snapshot_from_an_squeue_started_before_the_question_does_not_answer() {
         // §10.5: an squeue that started before a submission finishes after the question.
         let (c, _) = checker("", 10);
         let early = {
@@ -479,7 +479,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn questions_give_up_when_squeue_keeps_failing() {
+    async fn bug_3_questions_give_up_when_squeue_keeps_failing() {
         // §10.3: Arvados waits for a successful squeue forever.
         let limit = Duration::from_millis(50);
         let c = Checker::new(Slurm::new(Arc::new(FakeSlurm::default())), 10, limit);

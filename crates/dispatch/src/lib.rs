@@ -88,6 +88,29 @@ impl Updates {
     }
 }
 
+impl Updates {
+    /// A stand-alone channel whose first record, `initial`, counts as already read (as the
+    /// run function gets it as an argument): for driving a run function without a
+    /// [`Dispatcher`], e.g. in its tests. Dropping the sender ends the updates.
+    pub fn channel(initial: Container) -> (UpdateSender, Updates) {
+        let (tx, mut rx) = watch::channel(Some(initial));
+        rx.borrow_and_update();
+        (UpdateSender { tx }, Updates { rx })
+    }
+}
+
+/// The sending side of [`Updates::channel`].
+pub struct UpdateSender {
+    tx: watch::Sender<Option<Container>>,
+}
+
+impl UpdateSender {
+    /// Deliver a newer record (replacing one not yet read).
+    pub fn send(&self, c: Container) {
+        self.tx.send_replace(Some(c));
+    }
+}
+
 /// The boxed future a run function returns.
 pub type RunFuture = Pin<Box<dyn Future<Output = Result<(), RunError>> + Send>>;
 

@@ -12,6 +12,7 @@ pub mod fake_gce;
 pub mod moto;
 pub mod oracle;
 pub mod postgres;
+pub mod slurm;
 /// The SSH VM server now lives in `cloud::sshd` (the loopback driver needs it too).
 pub use cloud::sshd as ssh_vm;
 pub mod stub_driver;
@@ -28,6 +29,15 @@ pub fn fake_crunch_run_binary() -> std::path::PathBuf {
         .and_then(std::path::Path::parent)
         .expect("the test binary is in target/<profile>/deps")
         .join("fake-crunch-run");
+    if !p.exists() {
+        // `cargo test -p <one crate>` does not build a dev-dependency's binaries: build it
+        // (cargo tells the tests where it is, and the target directory comes from the
+        // environment as for the test itself).
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let _ = std::process::Command::new(cargo)
+            .args(["build", "-p", "testkit", "--bin", "fake-crunch-run"])
+            .status();
+    }
     assert!(
         p.exists(),
         "{} is missing: run `cargo build -p testkit --bins` (or the whole workspace's tests)",
