@@ -17,9 +17,10 @@ fn dispatcher() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))
 }
 
-/// crunch-dispatch-local, built beside this package's binary by `cargo test --workspace`.
-fn local_dispatcher() -> Option<PathBuf> {
-    let p = dispatcher().with_file_name("crunch-dispatch-local");
+/// Another binary of the workspace (`crunch-dispatch-local`, `crunch-dispatch-slurm`), built
+/// beside this package's binary by `cargo test --workspace`.
+fn sibling(name: &str) -> Option<PathBuf> {
+    let p = dispatcher().with_file_name(name);
     if p.exists() {
         return Some(p);
     }
@@ -28,9 +29,12 @@ fn local_dispatcher() -> Option<PathBuf> {
         "{} missing: scripts/test runs cargo test --workspace",
         p.display()
     );
-    eprintln!("SKIPPED: crunch-dispatch-local is not built (cargo test --workspace builds it)");
+    eprintln!("SKIPPED: {name} is not built (cargo test --workspace builds it)");
     None
 }
+
+/// The workspace's other dispatchers that ship as packages.
+const SIBLINGS: [&str; 2] = ["crunch-dispatch-local", "crunch-dispatch-slurm"];
 
 /// A copy of `unit` whose ExecStart runs `binary` (the one just built) instead of
 /// /usr/bin/…, in a directory of its own.
@@ -54,12 +58,14 @@ fn systemd_units_verify_clean_with_the_built_binaries() {
     let Some(analyze) = tool("systemd-analyze") else {
         return;
     };
-    let mut units = vec![("arvados-dispatch-cloud.service", dispatcher())];
-    if let Some(b) = local_dispatcher() {
-        units.push(("crunch-dispatch-local.service", b));
+    let mut units = vec![("arvados-dispatch-cloud.service".to_string(), dispatcher())];
+    for name in SIBLINGS {
+        if let Some(b) = sibling(name) {
+            units.push((format!("{name}.service"), b));
+        }
     }
     for (unit, binary) in units {
-        let (_dir, path) = unit_with_binary(unit, &binary);
+        let (_dir, path) = unit_with_binary(&unit, &binary);
         let (ok, out) = run(Command::new(&analyze).arg("verify").arg(&path));
         assert!(ok && out.trim().is_empty(), "{unit}: {out}");
     }
@@ -129,7 +135,7 @@ fn usage_text(binary: &Path, subcommands: &[&str]) -> String {
 #[test]
 fn packaged_usage_texts_are_current() {
     let mut want = vec![(
-        "usage.txt",
+        "usage.txt".to_string(),
         usage_text(
             &dispatcher(),
             &[
@@ -143,11 +149,13 @@ fn packaged_usage_texts_are_current() {
             ],
         ),
     )];
-    if let Some(b) = local_dispatcher() {
-        want.push(("crunch-dispatch-local.usage.txt", usage_text(&b, &[])));
+    for name in SIBLINGS {
+        if let Some(b) = sibling(name) {
+            want.push((format!("{name}.usage.txt"), usage_text(&b, &[])));
+        }
     }
     for (file, text) in want {
-        let path = repo().join("deploy/debian").join(file);
+        let path = repo().join("deploy/debian").join(&file);
         if std::env::var_os("UPDATE_USAGE").is_some() {
             std::fs::write(&path, &text).unwrap();
         }
@@ -167,18 +175,21 @@ fn debian_packages_build_lint_clean_and_their_units_verify_in_the_unpacked_root(
         return;
     };
     let mut packages = vec![(
-        "arvados-dispatch-cloud",
-        "arvados-dispatch-cloud-rs",
-        "arvados-dispatch-cloud.service",
+        "arvados-dispatch-cloud".to_string(),
+        "arvados-dispatch-cloud-rs".to_string(),
+        "arvados-dispatch-cloud.service".to_string(),
     )];
-    if local_dispatcher().is_some() {
-        packages.push((
-            "crunch-dispatch-local",
-            "crunch-dispatch-local-rs",
-            "crunch-dispatch-local.service",
-        ));
+    for name in SIBLINGS {
+        if sibling(name).is_some() {
+            packages.push((
+                name.to_string(),
+                format!("{name}-rs"),
+                format!("{name}.service"),
+            ));
+        }
     }
     for (crate_name, package, unit) in packages {
+        let (crate_name, package, unit) = (crate_name.as_str(), package.as_str(), unit.as_str());
         let out_dir = tempfile::tempdir().unwrap();
         // The binaries `cargo test` just built (dev profile), so no second build: what is
         // checked here is the packaging, which is the same for `cargo deb`'s release build.

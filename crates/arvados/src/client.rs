@@ -36,6 +36,7 @@ pub const MAX_QUERY_LEN: usize = 1000;
 pub struct ClientConfig {
     /// Base URL of the controller, e.g. `https://zzzzz.example.com/`.
     pub base_url: Url,
+    /// The API token sent with every request (never logged, never in an error).
     pub token: String,
     /// Skip TLS certificate verification.
     pub insecure: bool,
@@ -187,29 +188,42 @@ fn is_truthy(v: &str) -> bool {
 /// What went wrong with a request. `Display` never contains the token.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
+    /// The client cannot be built (bad URL, missing variable, TLS setup).
     #[error("API client configuration: {0}")]
     Config(String),
+    /// No HTTP response: connection refused or reset, DNS, TLS, or the deadline passed.
     #[error("request failed: {method} {url}: {message}")]
     Transport {
+        /// The HTTP method.
         method: String,
+        /// The request URL (without the token).
         url: String,
+        /// What went wrong.
         message: String,
     },
     /// Any non-success HTTP status; `errors` is the server's `errors` array (may be empty, as
     /// for overload 503s).
     #[error("request failed: {method} {url}: {status}{}", errors_suffix(.errors))]
     Http {
+        /// The HTTP method.
         method: String,
+        /// The request URL (without the token).
         url: String,
+        /// The response status.
         status: StatusCode,
+        /// The `errors` array of the response body.
         errors: Vec<String>,
         /// The response's `Retry-After` (integer seconds), if any.
         retry_after: Option<Duration>,
     },
+    /// A success status whose body is not the expected JSON.
     #[error("request failed: {method} {url}: cannot decode response: {message}")]
     Decode {
+        /// The HTTP method.
         method: String,
+        /// The request URL (without the token).
         url: String,
+        /// The decoder's complaint.
         message: String,
         /// The body was JSON but a value had the wrong type (as opposed to a body that is not
         /// JSON at all, such as a proxy's HTML page): only this says the record is bad.
@@ -276,12 +290,26 @@ impl ApiError {
 /// One filter triple `[attribute, operator, operand]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Filter {
+    /// The attribute, e.g. `state`.
     pub attr: String,
+    /// The operator, e.g. `=`, `>`, `in`.
     pub op: String,
+    /// The operand: a string, number, list…
     pub operand: Value,
 }
 
 impl Filter {
+    /// A filter; it serialises as the API's `[attribute, operator, operand]` triple.
+    ///
+    /// ```
+    /// use arvados::Filter;
+    ///
+    /// let f = Filter::new("state", "in", vec!["Locked", "Running"]);
+    /// assert_eq!(
+    ///     serde_json::to_string(&f).unwrap(),
+    ///     r#"["state","in",["Locked","Running"]]"#
+    /// );
+    /// ```
     pub fn new(attr: &str, op: &str, operand: impl Into<Value>) -> Self {
         Filter {
             attr: attr.into(),
@@ -300,19 +328,26 @@ impl Serialize for Filter {
 /// `count` parameter of list calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Count {
+    /// `count=exact`: the response says how many records match (`items_available`).
     Exact,
+    /// `count=none`: no count (cheaper for the server).
     None,
 }
 
 /// Parameters of one list call.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ListOptions {
+    /// Conditions every returned record meets (all of them).
     pub filters: Vec<Filter>,
     /// e.g. `"priority desc"` or `"uuid"`.
     pub order: Option<String>,
+    /// Records per page (the server caps it at `API.MaxItemsPerResponse`).
     pub limit: Option<i64>,
+    /// Records to skip.
     pub offset: Option<i64>,
+    /// Attributes to return (all when `None`).
     pub select: Option<Vec<String>>,
+    /// Whether to count matching records.
     pub count: Option<Count>,
 }
 
@@ -372,6 +407,29 @@ struct Inner {
 }
 
 /// A cheap-to-clone handle on one API endpoint and token.
+///
+/// ```no_run
+/// use arvados::{Client, ClientConfig, Count, Filter, ListOptions};
+///
+/// # async fn example() -> Result<(), arvados::ApiError> {
+/// // ARVADOS_API_HOST and ARVADOS_API_TOKEN, as the Arvados SDKs read them.
+/// let client = Client::new(ClientConfig::from_env()?)?;
+/// let queued = client
+///     .list_all_containers_by_uuid(&ListOptions {
+///         filters: vec![
+///             Filter::new("state", "=", "Queued"),
+///             Filter::new("priority", ">", 0),
+///         ],
+///         count: Some(Count::None),
+///         ..Default::default()
+///     })
+///     .await?;
+/// for c in queued {
+///     println!("{} wants {} VCPUs", c.uuid, c.runtime_constraints.vcpus);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -388,6 +446,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// A client for `cfg`; it only fails on a bad TLS setup.
     pub fn new(cfg: ClientConfig) -> Result<Self, ApiError> {
         let connect = cfg
             .timeout

@@ -14,15 +14,29 @@ use serde::{Deserialize, Deserializer, Serialize};
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
 )]
 pub enum ContainerState {
+    /// Waiting for a dispatcher.
     #[default]
     Queued,
+    /// Taken by a dispatcher (`locked_by_uuid`), not started yet.
     Locked,
+    /// crunch-run has started it.
     Running,
+    /// Finished (successfully or not: see `exit_code`).
     Complete,
+    /// Will not run (any more).
     Cancelled,
 }
 
 impl ContainerState {
+    /// The state as the API spells it.
+    ///
+    /// ```
+    /// use arvados::ContainerState;
+    ///
+    /// assert_eq!(ContainerState::Running.as_str(), "Running");
+    /// let s: ContainerState = serde_json::from_str("\"Locked\"").unwrap();
+    /// assert_eq!(s, ContainerState::Locked);
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             ContainerState::Queued => "Queued",
@@ -49,54 +63,81 @@ impl std::fmt::Display for ContainerState {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Container {
+    /// The API record's `uuid` field.
     #[serde(deserialize_with = "nullable")]
     pub uuid: String,
+    /// The API record's `owner_uuid` field.
     #[serde(deserialize_with = "nullable")]
     pub owner_uuid: String,
+    /// The API record's `state` field.
     #[serde(deserialize_with = "nullable")]
     pub state: ContainerState,
+    /// The API record's `priority` field.
     #[serde(deserialize_with = "nullable")]
     pub priority: i64,
+    /// The API record's `locked_by_uuid` field.
     #[serde(deserialize_with = "nullable")]
     pub locked_by_uuid: String,
+    /// The API record's `lock_count` field.
     #[serde(deserialize_with = "nullable")]
     pub lock_count: i64,
+    /// The API record's `auth_uuid` field.
     #[serde(deserialize_with = "nullable")]
     pub auth_uuid: String,
+    /// The API record's `container_image` field.
     #[serde(deserialize_with = "nullable")]
     pub container_image: String,
+    /// The API record's `command` field.
     #[serde(deserialize_with = "nullable")]
     pub command: Vec<String>,
+    /// The API record's `cwd` field.
     #[serde(deserialize_with = "nullable")]
     pub cwd: String,
+    /// The API record's `environment` field.
     #[serde(deserialize_with = "nullable")]
     pub environment: BTreeMap<String, String>,
+    /// The API record's `output_path` field.
     #[serde(deserialize_with = "nullable")]
     pub output_path: String,
+    /// The API record's `mounts` field.
     #[serde(deserialize_with = "nullable")]
     pub mounts: BTreeMap<String, Mount>,
+    /// The API record's `runtime_constraints` field.
     #[serde(deserialize_with = "nullable")]
     pub runtime_constraints: RuntimeConstraints,
+    /// The API record's `scheduling_parameters` field.
     #[serde(deserialize_with = "nullable")]
     pub scheduling_parameters: SchedulingParameters,
+    /// The API record's `runtime_status` field.
     #[serde(deserialize_with = "nullable")]
     pub runtime_status: serde_json::Map<String, serde_json::Value>,
+    /// The API record's `runtime_user_uuid` field.
     #[serde(deserialize_with = "nullable")]
     pub runtime_user_uuid: String,
+    /// The API record's `exit_code` field.
     pub exit_code: Option<i64>,
+    /// The API record's `log` field.
     #[serde(deserialize_with = "nullable")]
     pub log: String,
+    /// The API record's `output` field.
     #[serde(deserialize_with = "nullable")]
     pub output: String,
+    /// The API record's `progress` field.
     #[serde(deserialize_with = "nullable")]
     pub progress: f64,
+    /// The API record's `cost` field.
     #[serde(deserialize_with = "nullable")]
     pub cost: f64,
+    /// The API record's `gateway_address` field.
     #[serde(deserialize_with = "nullable")]
     pub gateway_address: String,
+    /// The API record's `created_at` field.
     pub created_at: Option<DateTime<Utc>>,
+    /// The API record's `modified_at` field.
     pub modified_at: Option<DateTime<Utc>>,
+    /// The API record's `started_at` field.
     pub started_at: Option<DateTime<Utc>>,
+    /// The API record's `finished_at` field.
     pub finished_at: Option<DateTime<Utc>>,
 }
 
@@ -104,16 +145,22 @@ pub struct Container {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RuntimeConstraints {
+    /// The API record's `API` field.
     #[serde(rename = "API", deserialize_with = "nullable")]
     pub api: bool,
+    /// The API record's `ram` field.
     #[serde(deserialize_with = "nullable")]
     pub ram: i64,
+    /// The API record's `vcpus` field.
     #[serde(deserialize_with = "nullable")]
     pub vcpus: i64,
+    /// The API record's `keep_cache_ram` field.
     #[serde(deserialize_with = "nullable")]
     pub keep_cache_ram: i64,
+    /// The API record's `keep_cache_disk` field.
     #[serde(deserialize_with = "nullable")]
     pub keep_cache_disk: i64,
+    /// The API record's `gpu` field.
     #[serde(deserialize_with = "nullable")]
     pub gpu: GpuConstraints,
 }
@@ -122,12 +169,16 @@ pub struct RuntimeConstraints {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GpuConstraints {
+    /// The API record's `device_count` field.
     #[serde(deserialize_with = "nullable")]
     pub device_count: i64,
+    /// The API record's `driver_version` field.
     #[serde(deserialize_with = "nullable")]
     pub driver_version: String,
+    /// The API record's `hardware_target` field.
     #[serde(deserialize_with = "nullable")]
     pub hardware_target: Vec<String>,
+    /// The API record's `stack` field.
     #[serde(deserialize_with = "nullable")]
     pub stack: String,
     /// Per-GPU memory in bytes.
@@ -139,12 +190,16 @@ pub struct GpuConstraints {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SchedulingParameters {
+    /// The API record's `partitions` field.
     #[serde(deserialize_with = "nullable")]
     pub partitions: Vec<String>,
+    /// The API record's `preemptible` field.
     #[serde(deserialize_with = "nullable")]
     pub preemptible: bool,
+    /// The API record's `max_run_time` field.
     #[serde(deserialize_with = "nullable")]
     pub max_run_time: i64,
+    /// The API record's `supervisor` field.
     #[serde(deserialize_with = "nullable")]
     pub supervisor: bool,
 }
@@ -155,21 +210,30 @@ pub struct SchedulingParameters {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, try_from = "MountObject")]
 pub struct Mount {
+    /// The API record's `kind` field.
     #[serde(deserialize_with = "nullable")]
     pub kind: String,
+    /// The API record's `writable` field.
     #[serde(deserialize_with = "nullable")]
     pub writable: bool,
+    /// The API record's `portable_data_hash` field.
     #[serde(deserialize_with = "nullable")]
     pub portable_data_hash: String,
+    /// The API record's `uuid` field.
     #[serde(deserialize_with = "nullable")]
     pub uuid: String,
+    /// The API record's `device_type` field.
     #[serde(deserialize_with = "nullable")]
     pub device_type: String,
+    /// The API record's `path` field.
     #[serde(deserialize_with = "nullable")]
     pub path: String,
+    /// The API record's `content` field.
     pub content: Option<serde_json::Value>,
+    /// The API record's `exclude_from_output` field.
     #[serde(deserialize_with = "nullable")]
     pub exclude_from_output: bool,
+    /// The API record's `capacity` field.
     #[serde(deserialize_with = "nullable")]
     pub capacity: i64,
 }
@@ -182,10 +246,13 @@ pub struct Mount {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, from = "RawContainerList")]
 pub struct ContainerList {
+    /// The API record's `items` field.
     pub items: Vec<Container>,
     /// Present only with `count=exact`.
     pub items_available: Option<i64>,
+    /// The API record's `offset` field.
     pub offset: i64,
+    /// The API record's `limit` field.
     pub limit: i64,
     /// Uuids of records that could not be decoded (`""` for one without a readable uuid).
     #[serde(skip)]
@@ -245,15 +312,19 @@ impl From<RawContainerList> for ContainerList {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ApiClientAuthorization {
+    /// The API record's `uuid` field.
     #[serde(deserialize_with = "nullable")]
     pub uuid: String,
     /// The secret part only. Never log it.
     #[serde(deserialize_with = "nullable", skip_serializing)]
     pub api_token: String,
+    /// The API record's `owner_uuid` field.
     #[serde(deserialize_with = "nullable")]
     pub owner_uuid: String,
+    /// The API record's `scopes` field.
     #[serde(deserialize_with = "nullable")]
     pub scopes: Vec<String>,
+    /// The API record's `expires_at` field.
     pub expires_at: Option<DateTime<Utc>>,
 }
 

@@ -30,9 +30,12 @@ pub fn router(
         .with_state(shared)
 }
 
-fn authorized(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+/// `None` if the request carries the `ManagementToken`, else the refusal.
+fn refusal(s: &Shared, headers: &HeaderMap) -> Option<Response> {
     if s.token.is_empty() {
-        return Err((StatusCode::NOT_FOUND, "ManagementToken is not configured\n").into_response());
+        return Some(
+            (StatusCode::NOT_FOUND, "ManagementToken is not configured\n").into_response(),
+        );
     }
     let given = headers
         .get(header::AUTHORIZATION)
@@ -41,22 +44,18 @@ fn authorized(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
         .unwrap_or("");
     let same =
         given.len() == s.token.len() && bool::from(given.as_bytes().ct_eq(s.token.as_bytes()));
-    if same {
-        Ok(())
-    } else {
-        Err((StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response())
-    }
+    (!same).then(|| (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response())
 }
 
 async fn ping(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&s, &headers) {
+    if let Some(r) = refusal(&s, &headers) {
         return r;
     }
     axum::Json(serde_json::json!({"health": "OK"})).into_response()
 }
 
 async fn metrics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&s, &headers) {
+    if let Some(r) = refusal(&s, &headers) {
         return r;
     }
     let body = format!(

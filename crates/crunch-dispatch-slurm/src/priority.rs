@@ -67,8 +67,11 @@ mod tests {
             .collect()
     }
 
+    /// (spread, (priority, nice) per job, expected nice values).
+    type Case = (i64, Vec<(i64, i64)>, Vec<i64>);
+
     /// Every non-empty case, for the fixed-point check.
-    fn cases() -> Vec<(i64, Vec<(i64, i64)>, Vec<i64>)> {
+    fn cases() -> Vec<Case> {
         vec![
             (10, vec![(4294000111, 10000)], vec![0]),
             (10, vec![(4294000111, 10000); 4], vec![0, 10, 20, 30]),

@@ -81,8 +81,10 @@ mod tests {
 
     #[test]
     fn ac_slurm_s9_script_and_secret() {
-        let mut cl = Cluster::default();
-        cl.system_root_token = "xyzzy".into();
+        let cl = Cluster {
+            system_root_token: "xyzzy".into(),
+            ..Default::default()
+        };
         let s = container_script(&cl, "zzzzz-dz642-queuedcontainer");
         assert_eq!(
             s.lines().nth(1).unwrap(),

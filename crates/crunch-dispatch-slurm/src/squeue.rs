@@ -356,8 +356,7 @@ mod tests {
             c.set_priority(&fake(*n), *p).await;
         }
         c.renice().await;
-        let r = f.renices.lock().unwrap().clone();
-        r
+        f.renices.lock().unwrap().clone()
     }
 
     fn q(lines: &[(usize, i64, i64)]) -> String {

@@ -92,9 +92,11 @@ fn fixture_container(f: &FakeArvados) -> String {
 }
 
 fn cluster() -> Cluster {
-    let mut c = Cluster::default();
-    c.cluster_id = "zzzzz".into();
-    c.system_root_token = "xyzzy".into();
+    let mut c = Cluster {
+        cluster_id: "zzzzz".into(),
+        system_root_token: "xyzzy".into(),
+        ..Default::default()
+    };
     c.containers.crunch_run_command = "echo".into();
     c
 }

@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo run -p testkit --bin fake-arvados -- --token secret --listen 127.0.0.1:8000 --containers 5 &
 //! ARVADOS_API_HOST=http://127.0.0.1:8000 ARVADOS_API_TOKEN=secret \
-//!     cargo run -p dispatch --example minimal
+//!     cargo run -p arvados-dispatch --example minimal
 //! ```
 
 use std::sync::Arc;

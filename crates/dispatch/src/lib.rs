@@ -17,9 +17,50 @@
 //! | `Unlock(uuid)` | [`Dispatcher::unlock`] |
 //! | `UpdateState(uuid, state)` | [`Dispatcher::update_state`] |
 //!
+//! A dispatcher is a run function plus this loop. The run function gets each container the
+//! dispatcher locked (or found already locked by it after a restart) and a stream of newer
+//! records; it starts the work, follows the updates (priority 0 means "stop"), and returns
+//! when the work is over:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use arvados::{Client, ClientConfig, ContainerState};
+//! use dispatch::{Dispatcher, RunError, RunFn};
+//!
+//! # async fn example() -> anyhow::Result<()> {
+//! let run: RunFn = Arc::new(|d, container, mut updates| {
+//!     Box::pin(async move {
+//!         // Start the work for `container` here (submit a batch job, spawn a process…).
+//!         while let Some(newer) = updates.recv().await {
+//!             if newer.priority == 0 {
+//!                 // Cancelled by the user: stop the work, then tell Arvados.
+//!                 d.update_state(&newer.uuid, ContainerState::Cancelled)
+//!                     .await
+//!                     .map_err(|e| RunError::Other(e.to_string()))?;
+//!             }
+//!         }
+//!         // `None`: the container is no longer ours (finished, cancelled, or shutdown).
+//!         Ok(())
+//!     })
+//! });
+//! let client = Client::new(ClientConfig::from_env()?)?;
+//! let dispatcher = Dispatcher::new(client, run).poll_period(Duration::from_secs(10));
+//! let (_stop, stopped) = tokio::sync::watch::channel(false);
+//! dispatcher.run(stopped).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `crates/dispatch/README.md` walks through a whole dispatcher; `crunch-dispatch-local` and
+//! `crunch-dispatch-slurm` in this repository are two real ones.
+//!
 //! Better than Go where spec §13.7 names its flaws: pages are fetched by uuid (stable while
 //! records change) without a separate count query; a tracker leaves the map once it is done;
 //! `max_trackers` can bound how many containers run at once.
+
+#![warn(missing_docs)]
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -35,8 +76,11 @@ use tokio::task::JoinHandle;
 
 /// Where the library's messages go (Go's `Printf`, `Warnf`, `Debugf`).
 pub trait Logger: Send + Sync {
+    /// An informational message (a container locked, a tracker started or stopped).
     fn printf(&self, msg: &str);
+    /// Something failed and will be retried (a list or lock call).
     fn warnf(&self, msg: &str);
+    /// Detail for debugging (containers skipped because another dispatcher holds them).
     fn debugf(&self, msg: &str);
 }
 
@@ -62,11 +106,14 @@ pub enum RunError {
     /// The container can never run here; the tracker cancels it (instead of requeueing).
     #[error("{message}")]
     ConstraintsNotSatisfiable {
+        /// Why, e.g. "constraints not satisfiable by any configured instance type".
         message: String,
         /// What is available, one line each, e.g.
         /// `Type "m4": 4 VCPUs, 16 GiB RAM, 100 GiB Scratch, 0.2 Price`.
         available: Vec<String>,
     },
+    /// Anything else: the tracker puts the container back in the queue (to be tried again
+    /// after `min_retry_period`).
     #[error("{0}")]
     Other(String),
 }
@@ -92,6 +139,21 @@ impl Updates {
     /// A stand-alone channel whose first record, `initial`, counts as already read (as the
     /// run function gets it as an argument): for driving a run function without a
     /// [`Dispatcher`], e.g. in its tests. Dropping the sender ends the updates.
+    ///
+    /// ```
+    /// use arvados::Container;
+    /// use dispatch::Updates;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let first = Container { uuid: "zzzzz-dz642-000000000000001".into(), priority: 5, ..Default::default() };
+    /// let (tx, mut updates) = Updates::channel(first.clone());
+    /// tx.send(Container { priority: 0, ..first });
+    /// assert_eq!(updates.recv().await.unwrap().priority, 0);
+    /// drop(tx);
+    /// assert!(updates.recv().await.is_none());
+    /// # }
+    /// ```
     pub fn channel(initial: Container) -> (UpdateSender, Updates) {
         let (tx, mut rx) = watch::channel(Some(initial));
         rx.borrow_and_update();
@@ -121,6 +183,8 @@ pub type RunFn = Arc<dyn Fn(Dispatcher, Container, Updates) -> RunFuture + Send 
 /// Failure of [`Dispatcher::run`].
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
+    /// `GET api_client_authorizations/current` failed, so the dispatcher cannot tell its
+    /// own locks from others'.
     #[error("error getting my token UUID: {0}")]
     Token(ApiError),
 }
@@ -197,6 +261,7 @@ impl Dispatcher {
         }
     }
 
+    /// Send the library's messages to `logger` instead of `tracing`.
     pub fn logger(self, logger: Arc<dyn Logger>) -> Dispatcher {
         self.with_shared(|s| s.logger = logger)
     }
@@ -206,6 +271,7 @@ impl Dispatcher {
         self.with_shared(|s| s.batch_size = if n < 1 { 100 } else { n })
     }
 
+    /// Time between two polls of the API.
     pub fn poll_period(self, d: Duration) -> Dispatcher {
         self.with_shared(|s| s.poll_period = d)
     }
@@ -622,3 +688,8 @@ mod tests {
         assert!(!d.throttle_allows("a"));
     }
 }
+
+/// The README's guide, compiled as a doctest so it cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -25,33 +25,59 @@ pub enum ConfigError {
     /// in full (`{:#}`) would say it twice.
     #[error("cannot read config file {path}: {error}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why it could not be read.
         error: std::io::Error,
     },
+    /// The text is not YAML.
     #[error("{origin}: YAML syntax error: {message}")]
-    Syntax { origin: String, message: String },
+    Syntax {
+        /// The file (or other origin) of the text.
+        origin: String,
+        /// The parser's message, on one line.
+        message: String,
+    },
+    /// There is no `Clusters` map.
     #[error("{origin}: no Clusters section (expected `Clusters: <cluster id>: ...`)")]
-    NoClusters { origin: String },
+    NoClusters {
+        /// The file (or other origin) of the text.
+        origin: String,
+    },
+    /// The cluster asked for is not in the file.
     #[error("{origin}: cluster {wanted:?} not found (clusters in file: {available})")]
     UnknownCluster {
+        /// The file (or other origin) of the text.
         origin: String,
+        /// The cluster ID asked for.
         wanted: String,
+        /// The cluster IDs the file has, comma-separated.
         available: String,
     },
+    /// Several clusters and none chosen.
     #[error("{origin}: {count} clusters defined ({available}); choose one with --cluster")]
     AmbiguousCluster {
+        /// The file (or other origin) of the text.
         origin: String,
+        /// How many clusters the file defines.
         count: usize,
+        /// Their IDs, comma-separated.
         available: String,
     },
     /// A bad value: `key_path` is the full path, e.g. `Clusters.zzzzz.Containers.CloudVMs.TimeoutIdle`.
     #[error("{key_path}: {message}")]
-    Invalid { key_path: String, message: String },
+    Invalid {
+        /// Where the bad value is.
+        key_path: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 /// Where a config file comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigSource {
+    /// The config file.
     pub path: PathBuf,
 }
 
@@ -80,6 +106,31 @@ pub fn load_cluster(source: &ConfigSource, cluster: Option<&str>) -> Result<Clus
 }
 
 /// Load one cluster from YAML text; `origin` names the text in errors (usually the file path).
+/// Keys not given take Arvados' defaults; a bad value names its full key path.
+///
+/// ```
+/// use arvados::config::load_cluster_from_str;
+///
+/// let yaml = "
+/// Clusters:
+///   zzzzz:
+///     SystemRootToken: secret
+///     Services:
+///       Controller:
+///         ExternalURL: https://zzzzz.example.com/
+///     Containers:
+///       CloudVMs:
+///         PollInterval: 5s
+/// ";
+/// let cluster = load_cluster_from_str(yaml, "config.yml", None).unwrap();
+/// assert_eq!(cluster.cluster_id, "zzzzz");
+/// assert_eq!(cluster.containers.cloud_vms.poll_interval.as_secs(), 5);
+/// assert_eq!(cluster.containers.cloud_vms.timeout_idle.as_secs(), 60); // the default
+///
+/// let bad = yaml.replace("5s", "soon");
+/// let err = load_cluster_from_str(&bad, "config.yml", None).unwrap_err();
+/// assert!(err.to_string().starts_with("Clusters.zzzzz.Containers.CloudVMs.PollInterval: "));
+/// ```
 pub fn load_cluster_from_str(
     text: &str,
     origin: &str,

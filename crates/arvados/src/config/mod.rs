@@ -27,20 +27,28 @@ pub struct Cluster {
     /// The cluster map key (5 characters); set by the loader, not read from the file.
     #[serde(rename = "ClusterID", skip_deserializing)]
     pub cluster_id: String,
+    /// The cluster config key `SystemRootToken`.
     #[serde(rename = "SystemRootToken")]
     pub system_root_token: String,
+    /// The cluster config key `ManagementToken`.
     #[serde(rename = "ManagementToken")]
     pub management_token: String,
+    /// The cluster config key `Services`.
     #[serde(rename = "Services")]
     pub services: Services,
+    /// The cluster config key `PostgreSQL`.
     #[serde(rename = "PostgreSQL")]
     pub postgresql: PostgreSql,
+    /// The cluster config key `API`.
     #[serde(rename = "API")]
     pub api: Api,
+    /// The cluster config key `TLS`.
     #[serde(rename = "TLS")]
     pub tls: Tls,
+    /// The cluster config key `SystemLogs`.
     #[serde(rename = "SystemLogs")]
     pub system_logs: SystemLogs,
+    /// The cluster config key `Containers`.
     #[serde(rename = "Containers")]
     pub containers: Containers,
     /// Keyed by the Arvados instance type name.
@@ -75,27 +83,34 @@ impl std::fmt::Debug for RawTree {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Services {
+    /// The cluster config key `Services.Controller`.
     #[serde(rename = "Controller")]
     pub controller: Service,
+    /// The cluster config key `Services.DispatchCloud`.
     #[serde(rename = "DispatchCloud")]
     pub dispatch_cloud: Service,
+    /// The cluster config key `Services.DispatchSLURM`.
     #[serde(rename = "DispatchSLURM")]
     pub dispatch_slurm: Service,
 }
 
+/// One service's entry in `Services` (`InternalURLs`, `ExternalURL`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Service {
     /// Keyed by internal URL.
     #[serde(rename = "InternalURLs", deserialize_with = "url_keyed_map")]
     pub internal_urls: BTreeMap<String, ServiceInstance>,
+    /// The cluster config key `Services.<service>.ExternalURL`.
     #[serde(rename = "ExternalURL", deserialize_with = "optional_url")]
     pub external_url: String,
 }
 
+/// One `InternalURLs` entry of a service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServiceInstance {
+    /// The cluster config key `Services.<service>.InternalURLs.<url>.ListenURL`.
     #[serde(rename = "ListenURL", deserialize_with = "optional_url")]
     pub listen_url: String,
 }
@@ -107,6 +122,7 @@ pub struct PostgreSql {
     /// libpq-style connection parameters (`host`, `port`, `user`, `password`, `dbname`, …).
     #[serde(rename = "Connection", deserialize_with = "string_map")]
     pub connection: BTreeMap<String, String>,
+    /// The cluster config key `PostgreSQL.ConnectionPool`.
     #[serde(rename = "ConnectionPool")]
     pub connection_pool: i64,
 }
@@ -131,13 +147,17 @@ impl PostgreSql {
     }
 }
 
+/// `API`: limits of the API server that clients adapt to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Api {
+    /// The cluster config key `API.MaxConcurrentRequests`.
     #[serde(rename = "MaxConcurrentRequests")]
     pub max_concurrent_requests: i64,
+    /// The cluster config key `API.MaxItemsPerResponse`.
     #[serde(rename = "MaxItemsPerResponse")]
     pub max_items_per_response: i64,
+    /// The cluster config key `API.RequestTimeout`.
     #[serde(rename = "RequestTimeout", with = "units::duration")]
     pub request_timeout: Duration,
 }
@@ -152,18 +172,23 @@ impl Default for Api {
     }
 }
 
+/// `TLS`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Tls {
+    /// The cluster config key `TLS.Insecure`.
     #[serde(rename = "Insecure")]
     pub insecure: bool,
 }
 
+/// `SystemLogs`: how services log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SystemLogs {
+    /// The cluster config key `SystemLogs.Format`.
     #[serde(rename = "Format")]
     pub format: String,
+    /// The cluster config key `SystemLogs.LogLevel`.
     #[serde(rename = "LogLevel")]
     pub log_level: String,
 }
@@ -181,35 +206,49 @@ impl Default for SystemLogs {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Containers {
+    /// The cluster config key `Containers.CrunchRunCommand`.
     #[serde(rename = "CrunchRunCommand")]
     pub crunch_run_command: String,
+    /// The cluster config key `Containers.CrunchRunArgumentsList`.
     #[serde(rename = "CrunchRunArgumentsList")]
     pub crunch_run_arguments_list: Vec<String>,
+    /// The cluster config key `Containers.RuntimeEngine`.
     #[serde(rename = "RuntimeEngine")]
     pub runtime_engine: String,
     /// PEM text, or `file:///abs/path`. Secret: never logged.
     #[serde(rename = "DispatchPrivateKey")]
     pub dispatch_private_key: String,
+    /// The cluster config key `Containers.StaleLockTimeout`.
     #[serde(rename = "StaleLockTimeout", with = "units::duration")]
     pub stale_lock_timeout: Duration,
+    /// The cluster config key `Containers.ReserveExtraRAM`.
     #[serde(rename = "ReserveExtraRAM", with = "units::byte_size")]
     pub reserve_extra_ram: i64,
+    /// The cluster config key `Containers.LocalKeepBlobBuffersPerVCPU`.
     #[serde(rename = "LocalKeepBlobBuffersPerVCPU")]
     pub local_keep_blob_buffers_per_vcpu: i64,
+    /// The cluster config key `Containers.MaximumPriceFactor`.
     #[serde(rename = "MaximumPriceFactor")]
     pub maximum_price_factor: f64,
+    /// The cluster config key `Containers.PreemptiblePriceFactor`.
     #[serde(rename = "PreemptiblePriceFactor")]
     pub preemptible_price_factor: f64,
+    /// The cluster config key `Containers.AlwaysUsePreemptibleInstances`.
     #[serde(rename = "AlwaysUsePreemptibleInstances")]
     pub always_use_preemptible_instances: bool,
+    /// The cluster config key `Containers.MaxDispatchAttempts`.
     #[serde(rename = "MaxDispatchAttempts")]
     pub max_dispatch_attempts: i64,
+    /// The cluster config key `Containers.DefaultKeepCacheRAM`.
     #[serde(rename = "DefaultKeepCacheRAM", with = "units::byte_size")]
     pub default_keep_cache_ram: i64,
+    /// The cluster config key `Containers.MinRetryPeriod`.
     #[serde(rename = "MinRetryPeriod", with = "units::duration")]
     pub min_retry_period: Duration,
+    /// The cluster config key `Containers.CloudVMs`.
     #[serde(rename = "CloudVMs")]
     pub cloud_vms: CloudVms,
+    /// The cluster config key `Containers.SLURM`.
     #[serde(rename = "SLURM")]
     pub slurm: Slurm,
 }
@@ -298,61 +337,88 @@ impl std::fmt::Debug for Slurm {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CloudVms {
+    /// The cluster config key `Containers.CloudVMs.Enable`.
     #[serde(rename = "Enable")]
     pub enable: bool,
     /// A port number or service name; YAML integers are accepted too.
     #[serde(rename = "SSHPort", deserialize_with = "string_or_number")]
     pub ssh_port: String,
+    /// The cluster config key `Containers.CloudVMs.PollInterval`.
     #[serde(rename = "PollInterval", with = "units::duration")]
     pub poll_interval: Duration,
+    /// The cluster config key `Containers.CloudVMs.BootProbeCommand`.
     #[serde(rename = "BootProbeCommand")]
     pub boot_probe_command: String,
+    /// The cluster config key `Containers.CloudVMs.ProbeInterval`.
     #[serde(rename = "ProbeInterval", with = "units::duration")]
     pub probe_interval: Duration,
+    /// The cluster config key `Containers.CloudVMs.MaxProbesPerSecond`.
     #[serde(rename = "MaxProbesPerSecond")]
     pub max_probes_per_second: f64,
+    /// The cluster config key `Containers.CloudVMs.TimeoutSignal`.
     #[serde(rename = "TimeoutSignal", with = "units::duration")]
     pub timeout_signal: Duration,
+    /// The cluster config key `Containers.CloudVMs.TimeoutStaleRunLock`.
     #[serde(rename = "TimeoutStaleRunLock", with = "units::duration")]
     pub timeout_stale_run_lock: Duration,
+    /// The cluster config key `Containers.CloudVMs.TimeoutTERM`.
     #[serde(rename = "TimeoutTERM", with = "units::duration")]
     pub timeout_term: Duration,
+    /// The cluster config key `Containers.CloudVMs.MaxCloudOpsPerSecond`.
     #[serde(rename = "MaxCloudOpsPerSecond")]
     pub max_cloud_ops_per_second: f64,
+    /// The cluster config key `Containers.CloudVMs.MaxConcurrentInstanceCreateOps`.
     #[serde(rename = "MaxConcurrentInstanceCreateOps")]
     pub max_concurrent_instance_create_ops: i64,
+    /// The cluster config key `Containers.CloudVMs.MaxInstances`.
     #[serde(rename = "MaxInstances")]
     pub max_instances: i64,
+    /// The cluster config key `Containers.CloudVMs.MaxRunningContainersPerInstance`.
     #[serde(rename = "MaxRunningContainersPerInstance")]
     pub max_running_containers_per_instance: i64,
+    /// The cluster config key `Containers.CloudVMs.InitialQuotaEstimate`.
     #[serde(rename = "InitialQuotaEstimate")]
     pub initial_quota_estimate: i64,
+    /// The cluster config key `Containers.CloudVMs.SupervisorFraction`.
     #[serde(rename = "SupervisorFraction")]
     pub supervisor_fraction: f64,
+    /// The cluster config key `Containers.CloudVMs.SyncInterval`.
     #[serde(rename = "SyncInterval", with = "units::duration")]
     pub sync_interval: Duration,
+    /// The cluster config key `Containers.CloudVMs.TimeoutIdle`.
     #[serde(rename = "TimeoutIdle", with = "units::duration")]
     pub timeout_idle: Duration,
+    /// The cluster config key `Containers.CloudVMs.TimeoutBooting`.
     #[serde(rename = "TimeoutBooting", with = "units::duration")]
     pub timeout_booting: Duration,
+    /// The cluster config key `Containers.CloudVMs.TimeoutProbe`.
     #[serde(rename = "TimeoutProbe", with = "units::duration")]
     pub timeout_probe: Duration,
+    /// The cluster config key `Containers.CloudVMs.TimeoutShutdown`.
     #[serde(rename = "TimeoutShutdown", with = "units::duration")]
     pub timeout_shutdown: Duration,
+    /// The cluster config key `Containers.CloudVMs.ImageID`.
     #[serde(rename = "ImageID")]
     pub image_id: String,
+    /// The cluster config key `Containers.CloudVMs.InstanceInitCommand`.
     #[serde(rename = "InstanceInitCommand")]
     pub instance_init_command: String,
+    /// The cluster config key `Containers.CloudVMs.DeployRunnerBinary`.
     #[serde(rename = "DeployRunnerBinary")]
     pub deploy_runner_binary: String,
+    /// The cluster config key `Containers.CloudVMs.DeployRunnerDirectory`.
     #[serde(rename = "DeployRunnerDirectory")]
     pub deploy_runner_directory: String,
+    /// The cluster config key `Containers.CloudVMs.DeployPublicKey`.
     #[serde(rename = "DeployPublicKey")]
     pub deploy_public_key: bool,
+    /// The cluster config key `Containers.CloudVMs.ResourceTags`.
     #[serde(rename = "ResourceTags", deserialize_with = "string_map")]
     pub resource_tags: BTreeMap<String, String>,
+    /// The cluster config key `Containers.CloudVMs.TagKeyPrefix`.
     #[serde(rename = "TagKeyPrefix")]
     pub tag_key_prefix: String,
+    /// The cluster config key `Containers.CloudVMs.Driver`.
     #[serde(rename = "Driver")]
     pub driver: String,
     /// Driver-specific settings, merged over Arvados' defaults; each driver parses its own.
@@ -452,22 +518,28 @@ pub struct InstanceType {
     /// The cloud's own type name; defaults to `name`.
     #[serde(rename = "ProviderType")]
     pub provider_type: String,
+    /// The cluster config key `InstanceTypes.<name>.VCPUs`.
     #[serde(rename = "VCPUs")]
     pub vcpus: i64,
+    /// The cluster config key `InstanceTypes.<name>.RAM`.
     #[serde(rename = "RAM", with = "units::byte_size")]
     pub ram: i64,
     /// Derived: `included_scratch + added_scratch` (a configured value is ignored).
     #[serde(rename = "Scratch", with = "units::byte_size")]
     pub scratch: i64,
+    /// The cluster config key `InstanceTypes.<name>.IncludedScratch`.
     #[serde(rename = "IncludedScratch", with = "units::byte_size")]
     pub included_scratch: i64,
+    /// The cluster config key `InstanceTypes.<name>.AddedScratch`.
     #[serde(rename = "AddedScratch", with = "units::byte_size")]
     pub added_scratch: i64,
     /// Hourly price in dollars (also the EC2 spot bid).
     #[serde(rename = "Price")]
     pub price: f64,
+    /// The cluster config key `InstanceTypes.<name>.Preemptible`.
     #[serde(rename = "Preemptible")]
     pub preemptible: bool,
+    /// The cluster config key `InstanceTypes.<name>.GPU`.
     #[serde(rename = "GPU")]
     pub gpu: GpuFeatures,
     /// Legacy pre-`GPU` form; converted into `gpu` by the loader.
@@ -475,16 +547,20 @@ pub struct InstanceType {
     pub cuda: Option<LegacyCuda>,
 }
 
+/// `InstanceTypes.<name>.GPU`: the GPUs of an instance type.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GpuFeatures {
     /// `cuda`, `rocm`, or empty for no GPU.
     #[serde(rename = "Stack")]
     pub stack: String,
+    /// The cluster config key `InstanceTypes.<name>.GPU.DriverVersion`.
     #[serde(rename = "DriverVersion", deserialize_with = "string_or_number")]
     pub driver_version: String,
+    /// The cluster config key `InstanceTypes.<name>.GPU.HardwareTarget`.
     #[serde(rename = "HardwareTarget", deserialize_with = "string_or_number")]
     pub hardware_target: String,
+    /// The cluster config key `InstanceTypes.<name>.GPU.DeviceCount`.
     #[serde(rename = "DeviceCount")]
     pub device_count: i64,
     /// Per-GPU memory.
@@ -492,13 +568,17 @@ pub struct GpuFeatures {
     pub vram: i64,
 }
 
+/// `InstanceTypes.<name>.CUDA`, the form before `GPU` (converted by the loader).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LegacyCuda {
+    /// The cluster config key `InstanceTypes.<name>.CUDA.DriverVersion`.
     #[serde(rename = "DriverVersion", deserialize_with = "string_or_number")]
     pub driver_version: String,
+    /// The cluster config key `InstanceTypes.<name>.CUDA.HardwareCapability`.
     #[serde(rename = "HardwareCapability", deserialize_with = "string_or_number")]
     pub hardware_capability: String,
+    /// The cluster config key `InstanceTypes.<name>.CUDA.DeviceCount`.
     #[serde(rename = "DeviceCount")]
     pub device_count: i64,
 }

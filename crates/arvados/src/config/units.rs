@@ -9,6 +9,15 @@ use std::time::Duration;
 
 /// Parse a Go `time.ParseDuration` string. Negative durations are rejected: no setting the
 /// dispatcher reads has a meaning for them.
+///
+/// ```
+/// use std::time::Duration;
+/// use arvados::config::units::parse_duration;
+///
+/// assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+/// assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+/// assert!(parse_duration("10").is_err()); // a unit is required
+/// ```
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let invalid = || format!("invalid duration {s:?}");
     let body = s.strip_prefix('+').unwrap_or(s);
@@ -152,6 +161,14 @@ const SIZE_PREFIXES: &[(&str, u128)] = &[
 ///
 /// Better than Go: Arvados' own parser silently returns 0 for a suffix-less string such as
 /// `"1000"` and rejects fractions such as `"1.5GiB"`; both work here.
+///
+/// ```
+/// use arvados::config::units::parse_byte_size;
+///
+/// assert_eq!(parse_byte_size("550MiB"), Ok(550 << 20));
+/// assert_eq!(parse_byte_size("1.5GiB"), Ok(3 << 29));
+/// assert_eq!(parse_byte_size("1000"), Ok(1000));
+/// ```
 pub fn parse_byte_size(s: &str) -> Result<i64, String> {
     let invalid = || format!("invalid byte size {s:?}");
     let t = s.trim();
@@ -202,10 +219,12 @@ pub mod duration {
     use super::*;
     use serde::{Deserializer, Serializer, de};
 
+    /// Write a duration as a Go duration string (`1m30s`).
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format_duration(*d))
     }
 
+    /// Read a Go duration string (`1m30s`, `250ms`); a bare 0 is accepted too.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         struct V;
         impl de::Visitor<'_> for V {
@@ -250,10 +269,12 @@ pub mod byte_size {
     use super::*;
     use serde::{Deserializer, Serializer, de};
 
+    /// Write a size as an integer number of bytes.
     pub fn serialize<S: Serializer>(n: &i64, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_i64(*n)
     }
 
+    /// Read a size: an integer, or a string like `550MiB` or `1G`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
         struct V;
         impl de::Visitor<'_> for V {

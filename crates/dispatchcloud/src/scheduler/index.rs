@@ -6,7 +6,7 @@
 //! more than c containers (or is ready)" then visits only the matching buckets, each in about
 //! O(log M), instead of scanning every instance: a pass is near O((N + M) log M).
 //!
-//! The choice of the best instance reproduces Go's scan exactly (see [`InstanceIndex::best`]).
+//! The choice of the best instance reproduces Go's scan exactly (see `InstanceIndex::best`).
 
 use std::cmp::Ordering;
 use std::sync::Arc;

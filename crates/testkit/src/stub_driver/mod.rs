@@ -1,11 +1,11 @@
 //! The stub cloud driver (driver name `stub`, spec Appendix B.3): every VM is an in-process
 //! SSH server ([`crate::ssh_vm`]) with its own host key, whose "operating system"
-//! ([`vm`]) answers the remote command contract and whose `crunch-run` drives containers
+//! (`vm`) answers the remote command contract and whose `crunch-run` drives containers
 //! through the Arvados API like the real one ([`crate::fake_crunch_run::drive`]).
 //!
 //! Faults are knobs ([`StubConfig`], read from `DriverParameters`): cloud-side (error rates,
 //! rate limits between calls, quota, capacity per type, held operations) here; VM-side (boot
-//! delay, broken, hung, crunch-run missing, crashes, stale locks, broken reports) in [`vm`],
+//! delay, broken, hung, crunch-run missing, crashes, stale locks, broken reports) in `vm`,
 //! per VM by creation count with `VmProfiles`, broken types for a while with `BrokenTypesUntil`.
 //! Randomness is seeded (`Seed`): each VM and the set have their own seeded generator.
 //!
