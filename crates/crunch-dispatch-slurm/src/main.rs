@@ -39,6 +39,10 @@ struct Cli {
     /// Deadline of each Slurm command (sbatch, squeue, scancel, scontrol).
     #[arg(long, default_value = "60s", value_parser = duration_arg)]
     slurm_timeout: Duration,
+    /// Accepted for compatibility with Arvados' unit files (`EXTRA_OPTS=-pprof …`) and
+    /// ignored: there is no Go profiler here.
+    #[arg(long, value_name = "ADDR")]
+    pprof: Option<String>,
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
@@ -160,6 +164,9 @@ fn listen_addr(cluster: &Cluster) -> anyhow::Result<String> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(addr) = &cli.pprof {
+        tracing::warn!("-pprof {addr} ignored: this dispatcher has no Go profiler");
+    }
     let cluster = load(&cli)?;
     tracing::info!(
         ClusterID = %cluster.cluster_id,

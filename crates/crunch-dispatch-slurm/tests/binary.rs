@@ -47,6 +47,15 @@ fn an_unknown_flag_prints_usage_and_exits_2() {
     let out = run_to_end(&["-no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
+    // Arvados' units pass `-pprof ADDR` through EXTRA_OPTS: accepted (then the missing
+    // config is the error, exit 1, so systemd keeps restarting instead of giving up).
+    let out = run_to_end(&["-pprof", ":6060", "-config", "/nonexistent/config.yml"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run_to_end(&["-version"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("crunch-dispatch-slurm "));
@@ -63,7 +72,10 @@ async fn bug_1_a_failed_token_lookup_is_logged_and_exits_non_zero() {
     assert_eq!(out.status.code(), Some(1));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("error getting my token UUID"), "{log}");
-    assert!(!log.contains("not-a-valid-token"), "the token is never logged: {log}");
+    assert!(
+        !log.contains("not-a-valid-token"),
+        "the token is never logged: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +121,11 @@ async fn health_and_metrics_need_the_management_token() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(up, "the endpoint never answered");
-    let no_token = http.get(format!("{url}/_health/ping")).send().await.unwrap();
+    let no_token = http
+        .get(format!("{url}/_health/ping"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(no_token.status(), 401);
     let wrong = http
         .get(format!("{url}/metrics"))
@@ -134,8 +150,14 @@ async fn health_and_metrics_need_the_management_token() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("arvados_version_running{version=\""), "{metrics}");
-    assert!(metrics.contains("arvados_dispatchslurm_containers_tracked 0"), "{metrics}");
+    assert!(
+        metrics.contains("arvados_version_running{version=\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("arvados_dispatchslurm_containers_tracked 0"),
+        "{metrics}"
+    );
     // SIGTERM: a quick, clean exit (jobs stay in Slurm).
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -146,7 +168,10 @@ async fn health_and_metrics_need_the_management_token() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "no exit 10 s after SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no exit 10 s after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status}");
