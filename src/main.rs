@@ -8,6 +8,7 @@ mod logging;
 mod mgmt_cli;
 mod sd_notify;
 mod service;
+#[cfg(feature = "simulator")]
 mod simulate;
 
 use std::path::PathBuf;
@@ -62,6 +63,7 @@ enum Command {
     },
     /// Run the real dispatcher against a fake Arvados and the stub cloud with a generated
     /// workload; print progress and a cost/latency summary (default config: config/simulate.yml)
+    #[cfg(feature = "simulator")]
     Simulate(simulate::SimulateArgs),
     /// List and manage the dispatcher's VMs through its management API
     #[command(subcommand)]
@@ -80,17 +82,18 @@ fn main() -> ExitCode {
     let exit = |ok: bool| if ok { Ok(0) } else { Ok(1) };
     let result: anyhow::Result<u8> = match cli.command {
         Some(Command::CheckConfig) => check_config(&cli.config).map(|()| 0),
-        Some(Command::Cloudtest(args)) => load(&cli.config)
+        Some(Command::Cloudtest(args)) => load_dispatcher(&cli.config)
             .and_then(|c| cloudtest::run(c, args))
             .and_then(exit),
-        None => load(&cli.config)
+        None => load_dispatcher(&cli.config)
             .and_then(|c| Ok((c, settings(&cli.config)?)))
             .and_then(|(c, s)| service::run(c, s, None, config_time(&cli.config)))
             .map(|()| 0),
-        Some(Command::Run { listen }) => load(&cli.config)
+        Some(Command::Run { listen }) => load_dispatcher(&cli.config)
             .and_then(|c| Ok((c, settings(&cli.config)?)))
             .and_then(|(c, s)| service::run(c, s, listen, config_time(&cli.config)))
             .map(|()| 0),
+        #[cfg(feature = "simulator")]
         Some(Command::Simulate(args)) => {
             // Its own default config unless one is given.
             let cluster = match &cli.config.config {
@@ -151,6 +154,14 @@ fn load(args: &ConfigArgs) -> anyhow::Result<arvados::Cluster> {
     Ok(cluster)
 }
 
+/// The config for running the dispatcher (`run`, `cloudtest`, `check-config`): loaded, with a
+/// driver this build has.
+fn load_dispatcher(args: &ConfigArgs) -> anyhow::Result<arvados::Cluster> {
+    let cluster = load(args)?;
+    drivers::check(&cluster)?;
+    Ok(cluster)
+}
+
 /// The config for `instances`/`containers`: none when `--url` and a token say everything
 /// (unless `--config` is given), else the loaded one.
 fn mgmt_config(
@@ -164,7 +175,7 @@ fn mgmt_config(
 }
 
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
-    let cluster = load(args)?;
+    let cluster = load_dispatcher(args)?;
     // A bad settings file fails the check too (it is printed only to stderr's log).
     settings(args)?;
     // Wrapped as `Clusters: <id>: …`, so the output is itself a loadable config file.

@@ -115,8 +115,9 @@ async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
 }
 
 /// The drivers `arvados-dispatch-cloud` registers (its `drivers.rs`, compiled here too since a
-/// binary crate cannot be imported).
+/// binary crate cannot be imported); its `check` is the binary's business.
 #[path = "../src/drivers.rs"]
+#[allow(dead_code)]
 mod drivers;
 
 fn arvados_dispatch_cloud_drivers() -> cloud::registry::Registry {
