@@ -17,20 +17,19 @@ pub fn total_memory() -> i64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Size in bytes of the filesystem holding the temp dir; 0 if unknown.
+/// Size in bytes of the filesystem holding the temp dir (as `df` reports it); 0 if unknown.
+#[cfg(unix)]
 pub fn temp_fs_size() -> i64 {
-    std::process::Command::new("df")
-        .args(["-k", "--output=size"])
-        .arg(std::env::temp_dir())
-        .output()
+    nix::sys::statvfs::statvfs(&std::env::temp_dir())
         .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .nth(1)
-                .and_then(|l| l.trim().parse::<i64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+        .and_then(|s| i64::try_from(u128::from(s.blocks()) * u128::from(s.fragment_size())).ok())
+        .unwrap_or(0)
+}
+
+/// Size in bytes of the filesystem holding the temp dir; 0: unknown on this platform.
+#[cfg(not(unix))]
+pub fn temp_fs_size() -> i64 {
+    0
 }
 
 /// The instance type the loopback driver synthesises when none is configured: this host's
@@ -55,5 +54,24 @@ mod tests {
     fn this_host_has_cpus_and_memory() {
         assert!(super::cpu_count() >= 1);
         assert!(super::total_memory() > 0);
+    }
+
+    /// statvfs gives what `df` says (the dispatcher used to run `df`).
+    #[cfg(unix)]
+    #[test]
+    fn temp_fs_size_is_what_df_reports() {
+        let out = std::process::Command::new("df")
+            .args(["-k", "--output=size"])
+            .arg(std::env::temp_dir())
+            .output()
+            .unwrap();
+        let df_kb: i64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(super::temp_fs_size(), df_kb * 1024);
     }
 }

@@ -25,11 +25,7 @@ pub use types::{ApiClientAuthorization, Container, ContainerList, ContainerState
 pub fn gateway_auth_secret(root_token: &str, uuid: &str) -> String {
     use aws_lc_rs::hmac;
     let key = hmac::Key::new(hmac::HMAC_SHA256, root_token.as_bytes());
-    hmac::sign(&key, uuid.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(hmac::sign(&key, uuid.as_bytes()).as_ref())
 }
 
 /// The README's example, compiled and run as a doctest.

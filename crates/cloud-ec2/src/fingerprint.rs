@@ -7,47 +7,15 @@ use russh::keys::PublicKey;
 use russh::keys::ssh_key::HashAlg;
 use russh::keys::ssh_key::public::KeyData;
 
-fn der(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let n = content.len();
-    if n < 0x80 {
-        out.push(n as u8);
-    } else {
-        let bytes: Vec<u8> = n
-            .to_be_bytes()
-            .iter()
-            .copied()
-            .skip_while(|b| *b == 0)
-            .collect();
-        out.push(0x80 | bytes.len() as u8);
-        out.extend(bytes);
-    }
-    out.extend_from_slice(content);
-    out
-}
-
-/// DER INTEGER content: big-endian, minimal, with a leading zero if the top bit is set.
-fn der_uint(bytes: &[u8]) -> Vec<u8> {
-    let trimmed: Vec<u8> = bytes.iter().copied().skip_while(|b| *b == 0).collect();
-    let mut c = Vec::with_capacity(trimmed.len() + 1);
-    if trimmed.first().is_none_or(|b| b & 0x80 != 0) {
-        c.push(0);
-    }
-    c.extend(trimmed);
-    der(0x02, &c)
-}
-
-/// The PKIX `SubjectPublicKeyInfo` DER of an RSA key.
-fn rsa_pkix(e: &[u8], n: &[u8]) -> Vec<u8> {
-    const RSA_ENCRYPTION: [u8; 11] = [
-        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
-    ];
-    let mut alg = RSA_ENCRYPTION.to_vec();
-    alg.extend([0x05, 0x00]);
-    let rsa_key = der(0x30, &[der_uint(n), der_uint(e)].concat());
-    let mut bits = vec![0u8];
-    bits.extend(rsa_key);
-    der(0x30, &[der(0x30, &alg), der(0x03, &bits)].concat())
+/// The PKIX `SubjectPublicKeyInfo` DER of an RSA key, encoded by the `rsa` crate (already in
+/// the tree through russh) rather than by hand.
+fn rsa_pkix(key: &russh::keys::ssh_key::public::RsaPublicKey) -> Result<Vec<u8>, String> {
+    use rsa::pkcs8::EncodePublicKey;
+    let key = rsa::RsaPublicKey::try_from(key).map_err(|e| format!("RSA public key: {e}"))?;
+    let der = key
+        .to_public_key_der()
+        .map_err(|e| format!("encoding the RSA public key: {e}"))?;
+    Ok(der.as_bytes().to_vec())
 }
 
 fn colon_hex(b: &[u8]) -> String {
@@ -61,7 +29,7 @@ fn colon_hex(b: &[u8]) -> String {
 pub fn fingerprints(key: &PublicKey) -> Result<Vec<String>, String> {
     match key.key_data() {
         KeyData::Rsa(rsa) => {
-            let pkix = rsa_pkix(rsa.e().as_bytes(), rsa.n().as_bytes());
+            let pkix = rsa_pkix(rsa)?;
             use md5::{Digest, Md5};
             let md5 = Md5::digest(&pkix);
             let sha1 =

@@ -128,7 +128,7 @@ fn call_error(e: &google_cloud_gax::error::Error, op: &str, backoff: &Backoff) -
 fn request_id(seed: &str) -> String {
     let parts = [0, 1].map(|i| cloud::tags::stable_hash(seed, (i, 0x5eed)));
     let b: Vec<u8> = parts.iter().flat_map(|p| p.to_be_bytes()).collect();
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let hex = hex::encode(&b);
     // Version 4 / RFC 4122 variant bits, so GCE accepts it as a UUID.
     format!(
         "{}-{}-4{}-{:x}{}-{}",

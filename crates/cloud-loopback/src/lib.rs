@@ -32,11 +32,10 @@ fn current_user() -> String {
         .ok()
         .filter(|u| !u.is_empty())
         .or_else(|| {
-            std::process::Command::new("id")
-                .arg("-un")
-                .output()
+            nix::unistd::User::from_uid(nix::unistd::getuid())
                 .ok()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .flatten()
+                .map(|u| u.name)
         })
         .unwrap_or_else(|| "root".into())
 }

@@ -45,10 +45,7 @@ pub fn instance_set_id(token: &str) -> String {
     if parts.len() == 3 && parts[0] == "v2" && !parts[1].is_empty() {
         return parts[1].to_string();
     }
-    Md5::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Md5::digest(token.as_bytes()))
 }
 
 /// A 64-bit hash of `s` that is the same in every process and every version of this program
@@ -67,7 +64,7 @@ pub fn stable_hash(s: &str, keys: (u64, u64)) -> u64 {
 pub fn new_instance_secret() -> String {
     let mut b = [0u8; 20];
     rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(b)
 }
 
 /// First-boot user data: write the secret where the dispatcher will look for it, then run

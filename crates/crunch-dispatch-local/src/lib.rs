@@ -54,13 +54,15 @@ async fn set_state(d: &Dispatcher, uuid: &str, state: ContainerState) {
     let _ = d.update_state(uuid, state).await;
 }
 
-/// Send SIGINT to a child (through `kill`, as there is no signal API in std).
+/// Send SIGINT to a child (std has no signal API).
 async fn interrupt(pid: u32) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
     tracing::info!("sending SIGINT to pid {pid}");
-    let _ = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .await;
+    let Ok(pid) = i32::try_from(pid) else { return };
+    if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGINT) {
+        tracing::warn!("SIGINT to pid {pid}: {e}");
+    }
 }
 
 /// Run one container (spec §12.5 `RunContainer`).

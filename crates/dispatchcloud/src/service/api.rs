@@ -76,23 +76,15 @@ fn request_tokens(headers: &HeaderMap, uri: &axum::http::Uri) -> Vec<String> {
     tokens
 }
 
-/// Standard base64 (HTTP Basic credentials) to text.
+/// Standard base64 (HTTP Basic credentials) to text; padding optional, as clients differ.
 fn base64_decode(s: &str) -> Option<String> {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for c in s.bytes().filter(|c| *c != b'=') {
-        let v = A.iter().position(|a| *a == c)? as u32;
-        bits = (bits << 6) | v;
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-            bits &= (1 << n) - 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    String::from_utf8(LENIENT.decode(s).ok()?).ok()
 }
 
 /// Why a request may not see the management API.

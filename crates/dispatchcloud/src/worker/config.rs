@@ -20,10 +20,7 @@ pub struct RunnerBinary {
 impl RunnerBinary {
     pub fn new(data: Vec<u8>) -> RunnerBinary {
         use md5::{Digest, Md5};
-        let md5 = Md5::digest(&data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let md5 = hex::encode(Md5::digest(&data));
         RunnerBinary {
             data: Arc::new(data),
             md5,

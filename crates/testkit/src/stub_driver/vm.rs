@@ -123,10 +123,7 @@ fn install_target(command: &str) -> Option<String> {
 
 fn md5_hex(data: &[u8]) -> String {
     use md5::{Digest, Md5};
-    Md5::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Md5::digest(data))
 }
 
 fn ready(o: Outcome) -> OutcomeFuture {
