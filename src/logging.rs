@@ -214,7 +214,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use parking_lot::Mutex;
+    use std::sync::Arc;
     use tracing_subscriber::layer::SubscriberExt;
 
     /// Captures the JSON lines of events logged inside `f`.
@@ -227,17 +228,13 @@ mod tests {
                 let t = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00.000000042Z")
                     .unwrap()
                     .with_timezone(&chrono::Utc);
-                self.0
-                    .0
-                    .lock()
-                    .unwrap()
-                    .push(json_line(e, Some("zzzzz"), t));
+                self.0.0.lock().push(json_line(e, Some("zzzzz"), t));
             }
         }
         let lines = Lines::default();
         let sub = tracing_subscriber::registry().with(Capture(lines.clone()));
         tracing::subscriber::with_default(sub, f);
-        let out = lines.0.lock().unwrap();
+        let out = lines.0.lock();
         out.iter()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()

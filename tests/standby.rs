@@ -196,7 +196,7 @@ fn add(f: &FakeArvados, n: usize, run_ms: u64) -> Vec<String> {
 /// The cloud's and the API's own records: nothing ran twice or after its end, and every
 /// container went Running exactly once.
 fn judge(w: &World, uuids: &[String]) {
-    let lives = w.lives.lock().unwrap().clone();
+    let lives = w.lives.lock().clone();
     let changes = w.f.state_changes();
     let mut bad = testkit::oracle::double_runs(&lives);
     bad.extend(testkit::oracle::runs_after_final(&lives, &changes));
@@ -255,7 +255,7 @@ async fn standby_is_read_only_then_takes_over_from_a_killed_dispatcher_within_5s
     .await;
     assert!(w.f.state_changes().is_empty(), "a standby locked something");
     assert!(w.gce.instances().is_empty(), "a standby created a VM");
-    assert!(w.lives.lock().unwrap().is_empty());
+    assert!(w.lives.lock().is_empty());
     assert_eq!(
         b.api("/arvados/v1/dispatch/containers").await["items"],
         serde_json::json!([])
@@ -337,14 +337,13 @@ async fn standby_is_read_only_then_takes_over_from_a_killed_dispatcher_within_5s
     let takeover = taken_at - free_at;
     // The first crunch-run A starts after the kill.
     until("A starting work", Duration::from_secs(60), || async {
-        w.lives.lock().unwrap().iter().any(|l| l.start > taken_at)
+        w.lives.lock().iter().any(|l| l.start > taken_at)
             || load.iter().all(|u| state(u) == "Complete")
     })
     .await;
     let first_start = w
         .lives
         .lock()
-        .unwrap()
         .iter()
         .filter(|l| l.start > taken_at)
         .map(|l| l.start)

@@ -15,7 +15,8 @@
 //! dispatcher recovers those at the application level, as the Go one does.
 //! The token is sent only in the `Authorization` header and never appears in errors or logs.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use reqwest::Method;
@@ -496,11 +497,7 @@ impl Client {
 
     /// When the last 503 response was received, if ever.
     pub fn last_503(&self) -> Option<SystemTime> {
-        *self
-            .inner
-            .last_503
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        *self.inner.last_503.lock()
     }
 
     /// Send one request to `/arvados/v1/<path>` and decode a 200 response, within the
@@ -620,11 +617,7 @@ impl Client {
             .map(Duration::from_secs);
         let bytes = resp.bytes().await.map_err(transport)?;
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            *self
-                .inner
-                .last_503
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
+            *self.inner.last_503.lock() = Some(SystemTime::now());
         }
         let success =
             status == StatusCode::OK || (status == StatusCode::NO_CONTENT && bytes.is_empty());

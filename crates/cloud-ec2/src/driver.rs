@@ -4,9 +4,10 @@
 //! are off: the dispatcher does its own back-off, and a retried RunInstances would hide a
 //! capacity error.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arvados::InstanceType;
@@ -156,12 +157,7 @@ impl Ec2Set {
             .map_err(|e| CloudError::other(format!("Could not make key fingerprint: {e}")))?;
         let fps = crate::fingerprint::fingerprints(&key)
             .map_err(|e| CloudError::other(format!("Could not make key fingerprint: {e}")))?;
-        if let Some(name) = self
-            .key_names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&fps[0])
-        {
+        if let Some(name) = self.key_names.lock().get(&fps[0]) {
             return Ok(name.clone());
         }
         let client = self.client().await;
@@ -197,10 +193,7 @@ impl Ec2Set {
             }
         };
         // Better than Go (§13.4): a pre-existing key pair is cached too.
-        self.key_names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(fps[0].clone(), name.clone());
+        self.key_names.lock().insert(fps[0].clone(), name.clone());
         Ok(name)
     }
 
@@ -416,7 +409,7 @@ impl Ec2Set {
         let interval = self.params.spot_price_update_interval;
         let now = SystemTime::now();
         let stale = {
-            let cache = self.spot.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = self.spot.lock();
             seen.iter().any(|k| {
                 cache
                     .get(k)
@@ -484,7 +477,7 @@ impl Ec2Set {
                 _ => break,
             }
         }
-        let mut cache = self.spot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.spot.lock();
         for (k, mut prices) in fresh {
             let entry = cache.entry(k).or_insert((now, Vec::new()));
             entry.1.append(&mut prices);
@@ -532,7 +525,6 @@ impl Ec2Instance {
         let spot_prices = if spot {
             set.spot
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .get(&(provider_type.clone(), zone))
                 .map(|(_, p)| p.clone())
                 .unwrap_or_default()

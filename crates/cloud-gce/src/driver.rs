@@ -6,8 +6,9 @@
 //! plain to see here and in the fake. Client retries are off: the dispatcher does its own
 //! back-off, and a retried insert would hide a capacity error.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arvados::InstanceType;
@@ -450,7 +451,7 @@ impl Inner {
         let mut last: Option<CloudError> = None;
         for zone in self.params.zones.clone() {
             let held = {
-                let h = self.zone_hold.lock().unwrap_or_else(|e| e.into_inner());
+                let h = self.zone_hold.lock();
                 h.get(&(market.clone(), zone.clone()))
                     .is_some_and(|t| Instant::now() < *t)
             };
@@ -470,13 +471,10 @@ impl Inner {
                         return Err(e);
                     }
                     tracing::info!(InstanceType = %it.name, Zone = %zone, error = %e, "no capacity in zone; trying the next");
-                    self.zone_hold
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(
-                            (market.clone(), zone.clone()),
-                            Instant::now() + self.params.zone_capacity_hold_off,
-                        );
+                    self.zone_hold.lock().insert(
+                        (market.clone(), zone.clone()),
+                        Instant::now() + self.params.zone_capacity_hold_off,
+                    );
                     last = Some(e);
                 }
             }

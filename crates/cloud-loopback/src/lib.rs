@@ -6,8 +6,9 @@
 //! Status: driver and instance type done (AC-LOOP-1); the config loader does not yet enforce
 //! "at most one instance type with loopback" nor synthesize the type itself.
 
+use parking_lot::Mutex;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arvados::InstanceType;
 use cloud::sshd::{CommandHandler, Outcome, OutcomeFuture, SshVm};
@@ -114,7 +115,7 @@ impl Instance for LoopbackVm {
         self.provider_type.clone()
     }
     fn tags(&self) -> InstanceTags {
-        self.tags.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.tags.lock().clone()
     }
     fn address(&self) -> String {
         self.addr.clone()
@@ -123,15 +124,15 @@ impl Instance for LoopbackVm {
         self.user.clone()
     }
     fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
-        *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = tags;
+        *self.tags.lock() = tags;
         Box::pin(async { Ok(()) })
     }
     /// Leaves the list and stops the SSH server (Go left the server running).
     fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
         if let Some(slot) = self.slot.upgrade() {
-            slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            slot.lock().take();
         }
-        self.ssh.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.ssh.lock().take();
         Box::pin(async { Ok(()) })
     }
     fn price_history(&self, _it: &InstanceType) -> Vec<InstancePrice> {
@@ -151,7 +152,7 @@ impl InstanceSet for LoopbackSet {
     ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
         let it = it.clone();
         Box::pin(async move {
-            if self.vm.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            if self.vm.lock().is_some() {
                 return Err(CloudError::new(
                     ErrorKind::Quota,
                     "loopback driver is always at quota",
@@ -186,7 +187,7 @@ impl InstanceSet for LoopbackSet {
                 user,
                 slot: Arc::downgrade(&self.vm),
             });
-            let mut slot = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = self.vm.lock();
             if slot.is_some() {
                 return Err(CloudError::new(
                     ErrorKind::Quota,
@@ -205,7 +206,6 @@ impl InstanceSet for LoopbackSet {
         let v: Vec<Arc<dyn Instance>> = self
             .vm
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .map(|v| v.clone() as Arc<dyn Instance>)
             .collect();
@@ -217,8 +217,8 @@ impl InstanceSet for LoopbackSet {
     }
 
     fn stop(&self) {
-        if let Some(vm) = self.vm.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            vm.ssh.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(vm) = self.vm.lock().as_ref() {
+            vm.ssh.lock().take();
         }
     }
 }

@@ -168,20 +168,20 @@ mod tests {
 /// driver asks it for the earliest retry of each rate-limit error it reports, and resets it
 /// after any other answer.
 #[derive(Debug, Default)]
-pub struct Backoff(std::sync::Mutex<std::time::Duration>);
+pub struct Backoff(parking_lot::Mutex<std::time::Duration>);
 
 impl Backoff {
     /// `d = previous × 3/2 + 1 s`, within [1 s, 60 s].
     pub fn grow(&self) -> std::time::Duration {
         use std::time::Duration;
-        let mut d = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = self.0.lock();
         *d = (*d * 3 / 2 + Duration::from_secs(1))
             .clamp(Duration::from_secs(1), Duration::from_secs(60));
         *d
     }
 
     pub fn reset(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Duration::ZERO;
+        *self.0.lock() = std::time::Duration::ZERO;
     }
 
     /// A rate-limit error saying `text`, retry allowed after the grown back-off.
@@ -196,6 +196,6 @@ impl Backoff {
 
     /// The back-off the last rate-limit error got (zero after a reset).
     pub fn current(&self) -> std::time::Duration {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        *self.0.lock()
     }
 }

@@ -392,7 +392,7 @@ pub async fn fetch_host_key(addr: &str) -> Result<PublicKey, String> {
     use russh::client;
     use russh::keys::PublicKeyOrCertificate;
 
-    struct Capture(Arc<std::sync::Mutex<Option<PublicKey>>>);
+    struct Capture(Arc<parking_lot::Mutex<Option<PublicKey>>>);
     impl client::Handler for Capture {
         type Error = russh::Error;
         async fn check_server_key(
@@ -400,12 +400,12 @@ pub async fn fetch_host_key(addr: &str) -> Result<PublicKey, String> {
             key: &PublicKeyOrCertificate,
         ) -> Result<bool, Self::Error> {
             if let PublicKeyOrCertificate::PublicKey { key, .. } = key {
-                *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
+                *self.0.lock() = Some(key.clone());
             }
             Ok(true)
         }
     }
-    let seen = Arc::new(std::sync::Mutex::new(None));
+    let seen = Arc::new(parking_lot::Mutex::new(None));
     let _session = client::connect(
         Arc::new(client::Config::default()),
         addr,
@@ -413,7 +413,7 @@ pub async fn fetch_host_key(addr: &str) -> Result<PublicKey, String> {
     )
     .await
     .map_err(|e| format!("connect: {e}"))?;
-    let key = seen.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let key = seen.lock().take();
     key.ok_or_else(|| "no host key seen".to_string())
 }
 

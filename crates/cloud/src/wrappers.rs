@@ -7,7 +7,8 @@
 //! destroy, host-key check) ends within its deadline, with an `outcome_unknown` error if the
 //! driver did not answer.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arvados::InstanceType;
@@ -480,7 +481,7 @@ pub struct HoldOff {
 impl HoldOff {
     /// Suspend until `t` with this message.
     pub fn error_until(&self, t: SystemTime, message: String) {
-        *self.until.lock().unwrap_or_else(|e| e.into_inner()) = Some((t, message));
+        *self.until.lock() = Some((t, message));
     }
 
     /// Suspend until `t`, and call `notify` when the suspension ends (needs a tokio runtime).
@@ -500,7 +501,7 @@ impl HoldOff {
 
     /// Lift any suspension now.
     pub fn clear(&self) {
-        *self.until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.until.lock() = None;
     }
 
     /// Record a rate-limit error whose earliest retry is in the future; returns whether it
@@ -525,7 +526,7 @@ impl HoldOff {
 
     /// The hold-off error while it lasts; clears itself afterwards.
     pub fn error(&self) -> Option<CloudError> {
-        let mut g = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.until.lock();
         match &*g {
             Some((t, msg)) if SystemTime::now() <= *t => Some(CloudError {
                 kind: crate::ErrorKind::RateLimit { earliest_retry: *t },

@@ -2,8 +2,9 @@
 //! is served first and blocks those behind it (no overtaking, so big containers do not
 //! starve). A request that could never fit this host is refused at once.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::Notify;
 
@@ -104,8 +105,8 @@ impl ResourceManager {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Whether `req` could ever be satisfied on this host.

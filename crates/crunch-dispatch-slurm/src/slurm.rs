@@ -210,7 +210,7 @@ impl Slurm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
 
     /// Records every command; fails the commands `fail` names.
     #[derive(Default)]
@@ -228,7 +228,7 @@ mod tests {
         ) -> BoxFuture<'a, CmdResult> {
             let line = format!("{prog} {}", args.join(" "));
             let failed = self.fail.iter().any(|f| line.starts_with(f));
-            self.calls.lock().unwrap().push(line);
+            self.calls.lock().push(line);
             Box::pin(async move {
                 if failed {
                     Err("boom".into())
@@ -245,7 +245,7 @@ mod tests {
         let s = Slurm::new(rec.clone());
         s.cancel("zzzzz-dz642-fake0fake0fake0").await.unwrap();
         assert_eq!(
-            *rec.calls.lock().unwrap(),
+            *rec.calls.lock(),
             [
                 "scancel --name=zzzzz-dz642-fake0fake0fake0 --state=pending",
                 "scancel --name=zzzzz-dz642-fake0fake0fake0 --batch --signal=TERM --state=running",
@@ -258,11 +258,7 @@ mod tests {
         });
         let s = Slurm::new(rec.clone());
         assert!(s.cancel("x").await.is_err());
-        assert_eq!(
-            rec.calls.lock().unwrap().len(),
-            1,
-            "stops at the first failure"
-        );
+        assert_eq!(rec.calls.lock().len(), 1, "stops at the first failure");
     }
 
     #[tokio::test]
@@ -273,7 +269,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            *rec.calls.lock().unwrap(),
+            *rec.calls.lock(),
             ["scontrol update JobName=zzzzz-dz642-fake0fake0fake0 Nice=334"]
         );
     }

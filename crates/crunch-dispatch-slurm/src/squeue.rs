@@ -7,8 +7,9 @@
 //! before the submission, and then unlocks a container whose job exists). Waits have a
 //! deadline, so a failing squeue does not stall the dispatcher forever.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -133,8 +134,8 @@ impl Checker {
         }
     }
 
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn inner(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// Poll every `period` until `shutdown` turns true.
@@ -325,11 +326,11 @@ mod tests {
             _stdin: Option<&'a str>,
         ) -> BoxFuture<'a, CmdResult> {
             let out = match prog {
-                "squeue" => Ok(self.queue.lock().unwrap().clone()),
+                "squeue" => Ok(self.queue.lock().clone()),
                 "scontrol" => {
                     let name = args[1].strip_prefix("JobName=").unwrap().to_string();
                     let nice = args[2].strip_prefix("Nice=").unwrap().parse().unwrap();
-                    self.renices.lock().unwrap().push((name, nice));
+                    self.renices.lock().push((name, nice));
                     Ok(String::new())
                 }
                 other => Err(format!("unexpected {other}")),
@@ -344,7 +345,7 @@ mod tests {
 
     fn checker(queue: &str, spread: i64) -> (Checker, Arc<FakeSlurm>) {
         let f = Arc::new(FakeSlurm::default());
-        *f.queue.lock().unwrap() = queue.to_string();
+        *f.queue.lock() = queue.to_string();
         let c = Checker::new(Slurm::new(f.clone()), spread, Duration::from_secs(5));
         (c, f)
     }
@@ -356,7 +357,7 @@ mod tests {
             c.set_priority(&fake(*n), *p).await;
         }
         c.renice().await;
-        f.renices.lock().unwrap().clone()
+        f.renices.lock().clone()
     }
 
     fn q(lines: &[(usize, i64, i64)]) -> String {
@@ -409,7 +410,7 @@ mod tests {
             })
         };
         assert!(c.job(&fake(0)).is_none() && c.job(&fake(1)).is_none());
-        *f.queue.lock().unwrap() = format!("{} 0 12345 PENDING Resources\n", fake(0));
+        *f.queue.lock() = format!("{} 0 12345 PENDING Resources\n", fake(0));
         let started = Instant::now();
         while !bg.is_finished() {
             c.poll().await;

@@ -62,10 +62,11 @@
 
 #![warn(missing_docs)]
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arvados::types::{Container, ContainerState};
@@ -295,8 +296,8 @@ impl Dispatcher {
         &*self.shared.logger
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.shared.state.lock()
     }
 
     /// Containers being tracked right now.

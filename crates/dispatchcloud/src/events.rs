@@ -2,8 +2,8 @@
 //! starting and finishing), newest last, for the status page. Bounded: the oldest entries are
 //! dropped. The structured logs remain the record; this is the operator's glance.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
@@ -52,7 +52,7 @@ impl EventLog {
 
     /// Record an event now.
     pub fn push(&self, kind: &'static str, subject: impl Into<String>, detail: impl Into<String>) {
-        let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ev = self.events.lock();
         if ev.len() == self.keep {
             ev.pop_front();
         }
@@ -66,12 +66,7 @@ impl EventLog {
 
     /// Every kept event, oldest first.
     pub fn all(&self) -> Vec<Event> {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.events.lock().iter().cloned().collect()
     }
 }
 

@@ -7,8 +7,9 @@
 //! gathers everything, including the mounts of new containers, and only then takes the lock to
 //! apply the result.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use arvados::types::{Container, ContainerState};
 use arvados::{ApiError, Client, Count, Filter, InstanceType, ListOptions, Method};
@@ -369,8 +370,8 @@ impl ContainerQueue {
         Ok(q)
     }
 
-    fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_inner(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// The API client (the scheduler reads its last-503 time).
@@ -932,7 +933,7 @@ impl ContainerQueue {
                 .unwrap_or("");
             *counts.entry((e.container().state, it)).or_default() += 1;
         }
-        let mut seen = self.metrics.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.metrics.seen.lock();
         for (state, it) in seen.iter() {
             self.metrics
                 .entries

@@ -19,7 +19,8 @@
 //!
 //! It owns no pool state; the pool hands it a [`Target`] and reads [`Output`]/[`Failure`].
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cloud::{ErrorKind, Instance};
@@ -125,7 +126,7 @@ impl client::Handler for KeyCatcher {
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         if let PublicKeyOrCertificate::PublicKey { key, .. } = key {
-            *lock(&self.0) = Some(key.clone());
+            *self.0.lock() = Some(key.clone());
             Ok(true)
         } else {
             // Certificates are not part of the contract.
@@ -135,10 +136,6 @@ impl client::Handler for KeyCatcher {
 }
 
 type Conn = Arc<client::Handle<KeyCatcher>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Parse `Containers.DispatchPrivateKey`: OpenSSH or PEM text, or `file:///absolute/path`.
 pub fn load_private_key(text: &str) -> Result<PrivateKey, String> {
@@ -202,17 +199,17 @@ impl Executor {
 
     /// Use `target` for future connections (cheap; the current connection stays in use).
     pub fn set_target(&self, target: Target) {
-        *lock(&self.target) = target;
+        *self.target.lock() = target;
     }
 
     /// The address future connections dial.
     pub fn target_host_port(&self) -> String {
-        host_port(&lock(&self.target).instance.address(), &self.port)
+        host_port(&self.target.lock().instance.address(), &self.port)
     }
 
     /// Drop the connection. A later `execute` would reconnect.
     pub fn close(&self) {
-        if let Some(c) = lock(&self.conn).take() {
+        if let Some(c) = self.conn.lock().take() {
             tokio::spawn(async move {
                 let _ = c.disconnect(russh::Disconnect::ByApplication, "", "").await;
             });
@@ -253,7 +250,7 @@ impl Executor {
         stdin: &[u8],
         deadline: Duration,
     ) -> Result<Output, Failure> {
-        let current = lock(&self.conn).clone();
+        let current = self.conn.lock().clone();
         let mut channel = None;
         if let Some(c) = &current {
             // A connection whose peer vanished may never answer the open: bounded too.
@@ -289,7 +286,7 @@ impl Executor {
     /// A new connection, unless another caller made one since `seen` was current.
     async fn reconnect(&self, seen: Option<Conn>) -> Result<Conn, ExecError> {
         let _setup = self.setup.lock().await;
-        let now = lock(&self.conn).clone();
+        let now = self.conn.lock().clone();
         if let Some(c) = &now
             && !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, c))
             && !c.is_closed()
@@ -305,7 +302,7 @@ impl Executor {
                 )));
             }
         };
-        let old = lock(&self.conn).replace(fresh.clone());
+        let old = self.conn.lock().replace(fresh.clone());
         if let Some(old) = old {
             tokio::spawn(async move {
                 let _ = old
@@ -317,7 +314,7 @@ impl Executor {
     }
 
     async fn connect(&self) -> Result<Conn, ExecError> {
-        let target = lock(&self.target).clone();
+        let target = self.target.lock().clone();
         let address = target.instance.address();
         if address.is_empty() {
             return Err(ExecError::NoAddress);
@@ -351,11 +348,12 @@ impl Executor {
             return Err(ExecError::Auth);
         }
         let conn = Arc::new(handle);
-        let key = lock(&seen)
+        let key = seen
+            .lock()
             .take()
             .and_then(|k| k.to_openssh().ok())
             .ok_or_else(|| ExecError::HostKey("no host key presented".into()))?;
-        if lock(&self.verified).as_deref() != Some(key.as_str()) {
+        if self.verified.lock().as_deref() != Some(key.as_str()) {
             if let Err(e) = verify(&target, &conn, &key).await {
                 let c = conn.clone();
                 tokio::spawn(async move {
@@ -363,7 +361,7 @@ impl Executor {
                 });
                 return Err(ExecError::HostKey(e));
             }
-            *lock(&self.verified) = Some(key);
+            *self.verified.lock() = Some(key);
         }
         Ok(conn)
     }

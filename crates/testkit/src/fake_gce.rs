@@ -10,8 +10,9 @@
 //! operations (quota, capacity…), a delay, a hang, and "created then failed" (the instance
 //! appears, then the operation fails and it is gone).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -115,10 +116,6 @@ impl Drop for FakeGce {
     }
 }
 
-fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Inner> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl FakeGce {
     pub async fn start(cfg: FakeGceConfig) -> std::io::Result<FakeGce> {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
@@ -149,22 +146,23 @@ impl FakeGce {
     }
 
     pub fn inject(&self, f: GceFault) {
-        lock(&self.inner).faults.push(f);
+        self.inner.lock().faults.push(f);
     }
 
     /// Every instance as the fake holds it (its own record: an oracle for tests).
     pub fn instances(&self) -> Vec<Value> {
-        lock(&self.inner).instances.values().cloned().collect()
+        self.inner.lock().instances.values().cloned().collect()
     }
 
     /// Calls received so far, `METHOD path?query` each.
     pub fn log(&self) -> Vec<String> {
-        lock(&self.inner).log.clone()
+        self.inner.lock().log.clone()
     }
 
     /// Make an instance disappear as a spot preemption with action DELETE does.
     pub fn preempt(&self, zone: &str, name: &str) -> bool {
-        lock(&self.inner)
+        self.inner
+            .lock()
             .instances
             .remove(&(zone.to_string(), name.to_string()))
             .is_some()
@@ -172,7 +170,7 @@ impl FakeGce {
 
     /// Set an instance's status (e.g. `TERMINATED`).
     pub fn set_status(&self, zone: &str, name: &str, status: &str) -> bool {
-        let mut g = lock(&self.inner);
+        let mut g = self.inner.lock();
         match g.instances.get_mut(&(zone.to_string(), name.to_string())) {
             Some(i) => {
                 i["status"] = status.into();
@@ -751,7 +749,7 @@ async fn handle(
 ) -> Response {
     let path = uri.path().to_string();
     let fault = {
-        let mut g = lock(&s);
+        let mut g = s.lock();
         g.log.push(format!(
             "{method} {}",
             uri.path_and_query().map_or(path.as_str(), |p| p.as_str())
@@ -791,5 +789,5 @@ async fn handle(
             }
         }
     };
-    lock(&s).route(&method, &parts, &q, body)
+    s.lock().route(&method, &parts, &q, body)
 }

@@ -3,10 +3,11 @@
 //! EC2 error responses (moto cannot produce capacity, quota or throttling errors) and counts
 //! every call.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -145,10 +146,6 @@ struct App {
     state: Arc<Mutex<ProxyState>>,
 }
 
-fn lock(s: &Mutex<ProxyState>) -> std::sync::MutexGuard<'_, ProxyState> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 async fn forward(
     State(app): State<App>,
     method: Method,
@@ -163,7 +160,7 @@ async fn forward(
     }
     let action = params.get("Action").cloned().unwrap_or_default();
     let fault = {
-        let mut st = lock(&app.state);
+        let mut st = app.state.lock();
         st.calls.push(params.clone());
         let hit = st.faults.iter_mut().find(|f| {
             f.action == action
@@ -263,15 +260,16 @@ pub struct FaultHandle(Arc<Mutex<ProxyState>>);
 
 impl FaultHandle {
     pub fn inject(&self, f: Ec2Fault) {
-        lock(&self.0).faults.push(f);
+        self.0.lock().faults.push(f);
     }
 
     pub fn clear(&self) {
-        lock(&self.0).faults.clear();
+        self.0.lock().faults.clear();
     }
 
     pub fn calls(&self, action: &str) -> Vec<BTreeMap<String, String>> {
-        lock(&self.0)
+        self.0
+            .lock()
             .calls
             .iter()
             .filter(|c| c.get("Action").map(String::as_str) == Some(action))

@@ -1,6 +1,7 @@
 //! Wrapper tests against an in-memory instance set that records what reached it.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arvados::InstanceType;
@@ -24,7 +25,7 @@ impl Instance for MemInstance {
         "mem".into()
     }
     fn tags(&self) -> InstanceTags {
-        self.tags.lock().unwrap().clone()
+        self.tags.lock().clone()
     }
     fn address(&self) -> String {
         String::new()
@@ -33,18 +34,12 @@ impl Instance for MemInstance {
         "root".into()
     }
     fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
-        self.log
-            .lock()
-            .unwrap()
-            .push(format!("settags {}", self.id));
-        *self.tags.lock().unwrap() = tags;
+        self.log.lock().push(format!("settags {}", self.id));
+        *self.tags.lock() = tags;
         Box::pin(async { Ok(()) })
     }
     fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
-        self.log
-            .lock()
-            .unwrap()
-            .push(format!("destroy {}", self.id));
+        self.log.lock().push(format!("destroy {}", self.id));
         Box::pin(async { Ok(()) })
     }
     fn price_history(&self, _: &InstanceType) -> Vec<InstancePrice> {
@@ -65,10 +60,10 @@ struct MemSet {
 
 impl MemSet {
     fn calls(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.log.lock().clone()
     }
     fn add(&self, id: &str, tags: &[(&str, &str)]) {
-        self.instances.lock().unwrap().push(Arc::new(MemInstance {
+        self.instances.lock().push(Arc::new(MemInstance {
             id: id.into(),
             tags: Mutex::new(
                 tags.iter()
@@ -86,17 +81,17 @@ impl InstanceSet for MemSet {
         _it: &InstanceType,
         req: CreateRequest,
     ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
-        self.log.lock().unwrap().push("create".into());
-        let r = match self.fail_next.lock().unwrap().take() {
+        self.log.lock().push("create".into());
+        let r = match self.fail_next.lock().take() {
             Some(e) => Err(e),
             None => {
-                let n = self.instances.lock().unwrap().len();
+                let n = self.instances.lock().len();
                 let i = Arc::new(MemInstance {
                     id: format!("i-{n}"),
                     tags: Mutex::new(req.tags),
                     log: self.log.clone(),
                 });
-                self.instances.lock().unwrap().push(i.clone());
+                self.instances.lock().push(i.clone());
                 Ok(i as Arc<dyn Instance>)
             }
         };
@@ -106,13 +101,12 @@ impl InstanceSet for MemSet {
         &self,
         _filter: &InstanceTags,
     ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>> {
-        self.log.lock().unwrap().push("list".into());
-        let r = match self.fail_next.lock().unwrap().take() {
+        self.log.lock().push("list".into());
+        let r = match self.fail_next.lock().take() {
             Some(e) => Err(e),
             None => Ok(self
                 .instances
                 .lock()
-                .unwrap()
                 .iter()
                 .map(|i| i.clone() as Arc<dyn Instance>)
                 .collect()),
@@ -137,7 +131,7 @@ async fn throttled_fails_fast_until_the_earliest_retry() {
     let mem = Arc::new(MemSet::default());
     let set = Throttled::new(mem.clone());
     let retry = SystemTime::now() + Duration::from_millis(300);
-    *mem.fail_next.lock().unwrap() = Some(CloudError::new(
+    *mem.fail_next.lock() = Some(CloudError::new(
         ErrorKind::RateLimit {
             earliest_retry: retry,
         },
@@ -262,14 +256,14 @@ async fn instrumented_counts_operations_with_error_label() {
     let i = set.create(&it, CreateRequest::default()).await.unwrap();
     i.set_tags(tags(&[("a", "b")])).await.unwrap();
     i.destroy().await.unwrap();
-    *mem.fail_next.lock().unwrap() = Some(CloudError::other("boom"));
+    *mem.fail_next.lock() = Some(CloudError::other("boom"));
     assert!(set.instances(&InstanceTags::new()).await.is_err());
-    *mem.fail_next.lock().unwrap() = Some(CloudError::deadline_exceeded(
+    *mem.fail_next.lock() = Some(CloudError::deadline_exceeded(
         "List",
         std::time::Duration::from_secs(1),
     ));
     assert!(set.instances(&InstanceTags::new()).await.is_err());
-    *mem.fail_next.lock().unwrap() = Some(CloudError::new(ErrorKind::Quota, "full"));
+    *mem.fail_next.lock() = Some(CloudError::new(ErrorKind::Quota, "full"));
     assert!(set.create(&it, CreateRequest::default()).await.is_err());
     let text = prometheus::TextEncoder::new()
         .encode_to_string(&registry.gather())

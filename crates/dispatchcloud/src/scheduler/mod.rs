@@ -24,8 +24,9 @@ pub mod sync;
 #[cfg(test)]
 mod tests;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arvados::config::Cluster;
@@ -320,18 +321,12 @@ impl<P: WorkerPool> Scheduler<P> {
 
     /// The queue as of the last pass, in scheduling order, with statuses.
     pub fn queue_view(&self) -> SortedQueue {
-        self.last_queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.last_queue.lock().clone()
     }
 
     /// The dynamic limits as of the last pass.
     pub fn limits(&self) -> Limits {
-        self.limits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.limits.lock().clone()
     }
 
     /// Run until `shutdown` becomes true (spec §7.2).
@@ -422,7 +417,7 @@ impl<P: WorkerPool> Scheduler<P> {
         let (entries, _) = self.queue.entries();
         let snapshot = PoolSnapshot::take(&*self.pool, &self.cfg);
         let plan = {
-            let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+            let mut limits = self.limits.lock();
             plan_queue(
                 &self.cfg,
                 &mut limits,
@@ -492,7 +487,7 @@ impl<P: WorkerPool> Scheduler<P> {
                 tracing::debug!(ContainerUUID = %ent.container().uuid, Instance = %id, "pool declined to start container");
             }
         }
-        *self.last_queue.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(QueueView {
+        *self.last_queue.lock() = Arc::new(QueueView {
             entries,
             order: plan.queue.clone(),
         });
@@ -528,7 +523,7 @@ impl<P: WorkerPool> Scheduler<P> {
 
     /// Take the per-container operation lock; if busy, schedule a retry soon.
     fn op_lock(self: &Arc<Self>, uuid: &str, op: &'static str) -> bool {
-        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ops = self.ops.lock();
         if let Some(cur) = ops.get(uuid) {
             tracing::debug!(ContainerUUID = %uuid, Op = cur, "uuidLock not available");
             let s = self.clone();
@@ -543,10 +538,7 @@ impl<P: WorkerPool> Scheduler<P> {
     }
 
     fn op_unlock(&self, uuid: &str) {
-        self.ops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(uuid);
+        self.ops.lock().remove(uuid);
     }
 
     async fn lock_container(self: &Arc<Self>, uuid: &str) {

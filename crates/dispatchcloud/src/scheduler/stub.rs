@@ -4,8 +4,9 @@
 //! succeed on idle or running `run` workers; kills succeed for live processes. Tests drive it
 //! directly (make a booting worker idle, end a process) and read what the scheduler did.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arvados::InstanceType;
 use arvados::types::Container;
@@ -68,13 +69,13 @@ impl StubPool {
 
     /// Look at or change the stub's state; subscribers are notified afterwards.
     pub fn with<R>(&self, f: impl FnOnce(&mut StubState) -> R) -> R {
-        let r = f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        let r = f(&mut self.state.lock());
         self.notify.send_modify(|n| *n = n.wrapping_add(1));
         r
     }
 
     fn read<R>(&self, f: impl FnOnce(&StubState) -> R) -> R {
-        f(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
+        f(&self.state.lock())
     }
 
     /// Add a worker directly, without a create call.

@@ -88,7 +88,7 @@ pub struct Service {
     pub scheduler: Arc<Scheduler<Pool>>,
     pub registry: prometheus::Registry,
     pub http_metrics: Arc<http_metrics::ServiceMetrics>,
-    role: std::sync::Mutex<Role>,
+    role: parking_lot::Mutex<Role>,
     /// `arvados_dispatchcloud_active`: 1 while this process dispatches, 0 as a standby.
     active: prometheus::IntGauge,
 }
@@ -155,12 +155,12 @@ pub fn wrap_instance_set(
 impl Service {
     /// What this dispatcher is doing now.
     pub fn role(&self) -> Role {
-        self.role.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.role.lock().clone()
     }
 
     fn set_role(&self, r: Role) {
         self.active.set(i64::from(r == Role::Active));
-        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        *self.role.lock() = r;
     }
 
     /// Build every part with default [`Settings`] (nothing runs until [`Service::run`]).

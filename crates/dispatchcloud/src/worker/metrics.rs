@@ -2,8 +2,8 @@
 //! small Prometheus *summary* (the `prometheus` crate has none): count and sum since start,
 //! quantiles {0.5, 0.9, 0.95, 0.99} over the samples of the last 10 minutes, as Go's default.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use arvados::InstanceType;
@@ -56,7 +56,7 @@ impl Summary {
 
     pub fn observe(&self, label_values: &[&str], v: f64) {
         let now = Instant::now();
-        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let mut data = self.data.lock();
         let d = data
             .entry(label_values.iter().map(|s| s.to_string()).collect())
             .or_default();
@@ -74,7 +74,7 @@ impl Summary {
 
     /// Expose the series for `label_values` (count 0) before its first observation.
     pub fn init(&self, label_values: &[&str]) {
-        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let mut data = self.data.lock();
         data.entry(label_values.iter().map(|s| s.to_string()).collect())
             .or_default();
     }
@@ -82,7 +82,7 @@ impl Summary {
     /// Samples observed so far (for tests and reports).
     pub fn count(&self, label_values: &[&str]) -> u64 {
         let key: Vec<String> = label_values.iter().map(|s| s.to_string()).collect();
-        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let data = self.data.lock();
         data.get(&key).map_or(0, |d| d.count)
     }
 }
@@ -94,7 +94,7 @@ impl Collector for Summary {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let now = Instant::now();
-        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let data = self.data.lock();
         let mut metrics = Vec::new();
         for (values, d) in data.iter() {
             let mut recent: Vec<f64> = d
@@ -472,7 +472,7 @@ impl PoolMetrics {
     /// What the fleet cost since 00:00 UTC (as of the last [`PoolMetrics::set_gauges`]; this
     /// process's view, so it restarts at 0 with the process).
     pub fn spent_today(&self) -> f64 {
-        let last = self.integrated.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self.integrated.lock();
         if last.day == utc_day(std::time::SystemTime::now()) {
             last.spent_today
         } else {
@@ -487,7 +487,7 @@ impl PoolMetrics {
         now: Instant,
         current: BTreeMap<(&'static str, String, &'static str), (f64, f64)>,
     ) {
-        let mut last = self.integrated.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.integrated.lock();
         let dt = now.saturating_duration_since(last.at).as_secs_f64();
         let day = utc_day(std::time::SystemTime::now());
         if day != last.day {

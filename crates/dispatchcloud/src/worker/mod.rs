@@ -10,7 +10,7 @@
 //!   the cloud list and adoption (§8.6), starting containers (§8.11), shutting down (§8.13),
 //!   tags (§8.14), views (§8.15), and the [`WorkerPool`] interface the scheduler uses.
 //!
-//! One `std::sync::Mutex` guards the state; it is never held across an `.await`. Cloud calls
+//! One `parking_lot::Mutex` guards the state; it is never held across an `.await`. Cloud calls
 //! and SSH commands run in spawned tasks, which take the lock again to record their result.
 //!
 //! Where Go has a known bug (spec §13.3) this pool does the right thing; each such case has a
@@ -24,8 +24,9 @@ pub mod runner;
 #[cfg(test)]
 mod tests;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 
 use arvados::InstanceType;
 use arvados::types::Container;
@@ -144,7 +145,7 @@ impl Pool {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     fn arc(&self) -> Option<Arc<Pool>> {

@@ -3,8 +3,9 @@
 //! until it is gone or `TimeoutTERM` has passed (then it is "given up" and the worker drains).
 //! SIGKILL is never sent: it would orphan the container's own processes.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use tokio::time::{Duration, Instant};
 
@@ -60,7 +61,7 @@ impl Runner {
     /// Start the kill loop (once; later calls do nothing).
     pub fn kill(self: &Arc<Self>, reason: &str) {
         {
-            let mut started = self.kill_started.lock().unwrap_or_else(|e| e.into_inner());
+            let mut started = self.kill_started.lock();
             if started.is_some() {
                 return;
             }

@@ -2,9 +2,10 @@
 //! AC-POOL-2 and AC-POOL-5, and the §13.3 fixes. Every VM is a real SSH server (`cloud::sshd`)
 //! whose answers each test scripts.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use arvados::InstanceType;
 use cloud::sshd::{Outcome, OutcomeFuture, SshVm};
@@ -61,7 +62,7 @@ impl Instance for Vm {
         "pt".into()
     }
     fn tags(&self) -> InstanceTags {
-        self.tags.lock().unwrap().clone()
+        self.tags.lock().clone()
     }
     fn address(&self) -> String {
         self.addr.clone()
@@ -70,7 +71,7 @@ impl Instance for Vm {
         "root".into()
     }
     fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
-        *self.tags.lock().unwrap() = tags;
+        *self.tags.lock() = tags;
         Box::pin(async { Ok(()) })
     }
     fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
@@ -79,7 +80,7 @@ impl Instance for Vm {
             return Box::pin(async { Err(CloudError::other("destroy failed")) });
         }
         if let Some(set) = self.set.upgrade() {
-            set.vms.lock().unwrap().retain(|v| v.id != self.id);
+            set.vms.lock().retain(|v| v.id != self.id);
         }
         Box::pin(async { Ok(()) })
     }
@@ -108,7 +109,7 @@ impl InstanceSet for Set {
         req: CreateRequest,
     ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
         self.creates.fetch_add(1, Ordering::SeqCst);
-        let e = self.create_errors.lock().unwrap().pop_front();
+        let e = self.create_errors.lock().pop_front();
         let _ = (it, req);
         Box::pin(async move {
             match e {
@@ -124,7 +125,6 @@ impl InstanceSet for Set {
         let v: Vec<Arc<dyn Instance>> = self
             .vms
             .lock()
-            .unwrap()
             .iter()
             .map(|v| v.clone() as Arc<dyn Instance>)
             .collect();
@@ -184,9 +184,9 @@ impl Rig {
             move |_u: &str, cmd: &str, stdin: Vec<u8>| -> OutcomeFuture {
                 let script = script.clone();
                 let cmd = cmd.to_string();
-                s.lock().unwrap().commands.push(cmd.clone());
+                s.lock().commands.push(cmd.clone());
                 if cmd.contains("cat >\"$dstfile\"") {
-                    s.lock().unwrap().install_stdin = stdin;
+                    s.lock().install_stdin = stdin;
                 }
                 Box::pin(async move {
                     if script.hang {
@@ -234,7 +234,7 @@ impl Rig {
         let server = SshVm::start(handler, vec![self.key.public_key().clone()])
             .await
             .unwrap();
-        let n = self.set.vms.lock().unwrap().len() + self.set.servers.lock().unwrap().len();
+        let n = self.set.vms.lock().len() + self.set.servers.lock().len();
         let vm = Arc::new(Vm {
             id: format!("vm{n}"),
             addr: server.addr().to_string(),
@@ -250,8 +250,8 @@ impl Rig {
             fail_destroy: std::sync::atomic::AtomicBool::new(false),
             set: Arc::downgrade(&self.set),
         });
-        self.set.servers.lock().unwrap().push(server);
-        self.set.vms.lock().unwrap().push(vm.clone());
+        self.set.servers.lock().push(server);
+        self.set.vms.lock().push(vm.clone());
         (vm, seen)
     }
 
@@ -361,7 +361,7 @@ async fn check(n: usize, r: Row) {
     rig.pool.probe_and_update(&vm.id).await;
     let (state, running) = rig.state(&vm.id);
     {
-        let seen = seen.lock().unwrap();
+        let seen = seen.lock();
         assert_eq!(
             (state, running),
             (r.want, r.want_running),
@@ -461,7 +461,7 @@ async fn ac_wrk_1_row_12_run_probe_is_not_called_while_booting() {
     let (vm, seen) = rig.vm(run(false, lists(0))).await;
     rig.add_worker(&vm, Booting, Duration::ZERO, &[], &[]);
     rig.pool.probe_and_update(&vm.id).await;
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock();
     assert!(
         !seen.commands.iter().any(|c| c.contains("--list")),
         "{:?}",
@@ -544,7 +544,6 @@ async fn ac_pool_5_capacity_errors_by_quota_group_and_type() {
     rig.set
         .create_errors
         .lock()
-        .unwrap()
         .extend([cap(false, true), cap(true, false)]);
     let (a1, a1p, a2, b3, b3p, b4, b4p) = (
         typ("A1", false),
@@ -615,7 +614,6 @@ async fn quota_error_holds_creates_until_fewer_instances() {
     rig.set
         .create_errors
         .lock()
-        .unwrap()
         .push_back(CloudError::new(ErrorKind::Quota, "quota"));
     assert!(rig.pool.create(&typ("A1", false)).is_some());
     settle(&rig, 1).await;
@@ -675,7 +673,7 @@ async fn bug_13_3_22_processes_of_a_vanished_vm_are_reported_exited() {
     let rig = rig_with(|k| config(k, false));
     let (vm, _) = rig.vm(run(true, lists(1))).await;
     rig.add_worker(&vm, Running, Duration::ZERO, &[1], &[]);
-    rig.set.vms.lock().unwrap().clear();
+    rig.set.vms.lock().clear();
     rig.pool.sync().await.unwrap();
     assert!(rig.pool.worker_ids().is_empty());
     let running = rig.pool.running();
@@ -723,7 +721,6 @@ async fn bug_13_3_17_hung_vm_is_shut_down_and_others_keep_being_probed() {
     assert!(
         fine_seen
             .lock()
-            .unwrap()
             .commands
             .iter()
             .any(|c| c.ends_with("--list"))
@@ -738,11 +735,9 @@ async fn bug_13_3_21_drain_for_unknown_type_is_not_persisted() {
     let (vm, _) = rig.vm(run(true, lists(0))).await;
     vm.tags
         .lock()
-        .unwrap()
         .insert("ArvadosInstanceType".into(), "retired".into());
     vm.tags
         .lock()
-        .unwrap()
         .insert("ArvadosIdleBehavior".into(), "run".into());
     rig.pool.sync().await.unwrap();
     let view = rig.pool.worker(&vm.id).unwrap();
@@ -850,7 +845,6 @@ async fn unkillable_container_is_given_up_and_its_worker_drained() {
     }
     let kills = seen
         .lock()
-        .unwrap()
         .commands
         .iter()
         .filter(|c| c.contains("--kill 15"))

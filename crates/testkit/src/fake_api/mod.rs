@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 pub use store::{StateChange, format_time};
 pub use workload::{ContainerSpec, generate_workload};
 
-use server::{App, lock};
+use server::App;
 
 /// How to start a fake.
 #[derive(Debug, Clone)]
@@ -206,7 +206,7 @@ impl FakeArvados {
 
     /// Add a container from a spec; returns its UUID.
     pub fn add_container(&self, spec: &ContainerSpec) -> String {
-        lock(&self.app.store).create_container(spec.to_fields())
+        self.app.store.lock().create_container(spec.to_fields())
     }
 
     /// Add a container from raw fields (merged over defaults); returns its UUID.
@@ -215,7 +215,7 @@ impl FakeArvados {
             Value::Object(m) => m,
             _ => Map::new(),
         };
-        lock(&self.app.store).create_container(m)
+        self.app.store.lock().create_container(m)
     }
 
     /// The full stored record.
@@ -223,7 +223,7 @@ impl FakeArvados {
     pub fn count_by_state(&self) -> std::collections::BTreeMap<String, usize> {
         const STATES: [&str; 5] = ["Queued", "Locked", "Running", "Complete", "Cancelled"];
         let mut n = [0usize; STATES.len() + 1];
-        let store = lock(&self.app.store);
+        let store = self.app.store.lock();
         for state in store.container_states() {
             n[STATES
                 .iter()
@@ -243,32 +243,34 @@ impl FakeArvados {
     }
 
     pub fn container(&self, uuid: &str) -> Option<Value> {
-        lock(&self.app.store)
+        self.app
+            .store
+            .lock()
             .container(uuid)
             .cloned()
             .map(Value::Object)
     }
 
     pub fn container_uuids(&self) -> Vec<String> {
-        lock(&self.app.store).container_uuids()
+        self.app.store.lock().container_uuids()
     }
 
     /// Change priority without touching state (0 emulates "every request was cancelled").
     pub fn set_priority(&self, uuid: &str, priority: i64) -> bool {
-        lock(&self.app.store).set_priority(uuid, priority)
+        self.app.store.lock().set_priority(uuid, priority)
     }
 
     /// Overwrite fields with no rule checks (for situations the rules forbid).
     pub fn force_update(&self, uuid: &str, fields: Value) -> bool {
         match fields {
-            Value::Object(m) => lock(&self.app.store).force_update(uuid, m),
+            Value::Object(m) => self.app.store.lock().force_update(uuid, m),
             _ => false,
         }
     }
 
     /// Create another token; returns its full v2 form `v2/<uuid>/<secret>`.
     pub fn add_token(&self, admin: bool) -> String {
-        let t = lock(&self.app.store).add_token(admin, None);
+        let t = self.app.store.lock().add_token(admin, None);
         format!("v2/{}/{}", t.uuid, t.secret)
     }
 
@@ -276,34 +278,34 @@ impl FakeArvados {
     /// Answer list calls with at most `n` records per page (`API.MaxItemsPerResponse`,
     /// default 1000).
     pub fn set_max_items_per_response(&self, n: i64) {
-        lock(&self.app.store).max_items_per_response = n.max(1);
+        self.app.store.lock().max_items_per_response = n.max(1);
     }
 
     /// Container records returned by list calls so far (what a queue poll costs the API).
     pub fn rows_listed(&self) -> u64 {
-        lock(&self.app.store).rows_listed()
+        self.app.store.lock().rows_listed()
     }
 
     pub fn state_changes(&self) -> Vec<StateChange> {
-        lock(&self.app.store).state_changes().to_vec()
+        self.app.store.lock().state_changes().to_vec()
     }
 
     /// Logs created through `POST /arvados/v1/logs`.
     pub fn logs(&self) -> Vec<Value> {
-        lock(&self.app.store).logs().to_vec()
+        self.app.store.lock().logs().to_vec()
     }
 
     pub fn inject_fault(&self, fault: Fault) {
-        lock(&self.app.faults).push(fault);
+        self.app.faults.lock().push(fault);
     }
 
     pub fn clear_faults(&self) {
-        lock(&self.app.faults).clear();
+        self.app.faults.lock().clear();
     }
 
     /// Every request received so far.
     pub fn requests(&self) -> Vec<RequestRecord> {
-        lock(&self.app.requests).clone()
+        self.app.requests.lock().clone()
     }
 
     /// Stop serving and wait for the server task to end.

@@ -1,7 +1,8 @@
 //! The HTTP shell of the fake API: authentication, method override, routing, fault injection and
 //! the response format. All rules live in `store`.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -37,11 +38,6 @@ impl App {
             discovery,
         }
     }
-}
-
-/// Lock a mutex, recovering from poisoning (a panicking test thread must not wedge the fake).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn json_response(status: u16, body: &Value) -> Response {
@@ -95,7 +91,7 @@ fn presented_token(headers: &HeaderMap, params: &Map<String, Value>) -> Option<S
 
 /// Take the first live fault matching this request, counting it down.
 fn take_fault(app: &App, method: &Method, path: &str) -> Option<FaultKind> {
-    let mut faults = lock(&app.faults);
+    let mut faults = app.faults.lock();
     let idx = faults
         .iter()
         .position(|f| f.matches(method.as_str(), path))?;
@@ -140,7 +136,7 @@ pub(crate) async fn handle(State(app): State<Arc<App>>, req: Request) -> Respons
         (&Method::POST, Some(m)) => Method::from_bytes(m.as_bytes()).unwrap_or(Method::POST),
         (m, _) => m.clone(),
     };
-    lock(&app.requests).push(RequestRecord {
+    app.requests.lock().push(RequestRecord {
         wire_method: parts.method.to_string(),
         method: method.to_string(),
         path: path.clone(),
@@ -187,7 +183,7 @@ fn route(
             return Ok(app.discovery.clone());
         }
         (&Method::GET, ["arvados", "v1", "config"]) => {
-            let s = lock(&app.store);
+            let s = app.store.lock();
             return Ok(json!({
                 "ClusterID": s.cluster_id,
                 "API": {"MaxItemsPerResponse": s.max_items_per_response},
@@ -199,7 +195,7 @@ fn route(
     let Some(rest) = segs.strip_prefix(&["arvados", "v1"]) else {
         return Err(Failure::new(404, "API endpoint not found"));
     };
-    let mut store = lock(&app.store);
+    let mut store = app.store.lock();
     let caller: Caller = presented_token(headers, params)
         .and_then(|t| store.authenticate(&t))
         .ok_or_else(|| Failure::new(401, "Not logged in"))?;

@@ -16,7 +16,8 @@
 mod knobs;
 mod vm;
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arvados::InstanceType;
@@ -90,10 +91,6 @@ impl Driver for StubDriver {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 type VmList = Arc<Mutex<Vec<Arc<StubVm>>>>;
 
 /// One VM the stub cloud ever made: when, and when its boot delay ends (ready as the cloud
@@ -136,7 +133,7 @@ impl Cloud {
     }
 
     fn unlucky(&self, rate: f64) -> bool {
-        rate > 0.0 && lock(&self.rng).random::<f64>() < rate
+        rate > 0.0 && self.rng.lock().random::<f64>() < rate
     }
 }
 
@@ -159,7 +156,7 @@ impl MinInterval {
             return Ok(());
         }
         let now = Instant::now();
-        let mut next = lock(&self.next_allowed);
+        let mut next = self.next_allowed.lock();
         if let Some(t) = *next
             && now < t
         {
@@ -212,12 +209,12 @@ impl StubSet {
     /// Every `crunch-run --detach` command line (after any `sudo `) the set's VMs received,
     /// with its stdin, in order.
     pub fn detach_log(&self) -> Vec<(String, Vec<u8>)> {
-        lock(&self.cloud.detach_log).clone()
+        self.cloud.detach_log.lock().clone()
     }
 
     /// Every VM now in the set.
     pub fn vms(&self) -> Vec<Arc<StubVm>> {
-        lock(&self.cloud.vms).clone()
+        self.cloud.vms.lock().clone()
     }
 
     /// From now on every command on the VMs the set has now answers `d` later (a slow network
@@ -230,13 +227,13 @@ impl StubSet {
 
     /// Every VM the set ever made, in creation order (the cloud's own record).
     pub fn vm_history(&self) -> Vec<VmRecord> {
-        lock(&self.cloud.history).clone()
+        self.cloud.history.lock().clone()
     }
 
     /// Every crunch-run process that ever ran on the set's VMs, in start order: the cloud's
     /// own record, independent of the dispatcher's bookkeeping (see [`crate::oracle`]).
     pub fn process_lives(&self) -> Vec<ProcessLife> {
-        lock(&self.cloud.lives).clone()
+        self.cloud.lives.lock().clone()
     }
 }
 
@@ -289,7 +286,7 @@ impl StubVm {
     /// listed, unreachable.
     pub fn crash(&self) {
         self.os.power_off();
-        lock(&self.ssh).take();
+        self.ssh.lock().take();
     }
 }
 
@@ -301,7 +298,7 @@ impl Instance for StubVm {
         self.provider_type.clone()
     }
     fn tags(&self) -> InstanceTags {
-        lock(&self.tags).clone()
+        self.tags.lock().clone()
     }
     fn address(&self) -> String {
         self.addr.clone()
@@ -310,7 +307,7 @@ impl Instance for StubVm {
         "root".into()
     }
     fn set_tags(&self, tags: InstanceTags) -> BoxFuture<'_, Result<(), CloudError>> {
-        *lock(&self.tags) = tags;
+        *self.tags.lock() = tags;
         Box::pin(async { Ok(()) })
     }
     fn destroy(&self) -> BoxFuture<'_, Result<(), CloudError>> {
@@ -325,7 +322,7 @@ impl Instance for StubVm {
                     self.id
                 )));
             }
-            lock(&cloud.vms).retain(|v| v.id != self.id);
+            cloud.vms.lock().retain(|v| v.id != self.id);
             self.crash();
             Ok(())
         })
@@ -355,7 +352,7 @@ impl InstanceSet for StubSet {
                 return Err(CloudError::other("stub: create failed (ErrorRateCreate)"));
             }
             {
-                let vms = lock(&cloud.vms);
+                let vms = cloud.vms.lock();
                 if let Some(max) = cloud.cfg.quota_max_instances
                     && vms.len() >= max
                 {
@@ -378,7 +375,7 @@ impl InstanceSet for StubSet {
                 }
             }
             let n = {
-                let mut n = lock(&self.next);
+                let mut n = self.next.lock();
                 *n += 1;
                 *n
             };
@@ -395,7 +392,7 @@ impl InstanceSet for StubSet {
             }
             let vanish_at = vm_cfg.vanish_after.map(|d| Instant::now() + d);
             let now = chrono::Utc::now();
-            lock(&cloud.history).push(VmRecord {
+            cloud.history.lock().push(VmRecord {
                 id: format!("inst{n},{}", it.provider_type),
                 created_at: now,
                 ready_at: now + chrono::Duration::from_std(vm_cfg.boot_delay).unwrap_or_default(),
@@ -439,7 +436,7 @@ impl InstanceSet for StubSet {
                 os,
                 cloud: Arc::downgrade(cloud),
             });
-            lock(&cloud.vms).push(vm.clone());
+            cloud.vms.lock().push(vm.clone());
             // The VM exists now; the answer may still go wrong.
             if cloud.unlucky(cloud.cfg.hang_rate_create_after_vm) {
                 std::future::pending::<()>().await;
@@ -465,7 +462,7 @@ impl InstanceSet for StubSet {
         }
         let now = Instant::now();
         let vanished: Vec<Arc<StubVm>> = {
-            let mut vms = lock(&self.cloud.vms);
+            let mut vms = self.cloud.vms.lock();
             let (gone, kept): (Vec<_>, Vec<_>) = vms
                 .drain(..)
                 .partition(|v| v.vanish_at.is_some_and(|t| now >= t));
@@ -476,7 +473,9 @@ impl InstanceSet for StubSet {
             v.crash();
         }
         let r = self.list_interval.check().map(|()| {
-            lock(&self.cloud.vms)
+            self.cloud
+                .vms
+                .lock()
                 .iter()
                 .filter(|v| {
                     let tags = v.tags();

@@ -2,8 +2,9 @@
 //! secret, runner check and install, `crunch-run --list/--detach/--kill`), with the VM-side
 //! fault knobs (boot delay, broken, crunch-run missing, crashes, stale locks, broken reports).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arvados::{Client, ClientConfig};
@@ -36,10 +37,6 @@ struct Process {
 }
 
 type Processes = Arc<Mutex<HashMap<String, Process>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The state of one stub VM's "operating system".
 pub(super) struct VmOs {
@@ -77,7 +74,7 @@ pub type LifeLog = Arc<Mutex<Vec<ProcessLife>>>;
 
 /// Mark the life at `index` ended now (if it had not ended yet).
 fn end_life(lives: &LifeLog, index: usize) {
-    if let Some(l) = lock(lives).get_mut(index)
+    if let Some(l) = lives.lock().get_mut(index)
         && l.end.is_none()
     {
         l.end = Some(Instant::now());
@@ -91,7 +88,7 @@ fn api_client(host: &str, token: &str, insecure: &str) -> Result<Client, String>
     static CLIENTS: std::sync::OnceLock<Mutex<HashMap<Key, Client>>> = std::sync::OnceLock::new();
     let key = (host.to_string(), token.to_string(), insecure.to_string());
     let cache = CLIENTS.get_or_init(Default::default);
-    if let Some(c) = lock(cache).get(&key) {
+    if let Some(c) = cache.lock().get(&key) {
         return Ok(c.clone());
     }
     let c = ClientConfig::from_vars(|k| match k {
@@ -102,7 +99,7 @@ fn api_client(host: &str, token: &str, insecure: &str) -> Result<Client, String>
     })
     .and_then(Client::new)
     .map_err(|e| e.to_string())?;
-    lock(cache).insert(key, c.clone());
+    cache.lock().insert(key, c.clone());
     Ok(c)
 }
 
@@ -160,11 +157,11 @@ impl VmOs {
 
     /// The VM is gone: every process dies with it, without a word to the API.
     pub(super) fn power_off(&self) {
-        for p in lock(&self.processes).values() {
+        for p in self.processes.lock().values() {
             p.task.abort();
             end_life(&self.lives, p.life);
         }
-        lock(&self.processes).clear();
+        self.processes.lock().clear();
     }
 
     pub(super) fn handle(&self, command: &str, stdin: Vec<u8>) -> OutcomeFuture {
@@ -196,7 +193,7 @@ impl VmOs {
         }
         if let Some(path) = command.strip_prefix("md5sum ") {
             let path = path.trim();
-            return ready(match lock(&self.files).get(path) {
+            return ready(match self.files.lock().get(path) {
                 Some(data) => Outcome::ok(format!("{}  {path}\n", md5_hex(data))),
                 None => Outcome::fail(1, format!("md5sum: {path}: No such file or directory")),
             });
@@ -204,7 +201,7 @@ impl VmOs {
         if command.contains("cat >\"$dstfile\"") {
             return ready(match install_target(&command) {
                 Some(path) => {
-                    lock(&self.files).insert(path, stdin);
+                    self.files.lock().insert(path, stdin);
                     Outcome::ok("")
                 }
                 None => Outcome::fail(2, "sh: dstfile: parameter not set"),
@@ -219,7 +216,7 @@ impl VmOs {
             return ready(Outcome::fail(1, "crunch-run: not found"));
         }
         // A deployed runner path must have been installed first.
-        if program.contains('/') && !lock(&self.files).contains_key(&program) {
+        if program.contains('/') && !self.files.lock().contains_key(&program) {
             return ready(Outcome::fail(127, format!("sh: {program}: not found")));
         }
         let args = match fake_crunch_run::parse_args(&argv) {
@@ -229,7 +226,9 @@ impl VmOs {
         match args.mode {
             Mode::List => ready(self.list()),
             Mode::Detach { uuid } => {
-                lock(&self.detach_log).push((command.clone(), stdin.clone()));
+                self.detach_log
+                    .lock()
+                    .push((command.clone(), stdin.clone()));
                 let out = self.detach(uuid, stdin);
                 let delay = self.cfg.detach_delay;
                 Box::pin(async move {
@@ -244,7 +243,7 @@ impl VmOs {
 
     fn list(&self) -> Outcome {
         let now = Instant::now();
-        let mut procs = lock(&self.processes);
+        let mut procs = self.processes.lock();
         procs.retain(|_, p| match p.ended {
             Some(Linger::Until(t)) => now < t,
             _ => true,
@@ -269,7 +268,7 @@ impl VmOs {
 
     fn kill(&self, uuid: String) -> OutcomeFuture {
         let done = {
-            let procs = lock(&self.processes);
+            let procs = self.processes.lock();
             procs.get(&uuid).filter(|p| p.ended.is_none()).map(|p| {
                 let _ = p.stop.send(true);
                 p.done.clone()
@@ -306,7 +305,7 @@ impl VmOs {
             Err(e) => return Outcome::fail(1, e),
         };
         let (crash_at, linger) = {
-            let mut rng = lock(&self.rng);
+            let mut rng = self.rng.lock();
             let crash_at = (rng.random::<f64>() < self.cfg.crash_rate)
                 .then(|| Duration::from_millis(rng.random_range(0..=500)));
             let max = self.cfg.stale_lock_max_linger;
@@ -319,7 +318,7 @@ impl VmOs {
             };
             (crash_at, linger)
         };
-        let mut procs = lock(&self.processes);
+        let mut procs = self.processes.lock();
         if procs.get(&uuid).is_some_and(|p| p.ended.is_none()) {
             return Outcome::fail(1, format!("container {uuid} is already running"));
         }
@@ -327,7 +326,7 @@ impl VmOs {
         let (done_tx, done_rx) = watch::channel(false);
         let (u, processes) = (uuid.clone(), self.processes.clone());
         let life = {
-            let mut lives = lock(&self.lives);
+            let mut lives = self.lives.lock();
             lives.push(ProcessLife {
                 uuid: uuid.clone(),
                 vm: self.vm_id.clone(),
@@ -359,7 +358,7 @@ impl VmOs {
                 _ = crash => Linger::Until(Instant::now()),
             };
             end_life(&lives, life);
-            if let Some(p) = lock(&processes).get_mut(&u) {
+            if let Some(p) = processes.lock().get_mut(&u) {
                 p.ended = Some(linger);
             }
             let _ = done_tx.send(true);
