@@ -32,22 +32,8 @@ struct Cli {
     crunch_run_command: Option<String>,
 }
 
-/// Go's flag package takes `-poll-interval`; accept that spelling too.
-fn normalize_args() -> Vec<String> {
-    std::env::args()
-        .enumerate()
-        .map(|(i, a)| {
-            if i > 0 && a.starts_with('-') && !a.starts_with("--") && a.len() > 2 {
-                format!("-{a}")
-            } else {
-                a
-            }
-        })
-        .collect()
-}
-
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse_from(normalize_args());
+    let cli = Cli::parse_from(dispatch::go_style_args(std::env::args()));
     let level = if std::env::var_os("DEBUG").is_some() {
         "debug"
     } else {

@@ -49,22 +49,8 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
-/// Go's flag package takes `-config`; accept that spelling too.
-fn normalize_args() -> Vec<String> {
-    std::env::args()
-        .enumerate()
-        .map(|(i, a)| {
-            if i > 0 && a.starts_with('-') && !a.starts_with("--") && a.len() > 2 {
-                format!("-{a}")
-            } else {
-                a
-            }
-        })
-        .collect()
-}
-
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse_from(normalize_args());
+    let cli = Cli::parse_from(dispatch::go_style_args(std::env::args()));
     tracing_subscriber::fmt()
         .json()
         .with_writer(std::io::stderr)

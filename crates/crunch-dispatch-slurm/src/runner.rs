@@ -88,6 +88,23 @@ fn register_priority(ctx: &Context, c: &Container) {
     tokio::spawn(async move { checker.set_priority(&uuid, want).await });
 }
 
+/// Act on a record of the container: priority 0 cancels its job, any other priority is
+/// registered for renicing. Whether the job is being cancelled.
+async fn follow(ctx: &Context, c: &Container) -> bool {
+    if c.priority == 0 {
+        tracing::info!(
+            "container {} has state {:?}, priority 0: cancel slurm job",
+            c.uuid,
+            c.state.as_str()
+        );
+        cancel(ctx, &c.uuid).await;
+        true
+    } else {
+        register_priority(ctx, c);
+        false
+    }
+}
+
 /// What a pending job's reason means for the container.
 struct Unrunnable {
     reason: String,
@@ -121,35 +138,15 @@ pub async fn run_container(
         c.state.as_str()
     );
     let mut last_state = c.state;
-    let mut cancelling = false;
     let mut closed = false;
-    if c.priority == 0 {
-        tracing::info!(
-            "container {uuid} has state {:?}, priority 0: cancel slurm job",
-            c.state.as_str()
-        );
-        cancelling = true;
-        cancel(ctx, &uuid).await;
-    } else {
-        register_priority(ctx, &c);
-    }
+    let mut cancelling = follow(ctx, &c).await;
     let mut unrunnable: Option<Unrunnable> = None;
     loop {
         tokio::select! {
             u = updates.recv(), if !closed => match u {
                 Some(u) => {
                     last_state = u.state;
-                    if u.priority == 0 {
-                        tracing::info!(
-                            "container {uuid} has state {:?}, priority 0: cancel slurm job",
-                            u.state.as_str()
-                        );
-                        cancelling = true;
-                        cancel(ctx, &uuid).await;
-                    } else {
-                        cancelling = false;
-                        register_priority(ctx, &u);
-                    }
+                    cancelling = follow(ctx, &u).await;
                 }
                 None => {
                     tracing::info!("container {uuid} is done: cancel slurm job");

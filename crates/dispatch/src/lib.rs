@@ -652,6 +652,32 @@ impl Dispatcher {
     }
 }
 
+/// Command-line arguments with Go's single-dash long flags (`-config F`, `-poll-interval 10`)
+/// turned into clap's double-dash form, so a dispatcher accepts the flags Arvados' Go
+/// dispatchers take. The program name and short flags (`-h`) are left alone.
+///
+/// ```
+/// let args = dispatch::go_style_args(["prog", "-config", "f.yml", "-h", "--x"].map(String::from));
+/// assert_eq!(args, ["prog", "--config", "f.yml", "-h", "--x"]);
+/// ```
+pub fn go_style_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i > 0 && a.starts_with('-') && !a.starts_with("--") && a.len() > 2 {
+                format!("-{a}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+/// The README's guide, compiled as a doctest so it cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -689,8 +715,3 @@ mod tests {
         assert!(!d.throttle_allows("a"));
     }
 }
-
-/// The README's guide, compiled as a doctest so it cannot rot.
-#[doc = include_str!("../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
