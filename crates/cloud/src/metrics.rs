@@ -3,6 +3,23 @@
 //! `arvados_dispatchcloud_<provider>_instance_starts_total{<place>,success}` (create attempts),
 //! where the place is EC2's subnet or GCE's zone.
 
+/// Register `collector` in `registry` and hand it back: the one way every crate here
+/// registers a metric (`let g = registered(registry, GaugeVec::new(…)?)?;`).
+pub fn registered<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &prometheus::Registry,
+    collector: C,
+) -> Result<C, prometheus::Error> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+/// Options for a metric named `arvados_dispatchcloud_<name>`.
+pub fn dispatchcloud_opts(name: &str, help: &str) -> prometheus::Opts {
+    prometheus::Opts::new(name, help)
+        .namespace("arvados")
+        .subsystem("dispatchcloud")
+}
+
 /// A driver's instance and start counters.
 pub struct ProviderMetrics {
     pub instances: prometheus::GaugeVec,

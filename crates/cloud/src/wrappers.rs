@@ -56,26 +56,26 @@ impl Instrumented {
         inner: Arc<dyn InstanceSet>,
         registry: &prometheus::Registry,
     ) -> Result<Instrumented, prometheus::Error> {
-        let ops = IntCounterVec::new(
-            prometheus::Opts::new(
-                "driver_operations",
-                "Number of instance-create/list/destroy/settags operations performed",
-            )
-            .namespace("arvados")
-            .subsystem("dispatchcloud"),
-            &["operation", "error"],
+        let ops = crate::metrics::registered(
+            registry,
+            IntCounterVec::new(
+                crate::metrics::dispatchcloud_opts(
+                    "driver_operations",
+                    "Number of instance-create/list/destroy/settags operations performed",
+                ),
+                &["operation", "error"],
+            )?,
         )?;
-        registry.register(Box::new(ops.clone()))?;
-        let errors = IntCounterVec::new(
-            prometheus::Opts::new(
-                "driver_errors_total",
-                "Number of failed instance-create/list/destroy/settags operations, by kind of error.",
-            )
-            .namespace("arvados")
-            .subsystem("dispatchcloud"),
-            &["operation", "kind"],
+        let errors = crate::metrics::registered(
+            registry,
+            IntCounterVec::new(
+                crate::metrics::dispatchcloud_opts(
+                    "driver_errors_total",
+                    "Number of failed instance-create/list/destroy/settags operations, by kind of error.",
+                ),
+                &["operation", "kind"],
+            )?,
         )?;
-        registry.register(Box::new(errors.clone()))?;
         for op in OPERATIONS {
             for e in ["0", "1"] {
                 ops.with_label_values(&[op, e]);

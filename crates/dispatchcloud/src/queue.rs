@@ -300,46 +300,49 @@ impl ContainerQueue {
         chooser: TypeChooser,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, prometheus::Error> {
-        let entries = prometheus::IntGaugeVec::new(
-            prometheus::Opts::new("queue_entries", "Number of active container entries")
-                .namespace("arvados")
-                .subsystem("dispatchcloud"),
-            &["state", "instance_type"],
+        let entries = cloud::metrics::registered(
+            registry,
+            prometheus::IntGaugeVec::new(
+                cloud::metrics::dispatchcloud_opts(
+                    "queue_entries",
+                    "Number of active container entries",
+                ),
+                &["state", "instance_type"],
+            )?,
         )?;
-        registry.register(Box::new(entries.clone()))?;
-        let finished = prometheus::IntCounterVec::new(
-            prometheus::Opts::new(
-                "containers_finished_total",
-                "Number of queued containers seen reaching a final state (Complete or Cancelled), by state.",
-            )
-            .namespace("arvados")
-            .subsystem("dispatchcloud"),
-            &["state"],
+        let finished = cloud::metrics::registered(
+            registry,
+            prometheus::IntCounterVec::new(
+                cloud::metrics::dispatchcloud_opts(
+                    "containers_finished_total",
+                    "Number of queued containers seen reaching a final state (Complete or Cancelled), by state.",
+                ),
+                &["state"],
+            )?,
         )?;
-        registry.register(Box::new(finished.clone()))?;
         for s in [ContainerState::Complete, ContainerState::Cancelled] {
             finished.with_label_values(&[s.as_str()]);
         }
-        let polls = prometheus::IntCounterVec::new(
-            prometheus::Opts::new(
-                "queue_polls_total",
-                "Number of queue polls of the API, by kind (full, incremental).",
-            )
-            .namespace("arvados")
-            .subsystem("dispatchcloud"),
-            &["kind"],
+        let polls = cloud::metrics::registered(
+            registry,
+            prometheus::IntCounterVec::new(
+                cloud::metrics::dispatchcloud_opts(
+                    "queue_polls_total",
+                    "Number of queue polls of the API, by kind (full, incremental).",
+                ),
+                &["kind"],
+            )?,
         )?;
-        registry.register(Box::new(polls.clone()))?;
-        let rows = prometheus::IntCounterVec::new(
-            prometheus::Opts::new(
-                "queue_rows_fetched_total",
-                "Number of container records the queue's polls received from the API, by poll kind.",
-            )
-            .namespace("arvados")
-            .subsystem("dispatchcloud"),
-            &["kind"],
+        let rows = cloud::metrics::registered(
+            registry,
+            prometheus::IntCounterVec::new(
+                cloud::metrics::dispatchcloud_opts(
+                    "queue_rows_fetched_total",
+                    "Number of container records the queue's polls received from the API, by poll kind.",
+                ),
+                &["kind"],
+            )?,
         )?;
-        registry.register(Box::new(rows.clone()))?;
         for k in ["full", "incremental"] {
             polls.with_label_values(&[k]);
             rows.with_label_values(&[k]);

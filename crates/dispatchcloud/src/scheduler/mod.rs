@@ -81,19 +81,9 @@ struct Metrics {
     waiting_spend_cap: prometheus::IntGauge,
 }
 
-fn register<G: Collector + Clone + 'static>(
-    registry: &prometheus::Registry,
-    g: G,
-) -> Result<G, prometheus::Error> {
-    registry.register(Box::new(g.clone()))?;
-    Ok(g)
-}
+use cloud::metrics::registered as register;
 
-fn opts(name: &str, help: &str) -> prometheus::Opts {
-    prometheus::Opts::new(name, help)
-        .namespace("arvados")
-        .subsystem("dispatchcloud")
-}
+use cloud::metrics::dispatchcloud_opts as opts;
 
 impl Metrics {
     fn new(registry: &prometheus::Registry) -> Result<Metrics, prometheus::Error> {
@@ -136,12 +126,10 @@ impl Metrics {
             pass_duration: register(
                 registry,
                 prometheus::Histogram::with_opts(
-                    prometheus::HistogramOpts::new(
+                    prometheus::HistogramOpts::from(opts(
                         "scheduling_pass_duration_seconds",
                         "Seconds per scheduling pass: plan, lock/start/unlock, sync.",
-                    )
-                    .namespace("arvados")
-                    .subsystem("dispatchcloud")
+                    ))
                     .buckets(vec![
                         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                         10.0, 30.0, 60.0,

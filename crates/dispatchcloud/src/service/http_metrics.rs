@@ -39,22 +39,26 @@ impl ServiceMetrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
         registry.register(Box::new(version))?;
-        let source = Gauge::with_opts(Opts::new(
-            "arvados_config_source_timestamp_seconds",
-            "Timestamp of config file when it was loaded.",
-        ))?;
-        registry.register(Box::new(source.clone()))?;
+        let source = cloud::metrics::registered(
+            registry,
+            Gauge::with_opts(Opts::new(
+                "arvados_config_source_timestamp_seconds",
+                "Timestamp of config file when it was loaded.",
+            ))?,
+        )?;
         let load = Gauge::with_opts(Opts::new(
             "arvados_config_load_timestamp_seconds",
             "Time when config file was loaded.",
         ))?;
         load.set(unix(SystemTime::now()));
         registry.register(Box::new(load))?;
-        let concurrent = IntGauge::with_opts(Opts::new(
-            "arvados_concurrent_requests",
-            "Number of requests in progress",
-        ))?;
-        registry.register(Box::new(concurrent.clone()))?;
+        let concurrent = cloud::metrics::registered(
+            registry,
+            IntGauge::with_opts(Opts::new(
+                "arvados_concurrent_requests",
+                "Number of requests in progress",
+            ))?,
+        )?;
         let max = IntGauge::with_opts(Opts::new(
             "arvados_max_concurrent_requests",
             "Maximum number of concurrent requests",

@@ -200,15 +200,13 @@ impl Service {
             .map_err(|e| StartError::Api(e.to_string()))?;
         let queue = ContainerQueue::new(client, TypeChooser::new(cluster), &registry)?;
         queue.set_incremental(settings.queue);
-        let active = prometheus::IntGauge::with_opts(
-            prometheus::Opts::new(
+        let active = cloud::metrics::registered(
+            &registry,
+            prometheus::IntGauge::with_opts(cloud::metrics::dispatchcloud_opts(
                 "active",
                 "1 while this dispatcher holds the dispatcher lock (or runs without a database) and dispatches; 0 while it starts, stands by or has stopped.",
-            )
-            .namespace("arvados")
-            .subsystem("dispatchcloud"),
+            ))?,
         )?;
-        registry.register(Box::new(active.clone()))?;
         let scheduler = Scheduler::new(
             queue.clone(),
             pool.clone(),

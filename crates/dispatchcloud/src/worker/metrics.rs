@@ -11,7 +11,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{
     LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary as PSummary,
 };
-use prometheus::{CounterVec, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{CounterVec, Gauge, GaugeVec, IntCounter, IntGauge, Registry};
 
 const QUANTILES: [f64; 4] = [0.5, 0.9, 0.95, 0.99];
 const MAX_AGE: Duration = Duration::from_secs(600);
@@ -148,11 +148,7 @@ impl Collector for Summary {
     }
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help)
-        .namespace("arvados")
-        .subsystem("dispatchcloud")
-}
+use cloud::metrics::dispatchcloud_opts as opts;
 
 fn full(name: &str) -> String {
     format!("arvados_dispatchcloud_{name}")
@@ -235,8 +231,8 @@ impl PoolMetrics {
     pub fn new(registry: &Registry) -> Result<PoolMetrics, prometheus::Error> {
         let gauge_vec =
             |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
-                let g = GaugeVec::new(opts(name, help), labels)?;
-                registry.register(Box::new(g.clone()))?;
+                let g =
+                    cloud::metrics::registered(registry, GaugeVec::new(opts(name, help), labels)?)?;
                 Ok(g)
             };
         let summary = |name: &str,
@@ -247,61 +243,77 @@ impl PoolMetrics {
             s.register(registry)?;
             Ok(s)
         };
-        let containers_running = IntGauge::with_opts(opts(
-            "containers_running",
-            "Number of containers reported running by cloud VMs.",
-        ))?;
-        registry.register(Box::new(containers_running.clone()))?;
-        let probe_age_max = Gauge::with_opts(opts(
-            "probe_age_seconds_max",
-            "Maximum number of seconds since an instance's most recent successful probe.",
-        ))?;
-        registry.register(Box::new(probe_age_max.clone()))?;
-        let probe_age_median = Gauge::with_opts(opts(
-            "probe_age_seconds_median",
-            "Median number of seconds since an instance's most recent successful probe.",
-        ))?;
-        registry.register(Box::new(probe_age_median.clone()))?;
-        let boot_outcomes = CounterVec::new(
-            opts("boot_outcomes", "Boot outcomes by type."),
-            &["outcome"],
+        let containers_running = cloud::metrics::registered(
+            registry,
+            IntGauge::with_opts(opts(
+                "containers_running",
+                "Number of containers reported running by cloud VMs.",
+            ))?,
         )?;
-        registry.register(Box::new(boot_outcomes.clone()))?;
+        let probe_age_max = cloud::metrics::registered(
+            registry,
+            Gauge::with_opts(opts(
+                "probe_age_seconds_max",
+                "Maximum number of seconds since an instance's most recent successful probe.",
+            ))?,
+        )?;
+        let probe_age_median = cloud::metrics::registered(
+            registry,
+            Gauge::with_opts(opts(
+                "probe_age_seconds_median",
+                "Median number of seconds since an instance's most recent successful probe.",
+            ))?,
+        )?;
+        let boot_outcomes = cloud::metrics::registered(
+            registry,
+            CounterVec::new(
+                opts("boot_outcomes", "Boot outcomes by type."),
+                &["outcome"],
+            )?,
+        )?;
         for o in BOOT_OUTCOMES {
             boot_outcomes.with_label_values(&[o]);
         }
-        let disappeared = CounterVec::new(
-            opts(
-                "instances_disappeared",
-                "Number of occurrences of an instance disappearing from the cloud provider's list of instances.",
-            ),
-            &["state"],
+        let disappeared = cloud::metrics::registered(
+            registry,
+            CounterVec::new(
+                opts(
+                    "instances_disappeared",
+                    "Number of occurrences of an instance disappearing from the cloud provider's list of instances.",
+                ),
+                &["state"],
+            )?,
         )?;
-        registry.register(Box::new(disappeared.clone()))?;
         for s in STATES {
             disappeared.with_label_values(&[s]);
         }
-        let instances_seconds = CounterVec::new(
-            opts(
-                "instances_seconds_total",
-                "Cumulative seconds cloud VMs have spent in each category, by instance type.",
-            ),
-            &["category", "instance_type", "preemptible"],
+        let instances_seconds = cloud::metrics::registered(
+            registry,
+            CounterVec::new(
+                opts(
+                    "instances_seconds_total",
+                    "Cumulative seconds cloud VMs have spent in each category, by instance type.",
+                ),
+                &["category", "instance_type", "preemptible"],
+            )?,
         )?;
-        registry.register(Box::new(instances_seconds.clone()))?;
-        let instances_cost = CounterVec::new(
-            opts(
-                "instances_cost_total",
-                "Cumulative cost of cloud VMs (InstanceTypes Price times hours) in each category, by instance type.",
-            ),
-            &["category", "instance_type", "preemptible"],
+        let instances_cost = cloud::metrics::registered(
+            registry,
+            CounterVec::new(
+                opts(
+                    "instances_cost_total",
+                    "Cumulative cost of cloud VMs (InstanceTypes Price times hours) in each category, by instance type.",
+                ),
+                &["category", "instance_type", "preemptible"],
+            )?,
         )?;
-        registry.register(Box::new(instances_cost.clone()))?;
-        let broken = IntCounter::with_opts(opts(
-            "instances_broken_total",
-            "Number of cloud VMs whose crunch-run reported them broken.",
-        ))?;
-        registry.register(Box::new(broken.clone()))?;
+        let broken = cloud::metrics::registered(
+            registry,
+            IntCounter::with_opts(opts(
+                "instances_broken_total",
+                "Number of cloud VMs whose crunch-run reported them broken.",
+            ))?,
+        )?;
         let state_age_max = gauge_vec(
             "instances_state_age_seconds_max",
             "Seconds the oldest cloud VM in each state has been in it (unknown, booting: since it appeared; shutdown: since the first shutdown attempt).",
