@@ -344,13 +344,14 @@ impl Ec2Set {
         }
         per_subnet.insert(String::new(), 0.0);
         let mut spot_seen: Vec<(String, String)> = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut call = client.describe_instances().set_next_token(token.clone());
-            for (k, v) in filter {
-                call = call.filters(Filter::builder().name(format!("tag:{k}")).values(v).build());
-            }
-            let page = match call.send().await {
+        let mut call = client.describe_instances();
+        for (k, v) in filter {
+            call = call.filters(Filter::builder().name(format!("tag:{k}")).values(v).build());
+        }
+        // The SDK's paginator follows NextToken (and stops if a token repeats).
+        let mut pages = call.into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = match page {
                 Ok(p) => p,
                 Err(e) => {
                     return Err(classify(
@@ -386,10 +387,6 @@ impl Ec2Set {
                     raw.push(inst.clone());
                 }
             }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
         }
         self.list_backoff.reset();
         for (subnet, n) in per_subnet {
@@ -424,26 +421,24 @@ impl Ec2Set {
         types.dedup();
         let since = now - interval * 3;
         let mut fresh: HashMap<SpotKey, Vec<InstancePrice>> = HashMap::new();
-        let mut token: Option<String> = None;
-        loop {
-            let r = client
-                .describe_spot_price_history()
-                .start_time(aws_sdk_ec2::primitives::DateTime::from(since))
-                .filters(
-                    Filter::builder()
-                        .name("instance-type")
-                        .set_values(Some(types.clone()))
-                        .build(),
-                )
-                .filters(
-                    Filter::builder()
-                        .name("product-description")
-                        .values("Linux/UNIX")
-                        .build(),
-                )
-                .set_next_token(token.clone())
-                .send()
-                .await;
+        let mut pages = client
+            .describe_spot_price_history()
+            .start_time(aws_sdk_ec2::primitives::DateTime::from(since))
+            .filters(
+                Filter::builder()
+                    .name("instance-type")
+                    .set_values(Some(types.clone()))
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("product-description")
+                    .values("Linux/UNIX")
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(r) = pages.next().await {
             let page = match r {
                 Ok(p) => p,
                 Err(e) => {
@@ -471,10 +466,6 @@ impl Ec2Set {
                     start_time: st.into(),
                     price,
                 });
-            }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
             }
         }
         let mut cache = self.spot.lock();
