@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use subtle::ConstantTimeEq;
 
 struct Shared {
     token: String,
@@ -42,9 +41,8 @@ fn refusal(s: &Shared, headers: &HeaderMap) -> Option<Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let same =
-        given.len() == s.token.len() && bool::from(given.as_bytes().ct_eq(s.token.as_bytes()));
-    (!same).then(|| (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response())
+    (!dispatchcloud::service::api::same(given, &s.token))
+        .then(|| (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response())
 }
 
 async fn ping(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {

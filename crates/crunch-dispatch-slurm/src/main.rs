@@ -9,7 +9,7 @@ use arvados::config::units::parse_duration;
 use arvados::config::{Cluster, ConfigSource, load_cluster_from_str};
 use arvados::{Client, ClientConfig};
 use clap::Parser;
-use crunch_dispatch_slurm::runner::{Context, DEFAULT_UNRUNNABLE_TIMEOUT, adopt_orphans, run_fn};
+use crunch_dispatch_slurm::runner::{Context, adopt_orphans, run_fn};
 use crunch_dispatch_slurm::slurm::{CliCommands, DEFAULT_COMMAND_TIMEOUT, Slurm};
 use crunch_dispatch_slurm::squeue::Checker;
 use crunch_dispatch_slurm::{http, job_environment, legacy, template};
@@ -182,11 +182,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let mut ctx = Context::new(cluster.clone(), slurm, checker.clone());
     ctx.unrunnable_timeout = (!cli.unrunnable_timeout.is_zero()).then_some(cli.unrunnable_timeout);
-    if ctx.unrunnable_timeout.is_some() && cli.unrunnable_timeout != DEFAULT_UNRUNNABLE_TIMEOUT {
-        tracing::info!(
-            "unrunnable jobs are cancelled after {:?}",
-            cli.unrunnable_timeout
-        );
+    match ctx.unrunnable_timeout {
+        Some(t) => {
+            tracing::info!("containers whose jobs Slurm can never start are cancelled after {t:?}")
+        }
+        None => tracing::info!(
+            "containers whose jobs Slurm can never start are never cancelled (-unrunnable-timeout 0)"
+        ),
     }
     let ctx = Arc::new(ctx);
     let dispatcher = Dispatcher::new(client, run_fn(ctx.clone()))

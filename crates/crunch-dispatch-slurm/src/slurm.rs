@@ -91,13 +91,13 @@ impl Commands for CliCommands {
         stdin: Option<&'a str>,
     ) -> BoxFuture<'a, CmdResult> {
         Box::pin(async move {
-            let _slot = if prog == "squeue" {
+            let squeue = prog == "squeue";
+            let _slot = if squeue {
                 None
             } else {
                 Some(self.slots.acquire().await.map_err(|e| e.to_string())?)
             };
             let path = resolve(prog);
-            let squeue = prog == "squeue";
             let mut cmd = tokio::process::Command::new(prog);
             cmd.args(args)
                 .envs(self.env.iter().map(|(k, v)| (k, v)))

@@ -98,8 +98,6 @@ struct Inner {
     snapshot: Snapshot,
     /// squeue runs started so far.
     started: u64,
-    /// Desired priorities registered for jobs not (yet) listed are kept here for one poll.
-    wanted: HashMap<String, i64>,
 }
 
 /// The squeue checker (see the module doc). Cheap to clone.
@@ -125,7 +123,6 @@ impl Checker {
             inner: Arc::new(Mutex::new(Inner {
                 snapshot: Snapshot::default(),
                 started: 0,
-                wanted: HashMap::new(),
             })),
             published: watch::channel(0).0,
             slurm,
@@ -181,14 +178,7 @@ impl Checker {
                 tracing::warn!("ignoring unparsed line in squeue output: {line:?}");
                 continue;
             };
-            job.wanted = st
-                .snapshot
-                .jobs
-                .get(&job.name)
-                .map(|j| j.wanted)
-                .filter(|w| *w != 0)
-                .or_else(|| st.wanted.get(&job.name).copied())
-                .unwrap_or(0);
+            job.wanted = st.snapshot.jobs.get(&job.name).map_or(0, |j| j.wanted);
             if low_priority(&job) {
                 tracing::warn!(
                     "job {:?} has low priority {}, nice {}, state {:?}, reason {:?}",
@@ -201,7 +191,6 @@ impl Checker {
             }
             jobs.insert(job.name.clone(), job);
         }
-        st.wanted.clear();
         st.snapshot = Snapshot { jobs, run };
         drop(st);
         self.published.send_replace(run);
@@ -213,18 +202,22 @@ impl Checker {
         self.inner().started
     }
 
+    /// Wait (at most `wait_limit`) until a snapshot from an squeue run started after `mark`
+    /// has been published.
+    async fn wait_after(&self, mark: u64) -> Result<(), Stale> {
+        let mut rx = self.published.subscribe();
+        match tokio::time::timeout(self.wait_limit, rx.wait_for(|run| *run > mark)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Stale(self.wait_limit)),
+        }
+    }
+
     /// Wait for a snapshot from an squeue run started after `mark`; its run number (a mark
     /// for the next wait) and the job named `name` in it, if listed.
     pub async fn fresh(&self, mark: u64, name: &str) -> Result<(u64, Option<Job>), Stale> {
-        let mut rx = self.published.subscribe();
-        let waited = tokio::time::timeout(self.wait_limit, rx.wait_for(|run| *run > mark)).await;
-        match waited {
-            Ok(Ok(_)) => {
-                let st = self.inner();
-                Ok((st.snapshot.run, st.snapshot.jobs.get(name).cloned()))
-            }
-            _ => Err(Stale(self.wait_limit)),
-        }
+        self.wait_after(mark).await?;
+        let st = self.inner();
+        Ok((st.snapshot.run, st.snapshot.jobs.get(name).cloned()))
     }
 
     /// Whether a job named `name` exists, by an squeue started after this call.
@@ -240,12 +233,7 @@ impl Checker {
 
     /// Every job name in a snapshot started after this call.
     pub async fn all(&self) -> Result<Vec<String>, Stale> {
-        let mark = self.mark();
-        let mut rx = self.published.subscribe();
-        tokio::time::timeout(self.wait_limit, rx.wait_for(|run| *run > mark))
-            .await
-            .map_err(|_| Stale(self.wait_limit))?
-            .map_err(|_| Stale(self.wait_limit))?;
+        self.wait_after(self.mark()).await?;
         let mut names: Vec<String> = self.inner().snapshot.jobs.keys().cloned().collect();
         names.sort();
         Ok(names)
@@ -263,8 +251,8 @@ impl Checker {
             }
             st.started
         };
-        let mut rx = self.published.subscribe();
-        let _ = tokio::time::timeout(self.wait_limit, rx.wait_for(|run| *run > mark)).await;
+        // Stale or not, look once more; an absent job keeps no registration.
+        let _ = self.wait_after(mark).await;
         if let Some(j) = self.inner().snapshot.jobs.get_mut(name) {
             j.wanted = want;
         }

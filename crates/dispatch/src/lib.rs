@@ -191,7 +191,7 @@ pub enum DispatchError {
 }
 
 struct Tracker {
-    tx: Option<watch::Sender<Option<Container>>>,
+    tx: Option<UpdateSender>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -199,7 +199,7 @@ impl Tracker {
     /// Deliver a newer record (replacing an unread one: the reader only wants the latest).
     fn update(&self, c: Container) {
         if let Some(tx) = &self.tx {
-            tx.send_replace(Some(c));
+            tx.send(c);
         }
     }
 
@@ -509,10 +509,8 @@ impl Dispatcher {
     /// already ended.
     fn start_tracker(&self, c: Container, closed: bool) {
         let uuid = c.uuid.clone();
-        let (tx, rx) = watch::channel(Some(c.clone()));
-        let mut updates = Updates { rx };
         // The initial record counts as delivered (the run function gets it as an argument).
-        updates.rx.borrow_and_update();
+        let (tx, updates) = Updates::channel(c.clone());
         let d = self.clone();
         let mut st = self.state();
         if st.trackers.contains_key(&uuid) {

@@ -36,7 +36,8 @@ pub(super) fn json_error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"errors": [message]}))).into_response()
 }
 
-fn same(a: &str, b: &str) -> bool {
+/// Whether two tokens are equal, compared in constant time (for equal lengths).
+pub fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
