@@ -5,7 +5,8 @@
 //!
 //! Modules: instance-type choice (`node_size`), the container queue (`queue`), the scheduler
 //! (`scheduler`, against the narrow `scheduler::pool::WorkerPool` interface), the SSH executor
-//! (`ssh_executor`), the worker pool (`worker`), the service wiring and management API
+//! (`ssh_executor`), the worker pool (`worker`), worker states and their transitions
+//! (`worker_state`, shared by the scheduler and the pool), the service wiring and management API
 //! (`service`), and `cloudtest`.
 
 pub mod cloudtest;
@@ -18,6 +19,7 @@ pub mod service;
 pub mod settings;
 pub mod ssh_executor;
 pub mod worker;
+pub mod worker_state;
 
 /// Resolves once `flag` is true (or its sender is gone): the `select!` arm for a shutdown or a
 /// lost-lock signal.

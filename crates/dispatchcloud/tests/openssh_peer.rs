@@ -20,8 +20,9 @@ use arvados::InstanceType;
 use cloud::{
     BoxFuture, CloudError, CreateRequest, Instance, InstancePrice, InstanceSet, InstanceTags,
 };
-use dispatchcloud::scheduler::pool::{WorkerPool, WorkerState};
+use dispatchcloud::scheduler::pool::WorkerPool;
 use dispatchcloud::worker::{Pool, PoolConfig};
+use dispatchcloud::worker_state::WorkerState;
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
 
 use common::wait_for;

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arvados::InstanceType;
-use dispatchcloud::scheduler::pool::{IdleBehavior, WorkerPool, WorkerState};
+use dispatchcloud::scheduler::pool::WorkerPool;
 use dispatchcloud::worker::{Pool, PoolConfig};
+use dispatchcloud::worker_state::{IdleBehavior, WorkerState};
 use serde_json::json;
 use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use arvados::InstanceType;
 
 use super::plan::{PoolSnapshot, SchedConfig};
-use super::pool::{IdleBehavior, WorkerState};
 use crate::fasthash::FastMap;
 use crate::node_size::InstanceResources;
+use crate::worker_state::{IdleBehavior, WorkerState};
 
 /// What a leaf (one instance) offers, or what a node's subtree offers at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

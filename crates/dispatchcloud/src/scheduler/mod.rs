@@ -36,8 +36,9 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use tokio::sync::{Notify, watch};
 
+use crate::worker_state::WorkerState;
 pub use plan::{Limits, PoolSnapshot, QueueOrder, QueuePlan, SchedConfig, plan_queue};
-pub use pool::{IdleBehavior, InstanceView, RunningMap, WorkerPool, WorkerState};
+pub use pool::{RunningMap, WorkerPool};
 pub use status::Status;
 pub use sync::{SyncAction, plan_sync};
 

@@ -17,11 +17,12 @@ use arvados::config::Cluster;
 use arvados::types::ContainerState;
 
 use super::index::InstanceIndex;
-use super::pool::{InstanceView, RunningMap, WorkerPool, WorkerState};
+use super::pool::{RunningMap, WorkerPool};
 use super::status::Status;
 use crate::fasthash::{FastMap, FastSet};
 use crate::node_size::InstanceResources;
 use crate::queue::{QueueEnt, uuid_hash};
+use crate::worker_state::{InstanceView, WorkerState};
 
 /// After a 503, the container limit starts growing again once this long has passed quietly.
 pub const QUIET_AFTER_503: Duration = Duration::from_secs(60);

@@ -4,104 +4,14 @@
 //! scheduler can call them from its loop. [`super::stub::StubPool`] implements it for tests.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use arvados::InstanceType;
 use arvados::types::Container;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::fasthash::FastMap;
-
-/// Worker states (spec §8.3), with Arvados' lower-case names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WorkerState {
-    Unknown,
-    Booting,
-    Idle,
-    Running,
-    Shutdown,
-}
-
-impl WorkerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkerState::Unknown => "unknown",
-            WorkerState::Booting => "booting",
-            WorkerState::Idle => "idle",
-            WorkerState::Running => "running",
-            WorkerState::Shutdown => "shutdown",
-        }
-    }
-
-    /// Idle or running: a container can be started on it now.
-    pub fn is_ready(self) -> bool {
-        matches!(self, WorkerState::Idle | WorkerState::Running)
-    }
-}
-
-impl fmt::Display for WorkerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Operator-set idle behaviour of a worker (spec §8.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IdleBehavior {
-    #[default]
-    Run,
-    Hold,
-    Drain,
-}
-
-impl IdleBehavior {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IdleBehavior::Run => "run",
-            IdleBehavior::Hold => "hold",
-            IdleBehavior::Drain => "drain",
-        }
-    }
-}
-
-/// One worker as the pool reports it (and as the management API lists it). A pending create
-/// has an empty `instance`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceView {
-    pub instance: String,
-    pub address: String,
-    pub price: f64,
-    pub arvados_instance_type: String,
-    pub provider_instance_type: String,
-    pub last_container_uuid: String,
-    pub last_busy: Option<DateTime<Utc>>,
-    pub worker_state: WorkerState,
-    pub idle_behavior: IdleBehavior,
-    /// Containers starting or running on it.
-    pub running_container_uuids: Vec<String>,
-}
-
-impl InstanceView {
-    /// A view of a worker of type `it` in `state`, with nothing running.
-    pub fn new(id: &str, it: &InstanceType, state: WorkerState) -> Self {
-        InstanceView {
-            instance: id.to_string(),
-            address: String::new(),
-            price: it.price,
-            arvados_instance_type: it.name.clone(),
-            provider_instance_type: it.provider_type.clone(),
-            last_container_uuid: String::new(),
-            last_busy: None,
-            worker_state: state,
-            idle_behavior: IdleBehavior::Run,
-            running_container_uuids: Vec::new(),
-        }
-    }
-}
+use crate::worker_state::{InstanceView, WorkerState};
 
 /// uuid → when the pool noticed its crunch-run exit (`None`: starting or running).
 pub type RunningMap = FastMap<String, Option<DateTime<Utc>>>;

@@ -14,10 +14,10 @@ use chrono::{TimeZone, Utc};
 use proptest::prelude::*;
 
 use super::plan::{Limits, PoolSnapshot, SchedConfig, plan_queue};
-use super::pool::{IdleBehavior, InstanceView, WorkerState};
 use super::sync::{SyncAction, plan_sync};
 use crate::node_size::TypeChooser;
 use crate::queue::QueueEnt;
+use crate::worker_state::{IdleBehavior, InstanceView, WorkerState};
 
 const GIB: i64 = 1 << 30;
 

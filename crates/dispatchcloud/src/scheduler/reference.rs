@@ -12,10 +12,10 @@ use arvados::InstanceType;
 use arvados::types::ContainerState;
 
 use super::plan::{Limits, PoolSnapshot, SchedConfig, update_limits};
-use super::pool::{IdleBehavior, WorkerState};
 use super::status::Status;
 use crate::node_size::InstanceResources;
 use crate::queue::QueueEnt;
+use crate::worker_state::{IdleBehavior, WorkerState};
 
 /// Everything a pass decides, in comparable form.
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -11,9 +11,9 @@ use arvados::types::{Container, ContainerState};
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::plan::{Limits, PoolSnapshot, SchedConfig};
-use super::pool::{InstanceView, WorkerState};
 use crate::node_size::TypeChooser;
 use crate::queue::QueueEnt;
+use crate::worker_state::{InstanceView, WorkerState};
 
 const GIB: i64 = 1 << 30;
 

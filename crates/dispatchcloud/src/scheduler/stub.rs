@@ -13,7 +13,8 @@ use arvados::types::Container;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use super::pool::{IdleBehavior, InstanceView, RunningMap, WorkerPool, WorkerState};
+use super::pool::{RunningMap, WorkerPool};
+use crate::worker_state::{IdleBehavior, InstanceView, WorkerState};
 
 #[derive(Debug, Clone)]
 pub struct StubWorker {

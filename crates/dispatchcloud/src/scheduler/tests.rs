@@ -13,7 +13,7 @@ use arvados::types::{Container, ContainerState};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 
 use super::plan::{Limits, PoolSnapshot, QueuePlan, SchedConfig, plan_queue};
-use super::pool::{IdleBehavior, WorkerPool, WorkerState};
+use super::pool::WorkerPool;
 use super::reference;
 use super::scale::{self, Variant};
 use super::status::Status;
@@ -21,6 +21,7 @@ use super::stub::StubPool;
 use super::sync::{SyncAction, plan_sync};
 use crate::node_size::TypeChooser;
 use crate::queue::QueueEnt;
+use crate::worker_state::{IdleBehavior, WorkerState};
 
 const GIB: i64 = 1 << 30;
 const MIB: i64 = 1 << 20;
@@ -1126,7 +1127,7 @@ fn random_case(rng: &mut Rng) -> (SchedConfig, Limits, Vec<Arc<QueueEnt>>, PoolS
             // Unique, in an order unrelated to j.
             format!("i-{:03}", (j * 37 + rng.below(2) as usize * 500) % 1000)
         };
-        let mut v = super::pool::InstanceView::new(&id, &it, state);
+        let mut v = crate::worker_state::InstanceView::new(&id, &it, state);
         v.idle_behavior = [
             IdleBehavior::Run,
             IdleBehavior::Run,

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::Service;
-use crate::scheduler::pool::{IdleBehavior, InstanceView, WorkerPool};
+use crate::scheduler::pool::WorkerPool;
+use crate::worker_state::{IdleBehavior, InstanceView};
 
 type Shared = Arc<Service>;
 

@@ -10,9 +10,10 @@ use cloud::Instance;
 use tokio::time::{Duration, Instant};
 
 use super::runner::Runner;
-use super::{Pool, State, close_runner, config};
-use crate::scheduler::pool::{IdleBehavior, WorkerState};
+use super::runner::close_runner;
+use super::{Pool, State, config};
 use crate::ssh_executor::{ExecError, Executor};
+use crate::worker_state::{Action, Event, IdleBehavior, WorkerState};
 
 /// What a run probe found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -292,15 +293,16 @@ impl Pool {
             close_runner(w, exited, &uuid, now);
             changed = true;
         }
-        if booted && matches!(w.state, WorkerState::Unknown | WorkerState::Booting) {
-            if w.state == WorkerState::Booting && !w.time_to_ready_reported {
-                w.time_to_ready_reported = true;
-                let from = w.first_ssh.unwrap_or(w.appeared);
-                self.metrics
-                    .time_to_ready
-                    .observe(&[], now.saturating_duration_since(from).as_secs_f64());
-            }
-            w.state = WorkerState::Idle;
+        let event = if !booted {
+            Event::ListedNotBooted
+        } else if w.processes() > 0 {
+            Event::ProbedBusy
+        } else {
+            Event::ProbedIdle
+        };
+        let was = w.state;
+        let action = w.apply(event);
+        if w.state != was {
             changed = true;
         }
         if !changed {
@@ -314,14 +316,16 @@ impl Pool {
         if w.state == WorkerState::Unknown {
             tracing::info!(Instance = %id, "crunch-run probe succeeded, but boot probe is still failing");
         }
-        if w.state == WorkerState::Idle && w.processes() > 0 {
-            w.state = WorkerState::Running;
-        } else if w.state == WorkerState::Running && w.processes() == 0 {
-            w.state = WorkerState::Idle;
-        }
         w.updated = now;
         w.proc_gen += 1;
-        if booted && matches!(snap.state, WorkerState::Unknown | WorkerState::Booting) {
+        if action == Some(Action::InService) {
+            if was == WorkerState::Booting && !w.time_to_ready_reported {
+                w.time_to_ready_reported = true;
+                let from = w.first_ssh.unwrap_or(w.appeared);
+                self.metrics
+                    .time_to_ready
+                    .observe(&[], now.saturating_duration_since(from).as_secs_f64());
+            }
             self.report_boot_outcome(w, "success");
             tracing::info!(Instance = %id, "probes succeeded, instance is in service");
         }

@@ -11,8 +11,8 @@ use cloud::{Instance, InstanceTags};
 use tokio::time::{Duration, Instant};
 
 use super::runner::Runner;
-use crate::scheduler::pool::{IdleBehavior, InstanceView, WorkerState};
 use crate::ssh_executor::Executor;
+use crate::worker_state::{Action, Event, IdleBehavior, InstanceView, WorkerState, transition};
 
 pub struct Worker {
     pub id: String,
@@ -62,6 +62,16 @@ pub fn ago(now: Instant, d: Duration) -> Instant {
 }
 
 impl Worker {
+    /// Apply `event` through the state machine ([`transition`]); the action to carry out, or
+    /// `None` if the event changes nothing in this state.
+    pub fn apply(&mut self, event: Event) -> Option<Action> {
+        let step = transition(Some(self.state), event)?;
+        if let Some(to) = step.to {
+            self.state = to; // the one assignment: apply()
+        }
+        Some(step.action)
+    }
+
     pub fn processes(&self) -> usize {
         self.running.len() + self.starting.len()
     }

@@ -9,8 +9,14 @@ use std::sync::{Arc, Weak};
 
 use tokio::time::{Duration, Instant};
 
-use super::Pool;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use super::record::Worker;
+use super::{Pool, State};
 use crate::ssh_executor::Executor;
+use crate::worker_state::{Event, IdleBehavior};
 
 pub struct Runner {
     pub uuid: String,
@@ -108,5 +114,67 @@ impl Runner {
             }
             tokio::time::sleep(self.timeout_signal).await;
         }
+    }
+}
+
+/// The pool's side of a runner's life (spec §8.12).
+impl Pool {
+    // -----------------------------------------------------------------------------------
+    // Runners (§8.12)
+
+    /// `--kill` succeeded: the process is gone.
+    pub(super) fn on_killed(&self, worker_id: &str, uuid: &str) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let State {
+            workers, exited, ..
+        } = &mut *st;
+        if let Some(w) = workers.get_mut(worker_id) {
+            // Better than Go (§13.3 item 20): a runner still starting is closed too.
+            if w.running.contains_key(uuid) || w.starting.contains_key(uuid) {
+                close_runner(w, exited, uuid, now);
+            }
+        }
+        drop(st);
+        self.notify();
+    }
+
+    /// `TimeoutTERM` passed: drain the worker (unless on hold).
+    pub(super) fn on_unkillable(&self, worker_id: &str, uuid: &str) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(w) = st.workers.get_mut(worker_id) else {
+            return;
+        };
+        if w.idle_behavior == IdleBehavior::Hold {
+            tracing::warn!(Instance = %worker_id, ContainerUUID = %uuid, "unkillable container, but worker is on hold");
+            return;
+        }
+        tracing::warn!(Instance = %worker_id, ContainerUUID = %uuid, "unkillable container, draining worker");
+        w.idle_behavior = IdleBehavior::Drain;
+        self.save_tags(w);
+        self.shutdown_if_idle(w, now);
+        drop(st);
+        self.notify();
+    }
+}
+
+/// The process ended (or was killed): stop tracking it, leave an exited placeholder.
+pub(super) fn close_runner(
+    w: &mut Worker,
+    exited: &mut HashMap<String, DateTime<Utc>>,
+    uuid: &str,
+    now: Instant,
+) {
+    let r = w.running.remove(uuid).or_else(|| w.starting.remove(uuid));
+    if let Some(r) = r {
+        tracing::info!(Instance = %w.id, ContainerUUID = %uuid, "crunch-run process ended");
+        r.close();
+    }
+    w.updated = now;
+    w.proc_gen += 1;
+    exited.insert(uuid.to_string(), Utc::now());
+    if w.processes() == 0 {
+        w.apply(Event::LastProcessEnded);
     }
 }

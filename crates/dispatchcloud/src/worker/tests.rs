@@ -18,7 +18,8 @@ use tokio::time::{Duration, Instant};
 use super::config::{PoolConfig, RunnerBinary};
 use super::record::{Worker, ago};
 use super::{Pool, runner::Runner};
-use crate::scheduler::pool::{IdleBehavior, WorkerPool, WorkerState};
+use crate::scheduler::pool::WorkerPool;
+use crate::worker_state::{IdleBehavior, WorkerState};
 
 /// What a scripted VM answers.
 #[derive(Default, Clone)]

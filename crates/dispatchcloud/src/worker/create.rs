@@ -1,0 +1,299 @@
+//! Creating instances (spec §8.5): quota and capacity hold-offs, the concurrency limit,
+//! the create call in the background, and creates whose outcome is unknown.
+
+use std::sync::Arc;
+
+use arvados::InstanceType;
+use chrono::{DateTime, Utc};
+use cloud::{CreateRequest, InstanceSet, InstanceTags};
+use tokio::time::Instant;
+
+use super::{Pool, State};
+use crate::worker_state::{InstanceView, WorkerState};
+
+/// Something the pool is holding off (an offering short of capacity, all creates at quota).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldOff {
+    pub what: String,
+    pub reason: String,
+    /// `None`: until a condition changes (see `reason`).
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// A create call in flight, keyed by the instance secret it carries.
+pub(super) struct Creating {
+    pub(super) it: Arc<InstanceType>,
+    /// The create call failed without saying whether a VM was made (no answer in time, a
+    /// server error): since when. The place is kept, so nothing creates a second VM for it,
+    /// until the cloud list shows the VM (it is adopted) or a list started
+    /// `unknown_create_grace` later does not (it never existed).
+    pub(super) unknown_since: Option<Instant>,
+}
+
+impl State {
+    /// Create calls still waiting for the cloud's answer (what
+    /// `MaxConcurrentInstanceCreateOps` limits).
+    pub(super) fn creates_in_flight(&self) -> usize {
+        self.creating
+            .values()
+            .filter(|c| c.unknown_since.is_none())
+            .count()
+    }
+}
+
+impl Pool {
+    // -----------------------------------------------------------------------------------
+    // Quota and capacity (§8.5)
+
+    pub(super) fn capacity_keys(&self, it: &InstanceType) -> [String; 3] {
+        let mut provider = it.provider_type.clone();
+        if it.preemptible {
+            provider.push_str("-preemptible");
+        }
+        [String::new(), self.set.instance_quota_group(it), provider]
+    }
+
+    pub(super) fn at_capacity_locked(&self, st: &State, it: &InstanceType, now: Instant) -> bool {
+        self.capacity_keys(it)
+            .iter()
+            .any(|k| st.at_capacity_until.get(k).is_some_and(|t| now < *t))
+    }
+
+    /// What the pool holds off now and why, for the status page.
+    pub fn holdoffs(&self) -> Vec<HoldOff> {
+        let now = Instant::now();
+        let until =
+            |t: Instant| Utc::now() + chrono::Duration::from_std(t - now).unwrap_or_default();
+        let st = self.lock();
+        let mut out = Vec::new();
+        let mut caps: Vec<(&String, &Instant)> = st
+            .at_capacity_until
+            .iter()
+            .filter(|(_, t)| now < **t)
+            .collect();
+        caps.sort();
+        for (key, t) in caps {
+            out.push(HoldOff {
+                what: if key.is_empty() {
+                    "every instance type".into()
+                } else {
+                    key.clone()
+                },
+                reason: "the cloud reported insufficient capacity".into(),
+                until: Some(until(*t)),
+            });
+        }
+        if let Some(t) = st.at_quota_until.filter(|t| now < *t) {
+            out.push(HoldOff {
+                what: "new instances".into(),
+                reason: "the cloud reported a quota error".into(),
+                until: Some(until(t)),
+            });
+        }
+        if st.at_quota_until_fewer > 0 {
+            out.push(HoldOff {
+                what: "new instances".into(),
+                reason: format!(
+                    "cloud quota: held until fewer than {} instances exist",
+                    st.at_quota_until_fewer
+                ),
+                until: None,
+            });
+        }
+        let n = st.workers.len() + st.creating.len();
+        if self.cfg.max_instances > 0 && n >= self.cfg.max_instances {
+            out.push(HoldOff {
+                what: "new instances".into(),
+                reason: format!("MaxInstances ({}) reached", self.cfg.max_instances),
+                until: None,
+            });
+        }
+        if let Some(t) = st.create_ops_hold_until.filter(|t| now < *t) {
+            out.push(HoldOff {
+                what: "create calls".into(),
+                reason: "MaxConcurrentInstanceCreateOps reached".into(),
+                until: Some(until(t)),
+            });
+        }
+        out
+    }
+
+    pub(super) fn at_quota_locked(&self, st: &State, now: Instant) -> bool {
+        let n = st.workers.len() + st.creating.len();
+        st.at_quota_until_fewer > 0
+            || st.at_quota_until.is_some_and(|t| now < t)
+            || (self.cfg.max_instances > 0 && n >= self.cfg.max_instances)
+    }
+
+    pub(super) fn create_throttled(&self, st: &State, now: Instant) -> bool {
+        st.create_ops_hold_until.is_some_and(|t| now < t) || self.set.create.error().is_some()
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Creating (§8.5)
+
+    pub(super) fn do_create(&self, it: &InstanceType) -> Option<InstanceView> {
+        if self.is_stopped() {
+            return None;
+        }
+        if let Some(e) = &self.cfg.runner_error {
+            tracing::debug!(error = %e, "not creating: runner binary not loaded");
+            return None;
+        }
+        let pool = self.arc()?;
+        let now = Instant::now();
+        let mut st = self.lock();
+        if self.at_capacity_locked(&st, it, now)
+            || self.at_quota_locked(&st, now)
+            || self.create_throttled(&st, now)
+        {
+            return None;
+        }
+        let max = st.max_concurrent_creates;
+        if max > 0 && st.creates_in_flight() >= max {
+            tracing::info!(
+                limit = max,
+                "reached MaxConcurrentInstanceCreateOps; waiting for a create to finish"
+            );
+            st.create_ops_hold_until = Some(now + self.cfg.create_ops_hold_off);
+            return None;
+        }
+        let it = Arc::new(it.clone());
+        let secret = cloud::tags::new_instance_secret();
+        st.creating.insert(
+            secret.clone(),
+            Creating {
+                it: it.clone(),
+                unknown_since: None,
+            },
+        );
+        let total = st.workers.len() + st.creating.len();
+        if self.cfg.max_instances > 0 && total == self.cfg.max_instances {
+            tracing::info!(
+                "now at MaxInstances limit of {} instances",
+                self.cfg.max_instances
+            );
+        }
+        drop(st);
+        self.notify();
+        let view = InstanceView::new("", &it, WorkerState::Booting);
+        tokio::spawn(async move { pool.create_in_background(secret, it).await });
+        Some(view)
+    }
+
+    pub(super) async fn create_in_background(
+        self: Arc<Self>,
+        secret: String,
+        it: Arc<InstanceType>,
+    ) {
+        let keys = &self.cfg.tag_keys;
+        let tags: InstanceTags = [
+            (keys.instance_set_id(), self.cfg.instance_set_id.clone()),
+            (keys.instance_type(), it.name.clone()),
+            (keys.idle_behavior(), "run".to_string()),
+            (keys.instance_secret(), secret.clone()),
+        ]
+        .into();
+        let req = CreateRequest {
+            image_id: self.cfg.image_id.clone(),
+            tags,
+            init_command: cloud::tags::init_command(&secret, &self.cfg.instance_init_command),
+            public_key: self.cfg.install_public_key.clone(),
+        };
+        let result = self.set.create(&it, req).await;
+        let now = Instant::now();
+        {
+            let mut st = self.lock();
+            match result {
+                Ok(inst) => {
+                    self.events.push("created", inst.id(), it.name.clone());
+                    self.update_worker(&mut st, inst, now);
+                }
+                Err(e) if e.outcome_unknown => {
+                    tracing::warn!(
+                        InstanceType = %it.name,
+                        error = %e,
+                        "create outcome unknown; keeping its place until the cloud's instance list shows whether the VM exists"
+                    );
+                    self.events.push(
+                        "create-failed",
+                        it.name.clone(),
+                        format!("outcome unknown, waiting for the list: {e}"),
+                    );
+                    let listed_already = st
+                        .workers
+                        .values()
+                        .any(|w| w.secret.as_deref() == Some(secret.as_str()));
+                    if listed_already {
+                        // A list that ran meanwhile showed its VM: that is the answer.
+                        st.creating.remove(&secret);
+                    } else if let Some(c) = st.creating.get_mut(&secret) {
+                        c.unknown_since = Some(now);
+                    }
+                    st.create_ops_hold_until = None;
+                    drop(st);
+                    self.notify();
+                    return;
+                }
+                Err(e) => {
+                    if e.is_quota() {
+                        let n = (st.workers.len() + st.creating.len()).saturating_sub(1);
+                        if n < 1 {
+                            st.at_quota_until_fewer = 0;
+                            st.at_quota_until = Some(now + self.cfg.quota_error_ttl);
+                            self.notify_at(now + self.cfg.quota_error_ttl);
+                        } else if n < st.at_quota_until_fewer || st.at_quota_until_fewer == 0 {
+                            st.at_quota_until_fewer = n;
+                            st.at_quota_until = None;
+                        }
+                    }
+                    if e.is_capacity() {
+                        let [all, group, provider] = self.capacity_keys(&it);
+                        let key = if e.is_quota_group_specific() {
+                            group
+                        } else if e.is_instance_type_specific() {
+                            provider
+                        } else {
+                            all
+                        };
+                        st.at_capacity_until
+                            .insert(key, now + self.cfg.capacity_error_ttl);
+                        self.notify_at(now + self.cfg.capacity_error_ttl);
+                    }
+                    if let Some(t) = e.earliest_retry() {
+                        // The throttle wrapper holds creates until then; wake the scheduler
+                        // when it may try again.
+                        let wait = t
+                            .duration_since(std::time::SystemTime::now())
+                            .unwrap_or_default();
+                        self.notify_at(now + wait);
+                    }
+                    tracing::error!(
+                        InstanceType = %it.name,
+                        isCapacityError = e.is_capacity(),
+                        isQuotaError = e.is_quota(),
+                        error = %e,
+                        "create failed"
+                    );
+                    self.events
+                        .push("create-failed", it.name.clone(), e.to_string());
+                }
+            }
+            st.creating.remove(&secret);
+            // Better than Go (§13.3 item 26): a finished create lifts the concurrency hold.
+            st.create_ops_hold_until = None;
+        }
+        self.notify();
+    }
+
+    /// Notify subscribers at `t` (when a hold-off ends).
+    pub(super) fn notify_at(&self, t: Instant) {
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(t).await;
+            if let Some(p) = me.upgrade() {
+                p.notify();
+            }
+        });
+    }
+}
