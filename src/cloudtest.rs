@@ -83,7 +83,8 @@ pub fn run(cluster: arvados::Cluster, args: CloudTestArgs) -> anyhow::Result<boo
             destroy_existing: args.destroy_existing,
             command: args.command,
         };
-        let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let cancel_tx = cancel.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             if let (Ok(mut int), Ok(mut term)) = (
@@ -94,7 +95,7 @@ pub fn run(cluster: arvados::Cluster, args: CloudTestArgs) -> anyhow::Result<boo
                     _ = int.recv() => {}
                     _ = term.recv() => {}
                 }
-                let _ = cancel_tx.send(true);
+                cancel_tx.cancel();
             }
         });
         let mut out = std::io::stdout();

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use dispatchcloud::service::{Service, api, http_server};
-use tokio::sync::watch;
+use dispatchcloud::tasks::Tasks;
+use tokio_util::sync::CancellationToken;
 
 /// Where to listen: `--listen`, else the `Services.DispatchCloud.InternalURLs` entry (its
 /// `ListenURL` if set) that can be bound on this host.
@@ -47,9 +48,11 @@ pub fn listen_addr(cluster: &arvados::Cluster, flag: Option<&str>) -> anyhow::Re
     ))
 }
 
-/// Turn SIGTERM / SIGINT into `true` on the returned channel.
-pub fn shutdown_on_signals() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
+/// A token cancelled on SIGTERM or SIGINT (the process's root token; its watcher task ends
+/// with the first signal or the runtime).
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let tx = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (
@@ -62,51 +65,42 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
-        let _ = tx.send(true);
+        tx.cancel();
     });
-    rx
+    token
 }
 
 /// Serve `svc`'s management API on `addr` and run it until `shutdown`.
 pub async fn serve(
     svc: Arc<Service>,
     addr: SocketAddr,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listen on {addr}"))?;
     tracing::info!(Listen = %listener.local_addr()?, "listening");
-    // The HTTP server stops when asked, or when the dispatcher stops by itself (lost lock).
-    let (done, done_rx) = watch::channel(false);
-    let mut stop = shutdown.clone();
-    let mut done_rx2 = done_rx.clone();
-    let (http_stop, http_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = dispatchcloud::until_true(&mut stop) => {}
-            _ = dispatchcloud::until_true(&mut done_rx2) => {}
-        }
+    // The HTTP server stops when asked, or when the dispatcher stops by itself (lost lock):
+    // its tasks are cancelled with `shutdown` or when they are joined below.
+    let http = Tasks::child_of(&shutdown);
+    let stopping = http.token().clone();
+    http.spawn(async move {
+        stopping.cancelled().await;
         crate::sd_notify::notify("STOPPING=1");
-        let _ = http_stop.send(true);
     });
-    let http = tokio::spawn(http_server::serve(
+    http.spawn(http_server::serve(
         listener,
         api::router(svc.clone()),
         http_server::ServeOptions::default(),
-        http_rx,
+        http.token().clone(),
     ));
     // Ready once the management API (health, metrics) is served: a standby waiting for the
     // PostgreSQL lock is up and healthy too.
     crate::sd_notify::notify("READY=1");
     let result = svc.run(shutdown).await;
-    let _ = done.send(true);
-    drop(done_rx);
     // The server drains open connections for a bounded time; a client that never ends its
     // request does not hold the process.
-    if tokio::time::timeout(HTTP_DRAIN, http).await.is_err() {
-        tracing::warn!("HTTP server still draining after {HTTP_DRAIN:?}; exiting anyway");
-    }
+    http.join("management API", HTTP_DRAIN).await;
     result?;
     Ok(())
 }

@@ -15,7 +15,6 @@ use dispatchcloud::service::Service;
 use serde_json::{Value, json};
 use testkit::stub_driver::{SharedStubDriver, StubConfig, StubSet};
 use testkit::{FakeArvados, FakeConfig, Fault, FaultKind};
-use tokio::sync::watch;
 
 /// The default config (also in `config/simulate.yml`).
 pub const DEFAULT_CONFIG: &str = include_str!("../config/simulate.yml");
@@ -219,21 +218,25 @@ async fn simulate(
         "management API: {api_url}  (Authorization: Bearer {})",
         cluster.management_token
     );
-    let (stop_tx, stop) = watch::channel(false);
+    // Ctrl-C ends the run early (VMs are then left for the report to count).
+    let interrupted = crate::service::shutdown_on_signals();
+    let tasks = dispatchcloud::tasks::Tasks::new();
     let router = dispatchcloud::service::api::router(svc.clone());
-    let http = tokio::spawn(dispatchcloud::service::http_server::serve(
+    tasks.spawn(dispatchcloud::service::http_server::serve(
         listener,
         router,
         dispatchcloud::service::http_server::ServeOptions::default(),
-        stop.clone(),
+        tasks.token().clone(),
     ));
-    let runner = {
+    {
         let svc = svc.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move { svc.run(stop).await })
-    };
-    // Ctrl-C ends the run early (VMs are then left for the report to count).
-    let mut interrupted = crate::service::shutdown_on_signals();
+        let stop = tasks.token().clone();
+        tasks.spawn(async move {
+            if let Err(e) = svc.run(stop).await {
+                tracing::error!(error = %e, "dispatcher stopped");
+            }
+        });
+    }
 
     let type_tag =
         cloud::tags::TagKeys::new(&cluster.containers.cloud_vms.tag_key_prefix).instance_type();
@@ -330,7 +333,7 @@ async fn simulate(
         {
             break true;
         }
-        if started.elapsed() > timeout || *interrupted.borrow_and_update() {
+        if started.elapsed() > timeout || interrupted.is_cancelled() {
             break false;
         }
     };
@@ -346,9 +349,8 @@ async fn simulate(
             / minutes,
         "rows_listed_per_minute": fake.rows_listed() as f64 / minutes,
     });
-    let _ = stop_tx.send(true);
-    let _ = runner.await;
-    let _ = http.await;
+    // The service joins its own tasks (bounded); this bound covers it and the HTTP drain.
+    tasks.join("simulate", Duration::from_secs(60)).await;
     // Leaks as the cloud sees them.
     let vms_left = testkit::oracle::leaked_vms(&cloud).len();
 

@@ -113,7 +113,8 @@ async fn dispatcher_runs_a_container_on_ec2_and_terminates_the_idle_vm() {
     let mut drivers = Registry::new();
     drivers.register("ec2", Arc::new(cloud_ec2::Ec2Driver));
     let svc = Service::build(&c, &drivers).unwrap();
-    let (stop, rx) = watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let stop = rx.clone();
     let s = svc.clone();
     let run = tokio::spawn(async move { s.run(rx).await });
 
@@ -207,6 +208,6 @@ async fn dispatcher_runs_a_container_on_ec2_and_terminates_the_idle_vm() {
     }
     let _ = harness_stop.send(true);
     assert_eq!(harness.await.unwrap(), 1);
-    let _ = stop.send(true);
+    stop.cancel();
     let _ = run.await;
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use dispatchcloud::service::Service;
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
-use tokio::sync::watch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
@@ -63,12 +62,14 @@ async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
 
     // The binary's own driver registry: `Driver: gce` is one of its names.
     let svc = Service::build(&c, &arvados_dispatch_cloud_drivers()).unwrap();
-    let (stop, rx) = watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let stop = rx.clone();
     let s = svc.clone();
     let run = tokio::spawn(async move { s.run(rx).await });
 
     // The "VMs": an SSH server on each address the fake hands out, while the instance exists.
-    let (harness_stop, harness_rx) = watch::channel(false);
+    let harness_rx = tokio_util::sync::CancellationToken::new();
+    let harness_stop = harness_rx.clone();
     let harness = tokio::spawn(common::gce_vms::serve_vms(
         gce.clone(),
         ssh_port,
@@ -108,9 +109,9 @@ async fn dispatcher_runs_a_container_on_gce_and_deletes_the_idle_vm() {
         .filter(|l| l.starts_with("POST ") && l.contains("/instances?"))
         .count();
     assert_eq!(inserts, 1, "exactly one VM was created: {:?}", gce.log());
-    let _ = harness_stop.send(true);
+    harness_stop.cancel();
     assert_eq!(harness.await.unwrap(), 1);
-    let _ = stop.send(true);
+    stop.cancel();
     let _ = run.await;
 }
 
@@ -164,7 +165,8 @@ async fn cloudtest_passes_on_gce() {
         ),
     )
     .unwrap();
-    let (harness_stop, harness_rx) = watch::channel(false);
+    let harness_rx = tokio_util::sync::CancellationToken::new();
+    let harness_stop = harness_rx.clone();
     let harness = tokio::spawn(common::gce_vms::serve_vms(
         gce.clone(),
         ssh_port,
@@ -198,6 +200,6 @@ async fn cloudtest_passes_on_gce() {
         assert!(stdout.contains(step), "missing {step:?}:\n{stdout}");
     }
     assert!(gce.instances().is_empty(), "{:?}", gce.instances());
-    let _ = harness_stop.send(true);
+    harness_stop.cancel();
     assert_eq!(harness.await.unwrap(), 1);
 }

@@ -22,7 +22,6 @@ use testkit::fake_gce::FakeGce;
 use testkit::postgres::{admin_session, lock_holder, pg_bin_or_skip, start_postgres};
 use testkit::stub_driver::LifeLog;
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
-use tokio::sync::watch;
 
 const TOKEN: &str = "standby-management-token";
 
@@ -112,7 +111,7 @@ struct World {
     lives: LifeLog,
     config: PathBuf,
     dir: tempfile::TempDir,
-    _harness: (watch::Sender<bool>, tokio::task::JoinHandle<usize>),
+    _harness: (tokio_util::sync::DropGuard, tokio::task::JoinHandle<usize>),
 }
 
 async fn world(pg_port: u16) -> World {
@@ -121,7 +120,8 @@ async fn world(pg_port: u16) -> World {
     let key = cloud::sshd::new_ed25519_key();
     let ssh_port = testkit::free_port();
     let lives = LifeLog::default();
-    let (stop, rx) = watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let stop = rx.clone();
     let harness = tokio::spawn(common::gce_vms::serve_vms(
         gce.clone(),
         ssh_port,
@@ -178,7 +178,7 @@ async fn world(pg_port: u16) -> World {
         lives,
         config,
         dir,
-        _harness: (stop, harness),
+        _harness: (stop.drop_guard(), harness),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use testkit::fake_gce::{FakeGce, FakeGceConfig};
 use testkit::ssh_vm::SshVm;
 use testkit::stub_driver::{LifeLog, StubConfig, vm_handler_recording};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 fn startup_script(inst: &serde_json::Value) -> String {
     inst["metadata"]["items"]
@@ -42,7 +42,7 @@ pub async fn serve_vms(
     ssh_port: u16,
     pubkey: russh::keys::ssh_key::PublicKey,
     lives: LifeLog,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> usize {
     let mut vms: BTreeMap<String, SshVm> = BTreeMap::new();
     let mut served = 0;
@@ -76,7 +76,7 @@ pub async fn serve_vms(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = stop.wait_for(|s| *s) => return served,
+            _ = stop.cancelled() => return served,
         }
     }
 }

@@ -484,21 +484,6 @@ impl HoldOff {
         *self.until.lock() = Some((t, message));
     }
 
-    /// Suspend until `t`, and call `notify` when the suspension ends (needs a tokio runtime).
-    pub fn error_until_then(
-        &self,
-        t: SystemTime,
-        message: String,
-        notify: impl FnOnce() + Send + 'static,
-    ) {
-        self.error_until(t, message);
-        let wait = t.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            notify();
-        });
-    }
-
     /// Lift any suspension now.
     pub fn clear(&self) {
         *self.until.lock() = None;

@@ -120,7 +120,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .batch_size(100);
 
     // SIGTERM or SIGINT: stop taking work, signal the children, wait for them.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = dispatch::CancellationToken::new();
+    let stop = stopped.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (
@@ -134,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
         tracing::info!("shutting down: stopping containers and waiting for them");
-        let _ = stop.send(true);
+        stop.cancel();
     });
     tracing::info!("crunch-dispatch-local started");
     dispatcher.run(stopped).await?;

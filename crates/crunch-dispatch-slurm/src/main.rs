@@ -196,7 +196,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .poll_period(poll)
         .min_retry_period(cluster.containers.min_retry_period);
 
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Ends the HTTP server and the squeue checker when this function returns.
+    let stopped = dispatch::CancellationToken::new();
+    let _stop = stopped.clone().drop_guard();
     let router = {
         let d = dispatcher.clone();
         http::router(&cluster.management_token, move || d.tracked().len())
@@ -225,7 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let lock = if cluster.postgresql.is_configured() {
         tokio::select! {
-            l = DbLock::acquire(&cluster.postgresql.connection, Duration::from_secs(5), stopped.clone()) => l,
+            l = DbLock::acquire(&cluster.postgresql.connection, Duration::from_secs(5), &stopped) => l,
             _ = &mut signalled => None,
         }
     } else {
@@ -233,7 +235,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None
     };
     if cluster.postgresql.is_configured() && lock.is_none() {
-        let _ = stop.send(true);
         return Ok(());
     }
 
@@ -249,7 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let (ctx, d) = (ctx.clone(), dispatcher.clone());
         tokio::spawn(async move { adopt_orphans(&ctx, &d).await });
     }
-    let (_never_stop, never) = tokio::sync::watch::channel(false);
+    let never = dispatch::CancellationToken::new();
     let lost = async {
         match &lock {
             Some(l) => l.until_lost().await,
@@ -264,6 +265,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     };
-    let _ = stop.send(true);
     result
 }

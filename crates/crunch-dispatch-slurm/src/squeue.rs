@@ -135,14 +135,14 @@ impl Checker {
         self.inner.lock()
     }
 
-    /// Poll every `period` until `shutdown` turns true.
-    pub async fn run(&self, period: Duration, mut shutdown: watch::Receiver<bool>) {
+    /// Poll every `period` until `shutdown` is cancelled.
+    pub async fn run(&self, period: Duration, shutdown: dispatch::CancellationToken) {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = shutdown.cancelled() => return,
             }
             self.poll().await;
             self.renice().await;

@@ -14,7 +14,7 @@ use crunch_dispatch_slurm::squeue::Checker;
 use dispatch::{Dispatcher, Logger, RunError, RunFn};
 use serde_json::{Value, json};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig, Fault, FaultKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 const POLL: Duration = Duration::from_millis(200);
 const SQUEUE: Duration = Duration::from_millis(100);
@@ -134,7 +134,8 @@ async fn dispatch_one(
     let s = Slurm::new(slurm.clone());
     let checker = Checker::new(s.clone(), 10, Duration::from_secs(10));
     let ctx = Arc::new(Context::new(cluster(), s, checker.clone()));
-    let (stop_checker, checker_stopped) = watch::channel(false);
+    let checker_stopped = dispatch::CancellationToken::new();
+    let stop_checker = checker_stopped.clone();
     {
         let checker = checker.clone();
         tokio::spawn(async move { checker.run(SQUEUE, checker_stopped).await });
@@ -161,7 +162,8 @@ async fn dispatch_one(
         })
     };
     let d = Dispatcher::new(client(f), run).poll_period(POLL);
-    let (stop, stopped) = watch::channel(false);
+    let stopped = dispatch::CancellationToken::new();
+    let stop = stopped.clone();
     let task = {
         let d = d.clone();
         tokio::spawn(async move { d.run(stopped).await })
@@ -172,8 +174,8 @@ async fn dispatch_one(
         .unwrap();
     // Let the library finish with the container (its fallback, if any) before stopping.
     tokio::time::sleep(3 * POLL).await;
-    let _ = stop.send(true);
-    let _ = stop_checker.send(true);
+    stop.cancel();
+    stop_checker.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     Outcome { result, slurm }
 }
@@ -324,7 +326,8 @@ async fn ac_slurm_5_api_error_listing_containers() {
     let d = Dispatcher::new(client(&f), run)
         .poll_period(POLL)
         .logger(log.clone());
-    let (stop, stopped) = watch::channel(false);
+    let stopped = dispatch::CancellationToken::new();
+    let stop = stopped.clone();
     let task = tokio::spawn({
         let d = d.clone();
         async move { d.run(stopped).await }
@@ -344,7 +347,7 @@ async fn ac_slurm_5_api_error_listing_containers() {
         }
     }
     assert!(seen, "{:?}", log.0.lock().unwrap());
-    let _ = stop.send(true);
+    stop.cancel();
     assert!(task.await.unwrap().is_ok());
 }
 
@@ -407,7 +410,8 @@ async fn ac_slurm_s10_a_running_container_is_never_submitted() {
     let s = Slurm::new(slurm.clone());
     let checker = Checker::new(s.clone(), 10, Duration::from_secs(10));
     let ctx = Context::new(cluster(), s, checker.clone());
-    let (_stop, stopped) = watch::channel(false);
+    let stopped = dispatch::CancellationToken::new();
+    let _stop = stopped.clone();
     tokio::spawn({
         let checker = checker.clone();
         async move { checker.run(SQUEUE, stopped).await }
@@ -448,7 +452,8 @@ async fn bug_7_a_job_slurm_can_never_start_is_reported_then_cancelled() {
     let mut ctx = Context::new(cluster(), s, checker.clone());
     ctx.unrunnable_timeout = Some(Duration::from_millis(1500));
     let ctx = Arc::new(ctx);
-    let (stop, stopped) = watch::channel(false);
+    let stopped = dispatch::CancellationToken::new();
+    let stop = stopped.clone();
     tokio::spawn({
         let checker = checker.clone();
         let stopped = stopped.clone();
@@ -493,5 +498,5 @@ async fn bug_7_a_job_slurm_can_never_start_is_reported_then_cancelled() {
     let error = c["runtime_status"]["error"].as_str().unwrap_or_default();
     assert!(error.contains("BadConstraints"), "{c}");
     assert!(!slurm.cancels.lock().unwrap().is_empty());
-    let _ = stop.send(true);
+    stop.cancel();
 }

@@ -40,11 +40,12 @@ async fn main() -> anyhow::Result<()> {
         })
     });
     let dispatcher = Dispatcher::new(client, run).poll_period(Duration::from_secs(1));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let shutdown = dispatch::CancellationToken::new();
+    let stop = shutdown.clone();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
-        let _ = stop.send(true);
+        stop.cancel();
     });
-    dispatcher.run(stopped).await?;
+    dispatcher.run(shutdown).await?;
     Ok(())
 }

@@ -47,8 +47,8 @@
 //! });
 //! let client = Client::new(ClientConfig::from_env()?)?;
 //! let dispatcher = Dispatcher::new(client, run).poll_period(Duration::from_secs(10));
-//! let (_stop, stopped) = tokio::sync::watch::channel(false);
-//! dispatcher.run(stopped).await?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! dispatcher.run(shutdown).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -74,6 +74,7 @@ use arvados::{ApiError, Client, Count, Filter, ListOptions, Method};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+pub use tokio_util::sync::CancellationToken;
 
 /// Where the library's messages go (Go's `Printf`, `Warnf`, `Debugf`).
 pub trait Logger: Send + Sync {
@@ -307,9 +308,9 @@ impl Dispatcher {
         v
     }
 
-    /// Poll every `poll_period` (the first poll one period after start) until `shutdown`
-    /// becomes true; then end every tracker's updates and wait for the run functions.
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), DispatchError> {
+    /// Poll every `poll_period` (the first poll one period after start) until `shutdown` is
+    /// cancelled; then end every tracker's updates and wait for the run functions.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), DispatchError> {
         let me = self
             .shared
             .client
@@ -324,12 +325,12 @@ impl Dispatcher {
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_cancelled() {
                 break;
             }
             tokio::select! {
                 _ = tick.tick() => self.poll().await,
-                r = shutdown.changed() => if r.is_err() { break },
+                _ = shutdown.cancelled() => break,
             }
         }
         let tasks: Vec<JoinHandle<()>> = {

@@ -79,11 +79,12 @@ fn completing_run(seen: Arc<Mutex<HashMap<String, Vec<String>>>>, who: &'static 
     })
 }
 
-fn start(d: &Dispatcher) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = watch::channel(false);
+fn start(d: &Dispatcher) -> (dispatch::CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = dispatch::CancellationToken::new();
     let d = d.clone();
+    let rx = stop.clone();
     let task = tokio::spawn(async move { d.run(rx).await.unwrap() });
-    (tx, task)
+    (stop, task)
 }
 
 #[tokio::test]
@@ -102,7 +103,7 @@ async fn queued_container_is_locked_run_and_sees_running_and_complete() {
         eventually(5, || d.tracked().is_empty()).await,
         "tracker removed"
     );
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap();
     let seen = seen.lock().unwrap()[&u].clone();
     assert_eq!(seen.first().map(String::as_str), Some("d:start Locked"));
@@ -136,7 +137,7 @@ async fn priority_zero_while_locked_gets_it_unlocked() {
     f.set_priority(&u, 0);
     assert!(eventually(10, || state(&f, &u) == "Queued").await);
     assert!(eventually(5, || d.tracked().is_empty()).await);
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap();
     assert_eq!(f.container(&u).unwrap()["lock_count"], 1);
 }
@@ -157,7 +158,7 @@ async fn already_held_container_is_picked_up_at_start() {
     d.track_container(&u).await.unwrap();
     assert!(eventually(10, || state(&f, &u) == "Running").await);
     assert_eq!(seen.lock().unwrap()[&u][0], "d:start Locked");
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap();
     assert_eq!(
         f.container(&u).unwrap()["lock_count"],
@@ -210,7 +211,7 @@ async fn min_retry_period_holds_between_attempts() {
             .min_retry_period(hold);
         let (stop, task) = start(&d);
         tokio::time::sleep(Duration::from_millis(600)).await;
-        stop.send(true).unwrap();
+        stop.cancel();
         task.await.unwrap();
         let locks = f.container(&u).unwrap()["lock_count"].as_i64().unwrap();
         if max_locks == 1 {
@@ -236,7 +237,7 @@ async fn batch_size_2_over_7_containers() {
     .batch_size(2);
     let (stop, task) = start(&d);
     assert!(eventually(20, || uuids.iter().all(|u| state(&f, u) == "Complete")).await);
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap();
     let pages: Vec<i64> = f
         .requests()
@@ -295,8 +296,8 @@ async fn two_dispatchers_run_every_container_exactly_once() {
     let (stop_a, ta) = start(&a);
     let (stop_b, tb) = start(&b);
     assert!(eventually(20, || uuids.iter().all(|u| state(&f, u) == "Complete")).await);
-    stop_a.send(true).unwrap();
-    stop_b.send(true).unwrap();
+    stop_a.cancel();
+    stop_b.cancel();
     ta.await.unwrap();
     tb.await.unwrap();
     let seen = seen.lock().unwrap();
@@ -322,7 +323,7 @@ async fn unsatisfiable_run_error_cancels_and_logs() {
     let d = Dispatcher::new(client(&f, f.root_token()), run).poll_period(Duration::from_millis(40));
     let (stop, task) = start(&d);
     assert!(eventually(10, || state(&f, &u) == "Cancelled").await);
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap();
     let logs = f.logs();
     let text = logs
@@ -376,6 +377,6 @@ async fn max_trackers_bounds_concurrent_containers() {
     assert_eq!(locked, 1, "only one at a time");
     release_tx.send(true).unwrap();
     assert!(eventually(20, || uuids.iter().all(|u| state(&f, u) == "Complete")).await);
-    stop.send(true).unwrap();
+    stop.cancel();
     task.await.unwrap();
 }

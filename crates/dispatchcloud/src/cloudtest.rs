@@ -15,8 +15,8 @@ use arvados::InstanceType;
 use cloud::tags::TagKeys;
 use cloud::{CreateRequest, Instance, InstanceSet, InstanceTags};
 use russh::keys::PrivateKey;
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::ssh_executor::{Executor, Target, Timeouts};
 
@@ -68,13 +68,13 @@ enum Stop {
 }
 
 /// Sleep, unless cancelled first.
-async fn pause(d: Duration, cancel: &mut watch::Receiver<bool>) -> Result<(), Stop> {
-    if *cancel.borrow() {
+async fn pause(d: Duration, cancel: &CancellationToken) -> Result<(), Stop> {
+    if cancel.is_cancelled() {
         return Err(Stop::Cancelled);
     }
     tokio::select! {
         _ = tokio::time::sleep(d) => Ok(()),
-        _ = cancel.wait_for(|c| *c) => Err(Stop::Cancelled),
+        _ = cancel.cancelled() => Err(Stop::Cancelled),
     }
 }
 
@@ -92,18 +92,14 @@ impl CloudTest {
     }
 
     /// Run every step; `true` only if all passed. Writes one line per step to `out`.
-    /// Turning `cancel` true skips to the destroy step.
-    pub async fn run(
-        &self,
-        out: &mut (dyn Write + Send),
-        mut cancel: watch::Receiver<bool>,
-    ) -> bool {
+    /// Cancelling `cancel` skips to the destroy step.
+    pub async fn run(&self, out: &mut (dyn Write + Send), cancel: CancellationToken) -> bool {
         let mut log = Log {
             start: Instant::now(),
             out,
         };
         let mut created: Option<Arc<dyn Instance>> = None;
-        let result = self.steps(&mut log, &mut cancel, &mut created).await;
+        let result = self.steps(&mut log, &cancel, &mut created).await;
         if let Err(Stop::Cancelled) = result {
             log.line("cancelled");
         }
@@ -123,7 +119,7 @@ impl CloudTest {
     async fn steps(
         &self,
         log: &mut Log<'_>,
-        cancel: &mut watch::Receiver<bool>,
+        cancel: &CancellationToken,
         created: &mut Option<Arc<dyn Instance>>,
     ) -> Result<(), Stop> {
         // 1. Nothing of ours may exist already.
@@ -275,7 +271,7 @@ impl CloudTest {
             let left = deadline.saturating_duration_since(Instant::now());
             let r = tokio::select! {
                 r = tokio::time::timeout(left, exec.execute(&[], probe, b"")) => r,
-                _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
+                _ = cancel.cancelled() => return Err(Stop::Cancelled),
             };
             match r {
                 Ok(Ok(_)) => break,

@@ -18,11 +18,6 @@ pub mod scheduler;
 pub mod service;
 pub mod settings;
 pub mod ssh_executor;
+pub mod tasks;
 pub mod worker;
 pub mod worker_state;
-
-/// Resolves once `flag` is true (or its sender is gone): the `select!` arm for a shutdown or a
-/// lost-lock signal.
-pub async fn until_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = flag.wait_for(|s| *s).await;
-}

@@ -273,6 +273,8 @@ pub struct ContainerQueue {
     incremental: std::sync::OnceLock<crate::settings::QueueSettings>,
     /// A standby's queue: polls, but cancels nothing (see [`ContainerQueue::set_read_only`]).
     read_only: std::sync::atomic::AtomicBool,
+    /// The metrics updater and background cancels; [`ContainerQueue::join`] ends them.
+    tasks: crate::tasks::Tasks,
 }
 
 impl ContainerQueue {
@@ -359,6 +361,7 @@ impl ContainerQueue {
             events: crate::events::EventLog::default(),
             incremental: Default::default(),
             read_only: Default::default(),
+            tasks: Default::default(),
             metrics: Metrics {
                 entries,
                 finished,
@@ -368,7 +371,14 @@ impl ContainerQueue {
             },
         });
         if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(metrics_updater(Arc::downgrade(&q), q.subscribe()));
+            let updater = metrics_updater(Arc::downgrade(&q), q.subscribe());
+            let tasks = q.tasks.clone();
+            q.tasks.spawn(async move {
+                tokio::select! {
+                    _ = updater => {}
+                    _ = tasks.cancelled() => {}
+                }
+            });
         }
         Ok(q)
     }
@@ -886,7 +896,14 @@ impl ContainerQueue {
             return;
         }
         let q = self.clone();
-        tokio::spawn(async move { q.cancel_unsatisfiable(&ctr, &message).await });
+        self.tasks
+            .spawn(async move { q.cancel_unsatisfiable(&ctr, &message).await });
+    }
+
+    /// On shutdown: stop the metrics updater and wait up to `limit` for background cancels
+    /// (API calls with deadlines). False if some were still running.
+    pub async fn join(&self, limit: std::time::Duration) -> bool {
+        self.tasks.join("queue", limit).await
     }
 
     /// Record why a container can never run and cancel it (locking it first if Queued, since

@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud::{ErrorKind, Instance};
+
+use crate::tasks::Tasks;
 use russh::ChannelMsg;
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
@@ -111,6 +113,9 @@ impl Default for Timeouts {
 pub const MAX_OUTPUT: usize = 1 << 20;
 
 /// Keepalive probes: one after this much silence from the server…
+/// How long a goodbye on a connection being dropped may take.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// …and the connection is closed after this many go unanswered.
 const KEEPALIVE_MAX: usize = 3;
@@ -182,6 +187,8 @@ pub struct Executor {
     setup: tokio::sync::Mutex<()>,
     /// The host key last verified (OpenSSH text).
     verified: Mutex<Option<String>>,
+    /// Where background disconnects run (the pool's, so its shutdown joins them).
+    tasks: Tasks,
 }
 
 impl Executor {
@@ -194,7 +201,23 @@ impl Executor {
             conn: Mutex::new(None),
             setup: tokio::sync::Mutex::new(()),
             verified: Mutex::new(None),
+            tasks: Tasks::new(),
         }
+    }
+
+    /// Spawn the executor's background work (closing replaced connections) in `tasks`, so
+    /// the owner's shutdown joins it.
+    pub fn with_tasks(mut self, tasks: Tasks) -> Executor {
+        self.tasks = tasks;
+        self
+    }
+
+    /// Say goodbye on `conn` in the background, within [`DISCONNECT_TIMEOUT`].
+    fn disconnect_later(&self, conn: Conn) {
+        self.tasks.spawn(async move {
+            let bye = conn.disconnect(russh::Disconnect::ByApplication, "", "");
+            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, bye).await;
+        });
     }
 
     /// Use `target` for future connections (cheap; the current connection stays in use).
@@ -210,9 +233,7 @@ impl Executor {
     /// Drop the connection. A later `execute` would reconnect.
     pub fn close(&self) {
         if let Some(c) = self.conn.lock().take() {
-            tokio::spawn(async move {
-                let _ = c.disconnect(russh::Disconnect::ByApplication, "", "").await;
-            });
+            self.disconnect_later(c);
         }
     }
 
@@ -304,11 +325,7 @@ impl Executor {
         };
         let old = self.conn.lock().replace(fresh.clone());
         if let Some(old) = old {
-            tokio::spawn(async move {
-                let _ = old
-                    .disconnect(russh::Disconnect::ByApplication, "", "")
-                    .await;
-            });
+            self.disconnect_later(old);
         }
         Ok(fresh)
     }
@@ -355,10 +372,7 @@ impl Executor {
             .ok_or_else(|| ExecError::HostKey("no host key presented".into()))?;
         if self.verified.lock().as_deref() != Some(key.as_str()) {
             if let Err(e) = verify(&target, &conn, &key).await {
-                let c = conn.clone();
-                tokio::spawn(async move {
-                    let _ = c.disconnect(russh::Disconnect::ByApplication, "", "").await;
-                });
+                self.disconnect_later(conn.clone());
                 return Err(ExecError::HostKey(e));
             }
             *self.verified.lock() = Some(key);

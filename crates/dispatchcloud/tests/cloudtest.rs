@@ -41,7 +41,8 @@ fn stub(params: serde_json::Value) -> Arc<StubSet> {
 }
 
 async fn run(t: &CloudTest) -> (bool, String) {
-    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let _tx = rx.clone();
     let mut out = Vec::new();
     let ok = t.run(&mut out, rx).await;
     (ok, String::from_utf8(out).unwrap())
@@ -141,10 +142,11 @@ async fn cloudtest_cancelled_mid_boot_destroys_the_vm() {
     let set = stub(json!({"BootDelay": "1h"}));
     let mut t = test_for(set.clone());
     t.timeout_booting = Duration::from_secs(3600);
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let tx = rx.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let _ = tx.send(true);
+        tx.cancel();
     });
     let mut out = Vec::new();
     let ok = t.run(&mut out, rx).await;

@@ -137,13 +137,14 @@ async fn ac_dsp_1_dispatch_to_stub_driver() {
     assert!(svc.pool.check_health().is_ok());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, rx) = watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let stop = rx.clone();
     let router = api::router(svc.clone());
-    let mut http_stop = rx.clone();
+    let http_stop = rx.clone();
     let http = tokio::spawn(async move {
         let _ = axum::serve(listener, router)
             .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
+                http_stop.cancelled().await;
             })
             .await;
     });
@@ -386,7 +387,7 @@ async fn ac_dsp_1_dispatch_to_stub_driver() {
         );
     }
 
-    let _ = stop.send(true);
+    stop.cancel();
     let _ = run.await;
     let _ = http.await;
 }

@@ -13,7 +13,6 @@ use dispatchcloud::service::dblock::DbLock;
 use dispatchcloud::service::{RunError, Service};
 use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
-use tokio::sync::watch;
 
 use common::{SharedStub, wait_for};
 use testkit::postgres::{
@@ -35,13 +34,14 @@ async fn second_dispatcher_waits_for_the_first_to_release_lock_10005() {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let (_keep, never) = watch::channel(false);
+    let never = tokio_util::sync::CancellationToken::new();
+    let _keep = never.clone();
     // Wait for the server to accept sessions (it listens a moment before it is ready).
     let mut first = None;
     for _ in 0..50 {
         let r = tokio::time::timeout(
             Duration::from_millis(500),
-            DbLock::acquire(&params, Duration::from_millis(100), never.clone()),
+            DbLock::acquire(&params, Duration::from_millis(100), &never),
         )
         .await;
         if let Ok(Some(l)) = r {
@@ -53,7 +53,7 @@ async fn second_dispatcher_waits_for_the_first_to_release_lock_10005() {
     let p = params.clone();
     let n = never.clone();
     let second =
-        tokio::spawn(async move { DbLock::acquire(&p, Duration::from_millis(100), n).await });
+        tokio::spawn(async move { DbLock::acquire(&p, Duration::from_millis(100), &n).await });
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!second.is_finished(), "the second dispatcher must wait");
     first.release().await;
@@ -63,12 +63,13 @@ async fn second_dispatcher_waits_for_the_first_to_release_lock_10005() {
         .unwrap()
         .unwrap();
     // A third gives up cleanly on shutdown while waiting.
-    let (stop, rx) = watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let stop = rx.clone();
     let p = params.clone();
     let third =
-        tokio::spawn(async move { DbLock::acquire(&p, Duration::from_millis(100), rx).await });
+        tokio::spawn(async move { DbLock::acquire(&p, Duration::from_millis(100), &rx).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.send(true).unwrap();
+    stop.cancel();
     assert!(
         tokio::time::timeout(Duration::from_secs(2), third)
             .await
@@ -99,7 +100,8 @@ async fn lock_lost_stops_dispatch_and_the_waiting_dispatcher_takes_over() {
     drivers.register("stub", Arc::new(SharedStub(set.clone())));
     let a = Service::build(&cluster, &drivers).unwrap();
     let b = Service::build(&cluster, &drivers).unwrap();
-    let (stop, rx) = watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let stop = rx.clone();
     let (s, r) = (a.clone(), rx.clone());
     let run_a = tokio::spawn(async move { s.run(r).await });
     let mut holder = None;
@@ -170,7 +172,7 @@ async fn lock_lost_stops_dispatch_and_the_waiting_dispatcher_takes_over() {
     let violations = testkit::oracle::violations(&set, &f.state_changes());
     assert!(violations.is_empty(), "{violations:#?}");
     assert!(set.vms().len() >= creates_before.min(1));
-    stop.send(true).unwrap();
+    stop.cancel();
     let r = tokio::time::timeout(Duration::from_secs(10), run_b)
         .await
         .expect("the second stops on shutdown")

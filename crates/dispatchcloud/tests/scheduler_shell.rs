@@ -14,7 +14,6 @@ use dispatchcloud::scheduler::{SchedConfig, Scheduler, ShellConfig};
 use dispatchcloud::worker_state::WorkerState;
 use serde_json::json;
 use testkit::fake_api::{ContainerSpec, FakeArvados};
-use tokio::sync::watch;
 
 fn shell(stale: Duration) -> ShellConfig {
     ShellConfig {
@@ -66,7 +65,8 @@ async fn run_loop_locks_creates_and_starts() {
         .collect();
     let pool = Arc::new(StubPool::new(10, 10));
     let (s, _q, registry) = setup(&f, pool.clone(), Duration::from_secs(1));
-    let (stop, stopped) = watch::channel(false);
+    let stopped = tokio_util::sync::CancellationToken::new();
+    let stop = stopped.clone();
     let task = tokio::spawn(s.clone().run(stopped));
 
     assert!(
@@ -125,7 +125,7 @@ async fn run_loop_locks_creates_and_starts() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
 
-    stop.send(true).unwrap();
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("run stops on shutdown")

@@ -16,7 +16,6 @@ use dispatchcloud::settings::Settings;
 use serde_json::{Value, json};
 use testkit::stub_driver::{StubConfig, StubSet};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
-use tokio::sync::watch;
 
 use common::{SharedStub, fixture_type, wait_for};
 
@@ -27,13 +26,13 @@ fn cluster(f: &FakeArvados, token: &str) -> arvados::Cluster {
 struct Running {
     svc: Arc<Service>,
     url: String,
-    stop: watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
     async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;
         }
@@ -63,7 +62,8 @@ async fn start_full(
     let svc = Service::build_with(cluster, settings, &drivers).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, rx) = watch::channel(false);
+    let rx = tokio_util::sync::CancellationToken::new();
+    let stop = rx.clone();
     let router = api::router(svc.clone());
     let http = tokio::spawn(http_server::serve(listener, router, opts, rx.clone()));
     let s = svc.clone();

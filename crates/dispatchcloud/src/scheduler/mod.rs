@@ -34,7 +34,10 @@ use arvados::types::ContainerState;
 use chrono::{DateTime, Utc};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::tasks::Tasks;
 
 use crate::worker_state::WorkerState;
 pub use plan::{Limits, PoolSnapshot, QueueOrder, QueuePlan, SchedConfig, plan_queue};
@@ -242,9 +245,10 @@ pub struct Scheduler<P: WorkerPool> {
     wakeup: Notify,
     last_queue: Mutex<SortedQueue>,
     metrics: Metrics,
-    /// Set by [`Scheduler::stop`]: no further API changes (lock, unlock, cancel) or pool
-    /// actions, even from tasks already spawned.
-    stopped: std::sync::atomic::AtomicBool,
+    /// Every task the scheduler spawns (the poller, locks, unlocks, cancels, retries).
+    /// Cancelled by [`Scheduler::stop`]: no further API changes (lock, unlock, cancel) or pool
+    /// actions, even from tasks already spawned; [`Scheduler::join`] waits for them.
+    tasks: Tasks,
 }
 
 /// How long a pass waits for its unlocks before going on (they finish in the background).
@@ -288,19 +292,24 @@ impl<P: WorkerPool> Scheduler<P> {
             wakeup: Notify::new(),
             last_queue: Mutex::new(Arc::new(QueueView::default())),
             metrics,
-            stopped: std::sync::atomic::AtomicBool::new(false),
+            tasks: Tasks::new(),
         }))
     }
 
     /// Stop acting: from now on nothing is locked, unlocked, cancelled, created, started or
     /// killed by this scheduler (used when the dispatcher lock is lost, and on shutdown).
     pub fn stop(&self) {
-        self.stopped
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.tasks.cancel();
+    }
+
+    /// After [`Scheduler::stop`]: wait up to `limit` for the scheduler's tasks (API calls
+    /// already under way finish within their deadlines). False if some were still running.
+    pub async fn join(&self, limit: Duration) -> bool {
+        self.tasks.join("scheduler", limit).await
     }
 
     fn is_stopped(&self) -> bool {
-        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
+        self.tasks.is_cancelled()
     }
 
     /// The configured spend caps.
@@ -318,17 +327,17 @@ impl<P: WorkerPool> Scheduler<P> {
         self.limits.lock().clone()
     }
 
-    /// Run until `shutdown` becomes true (spec §7.2).
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Run until `shutdown` is cancelled (spec §7.2).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         // First queue update, retried until it works.
         let retry = (self.shell.poll_interval / 10).max(Duration::from_secs(1));
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_cancelled() {
                 return;
             }
             let update = tokio::select! {
                 r = self.queue.update() => r,
-                _ = crate::until_true(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             };
             match update {
                 Ok(()) => break,
@@ -337,21 +346,24 @@ impl<P: WorkerPool> Scheduler<P> {
                     tracing::info!("waiting {retry:?} before retry");
                     tokio::select! {
                         _ = tokio::time::sleep(retry) => {}
-                        _ = shutdown.changed() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                 }
             }
         }
-        let poller = tokio::spawn(poll_queue(
+        // The poller ends with this function, whichever way it returns.
+        let poller = shutdown.child_token();
+        let _poller_guard = poller.clone().drop_guard();
+        self.tasks.spawn(poll_queue(
             self.queue.clone(),
             self.shell.poll_interval,
-            shutdown.clone(),
+            poller,
         ));
         tracing::info!("FixStaleLocks starting.");
         let t0 = std::time::Instant::now();
         tokio::select! {
             _ = self.fix_stale_locks() => {}
-            _ = shutdown.changed() => { poller.abort(); return; }
+            _ = shutdown.cancelled() => return,
         }
         tracing::info!(
             "FixStaleLocks finished ({:?}), starting scheduling.",
@@ -364,10 +376,10 @@ impl<P: WorkerPool> Scheduler<P> {
             // A pass waits on the API (unlocks) and the pool; shutdown does not wait for it.
             tokio::select! {
                 _ = self.tick() => {}
-                _ = crate::until_true(&mut shutdown) => break,
+                _ = shutdown.cancelled() => break,
             }
             tokio::select! {
-                _ = shutdown.changed() => break,
+                _ = shutdown.cancelled() => break,
                 r = pool_rx.changed() => if r.is_err() { break },
                 r = queue_rx.changed() => if r.is_err() { break },
                 _ = self.wakeup.notified() => {}
@@ -376,10 +388,9 @@ impl<P: WorkerPool> Scheduler<P> {
             // pass may not start yet are handled together by it (see `next_pass_at`).
             tokio::select! {
                 _ = tokio::time::sleep_until(next_pass_at(started, started.elapsed())) => {}
-                _ = crate::until_true(&mut shutdown) => break,
+                _ = shutdown.cancelled() => break,
             }
         }
-        poller.abort();
     }
 
     /// One round: plan and carry out a pass, sync, metrics.
@@ -463,7 +474,8 @@ impl<P: WorkerPool> Scheduler<P> {
         for uuid in &plan.locks {
             let s = self.clone();
             let uuid = uuid.clone();
-            tokio::spawn(async move { s.lock_container(&uuid).await });
+            self.tasks
+                .spawn(async move { s.lock_container(&uuid).await });
         }
         for (it, uuid) in &plan.creates {
             tracing::info!(ContainerUUID = %uuid, InstanceType = %it.name, "creating new instance");
@@ -516,9 +528,11 @@ impl<P: WorkerPool> Scheduler<P> {
         if let Some(cur) = ops.get(uuid) {
             tracing::debug!(ContainerUUID = %uuid, Op = cur, "uuidLock not available");
             let s = self.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(OP_RETRY).await;
-                s.wakeup.notify_one();
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(OP_RETRY) => s.wakeup.notify_one(),
+                    _ = s.tasks.cancelled() => {}
+                }
             });
             return false;
         }
@@ -593,7 +607,7 @@ impl<P: WorkerPool> Scheduler<P> {
                         continue;
                     }
                     let s = self.clone();
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         tracing::info!(ContainerUUID = %uuid, "cancelling container because {reason}");
                         if s.is_stopped() {
                             s.op_unlock(&uuid);
@@ -610,7 +624,7 @@ impl<P: WorkerPool> Scheduler<P> {
                         continue;
                     }
                     let s = self.clone();
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         tracing::info!(ContainerUUID = %uuid, "requeueing locked container because {reason}");
                         if s.is_stopped() {
                             s.op_unlock(&uuid);
@@ -753,20 +767,20 @@ pub fn longest_wait(entries: &[Arc<QueueEnt>], running: &RunningMap, now: DateTi
 
 /// The background queue poller: update, then sleep the poll interval (or as long as the
 /// update took, if longer).
-async fn poll_queue(
-    queue: Arc<ContainerQueue>,
-    interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn poll_queue(queue: Arc<ContainerQueue>, interval: Duration, shutdown: CancellationToken) {
     loop {
         let t0 = std::time::Instant::now();
-        if let Err(err) = queue.update().await {
+        let update = tokio::select! {
+            r = queue.update() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        if let Err(err) = update {
             tracing::error!(error = %err, "error updating queue");
         }
         let wait = interval.max(t0.elapsed());
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
 /// The advisory lock key shared by Arvados dispatchers.
 pub const LOCK_KEY: i64 = 10005;
@@ -30,8 +30,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct DbLock {
     client: Client,
     conn_task: tokio::task::JoinHandle<()>,
-    /// Turns true when the connection ends.
-    lost: watch::Receiver<bool>,
+    /// Cancelled when the connection ends.
+    lost: CancellationToken,
     /// Set while releasing on purpose (the connection's end is then not an error).
     releasing: Arc<AtomicBool>,
 }
@@ -59,12 +59,12 @@ async fn holder(client: &Client) -> String {
 }
 
 impl DbLock {
-    /// Take the lock, retrying every `retry` until it is ours or `shutdown` turns true
+    /// Take the lock, retrying every `retry` until it is ours or `shutdown` is cancelled
     /// (then `None`).
     pub async fn acquire(
         params: &BTreeMap<String, String>,
         retry: Duration,
-        shutdown: watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> Option<DbLock> {
         Self::acquire_reporting(params, retry, shutdown, |_| {}).await
     }
@@ -73,7 +73,7 @@ impl DbLock {
     pub async fn acquire_reporting(
         params: &BTreeMap<String, String>,
         retry: Duration,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: &CancellationToken,
         on_holder: impl Fn(&str),
     ) -> Option<DbLock> {
         let mut last_holder = String::new();
@@ -96,7 +96,7 @@ impl DbLock {
             }
             tokio::select! {
                 _ = tokio::time::sleep(retry) => {}
-                _ = shutdown.wait_for(|s| *s) => return None,
+                _ = shutdown.cancelled() => return None,
             }
         }
     }
@@ -139,10 +139,9 @@ impl DbLock {
     /// Resolves when the lock can no longer be trusted: the connection ended, or it did not
     /// answer a health query in time. The lock is then the server's to give to someone else.
     pub async fn until_lost(&self) {
-        let mut lost = self.lost.clone();
         loop {
             tokio::select! {
-                _ = crate::until_true(&mut lost) => return,
+                _ = self.lost.cancelled() => return,
                 _ = tokio::time::sleep(HEALTH_INTERVAL) => {
                     match tokio::time::timeout(HEALTH_TIMEOUT, self.client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}
@@ -183,13 +182,14 @@ pub(super) fn watch_connection<F>(
     conn: F,
 ) -> (
     tokio::task::JoinHandle<()>,
-    watch::Receiver<bool>,
+    CancellationToken,
     Arc<AtomicBool>,
 )
 where
     F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
 {
-    let (tx, rx) = watch::channel(false);
+    let lost = CancellationToken::new();
+    let tx = lost.clone();
     let releasing = Arc::new(AtomicBool::new(false));
     let r = releasing.clone();
     let task = tokio::spawn(async move {
@@ -204,9 +204,9 @@ where
                 }
             }
         }
-        let _ = tx.send(true);
+        tx.cancel();
     });
-    (task, rx, releasing)
+    (task, lost, releasing)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Timeouts of the server.
 #[derive(Debug, Clone, Copy)]
@@ -35,12 +35,12 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serve `router` on `listener` until `shutdown` turns true, then drain (bounded).
+/// Serve `router` on `listener` until `shutdown` is cancelled, then drain (bounded).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     opts: ServeOptions,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -54,12 +54,12 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = crate::until_true(&mut shutdown) => break,
+            _ = shutdown.cancelled() => break,
         };
         // Finished connection tasks are reaped as we go.
         while conns.try_join_next().is_some() {}
         let svc = TowerToHyperService::new(router.clone());
-        let mut stop = shutdown.clone();
+        let stop = shutdown.clone();
         conns.spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
@@ -68,7 +68,7 @@ pub async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = crate::until_true(&mut stop) => {
+                _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(opts.drain, conn).await;
                 }

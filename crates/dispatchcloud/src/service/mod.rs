@@ -18,7 +18,7 @@ use arvados::{Client, ClientConfig, Cluster};
 use cloud::registry::Registry;
 use cloud::wrappers::{Deadline, DefaultTags, Filtering, Instrumented, RateLimited};
 use cloud::{InstanceSet, InstanceTags};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::node_size::TypeChooser;
 use crate::queue::ContainerQueue;
@@ -42,6 +42,9 @@ pub enum StartError {
 /// How often a standby tries the dispatcher lock: it takes over within about this long of
 /// the lock becoming free.
 pub const LOCK_RETRY: Duration = Duration::from_secs(1);
+
+/// How long shutdown waits for each component's tasks (calls already under way) to end.
+pub const JOIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Why [`Service::run`] ended other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +237,7 @@ impl Service {
     /// instances, changing nothing (no locks, cancels, creates, tag writes or SSH), so the
     /// status page and management API show the cluster, and taking over starts from a known
     /// queue and instance list.
-    async fn warm_view(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    async fn warm_view(self: Arc<Self>, stop: CancellationToken) {
         let every = self
             .cluster
             .containers
@@ -251,16 +254,17 @@ impl Service {
             }
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = crate::until_true(&mut stop) => return,
+                _ = stop.cancelled() => return,
             }
         }
     }
 
-    /// Run the pool and the scheduler until `shutdown` turns true; then stop them, leaving
-    /// VMs, crunch-run processes and container locks for the next dispatcher. If the database
-    /// lock is lost meanwhile, stop dispatching at once (no new locks, creates, starts,
-    /// unlocks or cancels) and return [`RunError::LockLost`].
-    pub async fn run(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    /// Run the pool and the scheduler until `shutdown` is cancelled; then stop them, leaving
+    /// VMs, crunch-run processes and container locks for the next dispatcher, and join their
+    /// tasks (for at most [`JOIN_LIMIT`] each). If the database lock is lost meanwhile, stop
+    /// dispatching at once (no new locks, creates, starts, unlocks or cancels) and return
+    /// [`RunError::LockLost`].
+    pub async fn run(self: &Arc<Self>, shutdown: CancellationToken) -> Result<(), RunError> {
         // Only one dispatcher per cluster: wait for the database lock when there is one,
         // as a hot standby with a read-only view of the queue and the cloud.
         let lock = if self.cluster.postgresql.is_configured() {
@@ -269,13 +273,13 @@ impl Service {
             });
             self.pool.set_passive(true);
             self.queue.set_read_only(true);
-            let (warm_stop, warm_rx) = watch::channel(false);
-            let warm = tokio::spawn(self.clone().warm_view(warm_rx));
+            let warm = crate::tasks::Tasks::child_of(&shutdown);
+            warm.spawn(self.clone().warm_view(warm.token().clone()));
             let me = self.clone();
             let lock = dblock::DbLock::acquire_reporting(
                 &self.cluster.postgresql.connection,
                 LOCK_RETRY,
-                shutdown.clone(),
+                &shutdown,
                 move |holder| {
                     me.set_role(Role::Standby {
                         holder: holder.to_string(),
@@ -284,11 +288,7 @@ impl Service {
             )
             .await;
             // The warm view's calls have deadlines; do not wait for a slow one past a moment.
-            let _ = warm_stop.send(true);
-            if tokio::time::timeout(Duration::from_secs(2), warm)
-                .await
-                .is_err()
-            {
+            if !warm.join("standby view", Duration::from_secs(2)).await {
                 tracing::warn!("standby view still polling after 2s; taking over anyway");
             }
             self.pool.set_passive(false);
@@ -325,6 +325,12 @@ impl Service {
         self.scheduler.stop();
         self.pool.stop();
         self.set_role(Role::Stopped);
+        // Nothing new starts now; let calls under way finish within their deadlines.
+        tokio::join!(
+            self.scheduler.join(JOIN_LIMIT),
+            self.pool.join(JOIN_LIMIT),
+            self.queue.join(JOIN_LIMIT),
+        );
         if let Some(l) = lock {
             if result.is_ok() {
                 l.release().await;

@@ -19,9 +19,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_postgres::config::SslMode;
+use tokio_util::sync::CancellationToken;
 
 use super::dblock::{connection_string, watch_connection};
 
@@ -164,7 +164,7 @@ fn tls_config(s: &ConnSettings) -> Result<rustls::ClientConfig, String> {
 }
 
 /// Connect as `params` say, within `timeout`, with TCP keepalives. Returns the client, the
-/// connection task, a receiver that turns true when the connection ends, and the flag that
+/// connection task, a token cancelled when the connection ends, and the flag that
 /// marks an intended close.
 pub async fn connect(
     params: &BTreeMap<String, String>,
@@ -173,7 +173,7 @@ pub async fn connect(
     (
         Client,
         tokio::task::JoinHandle<()>,
-        watch::Receiver<bool>,
+        CancellationToken,
         Arc<AtomicBool>,
     ),
     String,

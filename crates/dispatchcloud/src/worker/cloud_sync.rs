@@ -115,15 +115,18 @@ impl Pool {
         inst: &Arc<dyn Instance>,
         secret: Option<String>,
     ) -> Arc<Executor> {
-        Arc::new(Executor::new(
-            self.target(inst, secret),
-            self.cfg.private_key.clone(),
-            &self.cfg.ssh_port,
-            Timeouts {
-                connect: self.cfg.command_timeout,
-                command: self.cfg.command_timeout,
-            },
-        ))
+        Arc::new(
+            Executor::new(
+                self.target(inst, secret),
+                self.cfg.private_key.clone(),
+                &self.cfg.ssh_port,
+                Timeouts {
+                    connect: self.cfg.command_timeout,
+                    command: self.cfg.command_timeout,
+                },
+            )
+            .with_tasks(self.tasks.clone()),
+        )
     }
 
     pub(super) fn target(&self, inst: &Arc<dyn Instance>, secret: Option<String>) -> Target {
@@ -294,7 +297,7 @@ impl Pool {
         tags.extend(want);
         w.tags = tags.clone();
         let (inst, id) = (w.instance.clone(), w.id.clone());
-        tokio::spawn(async move {
+        self.spawn(async move {
             if let Err(e) = inst.set_tags(tags).await {
                 tracing::warn!(Instance = %id, error = %e, "error updating tags");
             }

@@ -177,7 +177,7 @@ impl Pool {
         drop(st);
         self.notify();
         let view = InstanceView::new("", &it, WorkerState::Booting);
-        tokio::spawn(async move { pool.create_in_background(secret, it).await });
+        self.spawn(async move { pool.create_in_background(secret, it).await });
         Some(view)
     }
 
@@ -288,9 +288,14 @@ impl Pool {
 
     /// Notify subscribers at `t` (when a hold-off ends).
     pub(super) fn notify_at(&self, t: Instant) {
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(t).await;
+        let (me, tasks) = (self.me.clone(), self.tasks.clone());
+        self.spawn(async move {
+            if !tasks
+                .pause(t.saturating_duration_since(Instant::now()))
+                .await
+            {
+                return;
+            }
             if let Some(p) = me.upgrade() {
                 p.notify();
             }

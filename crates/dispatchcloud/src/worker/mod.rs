@@ -48,6 +48,7 @@ pub use create::HoldOff;
 use metrics::{PoolMetrics, Sample};
 use record::Worker;
 
+use crate::tasks::Tasks;
 use crate::worker_state::{InstanceView, WorkerState};
 
 /// How often the pool's gauges and cumulative counters are refreshed when nothing changes.
@@ -76,7 +77,9 @@ pub struct Pool {
     set: Arc<Throttled>,
     state: Mutex<State>,
     notify: watch::Sender<u64>,
-    stop: watch::Sender<bool>,
+    /// Every task the pool spawns. Cancelled by [`Pool::stop`]: loops and waits end, creates
+    /// and starts are refused; [`Pool::join`] waits for the tasks.
+    tasks: Tasks,
     pub metrics: PoolMetrics,
     /// What the pool did, for the status page.
     pub events: crate::events::EventLog,
@@ -102,7 +105,7 @@ impl Pool {
                 ..State::default()
             }),
             notify: watch::channel(0).0,
-            stop: watch::channel(false).0,
+            tasks: Tasks::new(),
             metrics,
             events: crate::events::EventLog::default(),
             passive: Default::default(),
@@ -125,62 +128,58 @@ impl Pool {
 
     /// Start the sync, probe and metrics loops.
     pub fn start(self: &Arc<Self>) {
-        let me = self.clone();
-        tokio::spawn(async move { me.sync_loop().await });
-        let me = self.clone();
-        tokio::spawn(async move { me.probe_loop().await });
-        let me = self.clone();
-        tokio::spawn(async move { me.metrics_loop().await });
+        self.spawn(self.clone().sync_loop());
+        self.spawn(self.clone().probe_loop());
+        self.spawn(self.clone().metrics_loop());
     }
 
     /// Stop the loops. Instances are left as they are, for the next dispatcher to adopt.
     pub fn stop(&self) {
-        let _ = self.stop.send(true);
+        self.tasks.cancel();
     }
 
-    fn stopped(&self) -> watch::Receiver<bool> {
-        self.stop.subscribe()
+    /// After [`Pool::stop`]: wait up to `limit` for the pool's tasks to end. Loops and waits end
+    /// at once; cloud calls and SSH commands already under way finish within their own
+    /// deadlines, so a bounded wait suffices. False if some were still running at `limit`.
+    pub async fn join(&self, limit: Duration) -> bool {
+        self.tasks.join("worker pool", limit).await
+    }
+
+    /// Run `task` on the runtime, tracked so that [`Pool::join`] waits for it.
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
     }
 
     /// Stopped: creates and starts are refused (another dispatcher may own the cluster now).
     fn is_stopped(&self) -> bool {
-        *self.stop.borrow()
+        self.tasks.is_cancelled()
     }
 
     /// Sleep `d`; false if the pool was stopped meanwhile.
-    async fn pause(&self, d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-        if *stop.borrow() {
-            return false;
-        }
-        let stopped = tokio::select! {
-            _ = tokio::time::sleep(d) => false,
-            _ = stop.wait_for(|s| *s) => true,
-        };
-        !stopped && !*stop.borrow()
+    async fn pause(&self, d: Duration) -> bool {
+        self.tasks.pause(d).await
     }
 
     async fn sync_loop(self: Arc<Self>) {
-        let mut stop = self.stopped();
         loop {
             if let Err(e) = self.sync().await {
                 tracing::warn!(error = %e, "sync failed");
                 self.events
                     .push("error", "cloud", format!("listing instances failed: {e}"));
             }
-            if !self.pause(self.cfg.sync_interval, &mut stop).await {
+            if !self.pause(self.cfg.sync_interval).await {
                 return;
             }
         }
     }
 
     async fn metrics_loop(self: Arc<Self>) {
-        let mut stop = self.stopped();
         let mut changes = self.notify.subscribe();
         loop {
             self.update_metrics();
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
-                _ = stop.wait_for(|s| *s) => return,
+                _ = self.tasks.cancelled() => return,
                 // The cumulative instance-seconds and cost counters advance while nothing
                 // changes, too.
                 _ = tokio::time::sleep(METRICS_REFRESH) => {}

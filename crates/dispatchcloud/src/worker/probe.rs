@@ -90,7 +90,6 @@ struct Snapshot {
 
 impl Pool {
     pub(super) async fn probe_loop(self: Arc<Self>) {
-        let mut stop = self.stopped();
         loop {
             let ids: Vec<String> = {
                 let now = Instant::now();
@@ -105,16 +104,16 @@ impl Pool {
             };
             let tick = Duration::from_secs_f64(1.0 / self.cfg.max_probes_per_second.max(0.001));
             for id in ids {
-                if *stop.borrow() {
+                if self.is_stopped() {
                     return;
                 }
                 let me = self.clone();
-                tokio::spawn(async move { me.probe_and_update(&id).await });
-                if !self.pause(tick, &mut stop).await {
+                self.spawn(async move { me.probe_and_update(&id).await });
+                if !self.pause(tick).await {
                     return;
                 }
             }
-            if !self.pause(self.cfg.probe_interval, &mut stop).await {
+            if !self.pause(self.cfg.probe_interval).await {
                 return;
             }
         }

@@ -79,8 +79,18 @@ impl Runner {
             Reason = %reason,
             "killing crunch-run process"
         );
-        let me = self.clone();
-        tokio::spawn(async move { me.kill_loop().await });
+        if let Some(pool) = self.pool.upgrade() {
+            let me = self.clone();
+            let tasks = pool.tasks.clone();
+            pool.spawn(async move {
+                // A stopped pool leaves crunch-run processes to the next dispatcher, which
+                // kills them again if their containers are still cancelled.
+                tokio::select! {
+                    _ = me.kill_loop() => {}
+                    _ = tasks.cancelled() => {}
+                }
+            });
+        }
     }
 
     async fn kill_loop(self: Arc<Self>) {

@@ -221,7 +221,7 @@ impl WorkerPool for Pool {
         drop(st);
         self.notify();
         let me = self.me.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let result = exec.execute(&[], &command, &stdin).await;
             match &result {
                 Ok(_) => {

@@ -35,7 +35,7 @@ impl Pool {
         }
         self.notify();
         let (inst, id, me) = (w.instance.clone(), w.id.clone(), self.me.clone());
-        tokio::spawn(async move {
+        self.spawn(async move {
             if let Err(e) = inst.destroy().await {
                 tracing::warn!(Instance = %id, error = %e, "shutdown failed");
                 if let Some(p) = me.upgrade() {
