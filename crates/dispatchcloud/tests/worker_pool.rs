@@ -296,7 +296,14 @@ async fn start_container_to_complete_and_adopt_after_restart() {
         state(&long) == "Running"
     })
     .await;
+    assert!(
+        p1.tasks_running() >= 3,
+        "sync, probe and metrics loops are tracked"
+    );
     p1.stop();
+    // Every task the pool spawned ends: loops on cancellation, calls within their deadlines.
+    assert!(p1.join(Duration::from_secs(10)).await, "pool tasks joined");
+    assert_eq!(p1.tasks_running(), 0);
     drop(p1);
 
     let p2 = pool(&c, set.clone(), &key, |_| {});

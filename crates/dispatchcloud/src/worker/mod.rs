@@ -145,6 +145,11 @@ impl Pool {
         self.tasks.join("worker pool", limit).await
     }
 
+    /// Background tasks still running (loops, probes, cloud calls, SSH commands).
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.len()
+    }
+
     /// Run `task` on the runtime, tracked so that [`Pool::join`] waits for it.
     fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(task);
