@@ -13,11 +13,21 @@ type Graph = BTreeMap<String, (BTreeSet<String>, BTreeSet<String>, BTreeSet<Stri
 
 fn graph() -> Graph {
     let out = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(ROOT)
         .output()
         .expect("run cargo metadata");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let packages = m["packages"].as_array().unwrap();
     let names: BTreeSet<String> = packages
@@ -26,7 +36,9 @@ fn graph() -> Graph {
         .collect();
     let mut g = Graph::new();
     for p in packages {
-        let entry = g.entry(p["name"].as_str().unwrap().to_string()).or_default();
+        let entry = g
+            .entry(p["name"].as_str().unwrap().to_string())
+            .or_default();
         for d in p["dependencies"].as_array().unwrap() {
             let name = d["name"].as_str().unwrap().to_string();
             if !names.contains(&name) {
@@ -118,7 +130,10 @@ fn the_crate_map_is_the_dependency_graph() {
     let g = graph();
     assert!(g.len() >= 10, "workspace read: {:?}", g.keys());
     let problems = drift(&doc(), &g);
-    assert!(problems.is_empty(), "ARCHITECTURE.md drifted: {problems:#?}");
+    assert!(
+        problems.is_empty(),
+        "ARCHITECTURE.md drifted: {problems:#?}"
+    );
 }
 
 #[test]
@@ -152,7 +167,10 @@ fn no_fake_in_production_and_no_driver_in_the_core() {
             }
         }
         if krate.starts_with("cloud-") {
-            assert!(!deps.contains("dispatchcloud"), "{krate} depends on dispatchcloud");
+            assert!(
+                !deps.contains("dispatchcloud"),
+                "{krate} depends on dispatchcloud"
+            );
         }
     }
     assert_eq!(
@@ -176,4 +194,122 @@ fn the_scheduler_sees_the_pool_only_through_its_trait() {
         }
     }
     assert!(offenders.is_empty(), "{offenders:#?}");
+}
+
+/// Every `§N.M` (and `§N.M item K`) cited in the code and docs is a heading (and an item) of
+/// `docs/behaviour.md`, so a maintainer can follow it without the team's private spec.
+fn dangling_references(behaviour: &str, sources: &[(String, String)]) -> Vec<String> {
+    let headings: BTreeSet<String> = behaviour
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('§')))
+        .map(str::to_string)
+        .collect();
+    let items: BTreeSet<String> = behaviour
+        .lines()
+        .filter_map(|l| l.strip_prefix("- **"))
+        .filter_map(|l| l.split('.').next())
+        .map(str::to_string)
+        .collect();
+    let mut dangling = Vec::new();
+    for (path, text) in sources {
+        for (i, line) in text.lines().enumerate() {
+            let mut rest = line;
+            while let Some(at) = rest.find('§') {
+                rest = &rest[at + '§'.len_utf8()..];
+                let number: String = rest
+                    .trim_start()
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.')
+                    .collect();
+                let number = number.trim_end_matches('.');
+                if number.is_empty() {
+                    continue;
+                }
+                let cite = format!("§{number}");
+                if !headings.contains(&cite) {
+                    dangling.push(format!("{path}:{}: {cite}", i + 1));
+                }
+                let after = rest.trim_start()[number.len()..].trim_start();
+                if let Some(item) = after.strip_prefix("item ") {
+                    let n: String = item.chars().take_while(char::is_ascii_digit).collect();
+                    if !items.contains(&n) {
+                        dangling.push(format!("{path}:{}: {cite} item {n}", i + 1));
+                    }
+                }
+            }
+        }
+    }
+    dangling
+}
+
+fn cited_sources() -> Vec<(String, String)> {
+    fn walk(dir: &Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                if !["target", "node_modules", ".git", ".venv"].contains(&name.as_str()) {
+                    walk(&path, out);
+                }
+            } else if (name.ends_with(".rs") || name.ends_with(".md"))
+                // The target itself, and this file's planted examples.
+                && name != "behaviour.md"
+                && name != "architecture.rs"
+            {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                out.push((path.display().to_string(), text));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for d in ["crates", "src", "tests", "docs", "deploy", "dashboards"] {
+        let dir = Path::new(ROOT).join(d);
+        if dir.exists() {
+            walk(&dir, &mut out);
+        }
+    }
+    for f in ["ARCHITECTURE.md", "README.md", "BENCHMARKS.md"] {
+        let path = Path::new(ROOT).join(f);
+        out.push((
+            f.to_string(),
+            std::fs::read_to_string(path).unwrap_or_default(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn every_section_the_code_cites_is_in_behaviour_md() {
+    let behaviour = std::fs::read_to_string(Path::new(ROOT).join("docs/behaviour.md")).unwrap();
+    let sources = cited_sources();
+    let cites = sources
+        .iter()
+        .map(|(_, t)| t.matches('§').count())
+        .sum::<usize>();
+    assert!(cites > 50, "found the citations ({cites})");
+    let dangling = dangling_references(&behaviour, &sources);
+    assert!(
+        dangling.is_empty(),
+        "cited but not in docs/behaviour.md: {dangling:#?}"
+    );
+}
+
+#[test]
+fn a_citation_of_a_missing_section_or_item_is_caught() {
+    let behaviour = "### §8.7 Probing\n\n- **18.** text\n";
+    let sources = vec![(
+        "x.rs".to_string(),
+        "// spec §8.7, §8.99 and §13.3 item 18, §13.3 item 77".to_string(),
+    )];
+    let dangling = dangling_references(behaviour, &sources);
+    assert_eq!(
+        dangling,
+        [
+            "x.rs:1: §8.99",
+            "x.rs:1: §13.3",
+            "x.rs:1: §13.3",
+            "x.rs:1: §13.3 item 77"
+        ]
+    );
 }
