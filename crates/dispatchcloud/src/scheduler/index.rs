@@ -636,16 +636,36 @@ mod tests {
         }
     }
 
-    /// The tree answers exactly what a linear scan answers, on a deterministic pseudo-random
-    /// set of instances and wants, including after updates and appends.
+    /// The tree answers exactly what a linear scan answers, on random sets of instances and
+    /// wants (proptest: a fixed seed, and a failure shrinks its choices towards 0), including
+    /// after updates and appends.
     #[test]
     fn find_first_matches_linear_scan() {
-        let mut seed: u64 = 0x9e3779b97f4a7c15;
-        let mut next = move |n: i64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as i64
+        use proptest::test_runner::{Config, TestRng, TestRunner};
+        let config = Config {
+            cases: 64,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let rng = TestRng::deterministic_rng(config.rng_algorithm);
+        let mut runner = TestRunner::new_with_rng(config, rng);
+        let choices = proptest::collection::vec(proptest::prelude::any::<u32>(), 5000);
+        let result = runner.run(&choices, |choices| {
+            find_first_case(&choices);
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
+
+    /// One case of [`find_first_matches_linear_scan`], drawing from `choices`.
+    fn find_first_case(choices: &[u32]) {
+        let mut at = 0;
+        let mut next = |n: i64| {
+            let c = choices.get(at).copied().unwrap_or(0);
+            at += 1;
+            (u64::from(c) % n.max(1) as u64) as i64
         };
         let mut leaves: Vec<Offer> = (0..37)
             .map(|_| {
