@@ -152,8 +152,8 @@ impl QueueEnt {
 
 /// The hash [`QueueEnt::uuid_hash`] holds.
 pub fn uuid_hash(uuid: &str) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<crate::fasthash::FastHasher>::default().hash_one(uuid)
+    use std::hash::BuildHasher;
+    crate::fasthash::FastBuild::default().hash_one(uuid)
 }
 
 impl Serialize for QueueEnt {

@@ -641,32 +641,12 @@ mod tests {
     /// after updates and appends.
     #[test]
     fn find_first_matches_linear_scan() {
-        use proptest::test_runner::{Config, TestRng, TestRunner};
-        let config = Config {
-            cases: 64,
-            failure_persistence: None,
-            ..Config::default()
-        };
-        let rng = TestRng::deterministic_rng(config.rng_algorithm);
-        let mut runner = TestRunner::new_with_rng(config, rng);
-        let choices = proptest::collection::vec(proptest::prelude::any::<u32>(), 5000);
-        let result = runner.run(&choices, |choices| {
-            find_first_case(&choices);
-            Ok(())
-        });
-        if let Err(e) = result {
-            panic!("{e}");
-        }
+        crate::scheduler::choices::check(64, 5000, find_first_case);
     }
 
-    /// One case of [`find_first_matches_linear_scan`], drawing from `choices`.
-    fn find_first_case(choices: &[u32]) {
-        let mut at = 0;
-        let mut next = |n: i64| {
-            let c = choices.get(at).copied().unwrap_or(0);
-            at += 1;
-            (u64::from(c) % n.max(1) as u64) as i64
-        };
+    /// One case of [`find_first_matches_linear_scan`].
+    fn find_first_case(choices: &mut crate::scheduler::choices::Choices<'_>) {
+        let mut next = |n: i64| choices.below(n as u64) as i64;
         let mut leaves: Vec<Offer> = (0..37)
             .map(|_| {
                 if next(5) == 0 {

@@ -10,6 +10,8 @@
 //!   `fixStaleLocks` at startup, carries plans out (never holding a lock across an API call),
 //!   and publishes metrics and the last pass's queue for the management API.
 
+#[cfg(test)]
+mod choices;
 pub mod index;
 pub mod plan;
 pub mod pool;

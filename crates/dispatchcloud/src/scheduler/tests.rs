@@ -988,25 +988,7 @@ fn scale_scenario_locked_10k() {
     check_scale(10_000, 1_000, Variant::Locked);
 }
 
-/// The randomised comparison's source of choices: a sequence proptest generates and, when a
-/// case fails, shrinks element by element towards 0 (fewer types, containers and instances,
-/// first options), so a failure is reported as a small case. Past its end every choice is 0.
-struct Rng {
-    choices: Vec<u32>,
-    at: usize,
-}
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        let c = self.choices.get(self.at).copied().unwrap_or(0);
-        self.at += 1;
-        u64::from(c) % n.max(1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+use super::choices::Choices as Rng;
 
 fn decisions(plan: &QueuePlan, entries: &[Arc<QueueEnt>]) -> reference::Decisions {
     reference::Decisions {
@@ -1187,40 +1169,26 @@ fn random_case(rng: &mut Rng) -> (SchedConfig, Limits, Vec<Arc<QueueEnt>>, PoolS
 /// counters and statuses, in the same order.
 #[test]
 fn same_decisions_as_literal_run_queue() {
-    use proptest::test_runner::{Config, TestRng, TestRunner};
-    let config = Config {
-        cases: 3000,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    // A fixed seed: CI runs the same 3 000 cases every time; a failure shrinks and prints its
-    // choices.
-    let rng = TestRng::deterministic_rng(config.rng_algorithm);
-    let mut runner = TestRunner::new_with_rng(config, rng);
     let now = SystemTime::now();
-    let with_tail = std::cell::Cell::new(0);
-    let choices = proptest::collection::vec(proptest::prelude::any::<u32>(), 4000);
-    let result = runner.run(&choices, |choices| {
-        let (cfg, limits, entries, pool) = random_case(&mut Rng { choices, at: 0 });
+    let mut with_tail = 0;
+    let mut case_no = 0;
+    super::choices::check(3000, 4000, |rng| {
+        case_no += 1;
+        let (cfg, limits, entries, pool) = random_case(rng);
         let mut fast_limits = limits.clone();
         let fast = plan_queue(&cfg, &mut fast_limits, &entries, &pool, None, now);
         let mut ref_limits = limits.clone();
         let want = reference::run_queue(&cfg, &mut ref_limits, &entries, &pool, None, now);
         let got = decisions(&fast, &entries);
-        proptest::prop_assert_eq!(got, want);
+        assert_eq!(got, want, "case {case_no}");
         if fast.queue.statuses.len() < entries.len() {
-            with_tail.set(with_tail.get() + 1);
+            with_tail += 1;
         }
-        proptest::prop_assert_eq!(fast_limits, ref_limits);
-        Ok(())
+        assert_eq!(fast_limits, ref_limits, "case {case_no}");
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
     assert!(
-        with_tail.get() > 300,
-        "only {} cases left an unsorted tail",
-        with_tail.get()
+        with_tail > 300,
+        "only {with_tail} cases left an unsorted tail"
     );
 }
 

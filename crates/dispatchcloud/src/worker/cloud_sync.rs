@@ -1,7 +1,6 @@
 //! Reconciling with the cloud's instance list (spec §8.6): new workers (created or adopted),
 //! vanished ones, tags (§8.14), and each worker's SSH executor.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arvados::InstanceType;
@@ -235,7 +234,6 @@ impl Pool {
         let state = transition(None, event)
             .and_then(|s| s.to)
             .expect("a listed instance has a first state");
-        let appeared = now;
         let executor = self.new_executor(&inst, secret.clone());
         tracing::info!(
             Instance = %id,
@@ -245,32 +243,11 @@ impl Pool {
             "instance appeared in cloud"
         );
         let mut w = Worker {
-            id: id.clone(),
-            instance: inst,
             known_type: configured.is_some(),
-            it: Arc::new(it),
-            state,
             idle_behavior: behavior,
-            executor,
             secret,
-            appeared,
-            probed: appeared,
-            updated: now,
-            busy: now,
-            destroyed: None,
-            first_ssh: None,
-            reachable: false,
-            last_uuid: String::new(),
-            running: BTreeMap::new(),
-            starting: BTreeMap::new(),
-            probing: false,
-            adopted: state == WorkerState::Unknown,
-            listed: false,
-            proc_gen: 0,
-            boot_outcome_reported: false,
-            time_to_ready_reported: false,
-            stale_run_lock_since: None,
             tags,
+            ..Worker::new(inst, Arc::new(it), state, executor, now)
         };
         self.save_tags(&mut w);
         st.workers.insert(id, w);

@@ -62,6 +62,46 @@ pub fn ago(now: Instant, d: Duration) -> Instant {
 }
 
 impl Worker {
+    /// A worker for `instance` of type `it`, first seen at `now`, in `state`, with idle
+    /// behaviour `run`, its listed tags, no secret and nothing running. Callers override
+    /// fields with struct update syntax.
+    pub fn new(
+        instance: Arc<dyn Instance>,
+        it: Arc<InstanceType>,
+        state: WorkerState,
+        executor: Arc<Executor>,
+        now: Instant,
+    ) -> Worker {
+        Worker {
+            id: instance.id(),
+            tags: instance.tags(),
+            instance,
+            it,
+            known_type: true,
+            state,
+            idle_behavior: IdleBehavior::Run,
+            executor,
+            secret: None,
+            appeared: now,
+            probed: now,
+            updated: now,
+            busy: now,
+            destroyed: None,
+            first_ssh: None,
+            reachable: false,
+            last_uuid: String::new(),
+            running: BTreeMap::new(),
+            starting: BTreeMap::new(),
+            probing: false,
+            adopted: state == WorkerState::Unknown,
+            listed: false,
+            proc_gen: 0,
+            boot_outcome_reported: false,
+            time_to_ready_reported: false,
+            stale_run_lock_since: None,
+        }
+    }
+
     /// Apply `event` through the state machine ([`transition`]); the action to carry out, or
     /// `None` if the event changes nothing in this state.
     pub fn apply(&mut self, event: Event) -> Option<Action> {

@@ -279,37 +279,15 @@ impl Rig {
             );
             (uuid(*i), r)
         };
+        let it = Arc::new(InstanceType {
+            name: "type1".into(),
+            provider_type: "pt".into(),
+            ..Default::default()
+        });
         let w = Worker {
-            id: vm.id.clone(),
-            instance: inst,
-            it: Arc::new(InstanceType {
-                name: "type1".into(),
-                provider_type: "pt".into(),
-                ..Default::default()
-            }),
-            known_type: true,
-            state,
-            idle_behavior: IdleBehavior::Run,
-            executor: executor.clone(),
-            secret: None,
-            appeared: t,
-            probed: t,
-            updated: t,
-            busy: t,
-            destroyed: None,
-            first_ssh: None,
-            reachable: false,
-            last_uuid: String::new(),
             running: running.iter().map(runner).collect(),
             starting: starting.iter().map(runner).collect::<BTreeMap<_, _>>(),
-            probing: false,
-            adopted: state == WorkerState::Unknown,
-            listed: false,
-            proc_gen: 0,
-            boot_outcome_reported: false,
-            time_to_ready_reported: false,
-            stale_run_lock_since: None,
-            tags: vm.tags(),
+            ..Worker::new(inst, it, state, executor.clone(), t)
         };
         self.pool.lock().workers.insert(vm.id.clone(), w);
     }
