@@ -23,6 +23,67 @@ pub struct Settings {
     pub spend_caps: SpendCaps,
     #[serde(default)]
     pub queue: QueueSettings,
+    #[serde(default)]
+    pub capacity: CapacitySettings,
+}
+
+/// How long a capacity error holds an offering (an instance type, its quota group, or every
+/// type) off. Default: a fixed minute after each error, as Arvados. With `Backoff`, the hold
+/// doubles with each capacity error in a row for that offering, from `BackoffBase` up to
+/// `BackoffMax`, plus up to 25 % jitter (so dispatchers and types do not retry in step), and a
+/// successful create of the type resets it.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct CapacitySettings {
+    #[serde(default)]
+    pub backoff: bool,
+    #[serde(
+        default = "CapacitySettings::default_base",
+        with = "arvados::config::units::duration"
+    )]
+    pub backoff_base: std::time::Duration,
+    #[serde(
+        default = "CapacitySettings::default_max",
+        with = "arvados::config::units::duration"
+    )]
+    pub backoff_max: std::time::Duration,
+}
+
+impl CapacitySettings {
+    fn default_base() -> std::time::Duration {
+        std::time::Duration::from_secs(30)
+    }
+    fn default_max() -> std::time::Duration {
+        std::time::Duration::from_secs(600)
+    }
+
+    /// The hold after the `failures`-th capacity error in a row (1 for the first), with
+    /// `jitter` in `[0, 1)`; `fixed` when back-off is off.
+    pub fn hold(
+        &self,
+        failures: u32,
+        jitter: f64,
+        fixed: std::time::Duration,
+    ) -> std::time::Duration {
+        if !self.backoff {
+            return fixed;
+        }
+        let base = self.backoff_base.max(std::time::Duration::from_secs(1));
+        let max = self.backoff_max.max(base);
+        let doubled = base.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+        let hold = doubled.min(max);
+        hold.mul_f64(1.0 + 0.25 * jitter.clamp(0.0, 1.0)).min(max)
+    }
+}
+
+impl Default for CapacitySettings {
+    fn default() -> Self {
+        CapacitySettings {
+            backoff: false,
+            backoff_base: Self::default_base(),
+            backoff_max: Self::default_max(),
+        }
+    }
 }
 
 /// How the container queue polls the API. The default is Arvados' way: every poll reloads
@@ -213,6 +274,31 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn capacity_backoff_doubles_to_its_cap_with_bounded_jitter_and_is_off_by_default() {
+        let fixed = Duration::from_secs(60);
+        let off = CapacitySettings::default();
+        assert_eq!(off.hold(1, 0.5, fixed), fixed);
+        assert_eq!(off.hold(9, 0.5, fixed), fixed);
+        let on = Settings::from_str(
+            "Capacity:\n  Backoff: true\n  BackoffBase: 10s\n  BackoffMax: 1m\n",
+            "s.yml",
+        )
+        .unwrap()
+        .capacity;
+        let secs = |n, j| on.hold(n, j, fixed).as_secs_f64();
+        assert_eq!(
+            [secs(1, 0.0), secs(2, 0.0), secs(3, 0.0)],
+            [10.0, 20.0, 40.0]
+        );
+        assert_eq!([secs(4, 0.0), secs(40, 0.0)], [60.0, 60.0], "capped");
+        assert_eq!(secs(1, 0.999_999).round(), 12.0, "at most 25 % jitter");
+        assert_eq!(secs(4, 0.9), 60.0, "jitter never passes the cap");
+        let bad = Settings::from_str("Capacity:\n  BackoffBase: soon\n", "s.yml").unwrap_err();
+        assert!(bad.to_string().contains("Capacity.BackoffBase"), "{bad}");
+    }
 
     #[test]
     fn empty_or_absent_settings_turn_everything_off() {

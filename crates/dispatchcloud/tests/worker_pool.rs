@@ -626,3 +626,49 @@ async fn create_that_never_answers_and_made_nothing_frees_its_place() {
     assert_eq!(p.create_budget(), Some(1));
     p.stop();
 }
+
+/// Issue 19, capacity back-off (settings `Capacity.Backoff`): each capacity error in a row
+/// for a type doubles its hold-off (with at most 25 % jitter), where Arvados holds a fixed
+/// minute every time. Judged from the pool's own hold-off report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_errors_in_a_row_hold_a_type_off_for_longer_each_time() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), None);
+    let set = stub(json!({"CapacityPerType": {"providertype1": 0}}));
+    let p = pool(&c, set.clone(), &key, |cfg| {
+        cfg.capacity = dispatchcloud::settings::CapacitySettings {
+            backoff: true,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        };
+    });
+    wait_for("first cloud list", Duration::from_secs(5), || p.loaded()).await;
+    let mut holds = Vec::new();
+    for _ in 0..3 {
+        wait_for("type no longer held off", Duration::from_secs(10), || {
+            !p.at_capacity(&t1)
+        })
+        .await;
+        assert!(p.create(&t1).is_some(), "the pool accepts the create");
+        wait_for("capacity error recorded", Duration::from_secs(5), || {
+            p.at_capacity(&t1)
+        })
+        .await;
+        let until = p
+            .holdoffs()
+            .into_iter()
+            .find_map(|h| h.until.filter(|_| h.what.contains("providertype1")))
+            .expect("a hold-off for the type");
+        holds.push((until - chrono::Utc::now()).num_milliseconds() as f64 / 1000.0);
+    }
+    // 1 s, 2 s, 4 s, each up to 25 % more, less the moment it took to look.
+    for (i, want) in [1.0, 2.0, 4.0].into_iter().enumerate() {
+        assert!(
+            holds[i] > want - 0.5 && holds[i] <= want * 1.25 + 0.01,
+            "hold {i}: {holds:?}"
+        );
+    }
+    assert!(set.vms().is_empty(), "no VM was made");
+    p.stop();
+}

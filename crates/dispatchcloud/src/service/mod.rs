@@ -193,11 +193,9 @@ impl Service {
         let http_metrics = Arc::new(http_metrics::ServiceMetrics::new(&registry, cluster)?);
         let deadlines = CloudDeadlines::from_params(&params).map_err(StartError::Driver)?;
         let set = wrap_instance_set(set, cluster, deadlines, &registry)?;
-        let pool = Pool::new(
-            PoolConfig::from_cluster(cluster, &instance_set_id, Arc::new(key)),
-            set,
-            &registry,
-        )?;
+        let mut pool_config = PoolConfig::from_cluster(cluster, &instance_set_id, Arc::new(key));
+        pool_config.capacity = settings.capacity;
+        let pool = Pool::new(pool_config, set, &registry)?;
         let client = ClientConfig::from_cluster(cluster)
             .and_then(Client::new)
             .map_err(|e| StartError::Api(e.to_string()))?;

@@ -69,8 +69,11 @@ pub struct PoolConfig {
     pub command_timeout: Duration,
     /// How long a quota error stops creates (Go: 1 minute).
     pub quota_error_ttl: Duration,
-    /// How long a capacity error stops creates of that type/group (Go: 1 minute).
+    /// How long a capacity error stops creates of that type/group (Go: 1 minute), unless
+    /// `capacity` turns on back-off.
     pub capacity_error_ttl: Duration,
+    /// Capacity back-off from the settings file (off by default).
+    pub capacity: crate::settings::CapacitySettings,
     /// How long reaching `MaxConcurrentInstanceCreateOps` stops creates (Go: 5 s), unless a
     /// create finishes sooner.
     pub create_ops_hold_off: Duration,
@@ -229,6 +232,7 @@ impl PoolConfig {
                 .clamp(Duration::from_secs(1), Duration::from_secs(60)),
             quota_error_ttl: Duration::from_secs(60),
             capacity_error_ttl: Duration::from_secs(60),
+            capacity: Default::default(),
             create_ops_hold_off: Duration::from_secs(5),
             unknown_create_grace: Duration::from_secs(30),
             api_host: api_host(&cluster.services.controller.external_url),

@@ -206,6 +206,9 @@ impl Pool {
             let mut st = self.lock();
             match result {
                 Ok(inst) => {
+                    for key in self.capacity_keys(&it) {
+                        st.capacity_failures.remove(&key);
+                    }
                     self.events.push("created", inst.id(), it.name.clone());
                     self.update_worker(&mut st, inst, now);
                 }
@@ -256,9 +259,15 @@ impl Pool {
                         } else {
                             all
                         };
-                        st.at_capacity_until
-                            .insert(key, now + self.cfg.capacity_error_ttl);
-                        self.notify_at(now + self.cfg.capacity_error_ttl);
+                        let failures = st.capacity_failures.entry(key.clone()).or_default();
+                        *failures += 1;
+                        let hold = self.cfg.capacity.hold(
+                            *failures,
+                            rand::random::<f64>(),
+                            self.cfg.capacity_error_ttl,
+                        );
+                        st.at_capacity_until.insert(key, now + hold);
+                        self.notify_at(now + hold);
                     }
                     if let Some(t) = e.earliest_retry() {
                         // The throttle wrapper holds creates until then; wake the scheduler

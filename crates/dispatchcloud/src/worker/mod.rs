@@ -64,6 +64,8 @@ struct State {
     /// At quota until there are fewer instances than this (0: not in effect).
     at_quota_until_fewer: usize,
     at_capacity_until: HashMap<String, Instant>,
+    /// Capacity errors in a row per capacity key (reset by a successful create of the type).
+    capacity_failures: HashMap<String, u32>,
     /// `MaxConcurrentInstanceCreateOps` was hit; cleared early when a create finishes.
     create_ops_hold_until: Option<Instant>,
     /// `MaxConcurrentInstanceCreateOps` (0: unlimited).
