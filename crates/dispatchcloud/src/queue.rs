@@ -371,14 +371,8 @@ impl ContainerQueue {
             },
         });
         if tokio::runtime::Handle::try_current().is_ok() {
-            let updater = metrics_updater(Arc::downgrade(&q), q.subscribe());
-            let tasks = q.tasks.clone();
-            q.tasks.spawn(async move {
-                tokio::select! {
-                    _ = updater => {}
-                    _ = tasks.cancelled() => {}
-                }
-            });
+            q.tasks
+                .spawn_until_cancelled(metrics_updater(Arc::downgrade(&q), q.subscribe()));
         }
         Ok(q)
     }

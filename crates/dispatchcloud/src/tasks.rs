@@ -35,6 +35,18 @@ impl Tasks {
         self.tracker.spawn(task);
     }
 
+    /// Run `task`, tracked, and drop it at cancellation wherever it is (for work with nothing
+    /// to finish: waits, notification loops, retry loops the next dispatcher redoes).
+    pub fn spawn_until_cancelled(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = task => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+
     /// Tell every loop to end.
     pub fn cancel(&self) {
         self.cancel.cancel();
@@ -113,6 +125,10 @@ mod tests {
         assert!(t.join("test", Duration::from_secs(10)).await);
         assert_eq!(ended.load(Ordering::SeqCst), 3, "all three loops ended");
         assert!(t.is_empty());
+
+        let dropped = Tasks::new();
+        dropped.spawn_until_cancelled(std::future::pending());
+        assert!(dropped.join("dropped", Duration::from_secs(10)).await);
 
         let stuck = Tasks::new();
         stuck.spawn(std::future::pending());

@@ -297,14 +297,9 @@ impl Pool {
 
     /// Notify subscribers at `t` (when a hold-off ends).
     pub(super) fn notify_at(&self, t: Instant) {
-        let (me, tasks) = (self.me.clone(), self.tasks.clone());
-        self.spawn(async move {
-            if !tasks
-                .pause(t.saturating_duration_since(Instant::now()))
-                .await
-            {
-                return;
-            }
+        let me = self.me.clone();
+        self.tasks.spawn_until_cancelled(async move {
+            tokio::time::sleep_until(t).await;
             if let Some(p) = me.upgrade() {
                 p.notify();
             }

@@ -79,17 +79,10 @@ impl Runner {
             Reason = %reason,
             "killing crunch-run process"
         );
+        // A stopped pool leaves crunch-run processes to the next dispatcher, which kills them
+        // again if their containers are still cancelled.
         if let Some(pool) = self.pool.upgrade() {
-            let me = self.clone();
-            let tasks = pool.tasks.clone();
-            pool.spawn(async move {
-                // A stopped pool leaves crunch-run processes to the next dispatcher, which
-                // kills them again if their containers are still cancelled.
-                tokio::select! {
-                    _ = me.kill_loop() => {}
-                    _ = tasks.cancelled() => {}
-                }
-            });
+            pool.tasks.spawn_until_cancelled(self.clone().kill_loop());
         }
     }
 
