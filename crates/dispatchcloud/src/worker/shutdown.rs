@@ -22,17 +22,15 @@ impl Pool {
     }
 
     pub(super) fn shutdown_locked(&self, w: &mut Worker, now: Instant) {
-        w.updated = now;
-        w.proc_gen += 1;
-        w.destroyed = Some(now);
-        self.events.push(
-            "shutdown",
-            w.id.clone(),
-            format!("{} was {}", w.it.name, w.state),
-        );
+        let was = w.state;
         if w.apply(Event::ShutdownDecided) != Some(Action::Destroy) {
             return;
         }
+        w.updated = now;
+        w.proc_gen += 1;
+        w.destroyed = Some(now);
+        self.events
+            .push("shutdown", w.id.clone(), format!("{} was {was}", w.it.name));
         self.notify();
         let (inst, id, me) = (w.instance.clone(), w.id.clone(), self.me.clone());
         self.spawn(async move {
