@@ -83,21 +83,7 @@ pub fn run(cluster: arvados::Cluster, args: CloudTestArgs) -> anyhow::Result<boo
             destroy_existing: args.destroy_existing,
             command: args.command,
         };
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let cancel_tx = cancel.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            if let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-                cancel_tx.cancel();
-            }
-        });
+        let cancel = crate::service::shutdown_on_signals();
         let mut out = std::io::stdout();
         Ok(test.run(&mut out, cancel).await)
     })
