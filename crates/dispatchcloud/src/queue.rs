@@ -637,6 +637,11 @@ impl ContainerQueue {
     }
 
     /// The changes since `since`: every container modified then or later, by `modified_at`.
+    ///
+    /// Paged by key, not offset: each further page asks for `modified_at` at or after the
+    /// last one received, leaving out the uuids already received at exactly that time. A row
+    /// that changes while the poll pages moves to the end of the order and is received again;
+    /// with offsets, every row behind it would shift back one place and one would be skipped.
     async fn poll_changes(
         &self,
         since: DateTime<Utc>,
@@ -648,27 +653,51 @@ impl ContainerQueue {
         };
         let mut select: Vec<String> = SELECT.iter().map(|s| s.to_string()).collect();
         select.extend(["modified_at".to_string(), "locked_by_uuid".to_string()]);
-        let opts = ListOptions {
-            filters: vec![Filter::new(
-                "modified_at",
-                ">=",
-                since.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string(),
-            )],
+        let mut opts = ListOptions {
             order: Some("modified_at asc, uuid asc".into()),
             limit: Some(1000),
             count: Some(Count::None),
             select: Some(select),
             ..Default::default()
         };
-        let (items, bad) = self
-            .client
-            .list_containers_by_offset_with_skipped(&opts, |_| false)
-            .await?;
-        let fetched = items.len() + bad.len();
-        let newest = items.iter().filter_map(|c| c.modified_at).max();
-        let mut skipped: HashSet<String> = bad.into_iter().collect();
-        skipped.remove("");
-        let next = items.into_iter().map(|c| (c.uuid.clone(), c)).collect();
+        let stamp = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
+        let mut floor = since;
+        // Uuids already received whose `modified_at` is exactly `floor` (and undecodable
+        // records, whose time is unknown: left out of every later page).
+        let mut at_floor: Vec<String> = Vec::new();
+        let mut next: HashMap<String, Container> = HashMap::new();
+        let mut skipped: HashSet<String> = HashSet::new();
+        let mut fetched = 0usize;
+        loop {
+            opts.filters = vec![Filter::new("modified_at", ">=", stamp(floor))];
+            if !at_floor.is_empty() {
+                opts.filters
+                    .push(Filter::new("uuid", "not in", at_floor.clone()));
+            }
+            let page = self.client.list_containers(&opts).await?;
+            if page.raw_len == 0 {
+                break;
+            }
+            fetched += page.raw_len;
+            for u in page.skipped {
+                if !u.is_empty() {
+                    at_floor.push(u.clone());
+                    skipped.insert(u);
+                }
+            }
+            for c in page.items {
+                match c.modified_at {
+                    Some(t) if t > floor => {
+                        floor = t;
+                        at_floor.retain(|u| skipped.contains(u));
+                        at_floor.push(c.uuid.clone());
+                    }
+                    _ => at_floor.push(c.uuid.clone()),
+                }
+                next.insert(c.uuid.clone(), c);
+            }
+        }
+        let newest = next.values().filter_map(|c| c.modified_at).max();
         Ok((next, skipped, auth_uuid, fetched, newest))
     }
 

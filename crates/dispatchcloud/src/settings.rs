@@ -112,6 +112,17 @@ pub struct QueueSettings {
 }
 
 impl QueueSettings {
+    /// These settings for a queue polled every `poll_interval`: the overlap is at most one
+    /// poll interval. A wider window only fetches the same changes again on every poll (at
+    /// 250 ms polls, 5 s is twenty polls' worth); a change that commits later than the window
+    /// is repaired by the next full poll, at most `FullPollEvery` intervals later either way.
+    pub fn for_poll_interval(self, poll_interval: std::time::Duration) -> Self {
+        QueueSettings {
+            overlap: self.overlap.min(poll_interval),
+            ..self
+        }
+    }
+
     fn default_full_poll_every() -> u32 {
         10
     }
@@ -378,6 +389,11 @@ mod tests {
         assert_eq!(s.queue.full_poll_every, 10);
         assert_eq!(s.queue.max_queued, 10_000);
         assert!(!Settings::default().queue.incremental);
+        // The window never reaches back more than one poll interval.
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(s.queue.for_poll_interval(secs(1)).overlap, secs(1));
+        assert_eq!(s.queue.for_poll_interval(secs(60)).overlap, secs(10));
+        assert!(s.queue.for_poll_interval(secs(1)).incremental);
         for (text, want) in [
             (
                 "Queue:\n  FullPollEvery: 0\n",

@@ -483,6 +483,84 @@ async fn the_periodic_full_poll_repairs_a_missed_update() {
     );
 }
 
+/// An incremental poll that takes several pages sees every change, even when a row it has
+/// already received changes again between two pages (it moves to the end of the
+/// `modified_at` order; with offset paging the row behind it would be skipped until the next
+/// full poll).
+#[tokio::test]
+async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move() {
+    let f = fake().await;
+    let uuids: Vec<String> = (0..10)
+        .map(|_| {
+            f.add_container(&ContainerSpec {
+                priority: 5,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let (q, reg) = queue(&f, &cluster(vec![test_type()]));
+    q.set_incremental(incremental(100));
+    q.update().await.unwrap();
+    // Ten changes in order, one millisecond apart, after the full poll.
+    let t0 = Utc::now() + chrono::Duration::seconds(1);
+    for (i, u) in uuids.iter().enumerate() {
+        let at = t0 + chrono::Duration::milliseconds(i as i64);
+        f.force_update(
+            u,
+            json!({"priority": 100 + i, "modified_at": testkit::fake_api::format_time(at)}),
+        );
+    }
+    // Pages of 3. The first two list requests wait 2 s each before they are answered; while
+    // the second waits, the first page's first row changes again.
+    f.set_max_items_per_response(3);
+    let before = f
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/arvados/v1/containers")
+        .count();
+    f.inject_fault(
+        Fault::new(FaultKind::Delay(Duration::from_secs(2)))
+            .on("GET", "/arvados/v1/containers")
+            .times(2),
+    );
+    let poll = tokio::spawn({
+        let q = q.clone();
+        async move { q.update().await }
+    });
+    loop {
+        let lists = f
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/arvados/v1/containers")
+            .count();
+        if lists >= before + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f.force_update(
+        &uuids[0],
+        json!({"priority": 200, "modified_at": testkit::fake_api::format_time(t0 + chrono::Duration::milliseconds(50))}),
+    );
+    poll.await.unwrap().unwrap();
+    assert_eq!(
+        counter(
+            &reg,
+            "arvados_dispatchcloud_queue_polls_total",
+            "incremental"
+        ),
+        1
+    );
+    for (i, u) in uuids.iter().enumerate() {
+        let want = if i == 0 { 200 } else { 100 + i as i64 };
+        assert_eq!(
+            q.get(u).unwrap().container().priority,
+            want,
+            "container {i} after one incremental poll"
+        );
+    }
+}
+
 /// With capacity to spare, incremental mode's full polls fetch queued containers beyond
 /// Arvados' 100 (up to MaxQueued); without it, they keep to 100.
 #[tokio::test]

@@ -200,7 +200,11 @@ impl Service {
             .and_then(Client::new)
             .map_err(|e| StartError::Api(e.to_string()))?;
         let queue = ContainerQueue::new(client, TypeChooser::new(cluster), &registry)?;
-        queue.set_incremental(settings.queue);
+        queue.set_incremental(
+            settings
+                .queue
+                .for_poll_interval(cluster.containers.cloud_vms.poll_interval),
+        );
         let active = cloud::metrics::registered(
             &registry,
             prometheus::IntGauge::with_opts(cloud::metrics::dispatchcloud_opts(
