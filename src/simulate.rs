@@ -46,6 +46,10 @@ pub struct SimulateArgs {
     /// (e.g. 1s..5s) [default: the workload's own, 0.1s..5s]
     #[arg(long, value_name = "D|MIN..MAX", value_parser = parse_run_time)]
     run_time: Option<(Duration, Duration)>,
+    /// Queue the containers one at a time, this long apart (e.g. 50ms), instead of all at
+    /// once: after the first boots, later containers meet a warm pool
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    arrival_interval: Option<Duration>,
     /// At most this many instances at once (overrides CloudVMs.MaxInstances)
     #[arg(long, value_name = "N")]
     max_instances: Option<i64>,
@@ -72,6 +76,10 @@ fn parse_run_time(s: &str) -> Result<(Duration, Duration), String> {
         return Err(format!("{s:?}: the minimum is larger than the maximum"));
     }
     Ok((lo, hi))
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    arvados::config::units::parse_duration(s.trim()).map_err(|e| e.to_string())
 }
 
 fn set_param(cluster: &mut arvados::Cluster, key: &str, v: serde_norway::Value) {
@@ -182,7 +190,28 @@ async fn simulate(
             }
         }
     }
-    let uuids: Vec<String> = workload.iter().map(|c| fake.add_container(c)).collect();
+    let fake = Arc::new(fake);
+    let total = workload.len();
+    // Queued containers' uuids, in workload order (all at once, or one per arrival interval).
+    let queued: Arc<parking_lot::Mutex<Vec<String>>> = Default::default();
+    let arrivals = match args.arrival_interval {
+        None => {
+            *queued.lock() = workload.iter().map(|c| fake.add_container(c)).collect();
+            None
+        }
+        Some(every) => {
+            let (fake, queued, workload) = (fake.clone(), queued.clone(), workload.clone());
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                for spec in &workload {
+                    tick.tick().await;
+                    let u = fake.add_container(spec);
+                    queued.lock().push(u);
+                }
+            }))
+        }
+    };
     cluster.services.controller.external_url = fake.base_url().to_string();
     cluster.system_root_token = fake.root_token().to_string();
     if cluster.containers.dispatch_private_key.is_empty() {
@@ -292,7 +321,7 @@ async fn simulate(
         }
         let done = by_state.get("Complete").copied().unwrap_or(0)
             + by_state.get("Cancelled").copied().unwrap_or(0);
-        if !injected_503 && done * 2 >= uuids.len() {
+        if !injected_503 && done * 2 >= total {
             // Halfway: the API is overloaded for a moment.
             fake.inject_fault(
                 Fault::new(FaultKind::Unavailable)
@@ -326,7 +355,8 @@ async fn simulate(
                 }
             );
         }
-        if done == uuids.len()
+        if done == total
+            && queued.lock().len() == total
             && instances.is_empty()
             && cloud.vms().is_empty()
             && svc.pool.instances().is_empty()
@@ -338,6 +368,10 @@ async fn simulate(
         }
     };
     let wall = started.elapsed().as_secs_f64();
+    if let Some(a) = arrivals {
+        a.abort();
+    }
+    let uuids: Vec<String> = queued.lock().clone();
     let requests = fake.requests();
     let minutes = (wall / 60.0).max(1e-9);
     let api = json!({
@@ -479,6 +513,8 @@ async fn simulate(
         v.sort_by(f64::total_cmp);
         json!({"p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99), "max": v.last().copied().unwrap_or(0.0)})
     };
+    let mut warm: Vec<f64> = splits.iter().filter(|s| s.warm).map(|s| s.total).collect();
+    warm.sort_by(f64::total_cmp);
     let split = json!({
         "containers": splits.len(),
         "queue": quantiles(|s| s.queue),
@@ -518,6 +554,13 @@ async fn simulate(
             "efficiency_with_boot": efficiency(ideal_with_boot),
         },
         "queue_to_crunch_run_split_seconds": split,
+        // Queued → crunch-run for the containers queued while their VM was up and idle.
+        "warm_queue_to_crunch_run_seconds": {
+            "containers": warm.len(),
+            "p50": percentile(&warm, 0.5),
+            "p99": percentile(&warm, 0.99),
+            "max": warm.last().copied().unwrap_or(0.0),
+        },
         // Seconds from the start of the run until the 1st, 1 000th, 10 000th and last
         // crunch-run started (null when fewer ran).
         "started_after_seconds": {
@@ -582,6 +625,14 @@ async fn simulate(
         q("dispatch_overhead", "p50"),
         q("dispatch_overhead", "p99"),
     );
+    if !warm.is_empty() {
+        println!(
+            "  warm starts:      {} containers queued onto an idle VM: queue → crunch-run p50 {:.3} s / p99 {:.3} s",
+            warm.len(),
+            percentile(&warm, 0.5),
+            percentile(&warm, 0.99),
+        );
+    }
     println!(
         "  API:              {:.0} requests/min ({:.0} queue polls/min, {:.0} rows listed/min)",
         report["api"]["requests_per_minute"].as_f64().unwrap_or(0.0),
@@ -638,6 +689,8 @@ struct WaitSplit {
     overhead: f64,
     /// Queued to crunch-run started, by the cloud's clock.
     total: f64,
+    /// Its VM was up and idle when the container was queued (a warm pool's start).
+    warm: bool,
 }
 
 impl WaitSplit {
@@ -662,6 +715,7 @@ impl WaitSplit {
             boot,
             overhead,
             total,
+            warm: vm_ready <= created && vm_freed.is_none_or(|f| f <= created),
         }
     }
 }
@@ -689,12 +743,21 @@ mod tests {
             WaitSplit::of(t(0), t(0), t(2000), None, t(2100)),
             (0.0, 2.0, 0.1),
         );
+        assert!(!WaitSplit::of(t(0), t(0), t(2000), None, t(2100)).warm);
+        // Queued onto a VM idle since 1 s before (freed then): warm, all of it overhead.
+        let warm = WaitSplit::of(t(0), t(-90_000), t(-60_000), Some(t(-1000)), t(300));
+        near(warm, (0.0, 0.0, 0.3));
+        assert!(warm.warm);
+        // Never used, ready before the container was queued: warm too.
+        assert!(WaitSplit::of(t(0), t(-9000), t(-10), None, t(100)).warm);
         // A VM ready long before, freed by another container at 5 s, start at 5.05 s: 5 s of
         // queueing (no capacity), 0.05 s overhead.
         near(
             WaitSplit::of(t(0), t(-90_000), t(-60_000), Some(t(5000)), t(5050)),
             (5.0, 0.0, 0.05),
         );
+        // Busy when it was queued (freed only later): not a warm start.
+        assert!(!WaitSplit::of(t(0), t(-90_000), t(-60_000), Some(t(5000)), t(5050)).warm);
         // Waited 1 s for a create, then a 2 s boot: 1 s queue, 2 s boot.
         near(
             WaitSplit::of(t(0), t(1000), t(3000), None, t(3000)),
