@@ -4,12 +4,19 @@
 
 mod cloudtest;
 mod drivers;
+#[cfg(feature = "simulator")]
+mod heap_tally;
 mod logging;
 mod mgmt_cli;
 mod sd_notify;
 mod service;
 #[cfg(feature = "simulator")]
 mod simulate;
+
+/// `simulate`'s dispatcher/harness memory split (`scripts/bench-e2e` builds with it).
+#[cfg(feature = "heap-tally")]
+#[global_allocator]
+static ALLOCATOR: heap_tally::Tally = heap_tally::Tally;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

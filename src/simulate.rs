@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 use testkit::stub_driver::{SharedStubDriver, StubConfig, StubSet};
 use testkit::{FakeArvados, FakeConfig, Fault, FaultKind};
 
+use crate::heap_tally::{self, Side};
+
 /// The default config (also in `config/simulate.yml`).
 pub const DEFAULT_CONFIG: &str = include_str!("../config/simulate.yml");
 
@@ -162,8 +164,23 @@ pub fn run(
         );
     }
     cluster.containers.cloud_vms.driver = "stub".into();
+    // The harness (fake API, stub VMs, fake crunch-runs, this report) runs on one runtime and
+    // the dispatcher on its own, whose threads the heap tally counts apart.
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(simulate(cluster, settings, args, timeout))
+    let dispatcher = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("dispatcher")
+        .on_thread_start(|| heap_tally::mark_thread(Side::Dispatcher))
+        .enable_all()
+        .build()?;
+    let ok = rt.block_on(simulate(
+        cluster,
+        settings,
+        args,
+        timeout,
+        dispatcher.handle().clone(),
+    ));
+    dispatcher.shutdown_timeout(Duration::from_secs(5));
+    ok
 }
 
 async fn simulate(
@@ -171,6 +188,7 @@ async fn simulate(
     settings: dispatchcloud::settings::Settings,
     args: SimulateArgs,
     timeout: Duration,
+    dispatcher: tokio::runtime::Handle,
 ) -> anyhow::Result<bool> {
     let fake = FakeArvados::start(FakeConfig {
         cluster_id: cluster.cluster_id.clone(),
@@ -229,12 +247,23 @@ async fn simulate(
     let stub_cfg = StubConfig::from_params(&params).map_err(|e| anyhow!("{e}"))?;
     let boot_delay = stub_cfg.boot_delay;
     let cloud = Arc::new(StubSet::new(stub_cfg));
+    cloud.run_vms_on(tokio::runtime::Handle::current());
     let mut drivers = crate::drivers::registry();
     drivers.register("stub", Arc::new(SharedStubDriver(cloud.clone())));
-    let svc = Service::build_with(&cluster, &settings, &drivers)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}", args.listen))?;
+    // Everything the dispatcher builds and spawns belongs to its runtime (and its side of the
+    // heap tally), including the management API's listener.
+    let (svc, listener) = {
+        let _rt = dispatcher.enter();
+        heap_tally::mark_thread(Side::Dispatcher);
+        let built = Service::build_with(&cluster, &settings, &drivers);
+        heap_tally::mark_thread(Side::Harness);
+        let listener = std::net::TcpListener::bind(args.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .with_context(|| format!("--listen {}", args.listen))?;
+        (built?, listener)
+    };
+    let dispatcher_heap_at_start = heap_tally::live(Side::Dispatcher);
     let api_url = format!("http://{}", listener.local_addr()?);
     println!(
         "simulate: {} containers (seed {}, faults {:?}) on a fake Arvados at {} with the stub cloud",
@@ -251,6 +280,7 @@ async fn simulate(
     let interrupted = crate::service::shutdown_on_signals();
     let tasks = dispatchcloud::tasks::Tasks::new();
     let router = dispatchcloud::service::api::router(svc.clone());
+    let on_dispatcher = dispatcher.enter();
     tasks.spawn(dispatchcloud::service::http_server::serve(
         listener,
         router,
@@ -266,6 +296,7 @@ async fn simulate(
             }
         });
     }
+    drop(on_dispatcher);
 
     let type_tag =
         cloud::tags::TagKeys::new(&cluster.containers.cloud_vms.tag_key_prefix).instance_type();
@@ -570,6 +601,13 @@ async fn simulate(
             "all": nth_start(first_starts.len()),
         },
         "api": api,
+        // Live heap bytes by who allocated them (counted only in a `heap-tally` build).
+        "heap_bytes": {
+            "counted": cfg!(feature = "heap-tally"),
+            "dispatcher_at_start": dispatcher_heap_at_start,
+            "dispatcher_peak": heap_tally::peak(Side::Dispatcher),
+            "harness_peak": heap_tally::peak(Side::Harness),
+        },
         "fleet_price_per_hour_peak": usage.peak_price_per_hour,
         "spend_cap_per_hour": settings.spend_caps.max_cost_per_hour,
         "queue_to_crunch_run_seconds": {
@@ -643,6 +681,15 @@ async fn simulate(
             .as_f64()
             .unwrap_or(0.0),
     );
+    if cfg!(feature = "heap-tally") {
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "  heap:             dispatcher peak {:.1} MiB ({:.1} MiB at start), harness peak {:.1} MiB",
+            mib(heap_tally::peak(Side::Dispatcher)),
+            mib(dispatcher_heap_at_start),
+            mib(heap_tally::peak(Side::Harness)),
+        );
+    }
     if settings.spend_caps.is_set() {
         println!(
             "  spend cap:        peak fleet price ${:.4}/h (cap ${:.4}/h, ${:.4}/day)",

@@ -180,6 +180,9 @@ pub struct StubSet {
     next: Mutex<usize>,
     create_interval: MinInterval,
     list_interval: MinInterval,
+    /// Where the VMs' SSH servers (and the crunch-runs they start) run; by default the
+    /// caller's runtime.
+    vm_runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl StubSet {
@@ -198,7 +201,15 @@ impl StubSet {
                 lives: Default::default(),
             }),
             next: Mutex::new(0),
+            vm_runtime: Default::default(),
         }
+    }
+
+    /// Run every VM made from now on (its SSH server, and the fake crunch-runs it starts) on
+    /// `rt` instead of the runtime that calls `create`: `simulate` keeps the cloud's work off
+    /// the dispatcher's runtime, so the two can be measured apart.
+    pub fn run_vms_on(&self, rt: tokio::runtime::Handle) {
+        let _ = self.vm_runtime.set(rt);
     }
 
     /// Let `n` held create/destroy calls proceed (`HoldCloudOps`).
@@ -420,9 +431,14 @@ impl InstanceSet for StubSet {
                         out.await
                     })
                 });
-            let ssh = SshVm::start(handler, authorized)
-                .await
-                .map_err(|e| CloudError::other(format!("starting stub VM: {e}")))?;
+            let ssh = match self.vm_runtime.get() {
+                Some(rt) => rt
+                    .spawn(SshVm::start(handler, authorized))
+                    .await
+                    .map_err(|e| CloudError::other(format!("starting stub VM: {e}")))?,
+                None => SshVm::start(handler, authorized).await,
+            }
+            .map_err(|e| CloudError::other(format!("starting stub VM: {e}")))?;
             let vm = Arc::new(StubVm {
                 id: format!("inst{n},{}", it.provider_type),
                 provider_type: it.provider_type.clone(),
