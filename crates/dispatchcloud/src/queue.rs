@@ -210,6 +210,8 @@ struct Inner {
     watermark: Option<DateTime<Utc>>,
     polls_since_full: u32,
     queued_target: usize,
+    /// The scheduler's last word: it had room for more queued containers than the queue held.
+    room: bool,
 }
 
 /// Which kind of poll [`ContainerQueue::update`] makes.
@@ -355,6 +357,7 @@ impl ContainerQueue {
             chooser,
             inner: Mutex::new(Inner {
                 queued_target: QUEUED_CONTAINERS_TARGET,
+                room: false,
                 ..Inner::default()
             }),
             notify,
@@ -478,8 +481,14 @@ impl ContainerQueue {
     pub async fn update(self: &Arc<Self>) -> Result<(), ApiError> {
         let started = Utc::now();
         let settings = self.incremental.get();
-        let (known, mounts_pending, auth_uuid, kind, queued_target) = {
+        let (known, mounts_pending, auth_uuid, kind, queued_target, room) = {
             let mut inner = self.lock_inner();
+            // With room to spare, each poll reaches 1000 further down the queue (up to
+            // MaxQueued); without, Arvados' 100.
+            inner.queued_target = match settings {
+                Some(s) if inner.room => (inner.queued_target + 1000).min(s.max_queued),
+                _ => QUEUED_CONTAINERS_TARGET,
+            };
             let kind = next_poll_kind(settings, inner.watermark, inner.polls_since_full);
             inner.dont_update = Some(HashSet::new());
             let mut known: HashMap<String, ContainerState> =
@@ -497,11 +506,12 @@ impl ContainerQueue {
                 inner.auth_uuid.clone(),
                 kind,
                 inner.queued_target,
+                inner.room,
             )
         };
         let polled = match kind {
             PollKind::Full => self.poll(&known, auth_uuid, queued_target).await,
-            PollKind::Changes(since) => self.poll_changes(since, auth_uuid).await,
+            PollKind::Changes(since) => self.poll_changes(since, auth_uuid, room).await,
         };
         let (mut next, skipped, auth_uuid, fetched, newest) = match polled {
             Ok(x) => x,
@@ -622,18 +632,16 @@ impl ContainerQueue {
     }
 
     /// The scheduler's word after a pass: whether it had capacity left for more queued
-    /// containers than the queue holds. In incremental mode, full polls then fetch up to 1000
-    /// more queued containers (at most `MaxQueued`); without spare capacity, Arvados' 100.
+    /// containers than the queue holds. In incremental mode, each following full poll then
+    /// fetches 1000 more queued containers than the last (at most `MaxQueued`), and each
+    /// incremental poll tops up with the top 100 queued; without spare capacity, Arvados' 100.
     pub fn set_capacity_free(&self, free: bool) {
         let Some(s) = self.incremental.get() else {
             return;
         };
-        let mut inner = self.lock_inner();
-        inner.queued_target = if free {
-            (inner.queued_target + 1000).min(s.max_queued)
-        } else {
-            QUEUED_CONTAINERS_TARGET
-        };
+        if s.incremental {
+            self.lock_inner().room = free;
+        }
     }
 
     /// The changes since `since`: every container modified then or later, by `modified_at`.
@@ -642,10 +650,15 @@ impl ContainerQueue {
     /// last one received, leaving out the uuids already received at exactly that time. A row
     /// that changes while the poll pages moves to the end of the order and is received again;
     /// with offsets, every row behind it would shift back one place and one would be skipped.
+    ///
+    /// With `top_up` (the scheduler had room to start more than the queue held), the poll also
+    /// fetches the top 100 queued containers by priority: queued containers that have not
+    /// changed since the last full poll would otherwise reach the queue only on the next one.
     async fn poll_changes(
         &self,
         since: DateTime<Utc>,
         auth_uuid: Option<String>,
+        top_up: bool,
     ) -> Result<PollResult, ApiError> {
         let auth_uuid = match auth_uuid {
             Some(u) => u,
@@ -698,6 +711,31 @@ impl ContainerQueue {
             }
         }
         let newest = next.values().filter_map(|c| c.modified_at).max();
+        if top_up {
+            let top = ListOptions {
+                filters: vec![
+                    Filter::new("state", "=", "Queued"),
+                    Filter::new("priority", ">", 0),
+                ],
+                order: Some("priority desc".into()),
+                limit: Some(QUEUED_CONTAINERS_TARGET as i64),
+                count: Some(Count::None),
+                select: opts.select.clone(),
+                ..Default::default()
+            };
+            let (items, bad) = self
+                .client
+                .list_containers_by_offset_with_skipped(&top, |all| {
+                    all.len() >= QUEUED_CONTAINERS_TARGET
+                })
+                .await?;
+            fetched += items.len() + bad.len();
+            skipped.extend(bad.into_iter().filter(|u| !u.is_empty()));
+            for c in items {
+                // A change seen above is at least as new.
+                next.entry(c.uuid.clone()).or_insert(c);
+            }
+        }
         Ok((next, skipped, auth_uuid, fetched, newest))
     }
 

@@ -561,6 +561,67 @@ async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move()
     }
 }
 
+/// Queued containers that have not changed since the last full poll reach an incremental
+/// queue between full polls only while the scheduler has room: each incremental poll then
+/// tops up with the top 100 queued. Without room, incremental polls fetch changes only.
+#[tokio::test]
+async fn incremental_polls_top_up_with_queued_containers_while_there_is_room() {
+    let f = fake().await;
+    f.set_max_items_per_response(50);
+    for i in 0..300 {
+        f.add_container(&ContainerSpec {
+            priority: 1 + i % 5,
+            ..Default::default()
+        });
+    }
+    let (q, reg) = queue(&f, &cluster(vec![test_type()]));
+    q.set_incremental(incremental(1000));
+    q.update().await.unwrap();
+    assert_eq!(
+        q.entries().0.len(),
+        100,
+        "the first poll is full: the top 100"
+    );
+    // The scheduler locks all it holds and still has room.
+    let held: Vec<String> = q
+        .entries()
+        .0
+        .iter()
+        .map(|e| e.container().uuid.clone())
+        .collect();
+    for u in &held {
+        q.lock(u).await.unwrap();
+    }
+    q.update().await.unwrap();
+    assert_eq!(q.entries().0.len(), 100, "no room reported: changes only");
+    q.set_capacity_free(true);
+    q.update().await.unwrap();
+    let (entries, _) = q.entries();
+    assert_eq!(entries.len(), 200, "topped up with the next 100 queued");
+    let queued_prio: Vec<i64> = entries
+        .iter()
+        .filter(|e| e.container().state == ContainerState::Queued)
+        .map(|e| e.container().priority)
+        .collect();
+    assert_eq!(queued_prio.len(), 100);
+    let unfetched_max = f
+        .container_uuids()
+        .iter()
+        .filter(|u| q.get(u).is_none())
+        .filter_map(|u| f.container(u))
+        .map(|r| r["priority"].as_i64().unwrap_or(0))
+        .max()
+        .unwrap();
+    assert!(
+        queued_prio.iter().all(|p| *p >= unfetched_max),
+        "the top of the queue by priority"
+    );
+    assert_eq!(
+        counter(&reg, "arvados_dispatchcloud_queue_polls_total", "full"),
+        1
+    );
+}
+
 /// With capacity to spare, incremental mode's full polls fetch queued containers beyond
 /// Arvados' 100 (up to MaxQueued); without it, they keep to 100.
 #[tokio::test]
