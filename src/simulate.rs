@@ -414,6 +414,8 @@ async fn simulate(
             .count() as f64
             / minutes,
         "rows_listed_per_minute": fake.rows_listed() as f64 / minutes,
+        // Every request by method and path, ids replaced by `{uuid}`.
+        "requests_by_kind": requests_by_kind(&requests),
     });
     // The service joins its own tasks (bounded); this bound covers it and the HTTP drain.
     tasks.join("simulate", Duration::from_secs(60)).await;
@@ -732,6 +734,29 @@ async fn simulate(
     Ok(ok)
 }
 
+/// How many requests the fake API answered, by `METHOD path` with Arvados uuids replaced by
+/// `{uuid}` (e.g. `POST /arvados/v1/containers/{uuid}/lock`).
+fn requests_by_kind(requests: &[testkit::fake_api::RequestRecord]) -> BTreeMap<String, usize> {
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for r in requests {
+        let path: Vec<&str> = r
+            .path
+            .split('/')
+            .map(|seg| {
+                let parts: Vec<&str> = seg.split('-').collect();
+                if parts.len() == 3 && parts[0].len() == 5 && parts[1].len() == 5 {
+                    "{uuid}"
+                } else {
+                    seg
+                }
+            })
+            .collect();
+        *by.entry(format!("{} {}", r.method, path.join("/")))
+            .or_default() += 1;
+    }
+    by
+}
+
 /// CPU seconds used so far by this process's live threads: those of the dispatcher's runtime
 /// (named `dispatcher`) and all others. From `/proc/self/task/*/schedstat` (nanoseconds on
 /// the CPU); `None` where that does not exist.
@@ -894,6 +919,40 @@ mod tests {
             .join()
             .unwrap();
         assert!(reached, "the dispatcher side never reached 0.2 s of CPU");
+    }
+
+    #[test]
+    fn requests_are_counted_by_method_and_path_without_uuids() {
+        let req = |method: &str, path: &str| testkit::fake_api::RequestRecord {
+            wire_method: method.into(),
+            method: method.into(),
+            path: path.into(),
+            query_len: 0,
+            method_override: None,
+            params: Default::default(),
+        };
+        let by = requests_by_kind(&[
+            req("GET", "/arvados/v1/containers"),
+            req("GET", "/arvados/v1/containers"),
+            req(
+                "POST",
+                "/arvados/v1/containers/zzzzz-dz642-000000000000001/lock",
+            ),
+            req(
+                "POST",
+                "/arvados/v1/containers/zzzzz-dz642-000000000000002/lock",
+            ),
+            req("GET", "/arvados/v1/containers/zzzzz-dz642-000000000000002"),
+        ]);
+        let want: BTreeMap<String, usize> = [
+            ("GET /arvados/v1/containers", 2),
+            ("GET /arvados/v1/containers/{uuid}", 1),
+            ("POST /arvados/v1/containers/{uuid}/lock", 2),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(by, want);
     }
 
     #[test]

@@ -210,8 +210,9 @@ struct Inner {
     watermark: Option<DateTime<Utc>>,
     polls_since_full: u32,
     queued_target: usize,
-    /// The scheduler's last word: it had room for more queued containers than the queue held.
-    room: bool,
+    /// The scheduler's last word: how many more queued containers than the queue held it
+    /// could have started (0: none).
+    room: usize,
 }
 
 /// Which kind of poll [`ContainerQueue::update`] makes.
@@ -357,7 +358,7 @@ impl ContainerQueue {
             chooser,
             inner: Mutex::new(Inner {
                 queued_target: QUEUED_CONTAINERS_TARGET,
-                room: false,
+                room: 0,
                 ..Inner::default()
             }),
             notify,
@@ -483,11 +484,12 @@ impl ContainerQueue {
         let settings = self.incremental.get();
         let (known, mounts_pending, auth_uuid, kind, queued_target, room) = {
             let mut inner = self.lock_inner();
-            // With room to spare, each poll reaches 1000 further down the queue (up to
-            // MaxQueued); without, Arvados' 100.
+            // With room for more, a full poll reaches that much further down the queue (up
+            // to MaxQueued); without, Arvados' 100.
             inner.queued_target = match settings {
-                Some(s) if inner.room => (inner.queued_target + 1000).min(s.max_queued),
-                _ => QUEUED_CONTAINERS_TARGET,
+                Some(s) => (QUEUED_CONTAINERS_TARGET + inner.room)
+                    .min(s.max_queued.max(QUEUED_CONTAINERS_TARGET)),
+                None => QUEUED_CONTAINERS_TARGET,
             };
             let kind = next_poll_kind(settings, inner.watermark, inner.polls_since_full);
             inner.dont_update = Some(HashSet::new());
@@ -511,7 +513,7 @@ impl ContainerQueue {
         };
         let polled = match kind {
             PollKind::Full => self.poll(&known, auth_uuid, queued_target).await,
-            PollKind::Changes(since) => self.poll_changes(since, auth_uuid, room).await,
+            PollKind::Changes(since) => self.poll_changes(since, auth_uuid, room > 0).await,
         };
         let (mut next, skipped, auth_uuid, fetched, newest) = match polled {
             Ok(x) => x,
@@ -626,21 +628,18 @@ impl ContainerQueue {
         }
     }
 
-    /// Whether incremental polling is on (only then does [`Self::set_capacity_free`] matter).
+    /// Whether incremental polling is on (only then does [`Self::set_room`] matter).
     pub fn is_incremental(&self) -> bool {
         self.incremental.get().is_some()
     }
 
-    /// The scheduler's word after a pass: whether it had capacity left for more queued
-    /// containers than the queue holds. In incremental mode, each following full poll then
-    /// fetches 1000 more queued containers than the last (at most `MaxQueued`), and each
-    /// incremental poll tops up with the top 100 queued; without spare capacity, Arvados' 100.
-    pub fn set_capacity_free(&self, free: bool) {
-        let Some(s) = self.incremental.get() else {
-            return;
-        };
-        if s.incremental {
-            self.lock_inner().room = free;
+    /// The scheduler's word after a pass: how many more queued containers than the queue
+    /// held it could have started (0 when it could not start all it held). In incremental
+    /// mode, full polls then fetch that many queued containers beyond Arvados' 100 (at most
+    /// `MaxQueued`), and each incremental poll tops up with the top 100 queued.
+    pub fn set_room(&self, room: usize) {
+        if self.incremental.get().is_some() {
+            self.lock_inner().room = room;
         }
     }
 

@@ -594,7 +594,7 @@ async fn incremental_polls_top_up_with_queued_containers_while_there_is_room() {
     }
     q.update().await.unwrap();
     assert_eq!(q.entries().0.len(), 100, "no room reported: changes only");
-    q.set_capacity_free(true);
+    q.set_room(1000);
     q.update().await.unwrap();
     let (entries, _) = q.entries();
     assert_eq!(entries.len(), 200, "topped up with the next 100 queued");
@@ -642,7 +642,7 @@ async fn spare_capacity_fetches_queued_containers_beyond_the_top_100() {
         100,
         "Arvados' top 100 (two pages of 50)"
     );
-    q.set_capacity_free(true);
+    q.set_room(1000);
     q.update().await.unwrap();
     assert_eq!(
         q.entries().0.len(),
@@ -651,7 +651,7 @@ async fn spare_capacity_fetches_queued_containers_beyond_the_top_100() {
     );
     // No room: new queued containers past the top 100 are not fetched (the known ones are
     // still followed, as Arvados follows every known container).
-    q.set_capacity_free(false);
+    q.set_room(0);
     for _ in 0..50 {
         f.add_container(&ContainerSpec {
             priority: 1,
@@ -664,12 +664,12 @@ async fn spare_capacity_fetches_queued_containers_beyond_the_top_100() {
         300,
         "no room: nothing new past the top 100"
     );
-    q.set_capacity_free(true);
+    q.set_room(1000);
     q.update().await.unwrap();
     assert_eq!(q.entries().0.len(), 350, "room again: the new ones too");
     // Without incremental mode the hint changes nothing.
     let (plain, _) = queue(&f, &cluster(vec![test_type()]));
-    plain.set_capacity_free(true);
+    plain.set_room(1000);
     plain.update().await.unwrap();
     assert_eq!(plain.entries().0.len(), 100);
 }

@@ -453,11 +453,14 @@ impl<P: WorkerPool> Scheduler<P> {
                     c.state == ContainerState::Queued && c.priority > 0
                 })
                 .count();
-            self.queue.set_capacity_free(
-                !snapshot.at_quota
-                    && snapshot.quota_headroom != Some(0)
-                    && plan.locks.len() >= queued,
-            );
+            // Room: the instances the pool may still add, once every queued container the
+            // queue holds got a lock this pass.
+            let room = if snapshot.at_quota || plan.locks.len() < queued {
+                0
+            } else {
+                snapshot.quota_headroom.unwrap_or(1000).min(1000)
+            };
+            self.queue.set_room(room);
         }
         self.metrics
             .spend_headroom
