@@ -611,6 +611,18 @@ impl ContainerQueue {
                 (Some(w), Some(n)) => Some(w.max(n)),
                 (w, n) => n.or(w),
             };
+            // A change this poll received but did not apply (a lock, unlock or cancel answered
+            // while it was in flight, and the answer may predate the change) must come again:
+            // the next incremental poll starts no later than the oldest such change. (A full
+            // poll refetches every known container anyway.)
+            let unapplied = next
+                .iter()
+                .filter(|(uuid, _)| dont.contains(*uuid))
+                .filter_map(|(_, c)| c.modified_at)
+                .min();
+            if let (Some(w), Some(u)) = (inner.watermark, unapplied) {
+                inner.watermark = Some(w.min(u));
+            }
             inner.polls_since_full = match kind {
                 PollKind::Full => 0,
                 PollKind::Changes(_) => inner.polls_since_full + 1,

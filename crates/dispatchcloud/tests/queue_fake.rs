@@ -561,6 +561,61 @@ async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move()
     }
 }
 
+/// A change an incremental poll receives for a container locked while that poll was in
+/// flight is not applied (the lock's answer wins, as in a full poll), so it must come again
+/// in the next poll, even when later changes to other containers moved the watermark past it.
+#[tokio::test]
+async fn a_change_held_back_by_a_lock_during_an_incremental_poll_comes_again() {
+    let f = fake().await;
+    let x = f.add_container(&ContainerSpec::default());
+    let z = f.add_container(&ContainerSpec::default());
+    let (q, _) = queue(&f, &cluster(vec![test_type()]));
+    q.set_incremental(incremental(100));
+    q.update().await.unwrap();
+    let lists = || {
+        f.requests()
+            .iter()
+            .filter(|r| r.path == "/arvados/v1/containers")
+            .count()
+    };
+    let before = lists();
+    f.inject_fault(
+        Fault::new(FaultKind::Delay(Duration::from_secs(2)))
+            .on("GET", "/arvados/v1/containers")
+            .times(1),
+    );
+    let poll = tokio::spawn({
+        let q = q.clone();
+        async move { q.update().await }
+    });
+    while lists() == before {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // While the poll waits: we lock x, then x starts running and, later, z changes.
+    q.lock(&x).await.unwrap();
+    let t = Utc::now() + chrono::Duration::milliseconds(100);
+    f.force_update(
+        &x,
+        json!({"state": "Running", "modified_at": testkit::fake_api::format_time(t)}),
+    );
+    f.force_update(
+        &z,
+        json!({"priority": 7, "modified_at": testkit::fake_api::format_time(t + chrono::Duration::seconds(1))}),
+    );
+    poll.await.unwrap().unwrap();
+    assert_eq!(
+        q.get(&x).unwrap().container().state,
+        ContainerState::Locked,
+        "the lock's answer wins over the poll that was in flight"
+    );
+    q.update().await.unwrap();
+    assert_eq!(
+        q.get(&x).unwrap().container().state,
+        ContainerState::Running,
+        "the next incremental poll brings the held-back change"
+    );
+}
+
 /// Queued containers that have not changed since the last full poll reach an incremental
 /// queue between full polls only while the scheduler has room: each incremental poll then
 /// tops up with the top 100 queued. Without room, incremental polls fetch changes only.
