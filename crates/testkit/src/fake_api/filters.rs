@@ -341,8 +341,21 @@ pub fn parse_order(v: &Value) -> Result<Vec<OrderKey>, String> {
 
 /// Sort records by `keys`, then Rails' default tie-breakers `modified_at desc, uuid desc`.
 /// NULLs sort last ascending and first descending, as in PostgreSQL. Keys for attributes not in
-/// `select` are dropped, as Rails does.
+/// `select` are dropped, as Rails does. (The fake's pages use [`sort_first`].)
+#[cfg(test)]
 pub fn sort(records: &mut [&Map<String, Value>], keys: &[OrderKey], select: Option<&[String]>) {
+    sort_first(records, keys, select, records.len());
+}
+
+/// Like [`sort`], but only the first `n` places are guaranteed (what a page at `offset +
+/// limit` shows; the rest are in no particular order): a page of a big table costs a linear
+/// selection, not a full sort, as an index would spare a real database.
+pub fn sort_first(
+    records: &mut [&Map<String, Value>],
+    keys: &[OrderKey],
+    select: Option<&[String]>,
+    n: usize,
+) {
     let mut all: Vec<OrderKey> = keys.to_vec();
     for (attr, desc) in [("modified_at", true), ("uuid", true)] {
         if !all.iter().any(|k| k.attr == attr) {
@@ -355,7 +368,7 @@ pub fn sort(records: &mut [&Map<String, Value>], keys: &[OrderKey], select: Opti
     if let Some(sel) = select {
         all.retain(|k| sel.contains(&k.attr));
     }
-    records.sort_by(|a, b| {
+    let cmp = |a: &&Map<String, Value>, b: &&Map<String, Value>| {
         for k in &all {
             let col = column(&k.attr).unwrap_or(Column::Text);
             let (x, y) = (
@@ -374,7 +387,16 @@ pub fn sort(records: &mut [&Map<String, Value>], keys: &[OrderKey], select: Opti
             }
         }
         Ordering::Equal
-    });
+    };
+    if n < records.len() {
+        if n == 0 {
+            return;
+        }
+        records.select_nth_unstable_by(n - 1, cmp);
+        records[..n].sort_by(cmp);
+    } else {
+        records.sort_by(cmp);
+    }
 }
 
 #[cfg(test)]
@@ -409,6 +431,29 @@ mod tests {
         assert!(check(json!([["state", "in", ["Locked", "Queued"]]])));
         assert!(check(json!([["uuid", "like", "zzzzz-dz642-%1"]])));
         assert!(check(json!(["state", "=", "Queued"])), "bare triple");
+    }
+
+    /// The first `n` places of a partial sort are those of the full sort.
+    #[test]
+    fn a_partial_sort_agrees_with_the_full_one_on_its_first_places() {
+        let recs: Vec<Map<String, Value>> = (0..200)
+            .map(|i| {
+                rec(json!({
+                    "uuid": format!("zzzzz-dz642-{i:015}"),
+                    "priority": (i * 7919) % 13,
+                    "modified_at": "2026-01-01T00:00:00.000000000Z",
+                }))
+            })
+            .collect();
+        let keys = parse_order(&json!("priority desc")).unwrap();
+        let mut full: Vec<&Map<String, Value>> = recs.iter().collect();
+        sort(&mut full, &keys, None);
+        for n in [0, 1, 37, 199, 200, 500] {
+            let mut part: Vec<&Map<String, Value>> = recs.iter().rev().collect();
+            sort_first(&mut part, &keys, None, n);
+            let m = n.min(200);
+            assert_eq!(part[..m], full[..m], "first {n}");
+        }
     }
 
     #[test]

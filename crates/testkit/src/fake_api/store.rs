@@ -386,7 +386,8 @@ impl Store {
             .filter(|r| self.can_see(caller, r["uuid"].as_str().unwrap_or("")))
             .filter(|r| filters.iter().all(|f| f.matches(r)))
             .collect();
-        filters::sort(&mut matching, &order, select.as_deref());
+        let shown = (offset as usize).saturating_add(limit as usize);
+        filters::sort_first(&mut matching, &order, select.as_deref(), shown);
         let total = matching.len();
         let items: Vec<Value> = matching
             .into_iter()
