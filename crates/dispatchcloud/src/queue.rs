@@ -529,9 +529,13 @@ impl ContainerQueue {
             .inc_by(fetched as u64);
         if let PollKind::Changes(_) = kind {
             // Changed known containers are updated and unchanged ones stay as they are (see
-            // `retain` below); new ones join if they are ours or queued (up to MaxQueued
-            // queued ones).
-            let max_queued = settings.map_or(usize::MAX, |s| s.max_queued);
+            // `retain` below); new ones join if they are ours, or if they are queued and the
+            // queue holds fewer queued containers than a full poll would fetch now (Arvados'
+            // 100, more with room), highest priority first. Without that bound, the first
+            // incremental poll after a big batch was queued brought in every container of the
+            // batch modified within the overlap window (thousands at 100 000 queued, each with
+            // a mounts fetch), and the queue went stale while it fetched them.
+            let reach = queued_target.min(settings.map_or(usize::MAX, |s| s.max_queued));
             let inner = self.lock_inner();
             let mut queued = inner
                 .entries
@@ -544,17 +548,21 @@ impl ContainerQueue {
                     next.insert(uuid.clone(), e.container().clone());
                 }
             }
+            let mut candidates: Vec<(String, Container)> = Vec::new();
             for (uuid, c) in changed {
-                let known_now = inner.entries.contains_key(&uuid);
-                let mine = c.locked_by_uuid == auth_uuid;
-                let wanted =
-                    c.state == ContainerState::Queued && c.priority > 0 && queued < max_queued;
-                if known_now || mine || wanted {
-                    if !known_now && !mine {
-                        queued += 1;
-                    }
+                if inner.entries.contains_key(&uuid) || c.locked_by_uuid == auth_uuid {
                     next.insert(uuid, c);
+                } else if c.state == ContainerState::Queued && c.priority > 0 {
+                    candidates.push((uuid, c));
                 }
+            }
+            candidates.sort_by(|a, b| b.1.priority.cmp(&a.1.priority).then(a.0.cmp(&b.0)));
+            for (uuid, c) in candidates {
+                if queued >= reach {
+                    break;
+                }
+                queued += 1;
+                next.insert(uuid, c);
             }
         }
         // Mounts and type choice for containers seen for the first time, outside the lock.

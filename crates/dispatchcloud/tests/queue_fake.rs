@@ -616,6 +616,48 @@ async fn a_change_held_back_by_a_lock_during_an_incremental_poll_comes_again() {
     );
 }
 
+/// New queued containers an incremental poll sees join the queue only up to what a full poll
+/// would fetch now (Arvados' 100, plus the scheduler's room), highest priority first: a big
+/// batch queued at once does not flood the queue (and the API with mounts fetches).
+#[tokio::test]
+async fn an_incremental_poll_admits_new_queued_containers_only_up_to_a_full_polls_reach() {
+    let f = fake().await;
+    f.set_max_items_per_response(50);
+    for _ in 0..100 {
+        f.add_container(&ContainerSpec {
+            priority: 5,
+            ..Default::default()
+        });
+    }
+    let (q, _) = queue(&f, &cluster(vec![test_type()]));
+    q.set_incremental(incremental(1000));
+    q.update().await.unwrap();
+    assert_eq!(q.entries().0.len(), 100);
+    // A batch of 200 arrives; the queue already holds a full poll's 100 queued.
+    let batch: Vec<String> = (0..200)
+        .map(|i| {
+            f.add_container(&ContainerSpec {
+                priority: 1 + i % 20,
+                ..Default::default()
+            })
+        })
+        .collect();
+    q.update().await.unwrap();
+    assert_eq!(q.entries().0.len(), 100, "no room: none of the batch joins");
+    // Room for 30 more: the next poll reaches 130 queued, and its top-up (and changes)
+    // bring in the 30 highest-priority containers of the batch.
+    q.set_room(30);
+    q.update().await.unwrap();
+    let mut joined: Vec<i64> = batch
+        .iter()
+        .filter_map(|u| q.get(u))
+        .map(|e| e.container().priority)
+        .collect();
+    joined.sort();
+    assert_eq!(joined.len(), 30, "{joined:?}");
+    assert!(joined.iter().all(|p| *p >= 18), "{joined:?}");
+}
+
 /// Queued containers that have not changed since the last full poll reach an incremental
 /// queue between full polls only while the scheduler has room: each incremental poll then
 /// tops up with the top 100 queued. Without room, incremental polls fetch changes only.
