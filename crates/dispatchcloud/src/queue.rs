@@ -615,6 +615,13 @@ impl ContainerQueue {
         });
         inner.updated = Some(started);
         if settings.is_some_and(|s| s.incremental) {
+            // A full poll saw the whole queue as of its start: the next incremental poll need
+            // not reach back past that (before, a batch queued just before a full poll was
+            // listed again, every container of it, by the first incremental poll).
+            let newest = match kind {
+                PollKind::Full => newest.max(Some(started)),
+                PollKind::Changes(_) => newest,
+            };
             inner.watermark = match (inner.watermark, newest) {
                 (Some(w), Some(n)) => Some(w.max(n)),
                 (w, n) => n.or(w),

@@ -616,6 +616,42 @@ async fn a_change_held_back_by_a_lock_during_an_incremental_poll_comes_again() {
     );
 }
 
+/// The first incremental poll after a full one starts from the full poll's start: a batch
+/// queued before it is not listed again (the full poll fetched only its top 100, but saw the
+/// whole queue as of its start).
+#[tokio::test]
+async fn the_first_incremental_poll_does_not_list_a_batch_queued_before_the_full_poll() {
+    let f = fake().await;
+    for i in 0..300 {
+        f.add_container(&ContainerSpec {
+            // The oldest 100 rank highest: the full poll's newest row is not the batch's.
+            priority: if i < 100 { 9 } else { 1 },
+            ..Default::default()
+        });
+    }
+    let (q, reg) = queue(&f, &cluster(vec![test_type()]));
+    q.set_incremental(incremental(1000));
+    q.update().await.unwrap();
+    q.update().await.unwrap();
+    assert_eq!(
+        counter(
+            &reg,
+            "arvados_dispatchcloud_queue_polls_total",
+            "incremental"
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &reg,
+            "arvados_dispatchcloud_queue_rows_fetched_total",
+            "incremental"
+        ),
+        0,
+        "nothing changed since the full poll"
+    );
+}
+
 /// New queued containers an incremental poll sees join the queue only up to what a full poll
 /// would fetch now (Arvados' 100, plus the scheduler's room), highest priority first: a big
 /// batch queued at once does not flood the queue (and the API with mounts fetches).
