@@ -215,6 +215,22 @@ struct Inner {
     room: usize,
 }
 
+/// Queued containers with a priority, highest first, `limit` a page: what Arvados' poll
+/// fetches after the dispatcher's own, and what an incremental poll tops up with.
+fn queued_by_priority(select: Vec<String>, limit: usize) -> ListOptions {
+    ListOptions {
+        filters: vec![
+            Filter::new("state", "=", "Queued"),
+            Filter::new("priority", ">", 0),
+        ],
+        order: Some("priority desc".into()),
+        limit: Some(limit as i64),
+        count: Some(Count::None),
+        select: Some(select),
+        ..Default::default()
+    }
+}
+
 /// Which kind of poll [`ContainerQueue::update`] makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PollKind {
@@ -738,17 +754,10 @@ impl ContainerQueue {
         }
         let newest = next.values().filter_map(|c| c.modified_at).max();
         if top_up {
-            let top = ListOptions {
-                filters: vec![
-                    Filter::new("state", "=", "Queued"),
-                    Filter::new("priority", ">", 0),
-                ],
-                order: Some("priority desc".into()),
-                limit: Some(QUEUED_CONTAINERS_TARGET as i64),
-                count: Some(Count::None),
-                select: opts.select.clone(),
-                ..Default::default()
-            };
+            let top = queued_by_priority(
+                opts.select.clone().unwrap_or_default(),
+                QUEUED_CONTAINERS_TARGET,
+            );
             let (items, bad) = self
                 .client
                 .list_containers_by_offset_with_skipped(&top, |all| {
@@ -802,17 +811,7 @@ impl ContainerQueue {
             next.insert(c.uuid.clone(), c);
         }
 
-        let available = ListOptions {
-            filters: vec![
-                Filter::new("state", "=", "Queued"),
-                Filter::new("priority", ">", 0),
-            ],
-            order: Some("priority desc".into()),
-            limit: Some(1000),
-            count: Some(Count::None),
-            select: Some(select.clone()),
-            ..Default::default()
-        };
+        let available = queued_by_priority(select.clone(), 1000);
         let (queued, bad) = self
             .client
             .list_containers_by_offset_with_skipped(&available, |all| {

@@ -483,6 +483,36 @@ async fn the_periodic_full_poll_repairs_a_missed_update() {
     );
 }
 
+/// Start a poll whose first `pages` container list requests the fake holds 2 s each before
+/// answering, and return once the last of them has arrived (and waits): the caller then
+/// changes things the poll's remaining answers will show.
+async fn poll_with_held_pages(
+    f: &testkit::FakeArvados,
+    q: &std::sync::Arc<dispatchcloud::queue::ContainerQueue>,
+    pages: usize,
+) -> tokio::task::JoinHandle<Result<(), arvados::ApiError>> {
+    let lists = || {
+        f.requests()
+            .iter()
+            .filter(|r| r.path == "/arvados/v1/containers")
+            .count()
+    };
+    let before = lists();
+    f.inject_fault(
+        Fault::new(FaultKind::Delay(Duration::from_secs(2)))
+            .on("GET", "/arvados/v1/containers")
+            .times(pages),
+    );
+    let poll = tokio::spawn({
+        let q = q.clone();
+        async move { q.update().await }
+    });
+    while lists() < before + pages {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    poll
+}
+
 /// An incremental poll that takes several pages sees every change, even when a row it has
 /// already received changes again between two pages (it moves to the end of the
 /// `modified_at` order; with offset paging the row behind it would be skipped until the next
@@ -513,31 +543,7 @@ async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move()
     // Pages of 3. The first two list requests wait 2 s each before they are answered; while
     // the second waits, the first page's first row changes again.
     f.set_max_items_per_response(3);
-    let before = f
-        .requests()
-        .iter()
-        .filter(|r| r.path == "/arvados/v1/containers")
-        .count();
-    f.inject_fault(
-        Fault::new(FaultKind::Delay(Duration::from_secs(2)))
-            .on("GET", "/arvados/v1/containers")
-            .times(2),
-    );
-    let poll = tokio::spawn({
-        let q = q.clone();
-        async move { q.update().await }
-    });
-    loop {
-        let lists = f
-            .requests()
-            .iter()
-            .filter(|r| r.path == "/arvados/v1/containers")
-            .count();
-        if lists >= before + 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let poll = poll_with_held_pages(&f, &q, 2).await;
     f.force_update(
         &uuids[0],
         json!({"priority": 200, "modified_at": testkit::fake_api::format_time(t0 + chrono::Duration::milliseconds(50))}),
@@ -572,25 +578,7 @@ async fn a_change_held_back_by_a_lock_during_an_incremental_poll_comes_again() {
     let (q, _) = queue(&f, &cluster(vec![test_type()]));
     q.set_incremental(incremental(100));
     q.update().await.unwrap();
-    let lists = || {
-        f.requests()
-            .iter()
-            .filter(|r| r.path == "/arvados/v1/containers")
-            .count()
-    };
-    let before = lists();
-    f.inject_fault(
-        Fault::new(FaultKind::Delay(Duration::from_secs(2)))
-            .on("GET", "/arvados/v1/containers")
-            .times(1),
-    );
-    let poll = tokio::spawn({
-        let q = q.clone();
-        async move { q.update().await }
-    });
-    while lists() == before {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let poll = poll_with_held_pages(&f, &q, 1).await;
     // While the poll waits: we lock x, then x starts running and, later, z changes.
     q.lock(&x).await.unwrap();
     let t = Utc::now() + chrono::Duration::milliseconds(100);
