@@ -529,7 +529,10 @@ impl ContainerQueue {
         };
         let polled = match kind {
             PollKind::Full => self.poll(&known, auth_uuid, queued_target).await,
-            PollKind::Changes(since) => self.poll_changes(since, auth_uuid, room > 0).await,
+            PollKind::Changes(since) => {
+                let top_up = (room > 0).then_some(queued_target);
+                self.poll_changes(since, auth_uuid, top_up).await
+            }
         };
         let (mut next, skipped, auth_uuid, fetched, newest) = match polled {
             Ok(x) => x,
@@ -693,14 +696,17 @@ impl ContainerQueue {
     /// that changes while the poll pages moves to the end of the order and is received again;
     /// with offsets, every row behind it would shift back one place and one would be skipped.
     ///
-    /// With `top_up` (the scheduler had room to start more than the queue held), the poll also
-    /// fetches the top 100 queued containers by priority: queued containers that have not
-    /// changed since the last full poll would otherwise reach the queue only on the next one.
+    /// With `top_up: Some(n)` (the scheduler had room to start more than the queue held), the
+    /// poll also fetches the top `n` queued containers by priority, as far as a full poll
+    /// would reach now (Arvados' 100 plus the room): queued containers that have not changed
+    /// since the last full poll would otherwise reach the queue only on the next one. (With
+    /// a top-up of only 100, a fleet with room for more started at most 100 containers per
+    /// poll: 400 a second at 250 ms polls.)
     async fn poll_changes(
         &self,
         since: DateTime<Utc>,
         auth_uuid: Option<String>,
-        top_up: bool,
+        top_up: Option<usize>,
     ) -> Result<PollResult, ApiError> {
         let auth_uuid = match auth_uuid {
             Some(u) => u,
@@ -753,16 +759,11 @@ impl ContainerQueue {
             }
         }
         let newest = next.values().filter_map(|c| c.modified_at).max();
-        if top_up {
-            let top = queued_by_priority(
-                opts.select.clone().unwrap_or_default(),
-                QUEUED_CONTAINERS_TARGET,
-            );
+        if let Some(n) = top_up {
+            let top = queued_by_priority(opts.select.clone().unwrap_or_default(), n.min(1000));
             let (items, bad) = self
                 .client
-                .list_containers_by_offset_with_skipped(&top, |all| {
-                    all.len() >= QUEUED_CONTAINERS_TARGET
-                })
+                .list_containers_by_offset_with_skipped(&top, |all| all.len() >= n)
                 .await?;
             fetched += items.len() + bad.len();
             skipped.extend(bad.into_iter().filter(|u| !u.is_empty()));

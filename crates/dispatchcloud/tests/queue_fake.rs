@@ -684,7 +684,8 @@ async fn an_incremental_poll_admits_new_queued_containers_only_up_to_a_full_poll
 
 /// Queued containers that have not changed since the last full poll reach an incremental
 /// queue between full polls only while the scheduler has room: each incremental poll then
-/// tops up with the top 100 queued. Without room, incremental polls fetch changes only.
+/// tops up with the top queued, as far as a full poll would reach (Arvados' 100 plus the
+/// room). Without room, incremental polls fetch changes only.
 #[tokio::test]
 async fn incremental_polls_top_up_with_queued_containers_while_there_is_room() {
     let f = fake().await;
@@ -715,16 +716,20 @@ async fn incremental_polls_top_up_with_queued_containers_while_there_is_room() {
     }
     q.update().await.unwrap();
     assert_eq!(q.entries().0.len(), 100, "no room reported: changes only");
-    q.set_room(1000);
+    q.set_room(50);
     q.update().await.unwrap();
     let (entries, _) = q.entries();
-    assert_eq!(entries.len(), 200, "topped up with the next 100 queued");
+    assert_eq!(
+        entries.len(),
+        250,
+        "topped up with the next 100 + 50 queued"
+    );
     let queued_prio: Vec<i64> = entries
         .iter()
         .filter(|e| e.container().state == ContainerState::Queued)
         .map(|e| e.container().priority)
         .collect();
-    assert_eq!(queued_prio.len(), 100);
+    assert_eq!(queued_prio.len(), 150);
     let unfetched_max = f
         .container_uuids()
         .iter()

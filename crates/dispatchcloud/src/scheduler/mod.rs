@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tasks::Tasks;
 
-use crate::worker_state::WorkerState;
+use crate::worker_state::{IdleBehavior, WorkerState};
 pub use plan::{Limits, PoolSnapshot, QueueOrder, QueuePlan, SchedConfig, plan_queue};
 pub use pool::{RunningMap, WorkerPool};
 pub use status::Status;
@@ -453,14 +453,8 @@ impl<P: WorkerPool> Scheduler<P> {
                     c.state == ContainerState::Queued && c.priority > 0
                 })
                 .count();
-            // Room: the instances the pool may still add, once every queued container the
-            // queue holds got a lock this pass.
-            let room = if snapshot.at_quota || plan.locks.len() < queued {
-                0
-            } else {
-                snapshot.quota_headroom.unwrap_or(1000).min(1000)
-            };
-            self.queue.set_room(room);
+            self.queue
+                .set_room(room_after_pass(&snapshot, &plan, queued));
         }
         self.metrics
             .spend_headroom
@@ -755,6 +749,34 @@ impl<P: WorkerPool> Scheduler<P> {
 
 /// Seconds the oldest waiting container (Queued or Locked, priority > 0, not on a worker) has
 /// waited since it was created; 0 if none waits.
+/// How many more containers the fleet could start now, after this pass (at most 1 000): the
+/// empty idle or booting instances and the instances the pool may still add, less what the
+/// pass locked or started. 0 unless every queued container the queue holds (`queued`) got a
+/// lock: then fetching more of the queue would help. Incremental polling reaches that far past
+/// Arvados' top 100 ([`crate::queue::ContainerQueue::set_room`]).
+pub fn room_after_pass(snapshot: &PoolSnapshot, plan: &QueuePlan, queued: usize) -> usize {
+    if plan.locks.len() < queued {
+        return 0;
+    }
+    let empty = snapshot
+        .instances
+        .iter()
+        .filter(|i| {
+            matches!(i.worker_state, WorkerState::Idle | WorkerState::Booting)
+                && i.idle_behavior == IdleBehavior::Run
+                && i.running_container_uuids.is_empty()
+        })
+        .count();
+    let headroom = if snapshot.at_quota {
+        0
+    } else {
+        snapshot.quota_headroom.unwrap_or(1000)
+    };
+    (empty + headroom)
+        .saturating_sub(plan.locks.len() + plan.starts.len())
+        .min(1000)
+}
+
 pub fn longest_wait(entries: &[Arc<QueueEnt>], running: &RunningMap, now: DateTime<Utc>) -> f64 {
     let known: FastSet<u64> = running.keys().map(|u| uuid_hash(u)).collect();
     let oldest = entries

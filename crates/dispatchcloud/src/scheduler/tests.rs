@@ -21,7 +21,7 @@ use super::stub::StubPool;
 use super::sync::{SyncAction, plan_sync};
 use crate::node_size::TypeChooser;
 use crate::queue::QueueEnt;
-use crate::worker_state::{IdleBehavior, WorkerState};
+use crate::worker_state::{IdleBehavior, InstanceView, WorkerState};
 
 const GIB: i64 = 1 << 30;
 const MIB: i64 = 1 << 20;
@@ -1311,4 +1311,48 @@ fn passes_are_spaced_by_the_gap_or_twice_their_own_length() {
     );
     let long = std::time::Duration::from_millis(40);
     assert_eq!(next_pass_at(t, long), t + 2 * long);
+}
+
+// Room for more queued containers (incremental polling's reach past the top 100).
+
+#[test]
+fn room_counts_empty_idle_and_booting_instances_and_quota_headroom() {
+    let it = type_n(1);
+    let view = |id: &str, state: WorkerState, running: &[&str], behavior: IdleBehavior| {
+        let mut v = InstanceView::new(id, &it, state);
+        v.running_container_uuids = running.iter().map(|s| s.to_string()).collect();
+        v.idle_behavior = behavior;
+        v
+    };
+    let mut snapshot = PoolSnapshot {
+        instances: vec![
+            view("i1", WorkerState::Idle, &[], IdleBehavior::Run),
+            view("i2", WorkerState::Booting, &[], IdleBehavior::Run),
+            view("i3", WorkerState::Idle, &[], IdleBehavior::Run),
+            // Not room: busy, held, draining, shutting down.
+            view("i4", WorkerState::Running, &["c"], IdleBehavior::Run),
+            view("i5", WorkerState::Idle, &[], IdleBehavior::Hold),
+            view("i6", WorkerState::Idle, &[], IdleBehavior::Drain),
+            view("i7", WorkerState::Shutdown, &[], IdleBehavior::Run),
+        ],
+        quota_headroom: Some(10),
+        ..Default::default()
+    };
+    let mut plan = QueuePlan {
+        locks: vec![uuid(1), uuid(2)],
+        ..Default::default()
+    };
+    // Three empty instances and ten more allowed, less two locks.
+    assert_eq!(super::room_after_pass(&snapshot, &plan, 2), 11);
+    // A queued container the pass could not lock: fetching more would not help.
+    assert_eq!(super::room_after_pass(&snapshot, &plan, 3), 0);
+    // At quota, only the empty instances count; with no quota limit, 1 000 at most.
+    snapshot.at_quota = true;
+    assert_eq!(super::room_after_pass(&snapshot, &plan, 2), 1);
+    snapshot.at_quota = false;
+    snapshot.quota_headroom = None;
+    assert_eq!(super::room_after_pass(&snapshot, &plan, 2), 1000);
+    plan.locks.clear();
+    snapshot.quota_headroom = Some(0);
+    assert_eq!(super::room_after_pass(&snapshot, &plan, 0), 3);
 }
