@@ -25,6 +25,31 @@ pub struct Settings {
     pub queue: QueueSettings,
     #[serde(default)]
     pub capacity: CapacitySettings,
+    #[serde(default)]
+    pub scheduler: SchedulerSettings,
+}
+
+/// Scheduling choices where Arvados' own is blunt (spec §13). Default: Arvados'.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct SchedulerSettings {
+    #[serde(default)]
+    pub shutdown_at_quota: ShutdownAtQuota,
+}
+
+/// What a pass shuts down when the fleet is at quota and the highest-priority container that
+/// needs a new instance cannot get one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ShutdownAtQuota {
+    /// Arvados: every idle or booting instance nothing was placed on, at once.
+    #[default]
+    All,
+    /// Only as many as the waiting containers need new instances for (counting instances
+    /// already shutting down), and none that a waiting container fits, unless there are not
+    /// enough others. Arvados' rule shuts down instances that lower-priority containers
+    /// would have used a moment later (spec §13 item 7), and with short containers it keeps
+    /// shutting down most of the fleet.
+    Needed,
 }
 
 /// How long a capacity error holds an offering (an instance type, its quota group, or every
@@ -286,6 +311,18 @@ impl Settings {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn shutdown_at_quota_is_arvados_all_by_default_and_reads_needed() {
+        assert_eq!(
+            Settings::default().scheduler.shutdown_at_quota,
+            ShutdownAtQuota::All
+        );
+        let s = Settings::from_str("Scheduler:\n  ShutdownAtQuota: Needed\n", "s.yml").unwrap();
+        assert_eq!(s.scheduler.shutdown_at_quota, ShutdownAtQuota::Needed);
+        let e = Settings::from_str("Scheduler:\n  ShutdownAtQuota: Some\n", "s.yml").unwrap_err();
+        assert!(e.to_string().contains("Scheduler.ShutdownAtQuota"), "{e}");
+    }
 
     #[test]
     fn capacity_backoff_doubles_to_its_cap_with_bounded_jitter_and_is_off_by_default() {

@@ -22,6 +22,7 @@ use super::status::Status;
 use crate::fasthash::{FastMap, FastSet};
 use crate::node_size::InstanceResources;
 use crate::queue::{QueueEnt, uuid_hash};
+use crate::settings::ShutdownAtQuota;
 use crate::worker_state::{InstanceView, WorkerState};
 
 /// After a 503, the container limit starts growing again once this long has passed quietly.
@@ -39,6 +40,8 @@ pub struct SchedConfig {
     pub max_running_containers_per_instance: usize,
     /// Fleet cost limits from the settings file (default: none).
     pub spend_caps: crate::settings::SpendCaps,
+    /// What to shut down at quota (settings file; default Arvados' `All`).
+    pub shutdown_at_quota: crate::settings::ShutdownAtQuota,
 }
 
 impl SchedConfig {
@@ -59,6 +62,7 @@ impl SchedConfig {
             )
             .unwrap_or(0),
             spend_caps: Default::default(),
+            shutdown_at_quota: Default::default(),
         }
     }
 }
@@ -740,19 +744,76 @@ pub fn plan_queue(
         plan.unlocks
             .push(entries[row.idx as usize].container().uuid.clone());
     }
-    if overquota_from.is_some() {
+    if let Some(k0) = overquota_from {
+        // Needed: the waiting containers behind the head are matched (not started: the head
+        // keeps its turn) to the instances they fit; those needing a new one count.
+        let mut reserved: Vec<usize> = Vec::new();
+        let mut needed = 0usize;
+        if cfg.shutdown_at_quota == ShutdownAtQuota::Needed {
+            for row in &rows[k0..sorted] {
+                if row.running
+                    || row.priority < 1
+                    || !matches!(row.state, ContainerState::Queued | ContainerState::Locked)
+                {
+                    continue;
+                }
+                let ent = &entries[row.idx as usize];
+                eligible.clear();
+                for it in &ent.instance_types {
+                    if let Some(t) = index.type_of(it) {
+                        eligible.push(t);
+                    }
+                }
+                match index.best(&eligible, &ent.instance_resources) {
+                    Some(b) => {
+                        if index.insts[b].count == 0
+                            && let Some(v) = index.insts[b].view
+                        {
+                            reserved.push(v);
+                        }
+                        index.place(b, &ent.instance_resources);
+                    }
+                    None => needed += 1,
+                }
+            }
+        }
         let placed: FastSet<usize> = index
             .insts
             .iter()
             .filter(|i| i.count > 0)
             .filter_map(|i| i.view)
             .collect();
-        for (vi, v) in pool.instances.iter().enumerate() {
-            if !v.instance.is_empty()
-                && v.running_container_uuids.is_empty()
-                && !placed.contains(&vi)
-            {
-                plan.shutdowns.push(v.instance.clone());
+        let empty =
+            |v: &InstanceView| !v.instance.is_empty() && v.running_container_uuids.is_empty();
+        match cfg.shutdown_at_quota {
+            ShutdownAtQuota::All => {
+                for (vi, v) in pool.instances.iter().enumerate() {
+                    if empty(v) && !placed.contains(&vi) {
+                        plan.shutdowns.push(v.instance.clone());
+                    }
+                }
+            }
+            ShutdownAtQuota::Needed => {
+                let freeing = pool
+                    .instances
+                    .iter()
+                    .filter(|v| v.worker_state == WorkerState::Shutdown)
+                    .count();
+                let candidate = |vi: &usize| {
+                    let v = &pool.instances[*vi];
+                    empty(v) && v.worker_state != WorkerState::Shutdown
+                };
+                // Those nothing fits first, idle ones before booting ones; then, if still
+                // short, the ones matched last (the lowest-priority matches), so the head of
+                // the queue always gets its instance, as with Arvados' rule.
+                let mut order: Vec<usize> = (0..pool.instances.len())
+                    .filter(|vi| candidate(vi) && !placed.contains(vi))
+                    .collect();
+                order.sort_by_key(|vi| pool.instances[*vi].worker_state != WorkerState::Idle);
+                order.extend(reserved.iter().rev().copied().filter(candidate));
+                for vi in order.into_iter().take(needed.saturating_sub(freeing)) {
+                    plan.shutdowns.push(pool.instances[vi].instance.clone());
+                }
             }
         }
     }

@@ -1356,3 +1356,107 @@ fn room_counts_empty_idle_and_booting_instances_and_quota_headroom() {
     snapshot.quota_headroom = Some(0);
     assert_eq!(super::room_after_pass(&snapshot, &plan, 0), 3);
 }
+
+// Shutdowns at quota with `Scheduler.ShutdownAtQuota: Needed` (spec §13 item 7).
+
+fn needed_harness(quota: usize) -> Harness {
+    let mut h = Harness::new(&all_types(), |_| {});
+    h.cfg.shutdown_at_quota = crate::settings::ShutdownAtQuota::Needed;
+    h.pool = StubPool::new(quota, quota + 1);
+    h
+}
+
+/// AC-SCH-12's fleet with the `Needed` rule: c3 needs a new type3 and the fleet is at quota;
+/// c2 fits one of the two idle type2 VMs, so only the other is shut down (Arvados shuts down
+/// both). Everything else is Arvados' decision.
+#[test]
+fn needed_at_quota_shuts_down_only_what_the_head_needs_and_keeps_what_others_fit() {
+    let mut h = needed_harness(2);
+    h.add(2, ContainerState::Locked, 2, 2, 2 * GIB, |_| {});
+    h.add(3, ContainerState::Locked, 3, 3, 3 * GIB, |_| {});
+    let a = h.worker(2, WorkerState::Idle);
+    let b = h.worker(2, WorkerState::Idle);
+    h.sync();
+    let plan = h.run_queue();
+    assert_eq!(plan.not_allocated_over_quota, 2);
+    assert!(h.pool.starts().is_empty());
+    assert_eq!(h.pool.shutdowns().len(), 1, "{:?}", h.pool.shutdowns());
+    assert!(h.pool.shutdowns()[0] == a || h.pool.shutdowns()[0] == b);
+    assert_eq!(
+        h.changes,
+        vec![(uuid(2), ContainerState::Locked, ContainerState::Queued)]
+    );
+}
+
+/// Three containers need new type4s at quota and one fits an idle type1: of four idle type1
+/// VMs (and a booting one) three idle ones are shut down. Instances already shutting down
+/// count: the next pass shuts down nothing more.
+#[test]
+fn needed_at_quota_counts_instances_already_shutting_down() {
+    let mut h = needed_harness(5);
+    for n in 1..=3 {
+        h.add(n, ContainerState::Queued, 10 - n as i64, 4, 4 * GIB, |_| {});
+    }
+    h.add(4, ContainerState::Queued, 1, 1, GIB, |_| {});
+    let booting = h.worker(1, WorkerState::Booting);
+    let ids: Vec<String> = (0..4).map(|_| h.worker(1, WorkerState::Idle)).collect();
+    h.sync();
+    h.run_queue();
+    let down = h.pool.shutdowns();
+    assert_eq!(down.len(), 3, "{down:?}");
+    assert!(
+        !down.contains(&booting),
+        "idle instances go before booting ones: {down:?}"
+    );
+    // They are now shutting down: the next pass needs no more.
+    for id in &down {
+        h.pool.set_state(id, WorkerState::Shutdown);
+    }
+    h.pool.with(|s| s.shutdowns.clear());
+    h.run_queue();
+    assert!(h.pool.shutdowns().is_empty(), "{:?}", h.pool.shutdowns());
+    assert_eq!(ids.len(), 4);
+}
+
+/// When every empty instance is one a lower-priority container fits, the head of the queue
+/// still gets its slot: the instance matched last is shut down.
+#[test]
+fn needed_at_quota_still_frees_a_slot_for_the_head_when_others_fit_everything() {
+    let mut h = needed_harness(2);
+    h.add(1, ContainerState::Queued, 9, 4, 4 * GIB, |_| {});
+    h.add(2, ContainerState::Queued, 8, 1, GIB, |_| {});
+    h.add(3, ContainerState::Queued, 7, 1, GIB, |_| {});
+    h.worker(1, WorkerState::Idle);
+    h.worker(1, WorkerState::Idle);
+    h.sync();
+    h.run_queue();
+    assert_eq!(h.pool.shutdowns().len(), 1, "{:?}", h.pool.shutdowns());
+    assert!(h.pool.starts().is_empty(), "the head keeps its turn");
+}
+
+/// A busy instance with room for a waiting container is never shut down, even when the head
+/// of the queue is short of a slot.
+#[test]
+fn needed_at_quota_never_shuts_down_a_busy_instance() {
+    let mut h = Harness::new(&all_types(), |c| c.containers.maximum_price_factor = 2.0);
+    h.cfg.shutdown_at_quota = crate::settings::ShutdownAtQuota::Needed;
+    h.pool = StubPool::new(2, 3);
+    // A type2 running a 1-VCPU container (one VCPU left), and one instance already going.
+    let busy = h.worker(2, WorkerState::Running);
+    h.add(2, ContainerState::Running, 5, 1, GIB, |_| {});
+    h.pool.with(|s| {
+        if let Some(x) = s.workers.iter_mut().find(|x| x.id == busy) {
+            x.running.push(uuid(2));
+        }
+        s.running.insert(uuid(2), None);
+    });
+    h.worker(1, WorkerState::Shutdown);
+    // Two need new type4s (one slot is being freed); one fits the busy type2.
+    h.add(1, ContainerState::Queued, 9, 4, 4 * GIB, |_| {});
+    h.add(3, ContainerState::Queued, 8, 1, GIB, |_| {});
+    h.add(4, ContainerState::Queued, 7, 4, 4 * GIB, |_| {});
+    h.sync();
+    let plan = h.run_queue();
+    assert_eq!(plan.not_allocated_over_quota, 3);
+    assert!(h.pool.shutdowns().is_empty(), "{:?}", h.pool.shutdowns());
+}

@@ -217,6 +217,7 @@ impl Service {
             pool.clone(),
             SchedConfig {
                 spend_caps: settings.spend_caps,
+                shutdown_at_quota: settings.scheduler.shutdown_at_quota,
                 ..SchedConfig::from_cluster(cluster)
             },
             ShellConfig::from_cluster(cluster),
