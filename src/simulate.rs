@@ -569,6 +569,7 @@ async fn simulate(
         }
     };
     let total_seconds = usage.busy_seconds + usage.idle_seconds;
+    let end_to_end = seconds_to_last_final(started_wall, &changes);
     let report = json!({
         "containers": uuids.len(),
         "complete": complete,
@@ -577,6 +578,10 @@ async fn simulate(
         "ran_more_than_once": ran_twice,
         "wall_seconds": wall,
         "containers_per_second": if wall > 0.0 { (complete + cancelled) as f64 / wall } else { 0.0 },
+        // Issue 18's throughput: from the start of the run (the first Queued) to the last
+        // Complete or Cancelled, without the idle instances' shutdown afterwards.
+        "end_to_end_seconds": end_to_end,
+        "end_to_end_containers_per_second": end_to_end.filter(|t| *t > 0.0).map(|t| (complete + cancelled) as f64 / t),
         "instances_peak": usage.peak_instances,
         "instances_left": vms_left,
         "instance_seconds": {"busy": usage.busy_seconds, "idle": usage.idle_seconds, "total": total_seconds},
@@ -642,6 +647,14 @@ async fn simulate(
         "  wall time:        {wall:.1} s ({:.1} containers/s)",
         report["containers_per_second"].as_f64().unwrap_or(0.0)
     );
+    if let Some(t) = end_to_end {
+        println!(
+            "  end to end:       {t:.1} s from the first queued to the last finished ({:.1} containers/s)",
+            report["end_to_end_containers_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+        );
+    }
     println!(
         "  instance time:    {:.1} s busy + {:.1} s idle = {:.1} s (peak {} instances, {} left)",
         usage.busy_seconds, usage.idle_seconds, total_seconds, usage.peak_instances, vms_left
@@ -791,6 +804,19 @@ fn russh_line_ending() -> russh::keys::ssh_key::LineEnding {
     russh::keys::ssh_key::LineEnding::LF
 }
 
+/// Seconds from `started` to the last change into Complete or Cancelled (`None` if none).
+fn seconds_to_last_final(
+    started: chrono::DateTime<chrono::Utc>,
+    changes: &[testkit::fake_api::StateChange],
+) -> Option<f64> {
+    changes
+        .iter()
+        .filter(|c| c.to == "Complete" || c.to == "Cancelled")
+        .map(|c| c.at)
+        .max()
+        .map(|t| (t - started).num_microseconds().unwrap_or(0) as f64 / 1e6)
+}
+
 /// Where one container's time from queued to crunch-run went. The three parts add up to the
 /// whole: `boot` is the part spent waiting for its VM's boot, `overhead` the dispatcher's own
 /// time from "a ready VM had room" to crunch-run started, `queue` the rest (waiting for
@@ -836,6 +862,29 @@ impl WaitSplit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn end_to_end_runs_to_the_last_complete_or_cancelled_change() {
+        let t = |ms: i64| {
+            chrono::DateTime::<chrono::Utc>::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
+        };
+        let change = |to: &str, ms: i64| testkit::fake_api::StateChange {
+            uuid: "zzzzz-dz642-000000000000001".into(),
+            from: String::new(),
+            to: to.into(),
+            by: String::new(),
+            at: t(ms),
+        };
+        assert_eq!(seconds_to_last_final(t(0), &[]), None);
+        let changes = [
+            change("Locked", 100),
+            change("Complete", 1500),
+            change("Cancelled", 2500),
+            change("Running", 4000),
+            change("Complete", 2000),
+        ];
+        assert_eq!(seconds_to_last_final(t(0), &changes), Some(2.5));
+    }
 
     #[test]
     fn a_wait_splits_into_queue_boot_and_overhead_that_add_up() {
