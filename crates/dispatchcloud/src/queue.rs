@@ -217,6 +217,113 @@ struct Inner {
 
 /// Queued containers with a priority, highest first, `limit` a page: what Arvados' poll
 /// fetches after the dispatcher's own, and what an incremental poll tops up with.
+/// Where the next page of an incremental poll starts: the key (`modified_at`, `uuid`) of the
+/// last row received, in the poll's order `modified_at asc, uuid asc`. Arvados' filters are
+/// ANDed, so "after (t, u)" is asked in two steps: `modified_at >= t`, with the rows already
+/// received at exactly `t` dropped here; and, when a page brings nothing new (the rows at `t`
+/// fill it, or the changes are exhausted), the rest of `t`'s rows by uuid
+/// (`modified_at = t`, `uuid > u`), then `modified_at > t`. The poll ends when that last
+/// request comes back empty.
+///
+/// Before, each page asked for `modified_at >= t` leaving out, by uuid, the rows received at
+/// `t`. When such a row changed before the next page, its new version was left out too, and
+/// once the page moved `t` past its new time it was lost until the next full poll (the queue
+/// then kept a Complete container as Running, and the scheduler cancelled it).
+#[derive(Debug)]
+pub struct ChangePager {
+    floor: DateTime<Utc>,
+    /// Uuids received with `modified_at` exactly `floor`.
+    at_floor: HashSet<String>,
+    /// The greatest of them.
+    last: Option<String>,
+    step: PagerStep,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PagerStep {
+    /// `modified_at >= floor` (`>` once `floor`'s rows are all received).
+    From {
+        strict: bool,
+    },
+    /// `modified_at = floor` and `uuid > last`.
+    Group,
+    Done,
+}
+
+impl ChangePager {
+    pub fn new(since: DateTime<Utc>) -> ChangePager {
+        ChangePager {
+            floor: since,
+            at_floor: HashSet::new(),
+            last: None,
+            step: PagerStep::From { strict: false },
+        }
+    }
+
+    /// The next page's filters, or `None` when the poll is complete.
+    pub fn filters(&self, stamp: &dyn Fn(DateTime<Utc>) -> String) -> Option<Vec<Filter>> {
+        match self.step {
+            PagerStep::From { strict } => Some(vec![Filter::new(
+                "modified_at",
+                if strict { ">" } else { ">=" },
+                stamp(self.floor),
+            )]),
+            PagerStep::Group => {
+                let mut f = vec![Filter::new("modified_at", "=", stamp(self.floor))];
+                if let Some(u) = &self.last {
+                    f.push(Filter::new("uuid", ">", u.as_str()));
+                }
+                Some(f)
+            }
+            PagerStep::Done => None,
+        }
+    }
+
+    /// A row of the page: whether to take it (false: the same row at `floor`, already
+    /// received) and whether it moves the poll on (a row at or after the key not received
+    /// before; a row without a time or before `floor` is taken but moves nothing, so a server
+    /// that ignores the filters cannot make the poll loop for ever).
+    pub fn receive(&mut self, uuid: &str, modified_at: Option<DateTime<Utc>>) -> (bool, bool) {
+        let Some(t) = modified_at else {
+            return (true, false);
+        };
+        if t < self.floor {
+            return (true, false);
+        }
+        if t == self.floor && self.at_floor.contains(uuid) {
+            return (false, false);
+        }
+        if self.step == PagerStep::Group && self.last.as_deref().is_some_and(|l| uuid <= l) {
+            // Not asked for either.
+            return (true, false);
+        }
+        if t > self.floor {
+            self.floor = t;
+            self.at_floor.clear();
+            self.last = None;
+        }
+        self.at_floor.insert(uuid.to_string());
+        if self.last.as_deref().is_none_or(|l| uuid > l) {
+            self.last = Some(uuid.to_string());
+        }
+        (true, true)
+    }
+
+    /// After a page of `rows` records, `progress` of which moved the poll on.
+    pub fn page_done(&mut self, rows: usize, progress: usize) {
+        self.step = match self.step {
+            PagerStep::From { .. } if progress > 0 => PagerStep::From { strict: false },
+            // Only rows already received at `floor`: the rest of `floor`'s rows by uuid (a
+            // group of rows with the same time can fill a page), then past them.
+            PagerStep::From { strict: false } if rows > 0 => PagerStep::Group,
+            PagerStep::From { .. } => PagerStep::Done,
+            PagerStep::Group if progress > 0 => PagerStep::Group,
+            PagerStep::Group => PagerStep::From { strict: true },
+            PagerStep::Done => PagerStep::Done,
+        };
+    }
+}
+
 fn queued_by_priority(select: Vec<String>, limit: usize) -> ListOptions {
     ListOptions {
         filters: vec![
@@ -634,16 +741,23 @@ impl ContainerQueue {
         });
         inner.updated = Some(started);
         if settings.is_some_and(|s| s.incremental) {
-            // A full poll saw the whole queue as of its start: the next incremental poll need
-            // not reach back past that (before, a batch queued just before a full poll was
-            // listed again, every container of it, by the first incremental poll).
-            let newest = match kind {
-                PollKind::Full => newest.max(Some(started)),
-                PollKind::Changes(_) => newest,
-            };
-            inner.watermark = match (inner.watermark, newest) {
-                (Some(w), Some(n)) => Some(w.max(n)),
-                (w, n) => n.or(w),
+            inner.watermark = match kind {
+                // A full poll saw every container as of its start, and no later: its pages
+                // come one after another, so a container can change after its page came back
+                // while a later page brings rows changed later still. The next incremental
+                // poll starts from the full poll's start (less the overlap). Not from the
+                // newest row received: that skipped such a change until the next full poll,
+                // and the scheduler then cancelled a Complete container it still held as
+                // Running. Not from before the start either: a batch queued just before a
+                // full poll was then listed again, every container of it.
+                PollKind::Full => Some(started),
+                // Changes are paged by key in time order until a page comes back empty, so a
+                // change made before the newest one received was received too (a commit that
+                // lands late is what the overlap is for).
+                PollKind::Changes(_) => match (inner.watermark, newest) {
+                    (Some(w), Some(n)) => Some(w.max(n)),
+                    (w, n) => n.or(w),
+                },
             };
             // A change this poll received but did not apply (a lock, unlock or cancel answered
             // while it was in flight, and the answer may predate the change) must come again:
@@ -691,10 +805,9 @@ impl ContainerQueue {
 
     /// The changes since `since`: every container modified then or later, by `modified_at`.
     ///
-    /// Paged by key, not offset: each further page asks for `modified_at` at or after the
-    /// last one received, leaving out the uuids already received at exactly that time. A row
-    /// that changes while the poll pages moves to the end of the order and is received again;
-    /// with offsets, every row behind it would shift back one place and one would be skipped.
+    /// Paged by key, not offset ([`ChangePager`]). A row that changes while the poll pages
+    /// moves later in the order and is received again; with offsets, every row behind it
+    /// would shift back one place and one would be skipped.
     ///
     /// With `top_up: Some(n)` (the scheduler had room to start more than the queue held), the
     /// poll also fetches the top `n` queued containers by priority, as far as a full poll
@@ -722,41 +835,37 @@ impl ContainerQueue {
             ..Default::default()
         };
         let stamp = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string();
-        let mut floor = since;
-        // Uuids already received whose `modified_at` is exactly `floor` (and undecodable
-        // records, whose time is unknown: left out of every later page).
-        let mut at_floor: Vec<String> = Vec::new();
         let mut next: HashMap<String, Container> = HashMap::new();
         let mut skipped: HashSet<String> = HashSet::new();
         let mut fetched = 0usize;
-        loop {
-            opts.filters = vec![Filter::new("modified_at", ">=", stamp(floor))];
-            if !at_floor.is_empty() {
-                opts.filters
-                    .push(Filter::new("uuid", "not in", at_floor.clone()));
+        let mut pager = ChangePager::new(since);
+        while let Some(filters) = pager.filters(&stamp) {
+            opts.filters = filters;
+            if !skipped.is_empty() {
+                // Undecodable records: their time is unknown, so leave them out of every
+                // later page.
+                opts.filters.push(Filter::new(
+                    "uuid",
+                    "not in",
+                    skipped.iter().cloned().collect::<Vec<_>>(),
+                ));
             }
             let page = self.client.list_containers(&opts).await?;
-            if page.raw_len == 0 {
-                break;
-            }
             fetched += page.raw_len;
+            let mut progress = 0usize;
             for u in page.skipped {
-                if !u.is_empty() {
-                    at_floor.push(u.clone());
-                    skipped.insert(u);
+                if !u.is_empty() && skipped.insert(u) {
+                    progress += 1;
                 }
             }
             for c in page.items {
-                match c.modified_at {
-                    Some(t) if t > floor => {
-                        floor = t;
-                        at_floor.retain(|u| skipped.contains(u));
-                        at_floor.push(c.uuid.clone());
-                    }
-                    _ => at_floor.push(c.uuid.clone()),
+                let (take, moved) = pager.receive(&c.uuid, c.modified_at);
+                progress += usize::from(moved);
+                if take {
+                    next.insert(c.uuid.clone(), c);
                 }
-                next.insert(c.uuid.clone(), c);
             }
+            pager.page_done(page.raw_len, progress);
         }
         let newest = next.values().filter_map(|c| c.modified_at).max();
         if let Some(n) = top_up {
