@@ -583,6 +583,35 @@ impl ContainerQueue {
         Ok(())
     }
 
+    /// Cancel the container only if the API still has it in state `expect`; otherwise take
+    /// the state the API has into the cache and return false. Not in Arvados, which cancels
+    /// on what its cache says: a cache that missed a change (an API replica behind, a poll
+    /// that raced the change) made it cancel a container that had already completed, and
+    /// Arvados allows Complete → Cancelled. One GET, on a path that is rare by design.
+    pub async fn cancel_if_still(
+        &self,
+        uuid: &str,
+        expect: ContainerState,
+    ) -> Result<bool, ApiError> {
+        let now: StateFields = self
+            .client
+            .request(
+                Method::GET,
+                &format!("containers/{uuid}"),
+                &[(
+                    "select",
+                    json!(["uuid", "state", "priority", "locked_by_uuid"]),
+                )],
+            )
+            .await?;
+        if now.state != expect {
+            tracing::info!(ContainerUUID = %uuid, State = %now.state, "not cancelling: the container's state changed");
+            self.patch_from_response(uuid, &now);
+            return Ok(false);
+        }
+        self.cancel(uuid).await.map(|()| true)
+    }
+
     fn patch_from_response(&self, uuid: &str, resp: &StateFields) {
         let mut inner = self.lock_inner();
         if let Some(d) = inner.dont_update.as_mut() {

@@ -177,6 +177,39 @@ async fn ac_sync_2_cancel_orphaned_container_through_the_api() {
     );
 }
 
+/// Sync's cancels ask the API first: a container the queue's cache still has as Running, but
+/// which completed since (a poll missed the change), is not cancelled (Arvados would, and
+/// the API allows Complete → Cancelled); the cache takes the API's state and forgets it.
+#[tokio::test]
+async fn sync_does_not_cancel_a_container_that_completed_since_the_cache_saw_it() {
+    let f = fake().await;
+    let u = f.add_container(&ContainerSpec::default());
+    let api = client(&f);
+    api.lock_container(&u).await.unwrap();
+    api.update_container(&u, &json!({"state": "Running"}), None)
+        .await
+        .unwrap();
+    let pool = Arc::new(StubPool::new(10, 10));
+    let (s, q, _) = setup(&f, pool, Duration::from_secs(1));
+    q.update().await.unwrap();
+    assert_eq!(
+        q.get(&u).unwrap().container().state,
+        ContainerState::Running
+    );
+    // It completes; the cache has not seen it. No worker runs it: sync would cancel it.
+    f.force_update(&u, json!({"state": "Complete", "exit_code": 0}));
+    s.sync();
+    assert!(
+        eventually(2, || {
+            s.sync();
+            q.get(&u).is_none()
+        })
+        .await,
+        "the cache took the API's Complete and forgot the container"
+    );
+    assert_eq!(state(&f, &u), "Complete", "not cancelled");
+}
+
 /// A container locked by a previous dispatcher process, not running anywhere, is requeued
 /// once the adopted (unknown) worker has reported.
 #[tokio::test]

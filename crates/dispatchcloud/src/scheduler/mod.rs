@@ -612,7 +612,12 @@ impl<P: WorkerPool> Scheduler<P> {
                             s.op_unlock(&uuid);
                             return;
                         }
-                        if let Err(err) = s.queue.cancel(&uuid).await {
+                        // Every sync cancel is of a container the cache has as Running.
+                        if let Err(err) = s
+                            .queue
+                            .cancel_if_still(&uuid, ContainerState::Running)
+                            .await
+                        {
                             tracing::warn!(ContainerUUID = %uuid, error = %err, "error cancelling container");
                         }
                         s.op_unlock(&uuid);
