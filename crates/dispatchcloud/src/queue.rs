@@ -217,13 +217,16 @@ struct Inner {
 
 /// Queued containers with a priority, highest first, `limit` a page: what Arvados' poll
 /// fetches after the dispatcher's own, and what an incremental poll tops up with.
+/// Rows asked for per page of an incremental poll.
+const CHANGES_PAGE: i64 = 1000;
+
 /// Where the next page of an incremental poll starts: the key (`modified_at`, `uuid`) of the
 /// last row received, in the poll's order `modified_at asc, uuid asc`. Arvados' filters are
 /// ANDed, so "after (t, u)" is asked in two steps: `modified_at >= t`, with the rows already
-/// received at exactly `t` dropped here; and, when a page brings nothing new (the rows at `t`
-/// fill it, or the changes are exhausted), the rest of `t`'s rows by uuid
-/// (`modified_at = t`, `uuid > u`), then `modified_at > t`. The poll ends when that last
-/// request comes back empty.
+/// received at exactly `t` dropped here; and, when a full page brings nothing new (rows with
+/// the same time `t` fill it), the rest of `t`'s rows by uuid (`modified_at = t`, `uuid > u`),
+/// then `modified_at > t`. The poll ends with the first page that is not full: usually its
+/// first.
 ///
 /// Before, each page asked for `modified_at >= t` leaving out, by uuid, the rows received at
 /// `t`. When such a row changed before the next page, its new version was left out too, and
@@ -309,15 +312,20 @@ impl ChangePager {
         (true, true)
     }
 
-    /// After a page of `rows` records, `progress` of which moved the poll on.
-    pub fn page_done(&mut self, rows: usize, progress: usize) {
+    /// After a page of `rows` records, `progress` of which moved the poll on; `cut` if the
+    /// page was full (as many rows as the server's `limit`), so more may follow.
+    pub fn page_done(&mut self, rows: usize, progress: usize, cut: bool) {
         self.step = match self.step {
+            // Not full: every row at or after the key came. Later changes have later times,
+            // and the next poll starts from the newest received.
+            PagerStep::From { .. } if !cut || rows == 0 => PagerStep::Done,
             PagerStep::From { .. } if progress > 0 => PagerStep::From { strict: false },
-            // Only rows already received at `floor`: the rest of `floor`'s rows by uuid (a
-            // group of rows with the same time can fill a page), then past them.
-            PagerStep::From { strict: false } if rows > 0 => PagerStep::Group,
-            PagerStep::From { .. } => PagerStep::Done,
-            PagerStep::Group if progress > 0 => PagerStep::Group,
+            // A full page of rows already received at `floor` (a group of rows with the same
+            // time can fill a page): the rest of the group by uuid, then past it.
+            PagerStep::From { strict: false } => PagerStep::Group,
+            // A full page after `floor` with nothing new: a server ignoring the filters.
+            PagerStep::From { strict: true } => PagerStep::Done,
+            PagerStep::Group if cut && progress > 0 => PagerStep::Group,
             PagerStep::Group => PagerStep::From { strict: true },
             PagerStep::Done => PagerStep::Done,
         };
@@ -858,7 +866,7 @@ impl ContainerQueue {
         select.extend(["modified_at".to_string(), "locked_by_uuid".to_string()]);
         let mut opts = ListOptions {
             order: Some("modified_at asc, uuid asc".into()),
-            limit: Some(1000),
+            limit: Some(CHANGES_PAGE),
             count: Some(Count::None),
             select: Some(select),
             ..Default::default()
@@ -894,7 +902,12 @@ impl ContainerQueue {
                     next.insert(c.uuid.clone(), c);
                 }
             }
-            pager.page_done(page.raw_len, progress);
+            let page_size = match page.limit {
+                l if l > 0 => l.min(CHANGES_PAGE),
+                _ => CHANGES_PAGE,
+            };
+            let cut = page.raw_len as i64 >= page_size;
+            pager.page_done(page.raw_len, progress, cut);
         }
         let newest = next.values().filter_map(|c| c.modified_at).max();
         if let Some(n) = top_up {
