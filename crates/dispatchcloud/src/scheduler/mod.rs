@@ -756,7 +756,7 @@ impl<P: WorkerPool> Scheduler<P> {
 /// waited since it was created; 0 if none waits.
 /// How many more containers the fleet could start now, after this pass (at most 1 000): the
 /// empty idle or booting instances and the instances the pool may still add, less what the
-/// pass locked or started. 0 unless every queued container the queue holds (`queued`) got a
+/// pass locked, started, or allocated to an instance still to boot or be created. 0 unless every queued container the queue holds (`queued`) got a
 /// lock: then fetching more of the queue would help. Incremental polling reaches that far past
 /// Arvados' top 100 ([`crate::queue::ContainerQueue::set_room`]).
 pub fn room_after_pass(snapshot: &PoolSnapshot, plan: &QueuePlan, queued: usize) -> usize {
@@ -777,8 +777,10 @@ pub fn room_after_pass(snapshot: &PoolSnapshot, plan: &QueuePlan, queued: usize)
     } else {
         snapshot.quota_headroom.unwrap_or(1000)
     };
+    // Locked containers waiting for a booting instance (counted as empty above) or for a
+    // create (counted in the headroom) are spoken for too.
     (empty + headroom)
-        .saturating_sub(plan.locks.len() + plan.starts.len())
+        .saturating_sub(plan.locks.len() + plan.starts.len() + plan.allocated_not_started)
         .min(1000)
 }
 

@@ -1355,6 +1355,9 @@ fn room_counts_empty_idle_and_booting_instances_and_quota_headroom() {
     plan.locks.clear();
     snapshot.quota_headroom = Some(0);
     assert_eq!(super::room_after_pass(&snapshot, &plan, 0), 3);
+    // Two locked containers wait for the booting instance and a create: one empty left.
+    plan.allocated_not_started = 2;
+    assert_eq!(super::room_after_pass(&snapshot, &plan, 0), 1);
 }
 
 // Shutdowns at quota with `Scheduler.ShutdownAtQuota: Needed` (spec §13 item 7).
