@@ -47,7 +47,7 @@ pub enum ShutdownAtQuota {
     /// Only as many as the waiting containers need new instances for (counting instances
     /// already shutting down), and none that a waiting container fits, unless there are not
     /// enough others. Arvados' rule shuts down instances that lower-priority containers
-    /// would have used a moment later (spec §13 item 7), and with short containers it keeps
+    /// would have used a moment later (spec §13.1 item 7), and with short containers it keeps
     /// shutting down most of the fleet.
     Needed,
 }

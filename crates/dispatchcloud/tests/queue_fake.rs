@@ -513,12 +513,15 @@ async fn poll_with_held_pages(
     poll
 }
 
-/// An incremental poll that takes several pages sees every change, even when a row it has
-/// already received changes again between two pages (it moves to the end of the
-/// `modified_at` order; with offset paging the row behind it would be skipped until the next
-/// full poll).
-#[tokio::test]
-async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move() {
+/// Ten containers, a full poll in incremental mode, then a change to each, in order, one
+/// millisecond apart from `t0` (container i: priority 100 + i at t0 + i ms).
+async fn ten_changes_after_a_full_poll() -> (
+    testkit::FakeArvados,
+    std::sync::Arc<dispatchcloud::queue::ContainerQueue>,
+    prometheus::Registry,
+    Vec<String>,
+    chrono::DateTime<Utc>,
+) {
     let f = fake().await;
     let uuids: Vec<String> = (0..10)
         .map(|_| {
@@ -531,7 +534,6 @@ async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move()
     let (q, reg) = queue(&f, &cluster(vec![test_type()]));
     q.set_incremental(incremental(100));
     q.update().await.unwrap();
-    // Ten changes in order, one millisecond apart, after the full poll.
     let t0 = Utc::now() + chrono::Duration::seconds(1);
     for (i, u) in uuids.iter().enumerate() {
         let at = t0 + chrono::Duration::milliseconds(i as i64);
@@ -540,6 +542,16 @@ async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move()
             json!({"priority": 100 + i, "modified_at": testkit::fake_api::format_time(at)}),
         );
     }
+    (f, q, reg, uuids, t0)
+}
+
+/// An incremental poll that takes several pages sees every change, even when a row it has
+/// already received changes again between two pages (it moves to the end of the
+/// `modified_at` order; with offset paging the row behind it would be skipped until the next
+/// full poll).
+#[tokio::test]
+async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move() {
+    let (f, q, reg, uuids, t0) = ten_changes_after_a_full_poll().await;
     // Pages of 3. The first two list requests wait 2 s each before they are answered; while
     // the second waits, the first page's first row changes again.
     f.set_max_items_per_response(3);
@@ -576,26 +588,8 @@ async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move()
 /// `simulate` runs with incremental polling).
 #[tokio::test]
 async fn an_incremental_poll_sees_a_change_to_the_row_its_next_page_starts_from() {
-    let f = fake().await;
-    let uuids: Vec<String> = (0..10)
-        .map(|_| {
-            f.add_container(&ContainerSpec {
-                priority: 5,
-                ..Default::default()
-            })
-        })
-        .collect();
-    let (q, _) = queue(&f, &cluster(vec![test_type()]));
-    q.set_incremental(incremental(100));
-    q.update().await.unwrap();
-    let t0 = Utc::now() + chrono::Duration::seconds(1);
+    let (f, q, _, uuids, t0) = ten_changes_after_a_full_poll().await;
     let at = |us: i64| testkit::fake_api::format_time(t0 + chrono::Duration::microseconds(us));
-    for (i, u) in uuids.iter().enumerate() {
-        f.force_update(
-            u,
-            json!({"priority": 100 + i, "modified_at": at(1000 * i as i64)}),
-        );
-    }
     // Pages of 3: the first ends with container 2 (at 2 ms). While the second is held,
     // container 2 changes to 4.5 ms: between containers 4 and 5, inside the next page's range.
     f.set_max_items_per_response(3);

@@ -132,17 +132,23 @@ async fn run_loop_locks_creates_and_starts() {
         .unwrap();
 }
 
+/// A container locked by the test's token and set Running through the API.
+async fn running_container(f: &FakeArvados) -> String {
+    let u = f.add_container(&ContainerSpec::default());
+    let api = client(f);
+    api.lock_container(&u).await.unwrap();
+    api.update_container(&u, &json!({"state": "Running"}), None)
+        .await
+        .unwrap();
+    u
+}
+
 /// AC-SYNC-2 through the API: a Running container that no worker reports is cancelled only
 /// once no worker is in state unknown, then dropped from the queue.
 #[tokio::test]
 async fn ac_sync_2_cancel_orphaned_container_through_the_api() {
     let f = fake().await;
-    let u = f.add_container(&ContainerSpec::default());
-    let api = client(&f);
-    api.lock_container(&u).await.unwrap();
-    api.update_container(&u, &json!({"state": "Running"}), None)
-        .await
-        .unwrap();
+    let u = running_container(&f).await;
     f.set_priority(&u, 0);
     let pool = Arc::new(StubPool::new(10, 10));
     let unknown = pool.add_worker(
@@ -183,12 +189,7 @@ async fn ac_sync_2_cancel_orphaned_container_through_the_api() {
 #[tokio::test]
 async fn sync_does_not_cancel_a_container_that_completed_since_the_cache_saw_it() {
     let f = fake().await;
-    let u = f.add_container(&ContainerSpec::default());
-    let api = client(&f);
-    api.lock_container(&u).await.unwrap();
-    api.update_container(&u, &json!({"state": "Running"}), None)
-        .await
-        .unwrap();
+    let u = running_container(&f).await;
     let pool = Arc::new(StubPool::new(10, 10));
     let (s, q, _) = setup(&f, pool, Duration::from_secs(1));
     q.update().await.unwrap();

@@ -1360,7 +1360,7 @@ fn room_counts_empty_idle_and_booting_instances_and_quota_headroom() {
     assert_eq!(super::room_after_pass(&snapshot, &plan, 0), 1);
 }
 
-// Shutdowns at quota with `Scheduler.ShutdownAtQuota: Needed` (spec §13 item 7).
+// Shutdowns at quota with `Scheduler.ShutdownAtQuota: Needed` (spec §13.1 item 7).
 
 fn needed_harness(quota: usize) -> Harness {
     let mut h = Harness::new(&all_types(), |_| {});
