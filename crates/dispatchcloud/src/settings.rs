@@ -56,7 +56,9 @@ pub enum ShutdownAtQuota {
 /// type) off. Default: a fixed minute after each error, as Arvados. With `Backoff`, the hold
 /// doubles with each capacity error in a row for that offering, from `BackoffBase` up to
 /// `BackoffMax`, plus up to 25 % jitter (so dispatchers and types do not retry in step), and a
-/// successful create of the type resets it.
+/// successful create of the type resets it. With `Backoff` there is also a launch budget: an
+/// offering whose hold ended but that has not had a create succeed since is in doubt, and
+/// only one create of it is in flight at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "PascalCase")]
 pub struct CapacitySettings {

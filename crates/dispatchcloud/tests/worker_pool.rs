@@ -672,3 +672,61 @@ async fn capacity_errors_in_a_row_hold_a_type_off_for_longer_each_time() {
     assert!(set.vms().is_empty(), "no VM was made");
     p.stop();
 }
+
+/// Issue 19, launch budget (with `Capacity.Backoff`): once a type's hold-off after a capacity
+/// error ends, the type is in doubt, and one create probes it. Until that create is answered
+/// the type counts as at capacity, so a scheduling pass sends no burst of creates that would
+/// all fail. Without back-off (Arvados), a second create goes out at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_in_doubt_after_a_capacity_error_gets_one_probe_launch() {
+    for backoff in [true, false] {
+        let key = Arc::new(cloud::sshd::new_ed25519_key());
+        let t1 = fixture_type(1);
+        let c = cluster(std::slice::from_ref(&t1), None);
+        let set = stub(json!({"HoldCloudOps": true, "CapacityPerType": {"providertype1": 0}}));
+        let p = pool(&c, set.clone(), &key, |cfg| {
+            cfg.sync_interval = Duration::from_secs(3600);
+            cfg.max_concurrent_creates = 0;
+            cfg.capacity_error_ttl = Duration::from_secs(1);
+            cfg.capacity = dispatchcloud::settings::CapacitySettings {
+                backoff,
+                backoff_base: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(60),
+            };
+        });
+        // The first create fails for capacity. (Only creates are held; one permit each.)
+        assert!(p.create(&t1).is_some());
+        set.release_cloud_ops(1);
+        wait_for("capacity error recorded", Duration::from_secs(5), || {
+            p.at_capacity(&t1)
+        })
+        .await;
+        wait_for("hold-off over", Duration::from_secs(10), || {
+            !p.at_capacity(&t1)
+        })
+        .await;
+        // The probe launch: accepted, and held by the cloud (no permit left).
+        assert!(
+            p.create(&t1).is_some(),
+            "backoff {backoff}: one create probes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            p.instances().len(),
+            1,
+            "backoff {backoff}: the probe launch is still in flight"
+        );
+        assert_eq!(
+            p.at_capacity(&t1),
+            backoff,
+            "backoff {backoff}: in doubt while the probe launch is in flight"
+        );
+        assert_eq!(
+            p.create(&t1).is_none(),
+            backoff,
+            "backoff {backoff}: a second create waits for the probe's answer"
+        );
+        set.release_cloud_ops(10);
+        p.stop();
+    }
+}

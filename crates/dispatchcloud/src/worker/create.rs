@@ -54,9 +54,25 @@ impl Pool {
     }
 
     pub(super) fn at_capacity_locked(&self, st: &State, it: &InstanceType, now: Instant) -> bool {
-        self.capacity_keys(it)
+        let keys = self.capacity_keys(it);
+        if keys
             .iter()
             .any(|k| st.at_capacity_until.get(k).is_some_and(|t| now < *t))
+        {
+            return true;
+        }
+        // Launch budget (with `Capacity.Backoff`): an offering whose last create failed for
+        // capacity, and has not had one succeed since, is in doubt once its hold-off ends.
+        // One create probes it; until that create is answered, the offering counts as at
+        // capacity, so a pass does not send a burst of creates that would all fail.
+        self.cfg.capacity.backoff
+            && keys.iter().any(|k| {
+                st.capacity_failures.get(k).is_some_and(|n| *n > 0)
+                    && st
+                        .creating
+                        .values()
+                        .any(|c| k.is_empty() || self.capacity_keys(&c.it).contains(k))
+            })
     }
 
     /// What the pool holds off now and why, for the status page.
