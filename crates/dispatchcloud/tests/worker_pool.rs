@@ -651,8 +651,12 @@ async fn capacity_errors_in_a_row_hold_a_type_off_for_longer_each_time() {
         })
         .await;
         assert!(p.create(&t1).is_some(), "the pool accepts the create");
+        // Not `at_capacity`: with back-off the type also counts as at capacity while this
+        // create (its probe launch) is in flight, before the error comes back.
         wait_for("capacity error recorded", Duration::from_secs(5), || {
-            p.at_capacity(&t1)
+            p.holdoffs()
+                .iter()
+                .any(|h| h.what.contains("providertype1") && h.until.is_some())
         })
         .await;
         let until = p
@@ -729,4 +733,59 @@ async fn a_type_in_doubt_after_a_capacity_error_gets_one_probe_launch() {
         set.release_cloud_ops(10);
         p.stop();
     }
+}
+
+/// Issue 19, capacity in the metrics: after a capacity error the pool exports when the
+/// offering's hold-off ends (Unix time) and its capacity errors in a row; once the hold-off
+/// ends only the count stays (the offering is in doubt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_hold_offs_and_errors_in_a_row_are_in_the_metrics() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), None);
+    let set = stub(json!({"CapacityPerType": {"providertype1": 0}}));
+    let mut cfg = PoolConfig::from_cluster(&c, "zzzzz-test-pool", key.clone());
+    cfg.capacity_error_ttl = Duration::from_secs(1);
+    let registry = prometheus::Registry::new();
+    let p = Pool::new(cfg, set.clone(), &registry).unwrap();
+    p.start();
+    let gauge = |name: &str| -> Option<f64> {
+        registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == name)?
+            .get_metric()
+            .iter()
+            .find(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "offering" && l.value() == "providertype1")
+            })
+            .map(|m| m.get_gauge().get_value())
+    };
+    let before = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    assert!(p.create(&t1).is_some());
+    wait_for("hold-off in the metrics", Duration::from_secs(5), || {
+        gauge("arvados_dispatchcloud_capacity_holdoff_until_seconds").is_some()
+    })
+    .await;
+    let until = gauge("arvados_dispatchcloud_capacity_holdoff_until_seconds").unwrap();
+    assert!(
+        until > before + 0.5 && until < before + 3.0,
+        "ends about 1 s after the error: {until} vs {before}"
+    );
+    assert_eq!(
+        gauge("arvados_dispatchcloud_capacity_errors_in_a_row"),
+        Some(1.0)
+    );
+    wait_for("hold-off over", Duration::from_secs(10), || {
+        gauge("arvados_dispatchcloud_capacity_holdoff_until_seconds").is_none()
+    })
+    .await;
+    assert_eq!(
+        gauge("arvados_dispatchcloud_capacity_errors_in_a_row"),
+        Some(1.0),
+        "still in doubt"
+    );
+    p.stop();
 }

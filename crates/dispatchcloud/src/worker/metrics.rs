@@ -185,6 +185,11 @@ pub struct PoolMetrics {
     pub broken: IntCounter,
     /// The age of the oldest VM in each of [`AGED_STATES`].
     pub state_age_max: GaugeVec,
+    /// Not in Arvados: when each capacity hold-off ends (Unix time), by offering.
+    pub capacity_holdoff_until: GaugeVec,
+    /// Not in Arvados: capacity errors in a row by offering since its last successful create
+    /// (above 0: the offering is in doubt, see `Capacity.Backoff`).
+    pub capacity_errors_in_a_row: GaugeVec,
     /// Counts and prices at the last [`PoolMetrics::set_gauges`], integrated into the two
     /// counters above at the next one.
     integrated: Mutex<Integrated>,
@@ -322,12 +327,24 @@ impl PoolMetrics {
         for s in AGED_STATES {
             state_age_max.with_label_values(&[s]);
         }
+        let capacity_holdoff_until = gauge_vec(
+            "capacity_holdoff_until_seconds",
+            "When the hold-off after a capacity error ends, as Unix time, by offering (provider type, quota group, or all).",
+            &["offering"],
+        )?;
+        let capacity_errors_in_a_row = gauge_vec(
+            "capacity_errors_in_a_row",
+            "Capacity errors in a row by offering since its last successful create.",
+            &["offering"],
+        )?;
         Ok(PoolMetrics {
             containers_running,
             instances_seconds,
             instances_cost,
             broken,
             state_age_max,
+            capacity_holdoff_until,
+            capacity_errors_in_a_row,
             integrated: Mutex::new(Integrated {
                 at: Instant::now(),
                 current: BTreeMap::new(),
@@ -405,6 +422,28 @@ pub struct Sample<'a> {
 }
 
 impl PoolMetrics {
+    /// The capacity gauges: each offering held off (capacity key, when its hold ends as Unix
+    /// time) and each offering's capacity errors in a row. Offerings not given are removed.
+    pub fn set_capacity<'a>(
+        &self,
+        holds: impl Iterator<Item = (&'a str, f64)>,
+        errors: impl Iterator<Item = (&'a str, u32)>,
+    ) {
+        let offering = |k: &'a str| if k.is_empty() { "all" } else { k };
+        self.capacity_holdoff_until.reset();
+        for (k, until) in holds {
+            self.capacity_holdoff_until
+                .with_label_values(&[offering(k)])
+                .set(until);
+        }
+        self.capacity_errors_in_a_row.reset();
+        for (k, n) in errors {
+            self.capacity_errors_in_a_row
+                .with_label_values(&[offering(k)])
+                .set(f64::from(n));
+        }
+    }
+
     /// Recompute every gauge from the workers at `now`, and add the time since the last call,
     /// at the last call's counts and prices, to the cumulative counters (`configured`: every
     /// configured type, so absent (category, type) pairs read 0).

@@ -226,6 +226,19 @@ impl Pool {
             .collect();
         self.metrics
             .set_gauges(now.into_std(), self.cfg.instance_types.values(), &samples);
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.set_capacity(
+            st.at_capacity_until
+                .iter()
+                .filter(|(_, t)| now < **t)
+                .map(|(k, t)| (k.as_str(), unix_now + (*t - now).as_secs_f64())),
+            st.capacity_failures
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| (k.as_str(), *n)),
+        );
     }
 
     /// Whether the pool can work: the runner binary, if one is to be deployed, was loaded.
