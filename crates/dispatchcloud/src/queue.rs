@@ -215,8 +215,6 @@ struct Inner {
     room: usize,
 }
 
-/// Queued containers with a priority, highest first, `limit` a page: what Arvados' poll
-/// fetches after the dispatcher's own, and what an incremental poll tops up with.
 /// Rows asked for per page of an incremental poll.
 const CHANGES_PAGE: i64 = 1000;
 
@@ -332,6 +330,8 @@ impl ChangePager {
     }
 }
 
+/// Queued containers with a priority, highest first, `limit` a page: what Arvados' poll
+/// fetches after the dispatcher's own, and what an incremental poll tops up with.
 fn queued_by_priority(select: Vec<String>, limit: usize) -> ListOptions {
     ListOptions {
         filters: vec![
@@ -788,7 +788,7 @@ impl ContainerQueue {
                 // Running. Not from before the start either: a batch queued just before a
                 // full poll was then listed again, every container of it.
                 PollKind::Full => Some(started),
-                // Changes are paged by key in time order until a page comes back empty, so a
+                // Changes are paged by key in time order until a page is not full, so a
                 // change made before the newest one received was received too (a commit that
                 // lands late is what the overlap is for).
                 PollKind::Changes(_) => match (inner.watermark, newest) {

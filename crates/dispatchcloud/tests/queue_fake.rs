@@ -513,9 +513,11 @@ async fn poll_with_held_pages(
     poll
 }
 
-/// Ten containers, a full poll in incremental mode, then a change to each, in order, one
-/// millisecond apart from `t0` (container i: priority 100 + i at t0 + i ms).
-async fn ten_changes_after_a_full_poll() -> (
+/// Ten containers, a full poll in incremental mode, then a change to each: container i gets
+/// priority 100 + i at `t0` + `at_ms(i)` ms.
+async fn ten_changes_after_a_full_poll(
+    at_ms: impl Fn(usize) -> i64,
+) -> (
     testkit::FakeArvados,
     std::sync::Arc<dispatchcloud::queue::ContainerQueue>,
     prometheus::Registry,
@@ -536,7 +538,7 @@ async fn ten_changes_after_a_full_poll() -> (
     q.update().await.unwrap();
     let t0 = Utc::now() + chrono::Duration::seconds(1);
     for (i, u) in uuids.iter().enumerate() {
-        let at = t0 + chrono::Duration::milliseconds(i as i64);
+        let at = t0 + chrono::Duration::milliseconds(at_ms(i));
         f.force_update(
             u,
             json!({"priority": 100 + i, "modified_at": testkit::fake_api::format_time(at)}),
@@ -551,7 +553,8 @@ async fn ten_changes_after_a_full_poll() -> (
 /// full poll).
 #[tokio::test]
 async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move() {
-    let (f, q, reg, uuids, t0) = ten_changes_after_a_full_poll().await;
+    // One millisecond apart.
+    let (f, q, reg, uuids, t0) = ten_changes_after_a_full_poll(|i| i as i64).await;
     // Pages of 3. The first two list requests wait 2 s each before they are answered; while
     // the second waits, the first page's first row changes again.
     f.set_max_items_per_response(3);
@@ -588,7 +591,7 @@ async fn an_incremental_poll_paging_through_changes_misses_none_when_rows_move()
 /// `simulate` runs with incremental polling).
 #[tokio::test]
 async fn an_incremental_poll_sees_a_change_to_the_row_its_next_page_starts_from() {
-    let (f, q, _, uuids, t0) = ten_changes_after_a_full_poll().await;
+    let (f, q, _, uuids, t0) = ten_changes_after_a_full_poll(|i| i as i64).await;
     let at = |us: i64| testkit::fake_api::format_time(t0 + chrono::Duration::microseconds(us));
     // Pages of 3: the first ends with container 2 (at 2 ms). While the second is held,
     // container 2 changes to 4.5 ms: between containers 4 and 5, inside the next page's range.
@@ -607,22 +610,8 @@ async fn an_incremental_poll_sees_a_change_to_the_row_its_next_page_starts_from(
 /// more than a page; an incremental poll pages through them by uuid and then past them.
 #[tokio::test]
 async fn an_incremental_poll_pages_through_rows_with_the_same_time() {
-    let f = fake().await;
-    let uuids: Vec<String> = (0..10)
-        .map(|_| f.add_container(&ContainerSpec::default()))
-        .collect();
-    let (q, _) = queue(&f, &cluster(vec![test_type()]));
-    q.set_incremental(incremental(100));
-    q.update().await.unwrap();
-    let t0 = Utc::now() + chrono::Duration::seconds(1);
-    for (i, u) in uuids.iter().enumerate() {
-        // Eight at t0, then two a millisecond later.
-        let t = t0 + chrono::Duration::milliseconds(i.saturating_sub(7) as i64);
-        f.force_update(
-            u,
-            json!({"priority": 100 + i, "modified_at": testkit::fake_api::format_time(t)}),
-        );
-    }
+    // Eight at t0, then two a millisecond later.
+    let (f, q, _, uuids, _) = ten_changes_after_a_full_poll(|i| i.saturating_sub(7) as i64).await;
     f.set_max_items_per_response(3);
     q.update().await.unwrap();
     for (i, u) in uuids.iter().enumerate() {

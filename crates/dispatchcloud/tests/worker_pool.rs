@@ -44,11 +44,31 @@ fn pool(
     key: &Arc<russh::keys::PrivateKey>,
     tweak: impl FnOnce(&mut PoolConfig),
 ) -> Arc<Pool> {
+    pool_in(&prometheus::Registry::new(), cluster, set, key, tweak)
+}
+
+/// [`pool`], with its metrics in `registry`.
+fn pool_in(
+    registry: &prometheus::Registry,
+    cluster: &arvados::Cluster,
+    set: Arc<StubSet>,
+    key: &Arc<russh::keys::PrivateKey>,
+    tweak: impl FnOnce(&mut PoolConfig),
+) -> Arc<Pool> {
     let mut cfg = PoolConfig::from_cluster(cluster, "zzzzz-test-pool", key.clone());
     tweak(&mut cfg);
-    let p = Pool::new(cfg, set, &prometheus::Registry::new()).unwrap();
+    let p = Pool::new(cfg, set, registry).unwrap();
     p.start();
     p
+}
+
+/// `Capacity.Backoff` on or off, from 1 s up to a minute.
+fn backoff(on: bool) -> dispatchcloud::settings::CapacitySettings {
+    dispatchcloud::settings::CapacitySettings {
+        backoff: on,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+    }
 }
 
 fn stub(params: serde_json::Value) -> Arc<StubSet> {
@@ -636,13 +656,7 @@ async fn capacity_errors_in_a_row_hold_a_type_off_for_longer_each_time() {
     let t1 = fixture_type(1);
     let c = cluster(std::slice::from_ref(&t1), None);
     let set = stub(json!({"CapacityPerType": {"providertype1": 0}}));
-    let p = pool(&c, set.clone(), &key, |cfg| {
-        cfg.capacity = dispatchcloud::settings::CapacitySettings {
-            backoff: true,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-        };
-    });
+    let p = pool(&c, set.clone(), &key, |cfg| cfg.capacity = backoff(true));
     wait_for("first cloud list", Duration::from_secs(5), || p.loaded()).await;
     let mut holds = Vec::new();
     for _ in 0..3 {
@@ -683,7 +697,7 @@ async fn capacity_errors_in_a_row_hold_a_type_off_for_longer_each_time() {
 /// all fail. Without back-off (Arvados), a second create goes out at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_type_in_doubt_after_a_capacity_error_gets_one_probe_launch() {
-    for backoff in [true, false] {
+    for on in [true, false] {
         let key = Arc::new(cloud::sshd::new_ed25519_key());
         let t1 = fixture_type(1);
         let c = cluster(std::slice::from_ref(&t1), None);
@@ -692,11 +706,7 @@ async fn a_type_in_doubt_after_a_capacity_error_gets_one_probe_launch() {
             cfg.sync_interval = Duration::from_secs(3600);
             cfg.max_concurrent_creates = 0;
             cfg.capacity_error_ttl = Duration::from_secs(1);
-            cfg.capacity = dispatchcloud::settings::CapacitySettings {
-                backoff,
-                backoff_base: Duration::from_secs(1),
-                backoff_max: Duration::from_secs(60),
-            };
+            cfg.capacity = backoff(on);
         });
         // The first create fails for capacity. (Only creates are held; one permit each.)
         assert!(p.create(&t1).is_some());
@@ -710,25 +720,22 @@ async fn a_type_in_doubt_after_a_capacity_error_gets_one_probe_launch() {
         })
         .await;
         // The probe launch: accepted, and held by the cloud (no permit left).
-        assert!(
-            p.create(&t1).is_some(),
-            "backoff {backoff}: one create probes"
-        );
+        assert!(p.create(&t1).is_some(), "backoff {on}: one create probes");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
             p.instances().len(),
             1,
-            "backoff {backoff}: the probe launch is still in flight"
+            "backoff {on}: the probe launch is still in flight"
         );
         assert_eq!(
             p.at_capacity(&t1),
-            backoff,
-            "backoff {backoff}: in doubt while the probe launch is in flight"
+            on,
+            "backoff {on}: in doubt while the probe launch is in flight"
         );
         assert_eq!(
             p.create(&t1).is_none(),
-            backoff,
-            "backoff {backoff}: a second create waits for the probe's answer"
+            on,
+            "backoff {on}: a second create waits for the probe's answer"
         );
         set.release_cloud_ops(10);
         p.stop();
@@ -744,11 +751,10 @@ async fn capacity_hold_offs_and_errors_in_a_row_are_in_the_metrics() {
     let t1 = fixture_type(1);
     let c = cluster(std::slice::from_ref(&t1), None);
     let set = stub(json!({"CapacityPerType": {"providertype1": 0}}));
-    let mut cfg = PoolConfig::from_cluster(&c, "zzzzz-test-pool", key.clone());
-    cfg.capacity_error_ttl = Duration::from_secs(1);
     let registry = prometheus::Registry::new();
-    let p = Pool::new(cfg, set.clone(), &registry).unwrap();
-    p.start();
+    let p = pool_in(&registry, &c, set.clone(), &key, |cfg| {
+        cfg.capacity_error_ttl = Duration::from_secs(1);
+    });
     let gauge = |name: &str| -> Option<f64> {
         registry
             .gather()

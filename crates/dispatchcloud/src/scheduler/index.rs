@@ -523,6 +523,13 @@ impl InstanceIndex {
         t
     }
 
+    /// The indexes of a queue entry's configured instance types, into `out` (cleared first):
+    /// what [`Self::best`] takes.
+    pub fn types_of(&mut self, types: &[Arc<InstanceType>], out: &mut Vec<usize>) {
+        out.clear();
+        out.extend(types.iter().filter_map(|it| self.type_of(it)));
+    }
+
     /// First instance of type `t` strictly after position `after` (or from the start) that
     /// satisfies `want`.
     fn first_in_type(&self, t: usize, after: Option<u64>, want: &Want) -> Option<usize> {

@@ -752,13 +752,12 @@ impl<P: WorkerPool> Scheduler<P> {
     }
 }
 
-/// Seconds the oldest waiting container (Queued or Locked, priority > 0, not on a worker) has
-/// waited since it was created; 0 if none waits.
 /// How many more containers the fleet could start now, after this pass (at most 1 000): the
 /// empty idle or booting instances and the instances the pool may still add, less what the
-/// pass locked, started, or allocated to an instance still to boot or be created. 0 unless every queued container the queue holds (`queued`) got a
-/// lock: then fetching more of the queue would help. Incremental polling reaches that far past
-/// Arvados' top 100 ([`crate::queue::ContainerQueue::set_room`]).
+/// pass locked, started, or allocated to an instance still to boot or be created. 0 unless
+/// every queued container the queue holds (`queued`) got a lock: then fetching more of the
+/// queue would help. Incremental polling reaches that far past Arvados' top 100
+/// ([`crate::queue::ContainerQueue::set_room`]).
 pub fn room_after_pass(snapshot: &PoolSnapshot, plan: &QueuePlan, queued: usize) -> usize {
     if plan.locks.len() < queued {
         return 0;
@@ -784,6 +783,8 @@ pub fn room_after_pass(snapshot: &PoolSnapshot, plan: &QueuePlan, queued: usize)
         .min(1000)
 }
 
+/// Seconds the oldest waiting container (Queued or Locked, priority > 0, not on a worker) has
+/// waited since it was created; 0 if none waits.
 pub fn longest_wait(entries: &[Arc<QueueEnt>], running: &RunningMap, now: DateTime<Utc>) -> f64 {
     let known: FastSet<u64> = running.keys().map(|u| uuid_hash(u)).collect();
     let oldest = entries

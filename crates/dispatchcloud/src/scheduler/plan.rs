@@ -589,12 +589,7 @@ pub fn plan_queue(
 
             // Best existing instance, and the cheapest type not at capacity.
             let ent = &entries[row.idx as usize];
-            eligible.clear();
-            for it in &ent.instance_types {
-                if let Some(t) = index.type_of(it) {
-                    eligible.push(t);
-                }
-            }
+            index.types_of(&ent.instance_types, &mut eligible);
             let need = &ent.instance_resources;
             let best = index.best(&eligible, need);
             let available = if pool.at_capacity.is_empty() {
@@ -758,12 +753,7 @@ pub fn plan_queue(
                     continue;
                 }
                 let ent = &entries[row.idx as usize];
-                eligible.clear();
-                for it in &ent.instance_types {
-                    if let Some(t) = index.type_of(it) {
-                        eligible.push(t);
-                    }
-                }
+                index.types_of(&ent.instance_types, &mut eligible);
                 match index.best(&eligible, &ent.instance_resources) {
                     Some(b) => {
                         if index.insts[b].count == 0
