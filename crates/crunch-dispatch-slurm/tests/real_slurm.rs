@@ -266,14 +266,21 @@ async fn real_slurm_dispatcher_restart_with_jobs_in_flight_submits_nothing_twice
     let Some(mut s) = Setup::new().await else {
         return;
     };
-    // Two run for a few seconds and fill the node; two more wait in Slurm behind them.
+    // Two run for a few seconds and fill the node; two more wait in Slurm behind them. The
+    // two are queued only once the first two run: submitted together, Slurm may start a
+    // short one first (all four have the same nice until the dispatcher renices them), and
+    // it finishes before the moment this test waits for ("two running, all four in Slurm").
     let running: Vec<String> = (0..2)
         .map(|_| s.f.add_container(&spec(2, 600, 5000)))
         .collect();
+    s.start(&[]);
+    s.wait(30, "the first two run", |s| {
+        running.iter().all(|u| s.state(u) == "Running")
+    })
+    .await;
     let waiting: Vec<String> = (0..2)
         .map(|_| s.f.add_container(&spec(2, 500, 300)))
         .collect();
-    s.start(&[]);
     s.wait(30, "all four are submitted, two running", |s| {
         let jobs = s.slurm.jobs();
         running
