@@ -163,6 +163,7 @@ fn backoff(on: bool) -> CapacitySettings {
         backoff: on,
         backoff_base: Duration::from_secs(1),
         backoff_max: Duration::from_secs(60),
+        ..Default::default()
     }
 }
 

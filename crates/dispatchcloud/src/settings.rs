@@ -58,8 +58,9 @@ pub enum ShutdownAtQuota {
 /// `BackoffMax`, plus up to 25 % jitter (so dispatchers and types do not retry in step), and a
 /// successful create of the type resets it. With `Backoff` there is also a launch budget: an
 /// offering whose hold ended but that has not had a create succeed since is in doubt, and
-/// only one create of it is in flight at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+/// only one create of it is in flight at a time. `StateFile` (with or without `Backoff`) keeps
+/// hold-offs and errors in a row across restarts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "PascalCase")]
 pub struct CapacitySettings {
     #[serde(default)]
@@ -74,6 +75,9 @@ pub struct CapacitySettings {
         with = "arvados::config::units::duration"
     )]
     pub backoff_max: std::time::Duration,
+    /// Where the capacity state is kept across restarts (none: not kept, as Arvados).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 impl CapacitySettings {
@@ -82,6 +86,17 @@ impl CapacitySettings {
     }
     fn default_max() -> std::time::Duration {
         std::time::Duration::from_secs(600)
+    }
+
+    /// The longest hold a capacity error can cause (`fixed` when back-off is off).
+    pub fn longest_hold(&self, fixed: std::time::Duration) -> std::time::Duration {
+        if self.backoff {
+            self.backoff_max
+                .max(self.backoff_base)
+                .max(std::time::Duration::from_secs(1))
+        } else {
+            fixed
+        }
     }
 
     /// The hold after the `failures`-th capacity error in a row (1 for the first), with
@@ -109,6 +124,7 @@ impl Default for CapacitySettings {
             backoff: false,
             backoff_base: Self::default_base(),
             backoff_max: Self::default_max(),
+            state_file: None,
         }
     }
 }

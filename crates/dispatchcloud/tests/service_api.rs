@@ -1208,3 +1208,66 @@ async fn status_page_needs_the_management_token_and_sets_a_strict_cookie() {
     );
     r.stop().await;
 }
+
+/// Issue 19, the management API's view of capacity: `GET /arvados/v1/dispatch/holdoffs` lists
+/// the offering held off, until when, its errors in a row and the cloud's error; with
+/// `Capacity.StateFile` the same state is in the file. It needs the management token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holdoffs_api_shows_which_offerings_are_held_off_until_when_and_why() {
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capacity.json");
+    let settings = Settings::from_str(
+        &format!(
+            "Capacity:\n  Backoff: true\n  BackoffBase: 30s\n  StateFile: {}\n",
+            file.display()
+        ),
+        "test",
+    )
+    .unwrap();
+    let r = start_full(
+        &cluster(&f, "tok"),
+        &settings,
+        stub(json!({"CapacityPerType": {"providertype1": 0}})),
+        http_server::ServeOptions::default(),
+    )
+    .await;
+    let url = format!("{}/arvados/v1/dispatch/holdoffs", r.url);
+    let (s, body) = call("GET", &url, Some("tok")).await;
+    assert_eq!((s, body.as_str()), (200, r#"{"items":[]}"#));
+    assert_eq!(call("GET", &url, None).await.0, 401);
+    assert_eq!(call("GET", &url, Some("wrong")).await.0, 403);
+    wait_for("first cloud list", Duration::from_secs(10), || {
+        r.svc.pool.loaded()
+    })
+    .await;
+    assert!(r.svc.pool.create(&fixture_type(1)).is_some());
+    wait_for("the capacity error", Duration::from_secs(10), || {
+        !r.svc.pool.holdoffs().is_empty()
+    })
+    .await;
+    let (s, body) = call("GET", &url, Some("tok")).await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    let h = &items[0];
+    assert_eq!(h["offering"], "providertype1");
+    assert_eq!(h["what"], "providertype1");
+    assert_eq!(h["errors_in_a_row"], 1);
+    assert_eq!(h["reason"], "the cloud reported insufficient capacity");
+    assert!(h["error"].as_str().unwrap().contains("no capacity"), "{h}");
+    let until: chrono::DateTime<chrono::Utc> = h["until"].as_str().unwrap().parse().unwrap();
+    let left = (until - chrono::Utc::now()).num_seconds();
+    assert!((20..=38).contains(&left), "{left} s left");
+    wait_for("the state file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains("providertype1"))
+    })
+    .await;
+    let saved =
+        dispatchcloud::worker::capacity_file(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let o = &saved.offerings["providertype1"];
+    assert_eq!(o.errors_in_a_row, 1);
+    assert_eq!(o.held_until.map(|t| t.timestamp()), Some(until.timestamp()));
+    r.stop().await;
+}

@@ -68,6 +68,7 @@ fn backoff(on: bool) -> dispatchcloud::settings::CapacitySettings {
         backoff: on,
         backoff_base: Duration::from_secs(1),
         backoff_max: Duration::from_secs(60),
+        ..Default::default()
     }
 }
 
@@ -793,5 +794,117 @@ async fn capacity_hold_offs_and_errors_in_a_row_are_in_the_metrics() {
         Some(1.0),
         "still in doubt"
     );
+    p.stop();
+}
+
+/// Issue 19, capacity state across restarts (settings `Capacity.StateFile`): a dispatcher
+/// that restarts during a hold-off still holds the offering off (no create goes out), and its
+/// next capacity error continues the back-off (2 s, not 1 s again). Without the file the new
+/// pool knows nothing and launches at once, as Arvados does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_state_survives_a_restart_when_a_state_file_is_set() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), None);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capacity.json");
+    for keep in [true, false] {
+        let _ = std::fs::remove_file(&file);
+        let settings = || dispatchcloud::settings::CapacitySettings {
+            backoff_base: Duration::from_secs(5),
+            state_file: keep.then(|| file.clone()),
+            ..backoff(true)
+        };
+        let set = stub(json!({"CapacityPerType": {"providertype1": 0}}));
+        let first = pool(&c, set.clone(), &key, |cfg| cfg.capacity = settings());
+        wait_for("first cloud list", Duration::from_secs(5), || {
+            first.loaded()
+        })
+        .await;
+        assert!(first.create(&t1).is_some());
+        wait_for("capacity error recorded", Duration::from_secs(5), || {
+            first.holdoffs().iter().any(|h| h.until.is_some())
+        })
+        .await;
+        if keep {
+            wait_for("the state file", Duration::from_secs(5), || {
+                std::fs::read_to_string(&file).is_ok_and(|t| t.contains("providertype1"))
+            })
+            .await;
+        }
+        first.stop();
+        assert!(first.join(Duration::from_secs(10)).await);
+
+        // The next dispatcher, on the same cloud.
+        let p = pool(&c, set.clone(), &key, |cfg| cfg.capacity = settings());
+        if !keep {
+            assert!(!p.at_capacity(&t1), "nothing kept without a state file");
+            assert!(p.holdoffs().is_empty());
+            p.stop();
+            continue;
+        }
+        assert!(p.at_capacity(&t1), "the hold-off survived the restart");
+        assert!(p.create(&t1).is_none());
+        let h = p.holdoffs();
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[0].offering.as_deref(), Some("providertype1"));
+        assert_eq!(h[0].errors_in_a_row, 1);
+        assert!(h[0].error.contains("no capacity"), "{h:?}");
+        let left = (h[0].until.unwrap() - chrono::Utc::now()).num_milliseconds();
+        assert!(left > 1000 && left <= 6250, "{left} ms left");
+        // When it ends, the probe launch fails again: the second error in a row (10 s).
+        wait_for(
+            "the restored hold-off to end",
+            Duration::from_secs(10),
+            || !p.at_capacity(&t1),
+        )
+        .await;
+        assert!(p.create(&t1).is_some());
+        wait_for("second capacity error", Duration::from_secs(5), || {
+            p.holdoffs().iter().any(|h| h.errors_in_a_row == 2)
+        })
+        .await;
+        let until = p.holdoffs()[0].until.unwrap();
+        let hold = (until - chrono::Utc::now()).num_milliseconds();
+        assert!(hold > 9000 && hold <= 12_500, "second hold {hold} ms");
+        p.stop();
+        assert!(set.vms().is_empty(), "no VM was made");
+    }
+}
+
+/// A state file that cannot be read is reported and ignored: the pool starts and creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_capacity_state_file_is_reported_and_ignored() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), None);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capacity.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "offerings": {"providertype1": 7}}"#,
+    )
+    .unwrap();
+    let p = pool(&c, stub(json!({})), &key, |cfg| {
+        cfg.capacity = dispatchcloud::settings::CapacitySettings {
+            state_file: Some(file.clone()),
+            ..backoff(true)
+        }
+    });
+    let errors: Vec<String> = p
+        .events
+        .all()
+        .into_iter()
+        .filter(|e| e.is_error())
+        .map(|e| e.detail)
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("offerings.providertype1"), "{errors:?}");
+    assert!(!p.at_capacity(&t1));
+    assert!(p.create(&t1).is_some());
+    wait_for("the VM", Duration::from_secs(10), || {
+        p.worker_ids().len() == 1
+    })
+    .await;
     p.stop();
 }

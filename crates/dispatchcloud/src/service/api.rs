@@ -259,6 +259,13 @@ async fn list_instances(State(svc): State<Shared>) -> Response {
     axum::Json(json!({"items": items})).into_response()
 }
 
+/// What the pool holds off and why (not in Arvados; issue 19): capacity hold-offs and
+/// offerings in doubt, with their errors in a row and the cloud's last error, and the quota,
+/// `MaxInstances` and create-concurrency holds. The status page shows the same list.
+async fn list_holdoffs(State(svc): State<Shared>) -> Response {
+    axum::Json(json!({"items": svc.pool.holdoffs()})).into_response()
+}
+
 fn instance_id(p: &HashMap<String, String>) -> Result<String, Box<Response>> {
     match p.get("instance_id") {
         Some(id) if !id.is_empty() => Ok(id.clone()),
@@ -376,6 +383,7 @@ pub fn router(svc: Shared) -> Router {
             post(behavior(IdleBehavior::Run)),
         )
         .route("/arvados/v1/dispatch/instances/kill", post(kill_instance))
+        .route("/arvados/v1/dispatch/holdoffs", get(list_holdoffs))
         .route("/metrics", get(metrics))
         .route("/metrics.json", get(metrics))
         .fallback(not_found)

@@ -194,7 +194,7 @@ impl Service {
         let deadlines = CloudDeadlines::from_params(&params).map_err(StartError::Driver)?;
         let set = wrap_instance_set(set, cluster, deadlines, &registry)?;
         let mut pool_config = PoolConfig::from_cluster(cluster, &instance_set_id, Arc::new(key));
-        pool_config.capacity = settings.capacity;
+        pool_config.capacity = settings.capacity.clone();
         let pool = Pool::new(pool_config, set, &registry)?;
         let client = ClientConfig::from_cluster(cluster)
             .and_then(Client::new)

@@ -11,13 +11,21 @@ use tokio::time::Instant;
 use super::{Pool, State};
 use crate::worker_state::{InstanceView, WorkerState};
 
-/// Something the pool is holding off (an offering short of capacity, all creates at quota).
-#[derive(Debug, Clone, PartialEq)]
+/// Something the pool is holding off (an offering short of capacity, all creates at quota),
+/// for the status page and the management API.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct HoldOff {
     pub what: String,
     pub reason: String,
     /// `None`: until a condition changes (see `reason`).
     pub until: Option<DateTime<Utc>>,
+    /// For a capacity hold-off, its capacity key (`""`: every instance type); `None` for
+    /// the others.
+    pub offering: Option<String>,
+    /// Capacity errors in a row for `offering` (0 for the others).
+    pub errors_in_a_row: u32,
+    /// The cloud's last capacity error for `offering` (empty for the others).
+    pub error: String,
 }
 
 /// A create call in flight, keyed by the instance secret it carries.
@@ -88,22 +96,51 @@ impl Pool {
             .filter(|(_, t)| now < **t)
             .collect();
         caps.sort();
+        let what = |key: &str| {
+            if key.is_empty() {
+                "every instance type".to_string()
+            } else {
+                key.to_string()
+            }
+        };
+        let offering = |key: &str, reason: String, until: Option<DateTime<Utc>>| HoldOff {
+            what: what(key),
+            reason,
+            until,
+            offering: Some(key.to_string()),
+            errors_in_a_row: st.capacity_failures.get(key).copied().unwrap_or(0),
+            error: st.capacity_error.get(key).cloned().unwrap_or_default(),
+        };
         for (key, t) in caps {
-            out.push(HoldOff {
-                what: if key.is_empty() {
-                    "every instance type".into()
-                } else {
-                    key.clone()
-                },
-                reason: "the cloud reported insufficient capacity".into(),
-                until: Some(until(*t)),
-            });
+            out.push(offering(
+                key,
+                "the cloud reported insufficient capacity".into(),
+                Some(until(*t)),
+            ));
+        }
+        if self.cfg.capacity.backoff {
+            let mut doubts: Vec<(&String, &u32)> = st
+                .capacity_failures
+                .iter()
+                .filter(|(k, n)| **n > 0 && st.at_capacity_until.get(*k).is_none_or(|t| now >= *t))
+                .collect();
+            doubts.sort();
+            for (key, n) in doubts {
+                out.push(offering(
+                    key,
+                    format!(
+                        "in doubt after {n} capacity error(s) in a row: one create at a time until one succeeds"
+                    ),
+                    None,
+                ));
+            }
         }
         if let Some(t) = st.at_quota_until.filter(|t| now < *t) {
             out.push(HoldOff {
                 what: "new instances".into(),
                 reason: "the cloud reported a quota error".into(),
                 until: Some(until(t)),
+                ..HoldOff::default()
             });
         }
         if st.at_quota_until_fewer > 0 {
@@ -114,6 +151,7 @@ impl Pool {
                     st.at_quota_until_fewer
                 ),
                 until: None,
+                ..HoldOff::default()
             });
         }
         let n = st.workers.len() + st.creating.len();
@@ -122,6 +160,7 @@ impl Pool {
                 what: "new instances".into(),
                 reason: format!("MaxInstances ({}) reached", self.cfg.max_instances),
                 until: None,
+                ..HoldOff::default()
             });
         }
         if let Some(t) = st.create_ops_hold_until.filter(|t| now < *t) {
@@ -129,6 +168,7 @@ impl Pool {
                 what: "create calls".into(),
                 reason: "MaxConcurrentInstanceCreateOps reached".into(),
                 until: Some(until(t)),
+                ..HoldOff::default()
             });
         }
         out
@@ -222,8 +262,13 @@ impl Pool {
             let mut st = self.lock();
             match result {
                 Ok(inst) => {
+                    let mut recovered = false;
                     for key in self.capacity_keys(&it) {
-                        st.capacity_failures.remove(&key);
+                        recovered |= st.capacity_failures.remove(&key).is_some();
+                        st.capacity_error.remove(&key);
+                    }
+                    if recovered {
+                        self.capacity_changed();
                     }
                     self.events.push("created", inst.id(), it.name.clone());
                     self.update_worker(&mut st, inst, now);
@@ -282,7 +327,10 @@ impl Pool {
                             rand::random::<f64>(),
                             self.cfg.capacity_error_ttl,
                         );
-                        st.at_capacity_until.insert(key, now + hold);
+                        st.at_capacity_until.insert(key.clone(), now + hold);
+                        st.capacity_error
+                            .insert(key, super::capacity::short_error(&e.to_string()));
+                        self.capacity_changed();
                         self.notify_at(now + hold);
                     }
                     if let Some(t) = e.earliest_retry() {

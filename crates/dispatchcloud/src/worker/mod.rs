@@ -20,6 +20,7 @@
 //! Where Go has a known bug (spec §13.3) this pool does the right thing; each such case has a
 //! test named `bug_13_3_<item>_…`.
 
+mod capacity;
 mod cloud_sync;
 pub mod config;
 mod create;
@@ -42,6 +43,7 @@ use cloud::wrappers::Throttled;
 use tokio::sync::watch;
 use tokio::time::{Duration, Instant};
 
+pub use capacity::{CapacityFile, OfferingState, parse as capacity_file};
 pub use config::PoolConfig;
 use create::Creating;
 pub use create::HoldOff;
@@ -66,6 +68,8 @@ struct State {
     at_capacity_until: HashMap<String, Instant>,
     /// Capacity errors in a row per capacity key (reset by a successful create of the type).
     capacity_failures: HashMap<String, u32>,
+    /// The cloud's last capacity error per capacity key.
+    capacity_error: HashMap<String, String>,
     /// `MaxConcurrentInstanceCreateOps` was hit; cleared early when a create finishes.
     create_ops_hold_until: Option<Instant>,
     /// `MaxConcurrentInstanceCreateOps` (0: unlimited).
@@ -79,6 +83,8 @@ pub struct Pool {
     set: Arc<Throttled>,
     state: Mutex<State>,
     notify: watch::Sender<u64>,
+    /// Bumped when the capacity state changes (the state file's writer waits on it).
+    capacity_changes: watch::Sender<u64>,
     /// Every task the pool spawns. Cancelled by [`Pool::stop`]: loops and waits end, creates
     /// and starts are refused; [`Pool::join`] waits for the tasks.
     tasks: Tasks,
@@ -107,6 +113,7 @@ impl Pool {
                 ..State::default()
             }),
             notify: watch::channel(0).0,
+            capacity_changes: watch::channel(0).0,
             tasks: Tasks::new(),
             metrics,
             events: crate::events::EventLog::default(),
@@ -128,8 +135,13 @@ impl Pool {
         self.notify.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Start the sync, probe and metrics loops.
+    /// Start the sync, probe and metrics loops (and load and keep `Capacity.StateFile`, if
+    /// set: at start, so a standby that takes over reads what the last dispatcher wrote).
     pub fn start(self: &Arc<Self>) {
+        self.load_capacity_state();
+        if let Some(path) = self.cfg.capacity.state_file.clone() {
+            self.spawn(self.clone().capacity_state_loop(path));
+        }
         self.spawn(self.clone().sync_loop());
         self.spawn(self.clone().probe_loop());
         self.spawn(self.clone().metrics_loop());
