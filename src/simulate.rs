@@ -55,6 +55,11 @@ pub struct SimulateArgs {
     /// At most this many instances at once (overrides CloudVMs.MaxInstances)
     #[arg(long, value_name = "N")]
     max_instances: Option<i64>,
+    /// Make the stub cloud short of a provider type from the start for this long (e.g.
+    /// m5.xlarge=10m; m5.xlarge-preemptible=10m for its spot market only); repeatable. The
+    /// report counts the launches wasted on it (stub knob ShortOfCapacityUntil)
+    #[arg(long, value_name = "TYPE=DURATION", value_parser = parse_shortage)]
+    capacity_shortage: Vec<(String, String)>,
     /// Also write the summary as JSON here
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -80,6 +85,16 @@ fn parse_run_time(s: &str) -> Result<(Duration, Duration), String> {
     Ok((lo, hi))
 }
 
+/// `--capacity-shortage`: `PROVIDERTYPE=DURATION`.
+fn parse_shortage(s: &str) -> Result<(String, String), String> {
+    let (ty, d) = s
+        .split_once('=')
+        .filter(|(ty, _)| !ty.trim().is_empty())
+        .ok_or_else(|| format!("{s:?}: expected PROVIDERTYPE=DURATION, e.g. m5.xlarge=10m"))?;
+    parse_duration_arg(d)?;
+    Ok((ty.trim().to_string(), d.trim().to_string()))
+}
+
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     arvados::config::units::parse_duration(s.trim()).map_err(|e| e.to_string())
 }
@@ -92,6 +107,38 @@ fn set_param(cluster: &mut arvados::Cluster, key: &str, v: serde_norway::Value) 
     if let serde_norway::Value::Mapping(m) = params {
         m.insert(serde_norway::Value::String(key.into()), v);
     }
+}
+
+/// The launch log in numbers: calls, VMs made, failures by kind, and per provider type (with
+/// `-preemptible` for spot).
+fn launch_summary(log: &[testkit::stub_driver::LaunchRecord]) -> Value {
+    let mut by_type: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut failed: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in log {
+        let key = if l.preemptible {
+            format!("{}-preemptible", l.provider_type)
+        } else {
+            l.provider_type.clone()
+        };
+        let e = by_type.entry(key).or_default();
+        e.0 += 1;
+        if let Some(kind) = l.failed {
+            *failed.entry(kind).or_default() += 1;
+            if kind == "capacity" {
+                e.1 += 1;
+            }
+        }
+    }
+    json!({
+        "calls": log.len(),
+        "made": log.iter().filter(|l| l.failed.is_none()).count(),
+        "failed_for_capacity": failed.get("capacity").copied().unwrap_or(0),
+        "failed_other": failed.iter().filter(|(k, _)| **k != "capacity").map(|(_, n)| n).sum::<usize>(),
+        "by_provider_type": by_type
+            .into_iter()
+            .map(|(k, (calls, capacity))| (k, json!({"calls": calls, "failed_for_capacity": capacity})))
+            .collect::<serde_json::Map<String, Value>>(),
+    })
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -161,6 +208,17 @@ pub fn run(
             &mut cluster,
             "CapacityPerType",
             serde_norway::Value::Mapping(cap),
+        );
+    }
+    if !args.capacity_shortage.is_empty() {
+        let mut short = serde_norway::Mapping::new();
+        for (ty, d) in &args.capacity_shortage {
+            short.insert(ty.clone().into(), d.clone().into());
+        }
+        set_param(
+            &mut cluster,
+            "ShortOfCapacityUntil",
+            serde_norway::Value::Mapping(short),
         );
     }
     cluster.containers.cloud_vms.driver = "stub".into();
@@ -421,6 +479,7 @@ async fn simulate(
     tasks.join("simulate", Duration::from_secs(60)).await;
     // Leaks as the cloud sees them.
     let vms_left = testkit::oracle::leaked_vms(&cloud).len();
+    let launches = launch_summary(&cloud.launch_log());
 
     // Outcomes from the fake API's record of state changes.
     let changes = fake.state_changes();
@@ -582,6 +641,9 @@ async fn simulate(
         // Complete or Cancelled, without the idle instances' shutdown afterwards.
         "end_to_end_seconds": end_to_end,
         "end_to_end_containers_per_second": end_to_end.filter(|t| *t > 0.0).map(|t| (complete + cancelled) as f64 / t),
+        // Create calls as the stub cloud answered them; `failed_for_capacity` are the wasted
+        // launches.
+        "launches": launches,
         "instances_peak": usage.peak_instances,
         "instances_left": vms_left,
         "instance_seconds": {"busy": usage.busy_seconds, "idle": usage.idle_seconds, "total": total_seconds},
@@ -655,6 +717,12 @@ async fn simulate(
                 .unwrap_or(0.0)
         );
     }
+    println!(
+        "  launches:         {} create calls, {} made a VM, {} wasted on capacity errors",
+        report["launches"]["calls"],
+        report["launches"]["made"],
+        report["launches"]["failed_for_capacity"],
+    );
     println!(
         "  instance time:    {:.1} s busy + {:.1} s idle = {:.1} s (peak {} instances, {} left)",
         usage.busy_seconds, usage.idle_seconds, total_seconds, usage.peak_instances, vms_left

@@ -104,6 +104,27 @@ fn assert_adds_up(r: &serde_json::Value) {
             >= api["list_requests_per_minute"].as_f64().unwrap(),
         "{api}"
     );
+    // Launches, from the stub cloud's record: every call made a VM or failed, and the
+    // per-type counts add up to the totals.
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    let launches = &r["launches"];
+    assert_eq!(
+        n(&launches["calls"]),
+        n(&launches["made"]) + n(&launches["failed_for_capacity"]) + n(&launches["failed_other"]),
+        "{launches}"
+    );
+    let by_type = launches["by_provider_type"].as_object().unwrap();
+    assert_eq!(
+        by_type.values().map(|t| n(&t["calls"])).sum::<u64>(),
+        n(&launches["calls"])
+    );
+    assert_eq!(
+        by_type
+            .values()
+            .map(|t| n(&t["failed_for_capacity"]))
+            .sum::<u64>(),
+        n(&launches["failed_for_capacity"])
+    );
     let l = &r["queue_to_crunch_run_seconds"];
     assert!(
         l["p50"].as_f64().unwrap() <= l["p95"].as_f64().unwrap()
@@ -152,6 +173,49 @@ fn simulate_with_chaos_still_completes_every_container_exactly_once() {
     assert_adds_up(&r);
 }
 
+/// Issue 19's capacity-shortage scenario, small: m5.xlarge (both markets) is short for the
+/// first 3 s. Every container still completes once (on other types meanwhile), and the
+/// report's wasted launches are the stub cloud's capacity errors, all on the short type.
+#[test]
+fn simulate_capacity_shortage_reports_the_wasted_launches() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("settings.yml");
+    std::fs::write(
+        &settings,
+        "Capacity:\n  Backoff: true\n  BackoffBase: 1s\n  BackoffMax: 4s\n",
+    )
+    .unwrap();
+    let (out, r) = simulate(&[
+        "--containers",
+        "60",
+        "--seed",
+        "5",
+        "--boot-delay",
+        "200ms",
+        "--capacity-shortage",
+        "m5.xlarge=3s",
+        "--settings",
+        settings.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("wasted on capacity errors"), "{stdout}");
+    assert_eq!(r["complete"], 60, "{r}");
+    assert_eq!(r["ran_more_than_once"], serde_json::json!([]));
+    assert_eq!(r["instances_left"], 0);
+    assert_adds_up(&r);
+    let launches = &r["launches"];
+    assert!(
+        launches["failed_for_capacity"].as_u64().unwrap() >= 1,
+        "{launches}"
+    );
+    for (ty, t) in launches["by_provider_type"].as_object().unwrap() {
+        if t["failed_for_capacity"].as_u64().unwrap() > 0 {
+            assert!(ty.starts_with("m5.xlarge"), "{launches}");
+        }
+    }
+}
+
 #[test]
 fn simulate_bad_arguments_print_usage() {
     let out = Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))
@@ -170,6 +234,15 @@ fn simulate_bad_arguments_print_usage() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--boot-delay"));
+    for bad in ["m5.xlarge", "=10m", "m5.xlarge=soon"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))
+            .args(["simulate", "--capacity-shortage", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--capacity-shortage"), "{bad}: {err}");
+    }
 }
 
 /// The issue's acceptance run, exactly: 2000 containers, chaos, seed 7.

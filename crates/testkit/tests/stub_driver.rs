@@ -364,6 +364,45 @@ async fn stub_cloud_faults_surface_as_typed_errors() {
     assert!(a.contains(&true) && a.contains(&false), "{a:?}");
 }
 
+/// `ShortOfCapacityUntil`: a provider type (or only its spot market) is short for a while
+/// from the set's start; the launch log records every create's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_capacity_shortage_ends_and_the_launch_log_records_every_create() {
+    let set = testkit::stub_driver::StubSet::new(
+        testkit::stub_driver::StubConfig::from_params(
+            &json!({"ShortOfCapacityUntil": {"m4": "1s", "c4-preemptible": "1h"}}),
+        )
+        .unwrap(),
+    );
+    let key = new_ed25519_key();
+    let e = set
+        .create(&it("m4", false), request(&key))
+        .await
+        .err()
+        .unwrap();
+    assert!(e.is_capacity() && e.is_instance_type_specific(), "{e}");
+    assert!(set.create(&it("m4", true), request(&key)).await.is_err());
+    assert!(set.create(&it("c4", true), request(&key)).await.is_err());
+    set.create(&it("c4", false), request(&key)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    set.create(&it("m4", false), request(&key)).await.unwrap();
+    let log: Vec<(String, bool, Option<&str>)> = set
+        .launch_log()
+        .into_iter()
+        .map(|l| (l.provider_type, l.preemptible, l.failed))
+        .collect();
+    assert_eq!(
+        log,
+        [
+            ("m4".to_string(), false, Some("capacity")),
+            ("m4".to_string(), true, Some("capacity")),
+            ("c4".to_string(), true, Some("capacity")),
+            ("c4".to_string(), false, None),
+            ("m4".to_string(), false, None),
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stub_held_cloud_ops_wait_for_release() {
     let set = std::sync::Arc::new(testkit::stub_driver::StubSet::new(

@@ -54,6 +54,10 @@ pub struct StubConfig {
     /// VMs of these provider types created within this long of the instance set's start
     /// never boot (`BrokenTypesUntil: {providertype: 2s}`).
     pub broken_types_until: BTreeMap<String, Duration>,
+    /// Creates of these provider types within this long of the instance set's start are
+    /// type-specific capacity errors, as a cloud short of that type for a while
+    /// (`ShortOfCapacityUntil: {providertype: 10m}`; `providertype-preemptible`: spot only).
+    pub short_of_capacity_until: BTreeMap<String, Duration>,
     /// After this long from create, commands never answer (`HangAfter`).
     pub hang_after: Option<Duration>,
     /// After this long from create, the cloud takes the VM away (a spot interruption): it
@@ -126,20 +130,23 @@ impl StubConfig {
                 capacity_per_type.insert(k.clone(), p.count(&key, Some(n))?.unwrap_or(0));
             }
         }
-        let mut broken_types_until = BTreeMap::new();
-        if let Some(v) = params.get("BrokenTypesUntil") {
-            let m = v
-                .as_object()
-                .ok_or_else(|| bad("BrokenTypesUntil", "not a map"))?;
-            for (k, d) in m {
-                let key = format!("BrokenTypesUntil.{k}");
-                let d = d
-                    .as_str()
-                    .ok_or_else(|| bad(&key, "not a duration string"))?;
-                let d = arvados::config::units::parse_duration(d).map_err(|e| bad(&key, e))?;
-                broken_types_until.insert(k.clone(), d);
+        let durations_by_type = |knob: &str| -> Result<BTreeMap<String, Duration>, CloudError> {
+            let mut out = BTreeMap::new();
+            if let Some(v) = params.get(knob) {
+                let m = v.as_object().ok_or_else(|| bad(knob, "not a map"))?;
+                for (k, d) in m {
+                    let key = format!("{knob}.{k}");
+                    let d = d
+                        .as_str()
+                        .ok_or_else(|| bad(&key, "not a duration string"))?;
+                    let d = arvados::config::units::parse_duration(d).map_err(|e| bad(&key, e))?;
+                    out.insert(k.clone(), d);
+                }
             }
-        }
+            Ok(out)
+        };
+        let broken_types_until = durations_by_type("BrokenTypesUntil")?;
+        let short_of_capacity_until = durations_by_type("ShortOfCapacityUntil")?;
         let mut vm_profiles = Vec::new();
         if let Some(v) = params.get("VmProfiles") {
             let list = v
@@ -164,6 +171,7 @@ impl StubConfig {
         }
         Ok(StubConfig {
             broken_types_until,
+            short_of_capacity_until,
             hang_after: p.duration("HangAfter")?,
             vanish_after: p.duration("VanishAfter")?,
             vm_profiles,
@@ -205,6 +213,7 @@ mod tests {
             "BootDelay": "2s", "QuotaMaxInstances": 3, "CapacityPerType": {"m5": 1},
             "ErrorRateCreate": 0.5, "MinTimeBetweenCreateCalls": "100ms", "HoldCloudOps": true,
             "BrokenAfter": "1m", "CrashRate": 0.1, "StaleLockDeadlockRate": 1, "Seed": 7,
+            "ShortOfCapacityUntil": {"m5-preemptible": "10m"},
         }))
         .unwrap();
         assert_eq!(c.boot_delay, Duration::from_secs(2));
@@ -214,6 +223,10 @@ mod tests {
         assert_eq!(c.min_time_between_create_calls, Duration::from_millis(100));
         assert!(c.hold_cloud_ops);
         assert_eq!(c.broken_after, Some(Duration::from_secs(60)));
+        assert_eq!(
+            c.short_of_capacity_until["m5-preemptible"],
+            Duration::from_secs(600)
+        );
         assert_eq!(
             (c.crash_rate, c.stale_lock_deadlock_rate, c.seed),
             (0.1, 1.0, 7)
@@ -235,6 +248,14 @@ mod tests {
             (
                 json!({"HoldCloudOps": "yes"}),
                 "DriverParameters.HoldCloudOps",
+            ),
+            (
+                json!({"ShortOfCapacityUntil": {"m5": "later"}}),
+                "DriverParameters.ShortOfCapacityUntil.m5",
+            ),
+            (
+                json!({"ShortOfCapacityUntil": ["m5"]}),
+                "DriverParameters.ShortOfCapacityUntil",
             ),
         ] {
             let e = StubConfig::from_params(&params).unwrap_err().to_string();

@@ -102,12 +102,26 @@ pub struct VmRecord {
     pub ready_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// One create call the stub cloud answered, and how (the cloud's own record of launches:
+/// `simulate` counts the wasted ones from it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchRecord {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub provider_type: String,
+    pub preemptible: bool,
+    /// `None`: a VM was made. Otherwise the error's kind: `capacity`, `quota`, `rate-limit`,
+    /// `other`.
+    pub failed: Option<&'static str>,
+}
+
 /// Cloud-side state shared by a set and its VMs.
 struct Cloud {
     cfg: StubConfig,
     vms: VmList,
     /// Every VM ever made, in creation order.
     history: Mutex<Vec<VmRecord>>,
+    /// Every create call answered, in order.
+    launches: Mutex<Vec<LaunchRecord>>,
     rng: Mutex<StdRng>,
     /// Held create/destroy calls wait for a permit (`HoldCloudOps`).
     held: Semaphore,
@@ -195,6 +209,7 @@ impl StubSet {
                 cfg,
                 vms: Arc::new(Mutex::new(Vec::new())),
                 history: Default::default(),
+                launches: Default::default(),
                 held: Semaphore::new(0),
                 started: Instant::now(),
                 detach_log: Default::default(),
@@ -239,6 +254,11 @@ impl StubSet {
     /// Every VM the set ever made, in creation order (the cloud's own record).
     pub fn vm_history(&self) -> Vec<VmRecord> {
         self.cloud.history.lock().clone()
+    }
+
+    /// Every create call the set answered, in order (the cloud's own record of launches).
+    pub fn launch_log(&self) -> Vec<LaunchRecord> {
+        self.cloud.launches.lock().clone()
     }
 
     /// Every crunch-run process that ever ran on the set's VMs, in start order: the cloud's
@@ -347,6 +367,145 @@ impl Instance for StubVm {
     }
 }
 
+impl StubSet {
+    async fn create_vm(
+        &self,
+        it: &InstanceType,
+        req: CreateRequest,
+    ) -> Result<Arc<dyn Instance>, CloudError> {
+        let cloud = &self.cloud;
+        cloud.hang_if_dead().await;
+        cloud.hold().await;
+        self.create_interval.check()?;
+        let spot_key = format!("{}-preemptible", it.provider_type);
+        let short = &cloud.cfg.short_of_capacity_until;
+        if let Some(until) = short.get(&it.provider_type).or(if it.preemptible {
+            short.get(&spot_key)
+        } else {
+            None
+        }) && cloud.started.elapsed() < *until
+        {
+            return Err(CloudError::new(
+                ErrorKind::Capacity {
+                    instance_type_specific: true,
+                    quota_group_specific: false,
+                },
+                format!(
+                    "stub: {} is short of capacity (ShortOfCapacityUntil)",
+                    it.provider_type
+                ),
+            ));
+        }
+        if cloud.unlucky(cloud.cfg.error_rate_create) {
+            return Err(CloudError::other("stub: create failed (ErrorRateCreate)"));
+        }
+        {
+            let vms = cloud.vms.lock();
+            if let Some(max) = cloud.cfg.quota_max_instances
+                && vms.len() >= max
+            {
+                return Err(CloudError::new(ErrorKind::Quota, "stub quota exceeded"));
+            }
+            if let Some(&cap) = cloud.cfg.capacity_per_type.get(&it.provider_type)
+                && vms
+                    .iter()
+                    .filter(|v| v.provider_type == it.provider_type)
+                    .count()
+                    >= cap
+            {
+                return Err(CloudError::new(
+                    ErrorKind::Capacity {
+                        instance_type_specific: true,
+                        quota_group_specific: false,
+                    },
+                    format!("stub: no capacity for {}", it.provider_type),
+                ));
+            }
+        }
+        let n = {
+            let mut n = self.next.lock();
+            *n += 1;
+            *n
+        };
+        let authorized = cloud::sshd::authorized_keys(req.public_key.as_deref());
+        // This VM's knobs: its profile (by creation count); a type still broken never boots.
+        let mut vm_cfg = match cloud.cfg.vm_profiles.len() {
+            0 => cloud.cfg.clone(),
+            len => cloud.cfg.vm_profiles[(n - 1) % len].clone(),
+        };
+        if let Some(until) = cloud.cfg.broken_types_until.get(&it.provider_type)
+            && cloud.started.elapsed() < *until
+        {
+            vm_cfg.boot_delay = Duration::from_secs(365 * 24 * 3600);
+        }
+        let vanish_at = vm_cfg.vanish_after.map(|d| Instant::now() + d);
+        let now = chrono::Utc::now();
+        cloud.history.lock().push(VmRecord {
+            id: format!("inst{n},{}", it.provider_type),
+            created_at: now,
+            ready_at: now + chrono::Duration::from_std(vm_cfg.boot_delay).unwrap_or_default(),
+        });
+        let os = Arc::new(VmOs::new(
+            vm_cfg,
+            n,
+            &req.init_command,
+            cloud.detach_log.clone(),
+            cloud.lives.clone(),
+            format!("inst{n},{}", it.provider_type),
+        ));
+        let handler_os = os.clone();
+        let command_delay_ms: Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let delay = command_delay_ms.clone();
+        let handler: Arc<dyn CommandHandler> =
+            Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| {
+                let ms = delay.load(std::sync::atomic::Ordering::SeqCst);
+                let out = handler_os.handle(cmd, stdin);
+                if ms == 0 {
+                    return out;
+                }
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    out.await
+                })
+            });
+        let ssh = match self.vm_runtime.get() {
+            Some(rt) => rt
+                .spawn(SshVm::start(handler, authorized))
+                .await
+                .map_err(|e| CloudError::other(format!("starting stub VM: {e}")))?,
+            None => SshVm::start(handler, authorized).await,
+        }
+        .map_err(|e| CloudError::other(format!("starting stub VM: {e}")))?;
+        let vm = Arc::new(StubVm {
+            id: format!("inst{n},{}", it.provider_type),
+            provider_type: it.provider_type.clone(),
+            tags: Mutex::new(req.tags),
+            host_key: ssh.host_key().to_openssh().unwrap_or_default(),
+            addr: ssh.addr().to_string(),
+            ssh: Mutex::new(Some(ssh)),
+            init_command: req.init_command.clone(),
+            vanish_at,
+            command_delay_ms,
+            os,
+            cloud: Arc::downgrade(cloud),
+        });
+        cloud.vms.lock().push(vm.clone());
+        // The VM exists now; the answer may still go wrong.
+        if cloud.unlucky(cloud.cfg.hang_rate_create_after_vm) {
+            std::future::pending::<()>().await;
+        }
+        if cloud.unlucky(cloud.cfg.error_rate_create_after_vm) {
+            return Err(CloudError {
+                outcome_unknown: true,
+                ..CloudError::other(
+                    "stub: create failed after making the VM (ErrorRateCreateAfterVm)",
+                )
+            });
+        }
+        Ok(vm as Arc<dyn Instance>)
+    }
+}
+
 impl InstanceSet for StubSet {
     fn create(
         &self,
@@ -355,117 +514,19 @@ impl InstanceSet for StubSet {
     ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
         let it = it.clone();
         Box::pin(async move {
-            let cloud = &self.cloud;
-            cloud.hang_if_dead().await;
-            cloud.hold().await;
-            self.create_interval.check()?;
-            if cloud.unlucky(cloud.cfg.error_rate_create) {
-                return Err(CloudError::other("stub: create failed (ErrorRateCreate)"));
-            }
-            {
-                let vms = cloud.vms.lock();
-                if let Some(max) = cloud.cfg.quota_max_instances
-                    && vms.len() >= max
-                {
-                    return Err(CloudError::new(ErrorKind::Quota, "stub quota exceeded"));
-                }
-                if let Some(&cap) = cloud.cfg.capacity_per_type.get(&it.provider_type)
-                    && vms
-                        .iter()
-                        .filter(|v| v.provider_type == it.provider_type)
-                        .count()
-                        >= cap
-                {
-                    return Err(CloudError::new(
-                        ErrorKind::Capacity {
-                            instance_type_specific: true,
-                            quota_group_specific: false,
-                        },
-                        format!("stub: no capacity for {}", it.provider_type),
-                    ));
-                }
-            }
-            let n = {
-                let mut n = self.next.lock();
-                *n += 1;
-                *n
-            };
-            let authorized = cloud::sshd::authorized_keys(req.public_key.as_deref());
-            // This VM's knobs: its profile (by creation count); a type still broken never boots.
-            let mut vm_cfg = match cloud.cfg.vm_profiles.len() {
-                0 => cloud.cfg.clone(),
-                len => cloud.cfg.vm_profiles[(n - 1) % len].clone(),
-            };
-            if let Some(until) = cloud.cfg.broken_types_until.get(&it.provider_type)
-                && cloud.started.elapsed() < *until
-            {
-                vm_cfg.boot_delay = Duration::from_secs(365 * 24 * 3600);
-            }
-            let vanish_at = vm_cfg.vanish_after.map(|d| Instant::now() + d);
-            let now = chrono::Utc::now();
-            cloud.history.lock().push(VmRecord {
-                id: format!("inst{n},{}", it.provider_type),
-                created_at: now,
-                ready_at: now + chrono::Duration::from_std(vm_cfg.boot_delay).unwrap_or_default(),
-            });
-            let os = Arc::new(VmOs::new(
-                vm_cfg,
-                n,
-                &req.init_command,
-                cloud.detach_log.clone(),
-                cloud.lives.clone(),
-                format!("inst{n},{}", it.provider_type),
-            ));
-            let handler_os = os.clone();
-            let command_delay_ms: Arc<std::sync::atomic::AtomicU64> = Default::default();
-            let delay = command_delay_ms.clone();
-            let handler: Arc<dyn CommandHandler> =
-                Arc::new(move |_user: &str, cmd: &str, stdin: Vec<u8>| {
-                    let ms = delay.load(std::sync::atomic::Ordering::SeqCst);
-                    let out = handler_os.handle(cmd, stdin);
-                    if ms == 0 {
-                        return out;
-                    }
-                    Box::pin(async move {
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                        out.await
-                    })
-                });
-            let ssh = match self.vm_runtime.get() {
-                Some(rt) => rt
-                    .spawn(SshVm::start(handler, authorized))
-                    .await
-                    .map_err(|e| CloudError::other(format!("starting stub VM: {e}")))?,
-                None => SshVm::start(handler, authorized).await,
-            }
-            .map_err(|e| CloudError::other(format!("starting stub VM: {e}")))?;
-            let vm = Arc::new(StubVm {
-                id: format!("inst{n},{}", it.provider_type),
+            let result = self.create_vm(&it, req).await;
+            self.cloud.launches.lock().push(LaunchRecord {
+                at: chrono::Utc::now(),
                 provider_type: it.provider_type.clone(),
-                tags: Mutex::new(req.tags),
-                host_key: ssh.host_key().to_openssh().unwrap_or_default(),
-                addr: ssh.addr().to_string(),
-                ssh: Mutex::new(Some(ssh)),
-                init_command: req.init_command.clone(),
-                vanish_at,
-                command_delay_ms,
-                os,
-                cloud: Arc::downgrade(cloud),
+                preemptible: it.preemptible,
+                failed: result.as_ref().err().map(|e| match e.kind {
+                    ErrorKind::Capacity { .. } => "capacity",
+                    ErrorKind::Quota => "quota",
+                    ErrorKind::RateLimit { .. } => "rate-limit",
+                    _ => "other",
+                }),
             });
-            cloud.vms.lock().push(vm.clone());
-            // The VM exists now; the answer may still go wrong.
-            if cloud.unlucky(cloud.cfg.hang_rate_create_after_vm) {
-                std::future::pending::<()>().await;
-            }
-            if cloud.unlucky(cloud.cfg.error_rate_create_after_vm) {
-                return Err(CloudError {
-                    outcome_unknown: true,
-                    ..CloudError::other(
-                        "stub: create failed after making the VM (ErrorRateCreateAfterVm)",
-                    )
-                });
-            }
-            Ok(vm as Arc<dyn Instance>)
+            result
         })
     }
 
