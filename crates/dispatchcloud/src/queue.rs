@@ -405,6 +405,9 @@ pub struct ContainerQueue {
     pub events: crate::events::EventLog,
     /// Incremental polling, when the settings file turns it on.
     incremental: std::sync::OnceLock<crate::settings::QueueSettings>,
+    /// Polls also ask for `runtime_status` (settings `Interruptions.Drain`: the scheduler
+    /// looks for spot interruption notices in it).
+    runtime_status: std::sync::atomic::AtomicBool,
     /// A standby's queue: polls, but cancels nothing (see [`ContainerQueue::set_read_only`]).
     read_only: std::sync::atomic::AtomicBool,
     /// The metrics updater and background cancels; [`ContainerQueue::join`] ends them.
@@ -495,6 +498,7 @@ impl ContainerQueue {
             notify,
             events: crate::events::EventLog::default(),
             incremental: Default::default(),
+            runtime_status: Default::default(),
             read_only: Default::default(),
             tasks: Default::default(),
             metrics: Metrics {
@@ -825,6 +829,24 @@ impl ContainerQueue {
         }
     }
 
+    /// Ask for each container's `runtime_status` too (for spot interruption notices).
+    pub fn set_select_runtime_status(&self, on: bool) {
+        self.runtime_status
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The fields a poll selects: [`SELECT`], and `runtime_status` if asked for.
+    fn select(&self) -> Vec<String> {
+        let mut select: Vec<String> = SELECT.iter().map(|s| s.to_string()).collect();
+        if self
+            .runtime_status
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            select.push("runtime_status".into());
+        }
+        select
+    }
+
     /// Whether incremental polling is on (only then does [`Self::set_room`] matter).
     pub fn is_incremental(&self) -> bool {
         self.incremental.get().is_some()
@@ -862,7 +884,7 @@ impl ContainerQueue {
             Some(u) => u,
             None => self.client.current_token().await?.uuid,
         };
-        let mut select: Vec<String> = SELECT.iter().map(|s| s.to_string()).collect();
+        let mut select = self.select();
         select.extend(["modified_at".to_string(), "locked_by_uuid".to_string()]);
         let mut opts = ListOptions {
             order: Some("modified_at asc, uuid asc".into()),
@@ -937,7 +959,7 @@ impl ContainerQueue {
             Some(u) => u,
             None => self.client.current_token().await?.uuid,
         };
-        let mut select: Vec<String> = SELECT.iter().map(|s| s.to_string()).collect();
+        let mut select = self.select();
         if self.incremental.get().is_some() {
             // The change time the next incremental poll starts from.
             select.push("modified_at".into());

@@ -27,6 +27,25 @@ pub struct Settings {
     pub capacity: CapacitySettings,
     #[serde(default)]
     pub scheduler: SchedulerSettings,
+    #[serde(default)]
+    pub interruptions: InterruptionSettings,
+}
+
+/// What the dispatcher does when a spot instance is about to be taken back. Default: nothing,
+/// as Arvados (crunch-run only records `runtime_status.preemptionNotice`; the container then
+/// fails with its instance, and new containers may still be started there meanwhile).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct InterruptionSettings {
+    /// When a running container's `runtime_status` has `preemptionNotice`: drain its instance
+    /// (no new container starts there; it shuts down when the running ones end) and hold its
+    /// offering (provider type and market) off as at risk, as after a capacity error.
+    #[serde(default)]
+    pub drain: bool,
+    /// With `Drain`: also create one instance of the same type at once, so the container's
+    /// retry finds a booted instance instead of waiting for a boot.
+    #[serde(default)]
+    pub pre_boot: bool,
 }
 
 /// Scheduling choices where Arvados' own is blunt (spec §13). Default: Arvados'.
@@ -307,6 +326,13 @@ impl Settings {
                 });
             }
         }
+        if self.interruptions.pre_boot && !self.interruptions.drain {
+            return Err(SettingsError::Invalid {
+                path: path.into(),
+                key: "Interruptions.PreBoot".into(),
+                message: "needs Interruptions.Drain: true (a replacement is booted for a drained instance)".into(),
+            });
+        }
         if self.queue.full_poll_every == 0 {
             return Err(SettingsError::Invalid {
                 path: path.into(),
@@ -329,6 +355,21 @@ impl Settings {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn interruptions_are_off_by_default_and_pre_boot_needs_drain() {
+        assert_eq!(
+            Settings::default().interruptions,
+            InterruptionSettings::default()
+        );
+        let s = Settings::from_str("Interruptions:\n  Drain: true\n  PreBoot: true\n", "s.yml")
+            .unwrap();
+        assert!(s.interruptions.drain && s.interruptions.pre_boot);
+        let bad = Settings::from_str("Interruptions:\n  PreBoot: true\n", "s.yml").unwrap_err();
+        assert!(bad.to_string().contains("Interruptions.PreBoot"), "{bad}");
+        let bad = Settings::from_str("Interruptions:\n  Drian: true\n", "s.yml").unwrap_err();
+        assert!(bad.to_string().contains("Drian"), "{bad}");
+    }
 
     #[test]
     fn shutdown_at_quota_is_arvados_all_by_default_and_reads_needed() {

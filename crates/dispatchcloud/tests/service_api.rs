@@ -1271,3 +1271,101 @@ async fn holdoffs_api_shows_which_offerings_are_held_off_until_when_and_why() {
     assert_eq!(o.held_until.map(|t| t.timestamp()), Some(until.timestamp()));
     r.stop().await;
 }
+
+/// Issue 19, spot interruption notices (settings `Interruptions`). The stub cloud announces
+/// each VM's end a second after creating it (crunch-run records `preemptionNotice` in the
+/// container's `runtime_status`, as on EC2). Container A runs on VM 1 through the notice;
+/// B is queued after A completes. Judged from the stub cloud's record of crunch-run lives:
+/// * off (Arvados): B starts on the doomed VM 1, where its work would be lost;
+/// * `Drain`: VM 1 takes nothing new and is shut down when A ends; B runs on a new VM, and
+///   the hold-offs show the offering at risk;
+/// * `Drain` + `PreBoot`: the replacement VM is created at the notice, before A ends, and B
+///   runs on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_interruption_notices_drain_the_instance_and_can_pre_boot_a_replacement() {
+    for (drain, pre_boot) in [(false, false), (true, false), (true, true)] {
+        let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+        let mut c = cluster(&f, "tok");
+        c.containers.cloud_vms.timeout_idle = Duration::from_secs(30);
+        let t2 = fixture_type(2);
+        c.instance_types = [(t2.name.clone(), t2)].into();
+        let settings = Settings::from_str(
+            &format!(
+                "Capacity:\n  Backoff: true\n  BackoffBase: 1s\nInterruptions:\n  Drain: {drain}\n  PreBoot: {pre_boot}\n"
+            ),
+            "test",
+        )
+        .unwrap();
+        let set = stub(json!({"VanishAfter": "60s", "InterruptionNotice": "59s"}));
+        let r = start_full(
+            &c,
+            &settings,
+            set.clone(),
+            http_server::ServeOptions::default(),
+        )
+        .await;
+        let mode = format!("drain {drain}, pre-boot {pre_boot}");
+        let spec = |ms: u64| ContainerSpec {
+            environment: vec![("FAKE_CRUNCH_RUN_MS".into(), ms.to_string())],
+            ..Default::default()
+        };
+        let a = f.add_container(&spec(3000));
+        wait_for("A to get its notice", Duration::from_secs(30), || {
+            f.container(&a).unwrap()["runtime_status"]["preemptionNotice"].is_string()
+        })
+        .await;
+        let vm1 = cloud::Instance::id(set.vms()[0].as_ref());
+        if drain {
+            wait_for("VM 1 to drain", Duration::from_secs(10), || {
+                r.svc.pool.worker(&vm1).is_some_and(|w| {
+                    w.idle_behavior == dispatchcloud::worker_state::IdleBehavior::Drain
+                })
+            })
+            .await;
+            let h = r.svc.pool.holdoffs();
+            assert!(
+                h.iter()
+                    .any(|h| h.offering.as_deref() == Some("providertype2")
+                        && h.error.contains("spot interruption notice")),
+                "{mode}: {h:?}"
+            );
+        }
+        if pre_boot {
+            wait_for("the replacement VM", Duration::from_secs(10), || {
+                set.vm_history().len() == 2
+            })
+            .await;
+            assert_eq!(common::container_state(&f, &a), "Running", "{mode}");
+        }
+        wait_for("A to complete", Duration::from_secs(30), || {
+            common::container_state(&f, &a) == "Complete"
+        })
+        .await;
+        let b = f.add_container(&spec(300));
+        wait_for("B to start", Duration::from_secs(30), || {
+            set.process_lives().iter().any(|l| l.uuid == b)
+        })
+        .await;
+        let lives = set.process_lives();
+        let b_vm = &lives.iter().find(|l| l.uuid == b).unwrap().vm;
+        let a_vm = &lives.iter().find(|l| l.uuid == a).unwrap().vm;
+        assert_eq!(a_vm, &vm1, "{mode}");
+        if drain {
+            assert_ne!(
+                b_vm, &vm1,
+                "{mode}: B started on the instance being taken back"
+            );
+            let history = set.vm_history();
+            assert_eq!(history.len(), 2, "{mode}: one replacement: {history:?}");
+            wait_for("VM 1 to be shut down", Duration::from_secs(10), || {
+                set.vms()
+                    .iter()
+                    .all(|v| cloud::Instance::id(v.as_ref()) != vm1)
+            })
+            .await;
+        } else {
+            assert_eq!(b_vm, &vm1, "{mode}: Arvados reuses the instance");
+        }
+        r.stop().await;
+    }
+}

@@ -45,7 +45,7 @@ use crate::worker_state::{IdleBehavior, WorkerState};
 pub use plan::{Limits, PoolSnapshot, QueueOrder, QueuePlan, SchedConfig, plan_queue};
 pub use pool::{RunningMap, WorkerPool};
 pub use status::Status;
-pub use sync::{SyncAction, plan_sync};
+pub use sync::{SyncAction, plan_interruptions, plan_sync};
 
 use crate::fasthash::FastSet;
 use crate::queue::{ContainerQueue, QueueEnt, uuid_hash};
@@ -594,6 +594,16 @@ impl<P: WorkerPool> Scheduler<P> {
         let actions = plan_sync(entries, running, threshold, any_unknown);
         if self.is_stopped() {
             return actions;
+        }
+        if self.cfg.interruptions.drain {
+            for uuid in plan_interruptions(entries, running) {
+                if self
+                    .pool
+                    .interruption_notice(&uuid, self.cfg.interruptions.pre_boot)
+                {
+                    tracing::info!(ContainerUUID = %uuid, "spot interruption notice: draining its instance");
+                }
+            }
         }
         for a in &actions {
             match a.clone() {

@@ -42,6 +42,8 @@ pub struct SchedConfig {
     pub spend_caps: crate::settings::SpendCaps,
     /// What to shut down at quota (settings file; default Arvados' `All`).
     pub shutdown_at_quota: crate::settings::ShutdownAtQuota,
+    /// What to do on a spot interruption notice (settings file; default nothing, as Arvados).
+    pub interruptions: crate::settings::InterruptionSettings,
 }
 
 impl SchedConfig {
@@ -63,6 +65,7 @@ impl SchedConfig {
             .unwrap_or(0),
             spend_caps: Default::default(),
             shutdown_at_quota: Default::default(),
+            interruptions: Default::default(),
         }
     }
 }

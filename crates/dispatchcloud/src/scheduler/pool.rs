@@ -45,6 +45,13 @@ pub trait WorkerPool: Send + Sync + 'static {
     fn kill_container(&self, uuid: &str, reason: &str) -> bool;
     /// Clear an exited placeholder.
     fn forget_container(&self, uuid: &str);
+    /// A spot interruption notice for the instance running `uuid` (settings `Interruptions`):
+    /// drain it, hold its offering off as at risk and, with `pre_boot`, create a replacement.
+    /// True if this changed anything (the first notice for that instance).
+    fn interruption_notice(&self, uuid: &str, pre_boot: bool) -> bool {
+        let _ = (uuid, pre_boot);
+        false
+    }
     /// A channel that changes whenever the pool does.
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// Everything a pass needs. Pools with shared state override this to read it under one

@@ -126,3 +126,20 @@ pub fn plan_sync(
     }
     out
 }
+
+/// Running containers, on a worker, whose `runtime_status` carries a spot interruption notice
+/// (`preemptionNotice`, set by crunch-run when the cloud announces the instance's end).
+pub fn plan_interruptions(entries: &[Arc<QueueEnt>], running: &RunningMap) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|e| e.sched().state == ContainerState::Running)
+        .map(|e| e.container())
+        .filter(|c| {
+            c.runtime_status
+                .get("preemptionNotice")
+                .is_some_and(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+        })
+        .filter(|c| matches!(running.get(&c.uuid), Some(None)))
+        .map(|c| c.uuid.clone())
+        .collect()
+}

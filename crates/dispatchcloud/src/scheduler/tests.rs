@@ -18,7 +18,7 @@ use super::reference;
 use super::scale::{self, Variant};
 use super::status::Status;
 use super::stub::StubPool;
-use super::sync::{SyncAction, plan_sync};
+use super::sync::{SyncAction, plan_interruptions, plan_sync};
 use crate::node_size::TypeChooser;
 use crate::queue::QueueEnt;
 use crate::worker_state::{IdleBehavior, InstanceView, WorkerState};
@@ -777,6 +777,38 @@ fn ac_sync_2_cancel_orphaned_containers() {
 }
 
 /// The rest of the §7.6 table: exited processes, priority 0, stale Queued processes.
+/// Issue 19: only a Running container on a worker whose `runtime_status` has a non-empty
+/// `preemptionNotice` is an interruption notice.
+#[test]
+fn interruption_notices_are_running_containers_with_a_preemption_notice() {
+    let mut h = Harness::new(&all_types(), |_| {});
+    let vm = h.worker(4, WorkerState::Idle);
+    let notice = |c: &mut Container| {
+        c.runtime_status
+            .insert("preemptionNotice".into(), "2026-12-01T05:00:00Z".into());
+    };
+    let start = |h: &mut Harness, k: usize, state, f: &dyn Fn(&mut Container)| {
+        h.add(k, state, 1, 1, GIB, f);
+        let c = h.queue[&uuid(k)].container().clone();
+        assert!(h.pool.start_container(&vm, &c));
+    };
+    start(&mut h, 1, ContainerState::Running, &notice);
+    start(&mut h, 2, ContainerState::Running, &|_| {});
+    start(&mut h, 3, ContainerState::Locked, &notice);
+    start(&mut h, 4, ContainerState::Running, &|c| {
+        c.runtime_status
+            .insert("preemptionNotice".into(), "".into());
+    });
+    start(&mut h, 5, ContainerState::Running, &notice);
+    h.pool.exit(&uuid(5), h.threshold);
+    // Running with a notice, but on no worker.
+    h.add(6, ContainerState::Running, 1, 1, GIB, notice);
+    assert_eq!(
+        plan_interruptions(&h.entries(), &h.pool.running()),
+        vec![uuid(1)]
+    );
+}
+
 #[test]
 fn sync_table_rows() {
     let mut h = Harness::new(&all_types(), |_| {});

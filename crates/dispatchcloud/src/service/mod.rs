@@ -212,12 +212,14 @@ impl Service {
                 "1 while this dispatcher holds the dispatcher lock (or runs without a database) and dispatches; 0 while it starts, stands by or has stopped.",
             ))?,
         )?;
+        queue.set_select_runtime_status(settings.interruptions.drain);
         let scheduler = Scheduler::new(
             queue.clone(),
             pool.clone(),
             SchedConfig {
                 spend_caps: settings.spend_caps,
                 shutdown_at_quota: settings.scheduler.shutdown_at_quota,
+                interruptions: settings.interruptions,
                 ..SchedConfig::from_cluster(cluster)
             },
             ShellConfig::from_cluster(cluster),

@@ -1,6 +1,7 @@
 //! What the pool knows about the cloud's capacity, per offering (issue 19): hold-offs after
-//! capacity errors, errors in a row, the cloud's last word, and the file that keeps them across
-//! restarts (settings `Capacity.StateFile`).
+//! capacity errors, errors in a row, the cloud's last word, the file that keeps them across
+//! restarts (settings `Capacity.StateFile`), and spot interruption notices (settings
+//! `Interruptions`), which drain the instance and hold its offering off as at risk.
 //!
 //! An offering is a capacity key (see `Pool::capacity_keys`): a provider type in one market
 //! (`m5.large`, `m5.large-preemptible`), a quota group, or `""` for every type.
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::{Duration, Instant};
 
 use super::{Pool, State};
+use crate::worker_state::IdleBehavior;
 
 /// The file's format version.
 const VERSION: u32 = 1;
@@ -137,6 +139,56 @@ impl Pool {
     pub(super) fn capacity_changed(&self) {
         self.capacity_changes
             .send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A spot interruption notice for the worker running `uuid`: drain it (unless the operator
+    /// already set a behaviour other than `run`), create a replacement of its type if
+    /// `pre_boot`, then hold its offering off as at risk for one capacity hold. False if no
+    /// worker runs `uuid` or it was not in `run`.
+    pub(super) fn on_interruption_notice(&self, uuid: &str, pre_boot: bool) -> bool {
+        let (id, it) = {
+            let mut st = self.lock();
+            let Some(w) = st
+                .workers
+                .values_mut()
+                .find(|w| w.running.contains_key(uuid) || w.starting.contains_key(uuid))
+            else {
+                return false;
+            };
+            if w.idle_behavior != IdleBehavior::Run {
+                return false;
+            }
+            w.idle_behavior = IdleBehavior::Drain;
+            self.save_tags(w);
+            tracing::warn!(Instance = %w.id, ContainerUUID = %uuid, "spot interruption notice: draining the instance");
+            self.events.push(
+                "drain",
+                w.id.clone(),
+                format!("spot interruption notice (container {uuid})"),
+            );
+            (w.id.clone(), w.it.clone())
+        };
+        if pre_boot && self.do_create(&it).is_some() {
+            self.events
+                .push("pre-boot", it.name.clone(), format!("replacement for {id}"));
+        }
+        let now = Instant::now();
+        let hold = self
+            .cfg
+            .capacity
+            .hold(1, rand::random::<f64>(), self.cfg.capacity_error_ttl);
+        {
+            let mut st = self.lock();
+            let key = self.capacity_keys(&it)[2].clone();
+            let until = st.at_capacity_until.entry(key.clone()).or_insert(now);
+            *until = (*until).max(now + hold);
+            st.capacity_error
+                .insert(key, format!("spot interruption notice on {id}"));
+        }
+        self.capacity_changed();
+        self.notify_at(now + hold);
+        self.notify();
+        true
     }
 
     /// Every offering held off or in doubt now.

@@ -163,6 +163,10 @@ impl WorkerPool for Pool {
         self.do_create(it)
     }
 
+    fn interruption_notice(&self, uuid: &str, pre_boot: bool) -> bool {
+        self.on_interruption_notice(uuid, pre_boot)
+    }
+
     fn shutdown(&self, instance_id: &str) -> bool {
         let now = Instant::now();
         let mut st = self.lock();

@@ -63,6 +63,11 @@ pub struct StubConfig {
     /// After this long from create, the cloud takes the VM away (a spot interruption): it
     /// leaves the instance list and its processes die (`VanishAfter`).
     pub vanish_after: Option<Duration>,
+    /// With `VanishAfter`: this long before the VM vanishes, each crunch-run on it (and each
+    /// started later) records a spot interruption notice in its container's `runtime_status`
+    /// (`preemptionNotice`), as crunch-run does when EC2 announces a spot interruption
+    /// (`InterruptionNotice`).
+    pub interruption_notice: Option<Duration>,
     /// VM-side knobs by creation count: VM number n gets `VmProfiles[n % len]` over the
     /// set's own knobs (`VmProfiles: [{CrunchRunMissing: true}, {HangAfter: 50ms}, …]`).
     pub vm_profiles: Vec<StubConfig>,
@@ -174,6 +179,7 @@ impl StubConfig {
             short_of_capacity_until,
             hang_after: p.duration("HangAfter")?,
             vanish_after: p.duration("VanishAfter")?,
+            interruption_notice: p.duration("InterruptionNotice")?,
             vm_profiles,
             boot_delay: p.duration("BootDelay")?.unwrap_or_default(),
             quota_max_instances: p.count("QuotaMaxInstances", params.get("QuotaMaxInstances"))?,

@@ -337,6 +337,26 @@ impl VmOs {
             lives.len() - 1
         };
         let lives = self.lives.clone();
+        // When the cloud announces this VM's end (`InterruptionNotice` before `VanishAfter`).
+        let notice_at = self
+            .cfg
+            .vanish_after
+            .zip(self.cfg.interruption_notice)
+            .map(|(vanish, notice)| self.created + vanish.saturating_sub(notice));
+        let notice = notice_at.map(|t| {
+            let (client, u) = (client.clone(), uuid.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep_until(t).await;
+                let attrs = serde_json::json!({"runtime_status": {
+                    "warning": "preemption notice",
+                    "warningDetail": "the cloud will take this spot instance back soon",
+                    "preemptionNotice": chrono::Utc::now().to_rfc3339(),
+                }});
+                if let Err(e) = client.update_container(&u, &attrs, Some(&["uuid"])).await {
+                    tracing::debug!("stub crunch-run {u}: recording the preemption notice: {e}");
+                }
+            })
+        });
         let task = tokio::spawn(async move {
             let crash = async {
                 match crash_at {
@@ -357,6 +377,9 @@ impl VmOs {
                 // A crash releases the lock at once: nothing lingers.
                 _ = crash => Linger::Until(Instant::now()),
             };
+            if let Some(n) = notice {
+                n.abort();
+            }
             end_life(&lives, life);
             if let Some(p) = processes.lock().get_mut(&u) {
                 p.ended = Some(linger);
