@@ -60,6 +60,16 @@ pub struct SimulateArgs {
     /// report counts the launches wasted on it (stub knob ShortOfCapacityUntil)
     #[arg(long, value_name = "TYPE=DURATION", value_parser = parse_shortage)]
     capacity_shortage: Vec<(String, String)>,
+    /// A spot interruption storm: the stub cloud takes every VM back this long after
+    /// creating it (e.g. 30s; stub knob VanishAfter). The report counts the crunch-runs cut
+    /// and the work lost
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    vanish_after: Option<Duration>,
+    /// With --vanish-after: announce each VM's end this long before (crunch-run records
+    /// runtime_status.preemptionNotice, as on EC2, which gives 2 minutes; stub knob
+    /// InterruptionNotice)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg, requires = "vanish_after")]
+    interruption_notice: Option<Duration>,
     /// Also write the summary as JSON here
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -107,6 +117,20 @@ fn set_param(cluster: &mut arvados::Cluster, key: &str, v: serde_norway::Value) 
     if let serde_norway::Value::Mapping(m) = params {
         m.insert(serde_norway::Value::String(key.into()), v);
     }
+}
+
+/// The crunch-runs cut by their VM's loss: how many, on how many VMs, and their run time.
+fn lost_work(lives: &[testkit::stub_driver::ProcessLife]) -> Value {
+    let cut: Vec<&testkit::stub_driver::ProcessLife> = lives.iter().filter(|l| l.cut).collect();
+    let vms: std::collections::HashSet<&str> = cut.iter().map(|l| l.vm.as_str()).collect();
+    json!({
+        "crunch_runs_cut": cut.len(),
+        "vms": vms.len(),
+        "work_lost_seconds": cut
+            .iter()
+            .filter_map(|l| l.end.map(|e| (e - l.start).as_secs_f64()))
+            .fold(0.0, |a, b| a + b),
+    })
 }
 
 /// The launch log in numbers: calls, VMs made, failures by kind, and per provider type (with
@@ -209,6 +233,13 @@ pub fn run(
             "CapacityPerType",
             serde_norway::Value::Mapping(cap),
         );
+    }
+    let go_duration = |d: Duration| format!("{}ms", d.as_millis());
+    if let Some(d) = args.vanish_after {
+        set_param(&mut cluster, "VanishAfter", go_duration(d).into());
+    }
+    if let Some(d) = args.interruption_notice {
+        set_param(&mut cluster, "InterruptionNotice", go_duration(d).into());
     }
     if !args.capacity_shortage.is_empty() {
         let mut short = serde_norway::Mapping::new();
@@ -480,6 +511,7 @@ async fn simulate(
     // Leaks as the cloud sees them.
     let vms_left = testkit::oracle::leaked_vms(&cloud).len();
     let launches = launch_summary(&cloud.launch_log());
+    let lost = lost_work(&cloud.process_lives());
 
     // Outcomes from the fake API's record of state changes.
     let changes = fake.state_changes();
@@ -644,6 +676,9 @@ async fn simulate(
         // Create calls as the stub cloud answered them; `failed_for_capacity` are the wasted
         // launches.
         "launches": launches,
+        // crunch-runs whose VM went away under them (taken back by the cloud, or destroyed),
+        // from the stub cloud's record: their run time until then is lost work.
+        "interruptions": lost,
         "instances_peak": usage.peak_instances,
         "instances_left": vms_left,
         "instance_seconds": {"busy": usage.busy_seconds, "idle": usage.idle_seconds, "total": total_seconds},
@@ -723,6 +758,16 @@ async fn simulate(
         report["launches"]["made"],
         report["launches"]["failed_for_capacity"],
     );
+    if report["interruptions"]["crunch_runs_cut"].as_u64() != Some(0) {
+        println!(
+            "  interruptions:    {} crunch-runs cut on {} VMs, {:.1} s of work lost",
+            report["interruptions"]["crunch_runs_cut"],
+            report["interruptions"]["vms"],
+            report["interruptions"]["work_lost_seconds"]
+                .as_f64()
+                .unwrap_or(0.0),
+        );
+    }
     println!(
         "  instance time:    {:.1} s busy + {:.1} s idle = {:.1} s (peak {} instances, {} left)",
         usage.busy_seconds, usage.idle_seconds, total_seconds, usage.peak_instances, vms_left

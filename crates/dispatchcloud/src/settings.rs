@@ -38,8 +38,9 @@ pub struct Settings {
 #[serde(deny_unknown_fields, rename_all = "PascalCase")]
 pub struct InterruptionSettings {
     /// When a running container's `runtime_status` has `preemptionNotice`: drain its instance
-    /// (no new container starts there; it shuts down when the running ones end) and hold its
-    /// offering (provider type and market) off as at risk, as after a capacity error.
+    /// (no new container starts there; it shuts down when the running ones end) and, for a
+    /// spot type, mark its offering (provider type and market) at risk: in doubt, as after a
+    /// capacity error, until a create of it succeeds.
     #[serde(default)]
     pub drain: bool,
     /// With `Drain`: also create one instance of the same type at once, so the container's

@@ -93,6 +93,7 @@ mod tests {
             start,
             end: secs.map(|s| start + Duration::from_secs(s)),
             started_at: Utc::now(),
+            cut: false,
         }
     }
 

@@ -142,11 +142,16 @@ impl Pool {
     }
 
     /// A spot interruption notice for the worker running `uuid`: drain it (unless the operator
-    /// already set a behaviour other than `run`), create a replacement of its type if
-    /// `pre_boot`, then hold its offering off as at risk for one capacity hold. False if no
-    /// worker runs `uuid` or it was not in `run`.
+    /// already set a behaviour other than `run`); for a preemptible type, mark its offering at
+    /// risk (in doubt, as after a capacity error, until a create of it succeeds: with
+    /// `Capacity.Backoff`, one create of it at a time); then, if `pre_boot`, create a
+    /// replacement of its type. False if no worker runs `uuid` or it was not in `run`.
+    ///
+    /// The offering is not held off: a container that asked for spot may have no other
+    /// type, and with Arvados' fixed minute per hold a storm of notices stalled such
+    /// containers for a minute each time (seen in `simulate`).
     pub(super) fn on_interruption_notice(&self, uuid: &str, pre_boot: bool) -> bool {
-        let (id, it) = {
+        let it = {
             let mut st = self.lock();
             let Some(w) = st
                 .workers
@@ -166,27 +171,26 @@ impl Pool {
                 w.id.clone(),
                 format!("spot interruption notice (container {uuid})"),
             );
-            (w.id.clone(), w.it.clone())
+            let (id, it) = (w.id.clone(), w.it.clone());
+            if it.preemptible {
+                let key = self.capacity_keys(&it)[2].clone();
+                let n = st.capacity_failures.entry(key.clone()).or_default();
+                *n = (*n).max(1);
+                st.capacity_error
+                    .insert(key, format!("spot interruption notice on {id}"));
+            }
+            it
         };
+        if it.preemptible {
+            self.capacity_changed();
+        }
         if pre_boot && self.do_create(&it).is_some() {
-            self.events
-                .push("pre-boot", it.name.clone(), format!("replacement for {id}"));
+            self.events.push(
+                "pre-boot",
+                it.name.clone(),
+                "replacement for a drained instance",
+            );
         }
-        let now = Instant::now();
-        let hold = self
-            .cfg
-            .capacity
-            .hold(1, rand::random::<f64>(), self.cfg.capacity_error_ttl);
-        {
-            let mut st = self.lock();
-            let key = self.capacity_keys(&it)[2].clone();
-            let until = st.at_capacity_until.entry(key.clone()).or_insert(now);
-            *until = (*until).max(now + hold);
-            st.capacity_error
-                .insert(key, format!("spot interruption notice on {id}"));
-        }
-        self.capacity_changed();
-        self.notify_at(now + hold);
         self.notify();
         true
     }

@@ -67,6 +67,9 @@ pub struct ProcessLife {
     pub end: Option<Instant>,
     /// `start` on the wall clock, to compare with the fake API's state-change times.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// It ended because its VM went away (destroyed or taken back by the cloud) while it
+    /// ran: its work was lost.
+    pub cut: bool,
 }
 
 /// The cloud-wide record of process lives, in start order.
@@ -159,6 +162,11 @@ impl VmOs {
     pub(super) fn power_off(&self) {
         for p in self.processes.lock().values() {
             p.task.abort();
+            if let Some(l) = self.lives.lock().get_mut(p.life)
+                && l.end.is_none()
+            {
+                l.cut = true;
+            }
             end_life(&self.lives, p.life);
         }
         self.processes.lock().clear();
@@ -333,6 +341,7 @@ impl VmOs {
                 start: Instant::now(),
                 end: None,
                 started_at: chrono::Utc::now(),
+                cut: false,
             });
             lives.len() - 1
         };
