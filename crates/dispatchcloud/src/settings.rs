@@ -29,6 +29,25 @@ pub struct Settings {
     pub scheduler: SchedulerSettings,
     #[serde(default)]
     pub interruptions: InterruptionSettings,
+    #[serde(default)]
+    pub spot_fallback: SpotFallbackSettings,
+}
+
+/// Spot → on-demand fallback. Default: off, as Arvados, where a container that asked for a
+/// preemptible instance waits for spot capacity however long that takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct SpotFallbackSettings {
+    /// A container that asked for a preemptible instance, has waited this long, and finds
+    /// every spot type it could use held off for lack of capacity, runs on the on-demand
+    /// variant of one of them (same provider type, `Preemptible: false`) instead. It stays
+    /// fallen back until it starts. 0 (the default): never.
+    #[serde(default, with = "arvados::config::units::duration")]
+    pub after: std::time::Duration,
+    /// The on-demand type may cost at most this many times the cheapest spot type the
+    /// container could use. 0 (the default): `Containers.MaximumPriceFactor`.
+    #[serde(default)]
+    pub price_factor: f64,
 }
 
 /// What the dispatcher does when a spot instance is about to be taken back. Default: nothing,
@@ -326,6 +345,18 @@ impl Settings {
                     message: format!("{v} is not a cost (a number ≥ 0; 0 means no cap)"),
                 });
             }
+        }
+        if !self.spot_fallback.price_factor.is_finite()
+            || (self.spot_fallback.price_factor != 0.0 && self.spot_fallback.price_factor < 1.0)
+        {
+            return Err(SettingsError::Invalid {
+                path: path.into(),
+                key: "SpotFallback.PriceFactor".into(),
+                message: format!(
+                    "{} is not a price factor (0, or a number ≥ 1)",
+                    self.spot_fallback.price_factor
+                ),
+            });
         }
         if self.interruptions.pre_boot && !self.interruptions.drain {
             return Err(SettingsError::Invalid {

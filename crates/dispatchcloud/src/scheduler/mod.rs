@@ -85,6 +85,8 @@ struct Metrics {
     spend_headroom: prometheus::Gauge,
     spent_today: prometheus::Gauge,
     waiting_spend_cap: prometheus::IntGauge,
+    /// Not in Arvados: containers that fell back from spot to on demand (`SpotFallback`).
+    spot_fallbacks: prometheus::IntCounter,
 }
 
 use cloud::metrics::registered as register;
@@ -171,6 +173,13 @@ impl Metrics {
                 prometheus::IntGauge::with_opts(opts(
                     "containers_waiting_spend_cap",
                     "Containers waiting at the last scheduling pass because a new instance would exceed a spend cap.",
+                ))?,
+            )?,
+            spot_fallbacks: register(
+                registry,
+                prometheus::IntCounter::with_opts(opts(
+                    "spot_fallbacks_total",
+                    "Containers that asked for a preemptible instance and fell back to an on-demand one after waiting SpotFallback.After with every spot type held off.",
                 ))?,
             )?,
         })
@@ -470,6 +479,10 @@ impl<P: WorkerPool> Scheduler<P> {
             );
         }
 
+        for uuid in &plan.spot_fallbacks {
+            tracing::info!(ContainerUUID = %uuid, "every spot type it can use is short of capacity: falling back to on demand");
+            self.metrics.spot_fallbacks.inc();
+        }
         for uuid in &plan.locks {
             let s = self.clone();
             let uuid = uuid.clone();

@@ -44,6 +44,10 @@ pub struct SchedConfig {
     pub shutdown_at_quota: crate::settings::ShutdownAtQuota,
     /// What to do on a spot interruption notice (settings file; default nothing, as Arvados).
     pub interruptions: crate::settings::InterruptionSettings,
+    /// Spot → on-demand fallback (settings file; default off, as Arvados).
+    pub spot_fallback: crate::settings::SpotFallbackSettings,
+    /// `Containers.MaximumPriceFactor` (the fallback's price limit unless it has its own).
+    pub maximum_price_factor: f64,
 }
 
 impl SchedConfig {
@@ -66,6 +70,8 @@ impl SchedConfig {
             spend_caps: Default::default(),
             shutdown_at_quota: Default::default(),
             interruptions: Default::default(),
+            spot_fallback: Default::default(),
+            maximum_price_factor: c.maximum_price_factor,
         }
     }
 }
@@ -78,6 +84,9 @@ pub struct Limits {
     pub last_503: Option<SystemTime>,
     /// Instances we had when the cloud last said "quota" (0: never).
     pub instances_within_quota: usize,
+    /// Containers (by uuid hash) that fell back from spot to on demand (`SpotFallback`):
+    /// they keep the on-demand types until they start or leave the queue.
+    pub fallen_back: HashSet<u64>,
 }
 
 impl Limits {
@@ -90,6 +99,7 @@ impl Limits {
             },
             last_503: None,
             instances_within_quota: 0,
+            fallen_back: HashSet::new(),
         }
     }
 }
@@ -166,6 +176,8 @@ pub struct QueuePlan {
     pub not_allocated_over_quota: usize,
     /// The limit after this pass (`arvados_dispatchcloud_max_concurrent_containers`).
     pub max_containers: usize,
+    /// Containers that fell back from spot to on demand in this pass (`SpotFallback`).
+    pub spot_fallbacks: Vec<String>,
 }
 
 /// The queue as a pass left it: indices into the entries the pass was given, first the
@@ -494,6 +506,68 @@ fn extend_sorted(
 /// Only the head of the queue that can get decisions this pass is sorted (it grows until the
 /// container limit is reached); the rest can only be told its queue position, which
 /// [`QueuePlan::sorted`] works out when asked.
+/// Each spot type's on-demand variant: the cheapest configured type with the same provider
+/// type that is not preemptible.
+fn on_demand_variants(cfg: &SchedConfig) -> HashMap<&str, Arc<InstanceType>> {
+    let mut cheapest: HashMap<&str, &Arc<InstanceType>> = HashMap::new();
+    for it in cfg.types.values().filter(|it| !it.preemptible) {
+        let e = cheapest.entry(it.provider_type.as_str()).or_insert(it);
+        if (it.price, &it.name) < (e.price, &e.name) {
+            *e = it;
+        }
+    }
+    cfg.types
+        .values()
+        .filter(|it| it.preemptible)
+        .filter_map(|it| {
+            cheapest
+                .get(it.provider_type.as_str())
+                .map(|v| (it.name.as_str(), (*v).clone()))
+        })
+        .collect()
+}
+
+/// A fallen-back container's types: its own spot types (cheapest first), then the on-demand
+/// variants of them that cost at most the price factor times its cheapest spot type, cheapest
+/// first, each once.
+fn spot_fallback_types(
+    cfg: &SchedConfig,
+    spot: &[Arc<InstanceType>],
+    variants: &HashMap<&str, Arc<InstanceType>>,
+    out: &mut Vec<Arc<InstanceType>>,
+) {
+    let Some(cheapest) = spot.first() else {
+        return;
+    };
+    let factor = if cfg.spot_fallback.price_factor > 0.0 {
+        cfg.spot_fallback.price_factor
+    } else if cfg.maximum_price_factor > 0.0 {
+        cfg.maximum_price_factor
+    } else {
+        1.5
+    };
+    let limit = cheapest.price * factor;
+    let mut extra: Vec<Arc<InstanceType>> = Vec::new();
+    for it in spot {
+        if let Some(v) = variants.get(it.name.as_str())
+            && v.price <= limit
+            && !extra.iter().any(|e| e.name == v.name)
+        {
+            extra.push(v.clone());
+        }
+    }
+    if extra.is_empty() {
+        return;
+    }
+    extra.sort_by(|a, b| {
+        a.price
+            .total_cmp(&b.price)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    out.extend(spot.iter().cloned());
+    out.extend(extra);
+}
+
 pub fn plan_queue(
     cfg: &SchedConfig,
     limits: &mut Limits,
@@ -537,6 +611,18 @@ pub fn plan_queue(
     let mut qpos = 0usize;
     let mut supervisors = 0usize;
     let mut eligible: Vec<usize> = Vec::new();
+    // Spot → on-demand fallback: each spot type's on-demand variant, and the types a fallen
+    // back container may use (its own, then the variants within the price limit).
+    let fallback_after = cfg.spot_fallback.after;
+    let mut variants: Option<HashMap<&str, Arc<InstanceType>>> = None;
+    let mut with_variants: Vec<Arc<InstanceType>> = Vec::new();
+    if fallback_after.is_zero() {
+        limits.fallen_back.clear();
+    } else if !limits.fallen_back.is_empty() {
+        let present: FastSet<u64> = entries.iter().map(|e| e.uuid_hash()).collect();
+        limits.fallen_back.retain(|h| present.contains(h));
+    }
+    let now_utc = chrono::DateTime::<chrono::Utc>::from(now);
 
     let order = row_order(entries, packable);
     let on_workers = rows.iter().filter(|r| r.running).count();
@@ -592,15 +678,42 @@ pub fn plan_queue(
 
             // Best existing instance, and the cheapest type not at capacity.
             let ent = &entries[row.idx as usize];
-            index.types_of(&ent.instance_types, &mut eligible);
+            with_variants.clear();
+            if !fallback_after.is_zero() && ent.container().scheduling_parameters.preemptible {
+                let fallen = limits.fallen_back.contains(&ent.uuid_hash());
+                let all_short = !pool.at_capacity.is_empty()
+                    && ent
+                        .instance_types
+                        .iter()
+                        .all(|it| pool.at_capacity.contains(&it.name));
+                let waited = (now_utc - ent.first_seen_at())
+                    .to_std()
+                    .is_ok_and(|w| w >= fallback_after);
+                if fallen || (all_short && waited) {
+                    let variants = variants.get_or_insert_with(|| on_demand_variants(cfg));
+                    spot_fallback_types(cfg, &ent.instance_types, variants, &mut with_variants);
+                    if !fallen
+                        && with_variants
+                            .iter()
+                            .any(|it| !it.preemptible && !pool.at_capacity.contains(&it.name))
+                    {
+                        limits.fallen_back.insert(ent.uuid_hash());
+                        plan.spot_fallbacks.push(ent.container().uuid.clone());
+                    }
+                }
+            }
+            let types: &[Arc<InstanceType>] = if with_variants.is_empty() {
+                &ent.instance_types
+            } else {
+                &with_variants
+            };
+            index.types_of(types, &mut eligible);
             let need = &ent.instance_resources;
             let best = index.best(&eligible, need);
             let available = if pool.at_capacity.is_empty() {
-                ent.instance_types.first()
+                types.first()
             } else {
-                ent.instance_types
-                    .iter()
-                    .find(|it| !pool.at_capacity.contains(&it.name))
+                types.iter().find(|it| !pool.at_capacity.contains(&it.name))
             };
 
             if row.state == ContainerState::Queued {

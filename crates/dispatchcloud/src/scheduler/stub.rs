@@ -182,17 +182,25 @@ impl WorkerPool for StubPool {
         self.read(|s| s.loaded)
     }
 
+    /// A `capacity` entry `providertype-preemptible` limits only that type's spot market, as
+    /// the real pool keys it; `providertype` limits both markets together.
     fn at_capacity(&self, it: &InstanceType) -> bool {
-        self.read(|s| match s.capacity.get(&it.provider_type) {
-            None => false,
-            Some(&supply) => {
-                let used = s
-                    .workers
-                    .iter()
-                    .filter(|w| w.it.provider_type == it.provider_type)
-                    .count();
-                supply <= used
-            }
+        self.read(|s| {
+            let spot_key = format!("{}-preemptible", it.provider_type);
+            let (supply, spot_only) = match s.capacity.get(&spot_key) {
+                Some(&n) if it.preemptible => (n, true),
+                _ => match s.capacity.get(&it.provider_type) {
+                    None => return false,
+                    Some(&n) => (n, false),
+                },
+            };
+            let used = s
+                .workers
+                .iter()
+                .filter(|w| w.it.provider_type == it.provider_type)
+                .filter(|w| !spot_only || w.it.preemptible)
+                .count();
+            supply <= used
         })
     }
 

@@ -520,6 +520,79 @@ fn ac_sch_13_instance_capacity() {
     );
 }
 
+/// Issue 19, spot → on-demand fallback (`SpotFallback`): a container that asked for spot,
+/// with its spot type short, falls back to the on-demand variant once it has waited
+/// `After`, within the price factor; it keeps the on-demand type while its instance boots
+/// (no second create); off (the default), it waits as in Arvados.
+#[test]
+fn spot_fallback_runs_a_spot_container_on_demand_after_the_wait() {
+    let spot_types = |c: &mut Cluster| {
+        let spot = InstanceType {
+            name: "type2.spot".into(),
+            preemptible: true,
+            price: type_n(2).price * 0.4,
+            ..type_n(2)
+        };
+        c.instance_types.insert(spot.name.clone(), spot);
+    };
+    let run = |after: u64, factor: f64| {
+        let mut h = Harness::new(&[2], spot_types);
+        h.cfg.spot_fallback = crate::settings::SpotFallbackSettings {
+            after: std::time::Duration::from_secs(after),
+            price_factor: factor,
+        };
+        h.pool
+            .with(|s| s.capacity.insert("providertype2-preemptible".into(), 0));
+        let u = h.add(1, ContainerState::Queued, 1, 2, 2 * GIB, |c| {
+            c.scheduling_parameters.preemptible = true;
+        });
+        assert_eq!(
+            h.queue[&u]
+                .instance_types
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>(),
+            ["type2.spot"],
+            "spot containers get spot types only"
+        );
+        let first = h.run_queue();
+        let second = h.run_queue();
+        // Spot capacity comes back while the on-demand instance boots.
+        h.pool.with(|s| s.capacity.clear());
+        let third = h.run_queue();
+        (h, first, second, third)
+    };
+    let nothing = |p: &QueuePlan| p.creates.is_empty() && p.locks.is_empty();
+    // Off (Arvados): it waits for spot.
+    let (h, first, second, _) = run(0, 3.0);
+    assert!(nothing(&first) && nothing(&second) && first.spot_fallbacks.is_empty());
+    assert!(h.limits.fallen_back.is_empty());
+    // Not waited long enough yet (queued 2026-01-01, `After` a century).
+    let (_, first, second, _) = run(100 * 365 * 24 * 3600, 3.0);
+    assert!(nothing(&first) && nothing(&second));
+    // On demand costs 2.5× spot: over a price factor of 2.
+    let (_, first, second, _) = run(60, 2.0);
+    assert!(nothing(&first) && nothing(&second));
+    // Waited, within the factor: locked, then one on-demand instance, kept while it boots
+    // even once spot is back (no spot instance made beside it).
+    let (h, first, second, third) = run(60, 3.0);
+    assert_eq!(first.spot_fallbacks, vec![uuid(1)]);
+    assert_eq!(first.locks, vec![uuid(1)]);
+    assert_eq!(second.creates.len(), 1, "{:?}", second.creates);
+    assert!(second.spot_fallbacks.is_empty(), "counted once");
+    assert!(
+        third.creates.is_empty(),
+        "a second instance: {:?}",
+        third.creates
+    );
+    assert_eq!(h.pool.creates(), names(&["type2"]));
+    assert!(
+        h.limits
+            .fallen_back
+            .contains(&crate::queue::uuid_hash(&uuid(1)))
+    );
+}
+
 #[test]
 fn ac_sch_14_idle_in_503_quiet_period() {
     let mut h = Harness::new(&all_types(), |_| {});

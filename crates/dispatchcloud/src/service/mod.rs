@@ -220,6 +220,7 @@ impl Service {
                 spend_caps: settings.spend_caps,
                 shutdown_at_quota: settings.scheduler.shutdown_at_quota,
                 interruptions: settings.interruptions,
+                spot_fallback: settings.spot_fallback,
                 ..SchedConfig::from_cluster(cluster)
             },
             ShellConfig::from_cluster(cluster),
