@@ -271,6 +271,62 @@ fn simulate_spot_interruption_storm_loses_less_work_with_drain() {
     assert!(drain["complete"].as_u64() > off["complete"].as_u64());
 }
 
+/// Issue 19's spot → on-demand fallback, small: every spot market is short for the first
+/// 20 s, and a capacity error holds a type off for Arvados' fixed minute, so without the
+/// fallback a spot container queued at the start waits about a minute. With
+/// `SpotFallback.After: 2s` each runs on demand after about 2 s.
+#[test]
+fn simulate_spot_shortage_with_fallback_starts_spot_containers_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("settings.yml");
+    std::fs::write(&settings, "SpotFallback:\n  After: 2s\n").unwrap();
+    let mut args: Vec<String> = [
+        "--containers",
+        "120",
+        "--seed",
+        "4",
+        "--arrival-interval",
+        "50ms",
+        "--settings",
+        settings.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for t in [
+        "c5.large",
+        "m5.large",
+        "m5.xlarge",
+        "r5.xlarge",
+        "m5.2xlarge",
+        "r5.2xlarge",
+        "m5.4xlarge",
+        "r5.4xlarge",
+        "m5.8xlarge",
+    ] {
+        args.push("--capacity-shortage".into());
+        args.push(format!("{t}-preemptible=20s"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (out, r) = simulate(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(r["complete"], 120, "{r}");
+    assert_eq!(r["ran_more_than_once"], serde_json::json!([]));
+    assert_adds_up(&r);
+    let spot = &r["spot_queue_to_crunch_run_seconds"];
+    assert!(spot["containers"].as_u64().unwrap() >= 3, "{spot}");
+    assert!(
+        r["launches"]["failed_for_capacity"].as_u64().unwrap() >= 1,
+        "the spot markets were short: {}",
+        r["launches"]
+    );
+    // Well under the minute a held-off spot type would take.
+    assert!(spot["max"].as_f64().unwrap() < 30.0, "{spot}");
+}
+
 #[test]
 fn simulate_bad_arguments_print_usage() {
     let out = Command::new(env!("CARGO_BIN_EXE_arvados-dispatch-cloud"))

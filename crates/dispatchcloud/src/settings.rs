@@ -45,7 +45,9 @@ pub struct SpotFallbackSettings {
     #[serde(default, with = "arvados::config::units::duration")]
     pub after: std::time::Duration,
     /// The on-demand type may cost at most this many times the cheapest spot type the
-    /// container could use. 0 (the default): `Containers.MaximumPriceFactor`.
+    /// container could use. 0 (the default): at most `Containers.MaximumPriceFactor` times
+    /// the cheapest on-demand variant (the band of types the container accepted, at
+    /// on-demand prices).
     #[serde(default)]
     pub price_factor: f64,
 }

@@ -528,8 +528,11 @@ fn on_demand_variants(cfg: &SchedConfig) -> HashMap<&str, Arc<InstanceType>> {
 }
 
 /// A fallen-back container's types: its own spot types (cheapest first), then the on-demand
-/// variants of them that cost at most the price factor times its cheapest spot type, cheapest
-/// first, each once.
+/// variants of them within the price limit, cheapest first, each once. The limit is
+/// `SpotFallback.PriceFactor` times its cheapest spot type's price if set, else
+/// `MaximumPriceFactor` times the cheapest variant's price: the band of types the container
+/// accepted, at on-demand prices (spot's discount alone would put every on-demand type
+/// outside a spot-priced band of 1.5).
 fn spot_fallback_types(
     cfg: &SchedConfig,
     spot: &[Arc<InstanceType>],
@@ -539,31 +542,31 @@ fn spot_fallback_types(
     let Some(cheapest) = spot.first() else {
         return;
     };
-    let factor = if cfg.spot_fallback.price_factor > 0.0 {
-        cfg.spot_fallback.price_factor
-    } else if cfg.maximum_price_factor > 0.0 {
-        cfg.maximum_price_factor
-    } else {
-        1.5
-    };
-    let limit = cheapest.price * factor;
     let mut extra: Vec<Arc<InstanceType>> = Vec::new();
     for it in spot {
         if let Some(v) = variants.get(it.name.as_str())
-            && v.price <= limit
             && !extra.iter().any(|e| e.name == v.name)
         {
             extra.push(v.clone());
         }
-    }
-    if extra.is_empty() {
-        return;
     }
     extra.sort_by(|a, b| {
         a.price
             .total_cmp(&b.price)
             .then_with(|| a.name.cmp(&b.name))
     });
+    let limit = if cfg.spot_fallback.price_factor > 0.0 {
+        cheapest.price * cfg.spot_fallback.price_factor
+    } else {
+        let Some(first) = extra.first() else {
+            return;
+        };
+        first.price * cfg.maximum_price_factor.max(1.0)
+    };
+    extra.retain(|v| v.price <= limit);
+    if extra.is_empty() {
+        return;
+    }
     out.extend(spot.iter().cloned());
     out.extend(extra);
 }

@@ -573,6 +573,10 @@ fn spot_fallback_runs_a_spot_container_on_demand_after_the_wait() {
     // On demand costs 2.5× spot: over a price factor of 2.
     let (_, first, second, _) = run(60, 2.0);
     assert!(nothing(&first) && nothing(&second));
+    // No factor: the band the container accepted (here MaximumPriceFactor 1), at on-demand
+    // prices, holds the cheapest variant.
+    let (h, ..) = run(60, 0.0);
+    assert_eq!(h.pool.creates(), names(&["type2"]));
     // Waited, within the factor: locked, then one on-demand instance, kept while it boots
     // even once spot is back (no spot instance made beside it).
     let (h, first, second, third) = run(60, 3.0);
