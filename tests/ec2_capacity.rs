@@ -9,70 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arvados::InstanceType;
-use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use cloud_ec2::Ec2Set;
 use cloud_ec2::params::Ec2Params;
 use dispatchcloud::scheduler::pool::WorkerPool;
 use dispatchcloud::settings::CapacitySettings;
 use dispatchcloud::worker::{Pool, PoolConfig};
 use serde_json::json;
-use testkit::moto::{Ec2Fault, FaultProxy, Moto};
+use testkit::moto::Ec2Fault;
 use tokio::time::Instant;
 
-struct Rig {
-    _moto: Moto,
-    proxy: FaultProxy,
-    subnet: String,
-    image: String,
-}
+mod common;
 
-async fn rig() -> Option<Rig> {
-    let Some(moto) = Moto::start().await else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "moto_server missing in CI: scripts/test installs it"
-        );
-        eprintln!("SKIPPED: moto_server is not installed (scripts/test installs it into .venv)");
-        return None;
-    };
-    let ec2 = aws_sdk_ec2::Client::from_conf(
-        aws_sdk_ec2::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-            .endpoint_url(&moto.url)
-            .build(),
-    );
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("127.0.0.0/16")
-        .send()
-        .await
-        .unwrap();
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(vpc.vpc().unwrap().vpc_id().unwrap())
-        .cidr_block("127.0.0.0/24")
-        .send()
-        .await
-        .unwrap()
-        .subnet()
-        .unwrap()
-        .subnet_id()
-        .unwrap()
-        .to_string();
-    let image = ec2.describe_images().send().await.unwrap().images()[0]
-        .image_id()
-        .unwrap()
-        .to_string();
-    let proxy = FaultProxy::start(&moto.url).await;
-    Some(Rig {
-        _moto: moto,
-        proxy,
-        subnet,
-        image,
-    })
-}
+use common::moto_vpc::{MotoVpc as Rig, moto_vpc as rig};
 
 /// `t3.large` on demand and as spot: one provider type, two markets (two offerings).
 fn types() -> (InstanceType, InstanceType) {

@@ -13,76 +13,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::{InstanceAttributeName, InstanceStateName};
 use cloud::registry::Registry;
 use dispatchcloud::service::Service;
 use dispatchcloud::settings::Settings;
-use testkit::moto::{Ec2Fault, FaultProxy, Moto};
+use testkit::moto::Ec2Fault;
 use testkit::ssh_vm::SshVm;
 use testkit::stub_driver::{StubConfig, vm_handler};
 use testkit::{ContainerSpec, FakeArvados, FakeConfig};
 use tokio::sync::watch;
 
-/// moto with a VPC, a loopback subnet and an image, the fault proxy in front of it, and a
-/// client that talks to moto directly (the harness's view of the cloud).
-struct Rig {
-    _moto: Moto,
-    proxy: FaultProxy,
-    ec2: aws_sdk_ec2::Client,
-    subnet: String,
-    image: String,
-}
+mod common;
 
-async fn rig() -> Option<Rig> {
-    let Some(moto) = Moto::start().await else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "moto_server missing in CI: scripts/test installs it"
-        );
-        eprintln!("SKIPPED: moto_server is not installed (scripts/test installs it into .venv)");
-        return None;
-    };
-    let ec2 = aws_sdk_ec2::Client::from_conf(
-        aws_sdk_ec2::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-            .endpoint_url(&moto.url)
-            .build(),
-    );
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("127.0.0.0/16")
-        .send()
-        .await
-        .unwrap();
-    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_string();
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(&vpc_id)
-        .cidr_block("127.0.0.0/24")
-        .send()
-        .await
-        .unwrap()
-        .subnet()
-        .unwrap()
-        .subnet_id()
-        .unwrap()
-        .to_string();
-    let image = ec2.describe_images().send().await.unwrap().images()[0]
-        .image_id()
-        .unwrap()
-        .to_string();
-    let proxy = FaultProxy::start(&moto.url).await;
-    Some(Rig {
-        _moto: moto,
-        proxy,
-        ec2,
-        subnet,
-        image,
-    })
-}
+use common::moto_vpc::{MotoVpc as Rig, moto_vpc as rig};
 
 /// A running dispatcher with its VM harness.
 struct Running {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod gce_vms;
+pub mod moto_vpc;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
