@@ -501,11 +501,6 @@ fn extend_sorted(
     *sorted = want;
 }
 
-/// One scheduling pass (spec §7.3). `last_503` is when the API client last saw a 503.
-///
-/// Only the head of the queue that can get decisions this pass is sorted (it grows until the
-/// container limit is reached); the rest can only be told its queue position, which
-/// [`QueuePlan::sorted`] works out when asked.
 /// Each spot type's on-demand variant: the cheapest configured type with the same provider
 /// type that is not preemptible.
 fn on_demand_variants(cfg: &SchedConfig) -> HashMap<&str, Arc<InstanceType>> {
@@ -571,6 +566,11 @@ fn spot_fallback_types(
     out.extend(extra);
 }
 
+/// One scheduling pass (spec §7.3). `last_503` is when the API client last saw a 503.
+///
+/// Only the head of the queue that can get decisions this pass is sorted (it grows until the
+/// container limit is reached); the rest can only be told its queue position, which
+/// [`QueuePlan::sorted`] works out when asked.
 pub fn plan_queue(
     cfg: &SchedConfig,
     limits: &mut Limits,

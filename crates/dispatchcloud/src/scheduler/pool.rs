@@ -46,7 +46,7 @@ pub trait WorkerPool: Send + Sync + 'static {
     /// Clear an exited placeholder.
     fn forget_container(&self, uuid: &str);
     /// A spot interruption notice for the instance running `uuid` (settings `Interruptions`):
-    /// drain it, hold its offering off as at risk and, with `pre_boot`, create a replacement.
+    /// drain it, mark its spot offering at risk and, with `pre_boot`, create a replacement.
     /// True if this changed anything (the first notice for that instance).
     fn interruption_notice(&self, uuid: &str, pre_boot: bool) -> bool {
         let _ = (uuid, pre_boot);

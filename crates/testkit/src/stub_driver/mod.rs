@@ -4,9 +4,13 @@
 //! through the Arvados API like the real one ([`crate::fake_crunch_run::drive`]).
 //!
 //! Faults are knobs ([`StubConfig`], read from `DriverParameters`): cloud-side (error rates,
-//! rate limits between calls, quota, capacity per type, held operations) here; VM-side (boot
-//! delay, broken, hung, crunch-run missing, crashes, stale locks, broken reports) in `vm`,
-//! per VM by creation count with `VmProfiles`, broken types for a while with `BrokenTypesUntil`.
+//! rate limits between calls, quota, capacity per type, a type short for a while with
+//! `ShortOfCapacityUntil`, held operations) here; VM-side (boot delay, broken, hung, crunch-run
+//! missing, crashes, stale locks, broken reports, spot interruption notices before
+//! `VanishAfter`) in `vm`, per VM by creation count with `VmProfiles`, broken types for a while
+//! with `BrokenTypesUntil`. The set keeps its own records: every create's outcome
+//! ([`StubSet::launch_log`]), every VM ([`StubSet::vm_history`]) and every crunch-run life
+//! ([`StubSet::process_lives`], with lives cut by their VM's loss marked).
 //! Randomness is seeded (`Seed`): each VM and the set have their own seeded generator.
 //!
 //! A VM learns its instance secret the way a real one does: from the init command (user data)
@@ -368,6 +372,7 @@ impl Instance for StubVm {
 }
 
 impl StubSet {
+    /// What `create` answers, before the launch log records it.
     async fn create_vm(
         &self,
         it: &InstanceType,
