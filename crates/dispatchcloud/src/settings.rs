@@ -31,6 +31,79 @@ pub struct Settings {
     pub interruptions: InterruptionSettings,
     #[serde(default)]
     pub spot_fallback: SpotFallbackSettings,
+    #[serde(default)]
+    pub idle_time: IdleTimeSettings,
+}
+
+/// How long an idle instance is kept. Default: `CloudVMs.TimeoutIdle` for every instance, as
+/// Arvados.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct IdleTimeSettings {
+    /// Keep each idle instance for as long as its type's demand suggests, from `Min` to
+    /// `Max`, instead of `TimeoutIdle` (see [`IdleTimeSettings::timeout`]).
+    #[serde(default)]
+    pub adaptive: bool,
+    #[serde(
+        default = "IdleTimeSettings::default_min",
+        with = "arvados::config::units::duration"
+    )]
+    pub min: std::time::Duration,
+    #[serde(
+        default = "IdleTimeSettings::default_max",
+        with = "arvados::config::units::duration"
+    )]
+    pub max: std::time::Duration,
+}
+
+impl Default for IdleTimeSettings {
+    fn default() -> Self {
+        IdleTimeSettings {
+            adaptive: false,
+            min: Self::default_min(),
+            max: Self::default_max(),
+        }
+    }
+}
+
+impl IdleTimeSettings {
+    fn default_min() -> std::time::Duration {
+        std::time::Duration::from_secs(10)
+    }
+    fn default_max() -> std::time::Duration {
+        std::time::Duration::from_secs(600)
+    }
+
+    /// How long an idle instance of a type is kept, given `timeout_idle` (`TimeoutIdle`),
+    /// whether a waiting container could use the type (`wanted`), and the times of the
+    /// latest container starts on instances of the type, oldest first, all within `Max`
+    /// of `now`:
+    /// * off: `timeout_idle`;
+    /// * wanted: `Max` (it is about to be used; the scheduler only has not placed it yet);
+    /// * at least three recent starts: twice their mean gap, within `Min`..`Max` (the next
+    ///   container of the type is likely to come within that);
+    /// * otherwise: `Min` (nothing suggests one will come soon).
+    pub fn timeout(
+        &self,
+        timeout_idle: std::time::Duration,
+        wanted: bool,
+        recent_starts: &[std::time::Instant],
+    ) -> std::time::Duration {
+        if !self.adaptive {
+            return timeout_idle;
+        }
+        let (min, max) = (self.min, self.max.max(self.min));
+        if wanted {
+            return max;
+        }
+        match recent_starts {
+            [first, .., last] if recent_starts.len() >= 3 => {
+                let gap = last.saturating_duration_since(*first) / (recent_starts.len() as u32 - 1);
+                (gap * 2).clamp(min, max)
+            }
+            _ => min,
+        }
+    }
 }
 
 /// Spot → on-demand fallback. Default: off, as Arvados, where a container that asked for a
@@ -360,6 +433,13 @@ impl Settings {
                 ),
             });
         }
+        if self.idle_time.min > self.idle_time.max {
+            return Err(SettingsError::Invalid {
+                path: path.into(),
+                key: "IdleTime.Min".into(),
+                message: "is longer than IdleTime.Max".into(),
+            });
+        }
         if self.interruptions.pre_boot && !self.interruptions.drain {
             return Err(SettingsError::Invalid {
                 path: path.into(),
@@ -389,6 +469,46 @@ impl Settings {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn adaptive_idle_time_follows_demand_within_its_bounds() {
+        use std::time::{Duration, Instant};
+        let s = Settings::from_str(
+            "IdleTime:\n  Adaptive: true\n  Min: 5s\n  Max: 2m\n",
+            "s.yml",
+        )
+        .unwrap()
+        .idle_time;
+        let d = Duration::from_secs;
+        let t = Instant::now();
+        let every = |gap: u64, n: u64| (0..n).map(|i| t + d(gap * i)).collect::<Vec<_>>();
+        let idle = d(60);
+        // Off: TimeoutIdle, whatever the demand.
+        assert_eq!(
+            IdleTimeSettings::default().timeout(idle, true, &every(1, 5)),
+            idle
+        );
+        assert_eq!(s.timeout(idle, true, &[]), d(120), "wanted: Max");
+        assert_eq!(s.timeout(idle, false, &[]), d(5), "no demand: Min");
+        assert_eq!(
+            s.timeout(idle, false, &every(10, 2)),
+            d(5),
+            "two starts say little"
+        );
+        assert_eq!(
+            s.timeout(idle, false, &every(10, 4)),
+            d(20),
+            "twice the gap"
+        );
+        assert_eq!(s.timeout(idle, false, &every(1, 4)), d(5), "at least Min");
+        assert_eq!(
+            s.timeout(idle, false, &every(100, 3)),
+            d(120),
+            "at most Max"
+        );
+        let bad = Settings::from_str("IdleTime:\n  Min: 5m\n  Max: 1m\n", "s.yml").unwrap_err();
+        assert!(bad.to_string().contains("IdleTime.Min"), "{bad}");
+    }
 
     #[test]
     fn interruptions_are_off_by_default_and_pre_boot_needs_drain() {

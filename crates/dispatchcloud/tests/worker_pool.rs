@@ -908,3 +908,68 @@ async fn a_bad_capacity_state_file_is_reported_and_ignored() {
     .await;
     p.stop();
 }
+
+/// Issue 19, adaptive idle time (settings `IdleTime.Adaptive`, here `Min` 1 s): an idle
+/// instance whose type no waiting container could use, with no recent demand, is shut down
+/// after `Min`, long before `TimeoutIdle` (10 minutes in these tests); one whose type a
+/// waiting container could use is kept until that changes. With the setting off (Arvados)
+/// both wait for `TimeoutIdle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_idle_time_keeps_wanted_instances_and_shuts_down_the_rest_early() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let (t1, t2) = (fixture_type(1), fixture_type(2));
+    let c = cluster(&[t1.clone(), t2.clone()], None);
+    let provider_types = |set: &StubSet| -> Vec<String> {
+        let mut v: Vec<String> = set
+            .vms()
+            .iter()
+            .map(|vm| cloud::Instance::provider_type(vm.as_ref()))
+            .collect();
+        v.sort();
+        v
+    };
+    for adaptive in [false, true] {
+        let set = stub(json!({}));
+        let p = pool(&c, set.clone(), &key, |cfg| {
+            cfg.idle_time = dispatchcloud::settings::IdleTimeSettings {
+                adaptive,
+                min: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            }
+        });
+        wait_for("first cloud list", Duration::from_secs(5), || p.loaded()).await;
+        p.set_wanted_types([t2.name.clone()].into());
+        assert!(p.create(&t1).is_some() && p.create(&t2).is_some());
+        wait_for("both instances idle", Duration::from_secs(20), || {
+            let v = p.instances();
+            v.len() == 2 && v.iter().all(|i| i.worker_state == WorkerState::Idle)
+        })
+        .await;
+        if adaptive {
+            wait_for(
+                "the unwanted instance to shut down",
+                Duration::from_secs(20),
+                || provider_types(&set) == ["providertype2"],
+            )
+            .await;
+        }
+        // Well past `Min`: the wanted one (and, off, both) still there.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let want: &[&str] = if adaptive {
+            &["providertype2"]
+        } else {
+            &["providertype1", "providertype2"]
+        };
+        assert_eq!(provider_types(&set), want, "adaptive {adaptive}");
+        if adaptive {
+            p.set_wanted_types(Default::default());
+            wait_for(
+                "the no longer wanted instance to shut down",
+                Duration::from_secs(20),
+                || set.vms().is_empty(),
+            )
+            .await;
+        }
+        p.stop();
+    }
+}

@@ -45,7 +45,7 @@ use crate::worker_state::{IdleBehavior, WorkerState};
 pub use plan::{Limits, PoolSnapshot, QueueOrder, QueuePlan, SchedConfig, plan_queue};
 pub use pool::{RunningMap, WorkerPool};
 pub use status::Status;
-pub use sync::{SyncAction, plan_interruptions, plan_sync};
+pub use sync::{SyncAction, plan_interruptions, plan_sync, wanted_types};
 
 use crate::fasthash::FastSet;
 use crate::queue::{ContainerQueue, QueueEnt, uuid_hash};
@@ -418,6 +418,10 @@ impl<P: WorkerPool> Scheduler<P> {
         let running = self.pool.running();
         let (entries, threshold) = self.queue.entries();
         self.sync_snapshot(&entries, &running, threshold);
+        if self.cfg.idle_adaptive {
+            self.pool
+                .set_wanted_types(wanted_types(&entries, &running, 10_000));
+        }
         self.metrics
             .longest_wait
             .set(longest_wait(&entries, &running, Utc::now()));

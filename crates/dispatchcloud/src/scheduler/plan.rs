@@ -48,6 +48,9 @@ pub struct SchedConfig {
     pub spot_fallback: crate::settings::SpotFallbackSettings,
     /// `Containers.MaximumPriceFactor` (the fallback's price limit unless it has its own).
     pub maximum_price_factor: f64,
+    /// `IdleTime.Adaptive`: tell the pool after each pass which types waiting containers
+    /// could use.
+    pub idle_adaptive: bool,
 }
 
 impl SchedConfig {
@@ -72,6 +75,7 @@ impl SchedConfig {
             interruptions: Default::default(),
             spot_fallback: Default::default(),
             maximum_price_factor: c.maximum_price_factor,
+            idle_adaptive: false,
         }
     }
 }

@@ -52,6 +52,11 @@ pub trait WorkerPool: Send + Sync + 'static {
         let _ = (uuid, pre_boot);
         false
     }
+    /// The instance types waiting containers could use (`IdleTime.Adaptive`: idle instances
+    /// of these are kept).
+    fn set_wanted_types(&self, names: std::collections::HashSet<String>) {
+        let _ = names;
+    }
     /// A channel that changes whenever the pool does.
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// Everything a pass needs. Pools with shared state override this to read it under one

@@ -143,3 +143,23 @@ pub fn plan_interruptions(entries: &[Arc<QueueEnt>], running: &RunningMap) -> Ve
         .map(|c| c.uuid.clone())
         .collect()
 }
+
+/// The instance types some waiting container (Queued or Locked, priority > 0, on no worker)
+/// could use, for the adaptive idle time (`IdleTime.Adaptive`); at most the first `limit`
+/// waiting containers are looked at, so a huge queue costs a bounded pass.
+pub fn wanted_types(
+    entries: &[Arc<QueueEnt>],
+    running: &RunningMap,
+    limit: usize,
+) -> std::collections::HashSet<String> {
+    entries
+        .iter()
+        .filter(|e| {
+            let c = e.sched();
+            matches!(c.state, ContainerState::Queued | ContainerState::Locked) && c.priority > 0
+        })
+        .filter(|e| !running.contains_key(&e.container().uuid))
+        .take(limit)
+        .flat_map(|e| e.instance_types.iter().map(|t| t.name.clone()))
+        .collect()
+}

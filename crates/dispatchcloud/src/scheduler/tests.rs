@@ -18,7 +18,7 @@ use super::reference;
 use super::scale::{self, Variant};
 use super::status::Status;
 use super::stub::StubPool;
-use super::sync::{SyncAction, plan_interruptions, plan_sync};
+use super::sync::{SyncAction, plan_interruptions, plan_sync, wanted_types};
 use crate::node_size::TypeChooser;
 use crate::queue::QueueEnt;
 use crate::worker_state::{IdleBehavior, InstanceView, WorkerState};
@@ -884,6 +884,28 @@ fn interruption_notices_are_running_containers_with_a_preemption_notice() {
         plan_interruptions(&h.entries(), &h.pool.running()),
         vec![uuid(1)]
     );
+}
+
+/// Issue 19, adaptive idle time: the types waiting containers could use are those of the
+/// Queued and Locked ones with priority on no worker, up to the limit.
+#[test]
+fn wanted_types_are_those_of_waiting_containers_on_no_worker() {
+    let mut h = Harness::new(&all_types(), |c| c.containers.maximum_price_factor = 1.2);
+    let vm = h.worker(16, WorkerState::Idle);
+    h.add(1, ContainerState::Queued, 1, 4, 4 * GIB, |_| {});
+    h.add(2, ContainerState::Locked, 1, 8, 8 * GIB, |_| {});
+    h.add(3, ContainerState::Queued, 0, 2, 2 * GIB, |_| {});
+    h.add(4, ContainerState::Running, 1, 3, 3 * GIB, |_| {});
+    h.add(5, ContainerState::Locked, 1, 1, GIB, |_| {});
+    let c = h.queue[&uuid(5)].container().clone();
+    assert!(h.pool.start_container(&vm, &c));
+    let mut got: Vec<String> = wanted_types(&h.entries(), &h.pool.running(), 100)
+        .into_iter()
+        .collect();
+    got.sort();
+    // Every eligible type: type9 is within 1.2 times type8's price, type5 not of type4's.
+    assert_eq!(got, names(&["type4", "type8", "type9"]));
+    assert_eq!(wanted_types(&h.entries(), &h.pool.running(), 1).len(), 1);
 }
 
 #[test]

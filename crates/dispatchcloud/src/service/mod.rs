@@ -195,6 +195,7 @@ impl Service {
         let set = wrap_instance_set(set, cluster, deadlines, &registry)?;
         let mut pool_config = PoolConfig::from_cluster(cluster, &instance_set_id, Arc::new(key));
         pool_config.capacity = settings.capacity.clone();
+        pool_config.idle_time = settings.idle_time;
         let pool = Pool::new(pool_config, set, &registry)?;
         let client = ClientConfig::from_cluster(cluster)
             .and_then(Client::new)
@@ -221,6 +222,7 @@ impl Service {
                 shutdown_at_quota: settings.scheduler.shutdown_at_quota,
                 interruptions: settings.interruptions,
                 spot_fallback: settings.spot_fallback,
+                idle_adaptive: settings.idle_time.adaptive,
                 ..SchedConfig::from_cluster(cluster)
             },
             ShellConfig::from_cluster(cluster),

@@ -74,6 +74,8 @@ pub struct PoolConfig {
     pub capacity_error_ttl: Duration,
     /// Capacity back-off from the settings file (off by default).
     pub capacity: crate::settings::CapacitySettings,
+    /// `IdleTime` from the settings file (default: `timeout_idle` for every instance).
+    pub idle_time: crate::settings::IdleTimeSettings,
     /// How long reaching `MaxConcurrentInstanceCreateOps` stops creates (Go: 5 s), unless a
     /// create finishes sooner.
     pub create_ops_hold_off: Duration,
@@ -233,6 +235,7 @@ impl PoolConfig {
             quota_error_ttl: Duration::from_secs(60),
             capacity_error_ttl: Duration::from_secs(60),
             capacity: Default::default(),
+            idle_time: Default::default(),
             create_ops_hold_off: Duration::from_secs(5),
             unknown_create_grace: Duration::from_secs(30),
             api_host: api_host(&cluster.services.controller.external_url),

@@ -86,6 +86,9 @@ pub struct Pool {
     notify: watch::Sender<u64>,
     /// Bumped when the capacity state changes (the state file's writer waits on it).
     capacity_changes: watch::Sender<u64>,
+    /// Demand per instance type, for `IdleTime.Adaptive` (its own lock, taken after the
+    /// state's when both are held).
+    demand: Mutex<shutdown::Demand>,
     /// Every task the pool spawns. Cancelled by [`Pool::stop`]: loops and waits end, creates
     /// and starts are refused; [`Pool::join`] waits for the tasks.
     tasks: Tasks,
@@ -115,6 +118,7 @@ impl Pool {
             }),
             notify: watch::channel(0).0,
             capacity_changes: watch::channel(0).0,
+            demand: Default::default(),
             tasks: Tasks::new(),
             metrics,
             events: crate::events::EventLog::default(),

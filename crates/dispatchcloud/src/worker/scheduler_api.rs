@@ -167,6 +167,10 @@ impl WorkerPool for Pool {
         self.on_interruption_notice(uuid, pre_boot)
     }
 
+    fn set_wanted_types(&self, names: std::collections::HashSet<String>) {
+        self.set_wanted(names);
+    }
+
     fn shutdown(&self, instance_id: &str) -> bool {
         let now = Instant::now();
         let mut st = self.lock();
@@ -213,6 +217,7 @@ impl WorkerPool for Pool {
             self.runner_command(&user),
         );
         w.starting.insert(ctr.uuid.clone(), runner);
+        self.record_start(&w.it.name, Instant::now());
         let command = config::start_command(
             &self.cfg.runner_command(),
             &self.cfg.runner_args,

@@ -1,7 +1,7 @@
 //! Shutting workers down (spec §8.13): the idle rules, the operator's kill and idle
 //! behaviour, the boot outcome metric, and the destroy call.
 
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 
 use super::Pool;
 use super::record::Worker;
@@ -45,7 +45,8 @@ impl Pool {
 
     /// Shut down if the idle rules say so (§8.7); true if it did.
     pub(super) fn shutdown_if_idle(&self, w: &mut Worker, now: Instant) -> bool {
-        if !w.eligible_for_shutdown(now, self.cfg.timeout_idle, self.cfg.timeout_booting) {
+        let timeout_idle = self.idle_timeout(&w.it.name, now);
+        if !w.eligible_for_shutdown(now, timeout_idle, self.cfg.timeout_booting) {
             return false;
         }
         tracing::info!(
@@ -91,5 +92,56 @@ impl Pool {
         self.report_boot_outcome(w, "aborted");
         self.shutdown_locked(w, now);
         Ok(())
+    }
+}
+
+/// How many recent container starts per instance type the adaptive idle time looks at.
+const DEMAND_STARTS: usize = 8;
+
+/// Demand per instance type (`IdleTime.Adaptive`): recent container starts on instances of
+/// each type, and the types waiting containers could use (from the scheduler's last pass).
+#[derive(Default)]
+pub(super) struct Demand {
+    starts: std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>,
+    wanted: std::collections::HashSet<String>,
+}
+
+impl Pool {
+    /// How long an idle instance of type `ty` is kept now (`TimeoutIdle`, or what
+    /// `IdleTime.Adaptive` makes of the type's demand).
+    pub(super) fn idle_timeout(&self, ty: &str, now: Instant) -> Duration {
+        let policy = &self.cfg.idle_time;
+        if !policy.adaptive {
+            return self.cfg.timeout_idle;
+        }
+        let now = now.into_std();
+        let d = self.demand.lock();
+        let starts: Vec<std::time::Instant> = d
+            .starts
+            .get(ty)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|t| now.saturating_duration_since(*t) <= policy.max)
+            .collect();
+        policy.timeout(self.cfg.timeout_idle, d.wanted.contains(ty), &starts)
+    }
+
+    /// A container started on an instance of type `ty` (`IdleTime.Adaptive`).
+    pub(super) fn record_start(&self, ty: &str, now: Instant) {
+        if !self.cfg.idle_time.adaptive {
+            return;
+        }
+        let mut d = self.demand.lock();
+        let q = d.starts.entry(ty.to_string()).or_default();
+        q.push_back(now.into_std());
+        while q.len() > DEMAND_STARTS {
+            q.pop_front();
+        }
+    }
+
+    /// The types waiting containers could use, from the scheduler (`IdleTime.Adaptive`).
+    pub(super) fn set_wanted(&self, names: std::collections::HashSet<String>) {
+        self.demand.lock().wanted = names;
     }
 }
