@@ -288,7 +288,7 @@ async fn a_spot_interruption_notice_drains_the_ec2_instance() {
     let mut c = r.cluster(&f, &key, port, &[types().1]);
     c.containers.cloud_vms.timeout_idle = Duration::from_secs(600);
     let settings = Settings::from_str("Interruptions:\n  Drain: true\n", "test").unwrap();
-    let u = f.add_container(&container(4000, true));
+    let u = f.add_container(&container(8000, true));
     let vm = StubConfig {
         vanish_after: Some(Duration::from_secs(600)),
         interruption_notice: Some(Duration::from_secs(599)),

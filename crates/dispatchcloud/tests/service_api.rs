@@ -1314,7 +1314,7 @@ async fn spot_interruption_notices_drain_the_instance_and_can_pre_boot_a_replace
             preemptible: true,
             ..Default::default()
         };
-        let a = f.add_container(&spec(3000));
+        let a = f.add_container(&spec(5000));
         wait_for("A to get its notice", Duration::from_secs(30), || {
             f.container(&a).unwrap()["runtime_status"]["preemptionNotice"].is_string()
         })

@@ -931,6 +931,8 @@ async fn adaptive_idle_time_keeps_wanted_instances_and_shuts_down_the_rest_early
     for adaptive in [false, true] {
         let set = stub(json!({}));
         let p = pool(&c, set.clone(), &key, |cfg| {
+            // Both creates at once (Arvados' default allows one in flight).
+            cfg.max_concurrent_creates = 0;
             cfg.idle_time = dispatchcloud::settings::IdleTimeSettings {
                 adaptive,
                 min: Duration::from_secs(1),
