@@ -526,6 +526,50 @@ fn on_demand_variants(cfg: &SchedConfig) -> HashMap<&str, Arc<InstanceType>> {
         .collect()
 }
 
+/// `SpotFallback` for one waiting container. If it asked for spot and has fallen back, or falls
+/// back now (it waited `After` and every spot type it could use is at capacity), `out` gets
+/// the types it may use ([`spot_fallback_types`]); true if it falls back in this pass (it is
+/// then remembered in `fallen_back`). `variants` is [`on_demand_variants`], made when first
+/// needed.
+fn spot_fallback<'c>(
+    cfg: &'c SchedConfig,
+    fallen_back: &mut HashSet<u64>,
+    at_capacity: &HashSet<String>,
+    ent: &QueueEnt,
+    now: chrono::DateTime<chrono::Utc>,
+    variants: &mut Option<HashMap<&'c str, Arc<InstanceType>>>,
+    out: &mut Vec<Arc<InstanceType>>,
+) -> bool {
+    if !ent.container().scheduling_parameters.preemptible {
+        return false;
+    }
+    let fallen = fallen_back.contains(&ent.uuid_hash());
+    if !fallen {
+        let all_short = !at_capacity.is_empty()
+            && ent
+                .instance_types
+                .iter()
+                .all(|it| at_capacity.contains(&it.name));
+        let waited = (now - ent.first_seen_at())
+            .to_std()
+            .is_ok_and(|w| w >= cfg.spot_fallback.after);
+        if !(all_short && waited) {
+            return false;
+        }
+    }
+    let variants = variants.get_or_insert_with(|| on_demand_variants(cfg));
+    spot_fallback_types(cfg, &ent.instance_types, variants, out);
+    if fallen
+        || !out
+            .iter()
+            .any(|it| !it.preemptible && !at_capacity.contains(&it.name))
+    {
+        return false;
+    }
+    fallen_back.insert(ent.uuid_hash());
+    true
+}
+
 /// A fallen-back container's types: its own spot types (cheapest first), then the on-demand
 /// variants of them within the price limit, cheapest first, each once. The limit is
 /// `SpotFallback.PriceFactor` times its cheapest spot type's price if set, else
@@ -686,28 +730,18 @@ pub fn plan_queue(
             // Best existing instance, and the cheapest type not at capacity.
             let ent = &entries[row.idx as usize];
             with_variants.clear();
-            if !fallback_after.is_zero() && ent.container().scheduling_parameters.preemptible {
-                let fallen = limits.fallen_back.contains(&ent.uuid_hash());
-                let all_short = !pool.at_capacity.is_empty()
-                    && ent
-                        .instance_types
-                        .iter()
-                        .all(|it| pool.at_capacity.contains(&it.name));
-                let waited = (now_utc - ent.first_seen_at())
-                    .to_std()
-                    .is_ok_and(|w| w >= fallback_after);
-                if fallen || (all_short && waited) {
-                    let variants = variants.get_or_insert_with(|| on_demand_variants(cfg));
-                    spot_fallback_types(cfg, &ent.instance_types, variants, &mut with_variants);
-                    if !fallen
-                        && with_variants
-                            .iter()
-                            .any(|it| !it.preemptible && !pool.at_capacity.contains(&it.name))
-                    {
-                        limits.fallen_back.insert(ent.uuid_hash());
-                        plan.spot_fallbacks.push(ent.container().uuid.clone());
-                    }
-                }
+            if !fallback_after.is_zero()
+                && spot_fallback(
+                    cfg,
+                    &mut limits.fallen_back,
+                    &pool.at_capacity,
+                    ent,
+                    now_utc,
+                    &mut variants,
+                    &mut with_variants,
+                )
+            {
+                plan.spot_fallbacks.push(ent.container().uuid.clone());
             }
             let types: &[Arc<InstanceType>] = if with_variants.is_empty() {
                 &ent.instance_types
