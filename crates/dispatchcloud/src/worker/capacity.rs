@@ -1,7 +1,7 @@
 //! What the pool knows about the cloud's capacity, per offering (issue 19): hold-offs after
 //! capacity errors, errors in a row, the cloud's last word, the file that keeps them across
 //! restarts (settings `Capacity.StateFile`), and spot interruption notices (settings
-//! `Interruptions`), which drain the instance and hold its offering off as at risk.
+//! `Interruptions`), which drain the instance and mark its spot offering at risk (in doubt).
 //!
 //! An offering is a capacity key (see `Pool::capacity_keys`): a provider type in one market
 //! (`m5.large`, `m5.large-preemptible`), a quota group, or `""` for every type.
@@ -193,11 +193,6 @@ impl Pool {
         }
         self.notify();
         true
-    }
-
-    /// Every offering held off or in doubt now.
-    pub fn capacity(&self) -> CapacityFile {
-        snapshot(&self.lock(), Instant::now(), Utc::now())
     }
 
     /// Load `Capacity.StateFile`, if set and present, into the pool.

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use cloud::{CreateRequest, InstanceSet, InstanceTags};
 use tokio::time::Instant;
 
+use super::capacity::OfferingState;
 use super::{Pool, State};
 use crate::worker_state::{InstanceView, WorkerState};
 
@@ -86,53 +87,46 @@ impl Pool {
     /// What the pool holds off now and why, for the status page.
     pub fn holdoffs(&self) -> Vec<HoldOff> {
         let now = Instant::now();
-        let until =
-            |t: Instant| Utc::now() + chrono::Duration::from_std(t - now).unwrap_or_default();
+        let utc = Utc::now();
+        let until = |t: Instant| utc + chrono::Duration::from_std(t - now).unwrap_or_default();
         let st = self.lock();
         let mut out = Vec::new();
-        let mut caps: Vec<(&String, &Instant)> = st
-            .at_capacity_until
-            .iter()
-            .filter(|(_, t)| now < **t)
-            .collect();
-        caps.sort();
-        let what = |key: &str| {
-            if key.is_empty() {
+        // Offerings held off, then (with back-off) those in doubt, each by key.
+        let capacity = super::capacity::snapshot(&st, now, utc);
+        let offering = |key: &str, o: &OfferingState, reason: String| HoldOff {
+            what: if key.is_empty() {
                 "every instance type".to_string()
             } else {
                 key.to_string()
-            }
-        };
-        let offering = |key: &str, reason: String, until: Option<DateTime<Utc>>| HoldOff {
-            what: what(key),
+            },
             reason,
-            until,
+            until: o.held_until,
             offering: Some(key.to_string()),
-            errors_in_a_row: st.capacity_failures.get(key).copied().unwrap_or(0),
-            error: st.capacity_error.get(key).cloned().unwrap_or_default(),
+            errors_in_a_row: o.errors_in_a_row,
+            error: o.error.clone(),
         };
-        for (key, t) in caps {
+        for (key, o) in capacity
+            .offerings
+            .iter()
+            .filter(|(_, o)| o.held_until.is_some())
+        {
             out.push(offering(
                 key,
+                o,
                 "the cloud reported insufficient capacity".into(),
-                Some(until(*t)),
             ));
         }
         if self.cfg.capacity.backoff {
-            let mut doubts: Vec<(&String, &u32)> = st
-                .capacity_failures
+            for (key, o) in capacity
+                .offerings
                 .iter()
-                .filter(|(k, n)| **n > 0 && st.at_capacity_until.get(*k).is_none_or(|t| now >= *t))
-                .collect();
-            doubts.sort();
-            for (key, n) in doubts {
-                out.push(offering(
-                    key,
-                    format!(
-                        "in doubt after {n} capacity error(s) in a row: one create at a time until one succeeds"
-                    ),
-                    None,
-                ));
+                .filter(|(_, o)| o.held_until.is_none())
+            {
+                let reason = format!(
+                    "in doubt after {} capacity error(s) in a row: one create at a time until one succeeds",
+                    o.errors_in_a_row
+                );
+                out.push(offering(key, o, reason));
             }
         }
         if let Some(t) = st.at_quota_until.filter(|t| now < *t) {

@@ -3,7 +3,8 @@
 //!
 //! * this file: the shared state behind one lock, start/stop, the loops, gauges, views.
 //! * `create.rs`: creating (quota, capacity, concurrency, unknown outcomes; §8.5).
-//! * `capacity.rs`: capacity state per offering kept across restarts (`Capacity.StateFile`).
+//! * `capacity.rs`: capacity state per offering (the hold-off list's capacity entries, the
+//!   `Capacity.StateFile` kept across restarts) and spot interruption notices.
 //! * `cloud_sync.rs`: syncing with the cloud list, adoption, tags (§8.6, §8.14).
 //! * `probe.rs`: boot probe, host verification, runner deployment, run probe (§8.7–8.10).
 //! * `scheduler_api.rs`: the [`WorkerPool`](crate::scheduler::pool::WorkerPool) interface the
