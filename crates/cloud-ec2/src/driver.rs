@@ -220,12 +220,29 @@ impl Ec2Set {
         } else {
             p.subnet_ids.iter().map(Some).collect()
         };
-        let n = subnets.len();
-        let start = self.subnet_index.load(Ordering::SeqCst) % n;
+        // The subnets to try, in order: the pinned one only (the pool keeps capacity per
+        // subnet and chose it), or every one from the last that worked (Arvados).
+        let pinned = req.zone.is_some();
+        let tries: Vec<usize> = match &req.zone {
+            Some(z) => match p.subnet_ids.iter().position(|s| s == z) {
+                Some(i) => vec![i],
+                None => {
+                    return Err(CloudError::other(format!(
+                        "create pinned to {z}, which is not one of the configured SubnetIDs"
+                    )));
+                }
+            },
+            None => {
+                let start = self.subnet_index.load(Ordering::SeqCst) % subnets.len();
+                (0..subnets.len())
+                    .map(|o| (start + o) % subnets.len())
+                    .collect()
+            }
+        };
+        let n = tries.len();
         let client = self.client().await;
         let mut remembered: Option<(Option<ApiError>, String, bool)> = None;
-        for offset in 0..n {
-            let idx = (start + offset) % n;
+        for (offset, idx) in tries.into_iter().enumerate() {
             let subnet = subnets[idx];
             let mut nic = InstanceNetworkInterfaceSpecification::builder()
                 .device_index(0)
@@ -304,7 +321,9 @@ impl Ec2Set {
             self.metrics.count_start(label, result.is_ok());
             match result {
                 Ok(out) => {
-                    self.subnet_index.store(idx, Ordering::SeqCst);
+                    if !pinned {
+                        self.subnet_index.store(idx, Ordering::SeqCst);
+                    }
                     self.create_backoff.reset();
                     let Some(inst) = out.instances().first() else {
                         return Err(CloudError::other("RunInstances returned no instance"));
@@ -322,7 +341,9 @@ impl Ec2Set {
                         tracing::warn!(SubnetID = %label, error = %text(&e), "RunInstances failed, trying next subnet");
                         continue;
                     }
-                    self.subnet_index.store(idx, Ordering::SeqCst);
+                    if !pinned {
+                        self.subnet_index.store(idx, Ordering::SeqCst);
+                    }
                     break;
                 }
             }
@@ -332,6 +353,7 @@ impl Ec2Set {
         // No answer, or EC2's own failure: the instance may exist (the pool waits for the
         // instance list to say).
         err.outcome_unknown = crate::errors::outcome_unknown(api.as_ref());
+        err.zone_specific = is_subnet_specific(api.as_ref());
         Err(err)
     }
 
@@ -622,6 +644,13 @@ impl InstanceSet for Ec2Set {
             it.preemptible,
             &self.params.instance_type_quota_groups,
         )
+    }
+    /// The subnets, when there is a choice (`SubnetID` a list of more than one).
+    fn zones(&self) -> Vec<String> {
+        match &self.params.subnet_ids {
+            ids if ids.len() > 1 => ids.clone(),
+            _ => Vec::new(),
+        }
     }
     fn stop(&self) {}
 }

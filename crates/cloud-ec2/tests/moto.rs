@@ -89,6 +89,7 @@ impl Rig {
             tags: [("ArvadosInstanceSetID".to_string(), "zzzzz-test".to_string())].into(),
             init_command: "echo hi".into(),
             public_key: None,
+            zone: None,
         }
     }
 }
@@ -314,6 +315,81 @@ async fn ac_ec2_5_subnet_failover() {
     set.create(&it("t3.micro"), r.request()).await.unwrap();
     assert_eq!(r.proxy.calls("RunInstances").len(), 3);
     assert_eq!(starts(&reg, &good, "1"), 2.0);
+}
+
+/// Issue 19, zones: with more than one subnet the set offers them as zones; a create pinned
+/// to one (the pool's capacity model chose it) tries that subnet only, leaves the fail-over
+/// index alone, and says whether its error is the subnet's. The proxy's record of calls is
+/// the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_pinned_to_a_subnet_tries_only_that_subnet() {
+    let Some(r) = rig(&["127.0.0.0/25", "127.0.0.128/25"]).await else {
+        return;
+    };
+    let (short, good) = (r.subnets[0].clone(), r.subnets[1].clone());
+    let set = r.set(&r.subnets, None);
+    assert_eq!(set.zones(), r.subnets);
+    assert!(
+        r.set(&r.subnets[..1], None).zones().is_empty(),
+        "one subnet: no choice"
+    );
+    r.proxy.inject(
+        Ec2Fault::new("RunInstances", "InsufficientInstanceCapacity", "none left")
+            .when("NetworkInterface.1.SubnetId", &short),
+    );
+    let pinned = |z: &str| CreateRequest {
+        zone: Some(z.to_string()),
+        ..r.request()
+    };
+    let subnets_called = || -> Vec<String> {
+        r.proxy
+            .calls("RunInstances")
+            .iter()
+            .map(|c| c["NetworkInterface.1.SubnetId"].clone())
+            .collect()
+    };
+    let e = set
+        .create(&it("t3.micro"), pinned(&short))
+        .await
+        .err()
+        .unwrap();
+    assert!(e.is_capacity() && e.zone_specific, "{e:?}");
+    assert_eq!(
+        subnets_called(),
+        std::slice::from_ref(&short),
+        "no fail-over when pinned"
+    );
+    set.create(&it("t3.micro"), pinned(&good)).await.unwrap();
+    // Unpinned (Arvados): from the fail-over index, which pinned creates did not move.
+    set.create(&it("t3.micro"), r.request()).await.unwrap();
+    assert_eq!(
+        subnets_called(),
+        [short.clone(), good.clone(), short.clone(), good.clone()]
+    );
+    let e = set
+        .create(&it("t3.micro"), pinned("subnet-nope"))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        !e.is_capacity() && e.to_string().contains("subnet-nope"),
+        "{e}"
+    );
+    assert_eq!(
+        subnets_called().len(),
+        4,
+        "an unknown subnet is not asked for"
+    );
+    // A create that is not a subnet's failure says so.
+    r.proxy.clear();
+    r.proxy
+        .inject(Ec2Fault::new("RunInstances", "InvalidAMIID.NotFound", "no such image").once());
+    let e = set
+        .create(&it("t3.micro"), pinned(&good))
+        .await
+        .err()
+        .unwrap();
+    assert!(!e.zone_specific, "{e:?}");
 }
 
 /// AC-EC2-7 and AC-EC2-8: which error a create reports after trying every subnet.

@@ -67,6 +67,7 @@ fn request(tags: &[(&str, &str)]) -> CreateRequest {
             .collect(),
         init_command: format!("#!/bin/sh\necho {}\n", cloud::tags::new_instance_secret()),
         public_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFake dispatch".into()),
+        zone: None,
     }
 }
 

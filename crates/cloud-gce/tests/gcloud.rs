@@ -136,6 +136,7 @@ async fn gcloud_and_the_driver_see_the_same_instances_on_the_fake() {
                 tags: tags.clone(),
                 init_command: "#!/bin/sh\ntrue\n".into(),
                 public_key: None,
+                zone: None,
             },
         )
         .await

@@ -33,6 +33,10 @@ pub struct CloudError {
     /// The call may have taken effect although it failed (no answer within its deadline, a
     /// server error after the request was sent): a create may have made a VM.
     pub outcome_unknown: bool,
+    /// The failure is the zone's (EC2: a subnet-specific error, such as no free addresses):
+    /// another zone might succeed. Capacity errors of a create pinned to a zone count as
+    /// the zone's without it.
+    pub zone_specific: bool,
 }
 
 impl CloudError {
@@ -66,6 +70,7 @@ impl CloudError {
             message: message.into(),
             also_retry_after: None,
             outcome_unknown: false,
+            zone_specific: false,
         }
     }
 

@@ -65,6 +65,9 @@ pub struct CreateRequest {
     pub init_command: String,
     /// OpenSSH-format public key to authorise for the remote user, if any.
     pub public_key: Option<String>,
+    /// Create in this zone only (one of [`InstanceSet::zones`]), with no fail-over to
+    /// another. `None`: the driver chooses, as Arvados' drivers do.
+    pub zone: Option<String>,
 }
 
 /// One VM: a possibly stale snapshot plus control operations.
@@ -98,6 +101,12 @@ pub trait InstanceSet: Send + Sync {
     ) -> BoxFuture<'_, Result<Vec<Arc<dyn Instance>>, CloudError>>;
     /// Bucket of provider quota shared by several instance types.
     fn instance_quota_group(&self, it: &InstanceType) -> String;
+    /// The places a create may be pinned to with [`CreateRequest::zone`] (EC2: the configured
+    /// subnets), in the operator's order of preference. Empty (the default): the driver has
+    /// one place, or cannot be told which.
+    fn zones(&self) -> Vec<String> {
+        Vec::new()
+    }
     fn stop(&self);
 }
 

@@ -197,6 +197,9 @@ impl InstanceSet for Instrumented {
     fn instance_quota_group(&self, it: &InstanceType) -> String {
         self.inner.instance_quota_group(it)
     }
+    fn zones(&self) -> Vec<String> {
+        self.inner.zones()
+    }
     fn stop(&self) {
         self.inner.stop()
     }
@@ -283,6 +286,9 @@ impl InstanceSet for Deadline {
     }
     fn instance_quota_group(&self, it: &InstanceType) -> String {
         self.inner.instance_quota_group(it)
+    }
+    fn zones(&self) -> Vec<String> {
+        self.inner.zones()
     }
     fn stop(&self) {
         self.inner.stop()
@@ -382,6 +388,9 @@ impl InstanceSet for RateLimited {
     fn instance_quota_group(&self, it: &InstanceType) -> String {
         self.inner.instance_quota_group(it)
     }
+    fn zones(&self) -> Vec<String> {
+        self.inner.zones()
+    }
     fn stop(&self) {
         self.inner.stop()
     }
@@ -421,6 +430,9 @@ impl InstanceSet for DefaultTags {
     }
     fn instance_quota_group(&self, it: &InstanceType) -> String {
         self.inner.instance_quota_group(it)
+    }
+    fn zones(&self) -> Vec<String> {
+        self.inner.zones()
     }
     fn stop(&self) {
         self.inner.stop()
@@ -463,6 +475,9 @@ impl InstanceSet for Filtering {
     }
     fn instance_quota_group(&self, it: &InstanceType) -> String {
         self.inner.instance_quota_group(it)
+    }
+    fn zones(&self) -> Vec<String> {
+        self.inner.zones()
     }
     fn stop(&self) {
         self.inner.stop()
@@ -518,6 +533,7 @@ impl HoldOff {
                 message: msg.clone(),
                 also_retry_after: None,
                 outcome_unknown: false,
+                zone_specific: false,
             }),
             Some(_) => {
                 *g = None;
@@ -582,6 +598,9 @@ impl InstanceSet for Throttled {
     }
     fn instance_quota_group(&self, it: &InstanceType) -> String {
         self.inner.instance_quota_group(it)
+    }
+    fn zones(&self) -> Vec<String> {
+        self.inner.zones()
     }
     fn stop(&self) {
         self.inner.stop()

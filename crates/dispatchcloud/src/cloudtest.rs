@@ -179,6 +179,7 @@ impl CloudTest {
             tags: tags.clone(),
             init_command: cloud::tags::init_command(&secret, &self.instance_init_command),
             public_key: self.public_key.clone(),
+            zone: None,
         };
         let t0 = Instant::now();
         let create_error = match self.set.create(&self.instance_type, request).await {

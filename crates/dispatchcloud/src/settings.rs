@@ -172,7 +172,9 @@ pub enum ShutdownAtQuota {
 /// `BackoffMax`, plus up to 25 % jitter (so dispatchers and types do not retry in step), and a
 /// successful create of the type resets it. With `Backoff` there is also a launch budget: an
 /// offering whose hold ended but that has not had a create succeed since is in doubt, and
-/// only one create of it is in flight at a time. `StateFile` (with or without `Backoff`) keeps
+/// only one create of it is in flight at a time; and when the driver has zones (EC2: several
+/// subnets), each create is pinned to one and capacity is kept per zone (`Pool::zones`).
+/// `StateFile` (with or without `Backoff`) keeps
 /// hold-offs and errors in a row across restarts.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "PascalCase")]

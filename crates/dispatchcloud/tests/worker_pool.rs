@@ -975,3 +975,80 @@ async fn adaptive_idle_time_keeps_wanted_instances_and_shuts_down_the_rest_early
         p.stop();
     }
 }
+
+/// Issue 19, capacity per zone (with `Capacity.Backoff` and a cloud of several zones): each
+/// create is pinned to one zone, a capacity error holds off only that zone for that offering,
+/// and an offering's next create goes to the zone that last worked for it. Without back-off
+/// the driver fails over as Arvados' EC2 driver does, from the one zone that last worked for
+/// any type, so two types short in different zones keep failing where the other succeeded.
+/// The stub cloud's launch log is the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_is_kept_per_zone_and_each_offering_returns_to_its_good_zone() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let (t1, t2) = (fixture_type(1), fixture_type(2));
+    let c = cluster(&[t1.clone(), t2.clone()], None);
+    let mut failed = Vec::new();
+    for on in [false, true] {
+        let set = stub(json!({
+            "Zones": ["a", "b", "c"],
+            "ShortOfCapacityUntil": {
+                "providertype1@a": "1h", "providertype1@b": "1h", "providertype2@c": "1h",
+            },
+        }));
+        let p = pool(&c, set.clone(), &key, |cfg| cfg.capacity = backoff(on));
+        wait_for("first cloud list", Duration::from_secs(5), || p.loaded()).await;
+        for (i, t) in [&t1, &t2, &t1, &t2, &t1, &t2].into_iter().enumerate() {
+            if i == 4 {
+                // Past the zones' hold-offs: they are in doubt, but each offering still goes
+                // to the zone that worked for it, not back to a probe of a short one.
+                wait_for("zone hold-offs over", Duration::from_secs(10), || {
+                    p.holdoffs().iter().all(|h| h.until.is_none())
+                })
+                .await;
+            }
+            let made = set.vms().len();
+            while set.vms().len() == made {
+                wait_for("a zone to try", Duration::from_secs(10), || {
+                    !p.at_capacity(t)
+                })
+                .await;
+                assert!(p.create(t).is_some(), "backoff {on}: create accepted");
+                wait_for("the create answered", Duration::from_secs(10), || {
+                    p.instances().len() == set.vms().len()
+                })
+                .await;
+            }
+        }
+        let log = set.launch_log();
+        let zones_made = |ty: &str| -> Vec<String> {
+            log.iter()
+                .filter(|l| l.provider_type == ty && l.failed.is_none())
+                .map(|l| l.zone.clone())
+                .collect()
+        };
+        assert_eq!(zones_made("providertype1"), ["c", "c", "c"], "backoff {on}");
+        assert_eq!(zones_made("providertype2"), ["a", "a", "a"], "backoff {on}");
+        failed.push(log.iter().filter(|l| l.failed.is_some()).count());
+        if on {
+            let in_doubt: Vec<String> = p
+                .holdoffs()
+                .into_iter()
+                .filter_map(|h| h.offering)
+                .collect();
+            assert_eq!(
+                in_doubt,
+                ["providertype1@a", "providertype1@b"],
+                "only the zones that failed are in doubt, each for its type"
+            );
+            assert!(!p.at_capacity(&t1) && !p.at_capacity(&t2));
+        }
+        p.stop();
+    }
+    // Off: t1 fails in a and b each time (the shared index is back at a after t2), t2 in c.
+    // On: each zone that is short fails once, and is not probed while another zone works.
+    assert_eq!(
+        failed,
+        [2 + 1 + 2 + 1 + 2 + 1, 2],
+        "failed launches, off and on"
+    );
+}

@@ -403,6 +403,65 @@ async fn stub_capacity_shortage_ends_and_the_launch_log_records_every_create() {
     );
 }
 
+/// `Zones` with `ShortOfCapacityUntil` per zone: an unpinned create tries the zones as
+/// Arvados' EC2 driver tries subnets (from the last that worked, one launch each, on after a
+/// capacity error); a pinned create tries its zone only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stub_zones_fail_over_like_ec2_subnets_unless_pinned() {
+    let set = testkit::stub_driver::StubSet::new(
+        testkit::stub_driver::StubConfig::from_params(&json!({
+            "Zones": ["a", "b", "c"],
+            "ShortOfCapacityUntil": {"m4@a": "1h", "m4@b": "1h", "c4@c": "1h"},
+        }))
+        .unwrap(),
+    );
+    assert_eq!(set.zones(), ["a", "b", "c"]);
+    let key = new_ed25519_key();
+    let pinned = |z: &str| CreateRequest {
+        zone: Some(z.to_string()),
+        ..request(&key)
+    };
+    set.create(&it("m4", false), request(&key)).await.unwrap();
+    // The last zone that worked (c) is tried first, for every type.
+    set.create(&it("c4", false), request(&key)).await.unwrap();
+    set.create(&it("m4", false), request(&key)).await.unwrap();
+    let e = set
+        .create(&it("m4", false), pinned("b"))
+        .await
+        .err()
+        .unwrap();
+    assert!(e.is_capacity() && e.to_string().contains("zone b"), "{e}");
+    set.create(&it("m4", false), pinned("c")).await.unwrap();
+    let e = set
+        .create(&it("m4", false), pinned("x"))
+        .await
+        .err()
+        .unwrap();
+    assert!(!e.is_capacity(), "{e}");
+    let log: Vec<(String, String, bool)> = set
+        .launch_log()
+        .into_iter()
+        .map(|l| (l.provider_type, l.zone, l.failed.is_none()))
+        .collect();
+    let t = |ty: &str, z: &str, ok: bool| (ty.to_string(), z.to_string(), ok);
+    assert_eq!(
+        log,
+        [
+            t("m4", "a", false),
+            t("m4", "b", false),
+            t("m4", "c", true),
+            t("c4", "c", false),
+            t("c4", "a", true),
+            t("m4", "a", false),
+            t("m4", "b", false),
+            t("m4", "c", true),
+            t("m4", "b", false),
+            t("m4", "c", true),
+            t("m4", "", false),
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stub_held_cloud_ops_wait_for_release() {
     let set = std::sync::Arc::new(testkit::stub_driver::StubSet::new(

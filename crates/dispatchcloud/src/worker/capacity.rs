@@ -4,7 +4,8 @@
 //! `Interruptions`), which drain the instance and mark its spot offering at risk (in doubt).
 //!
 //! An offering is a capacity key (see `Pool::capacity_keys`): a provider type in one market
-//! (`m5.large`, `m5.large-preemptible`), a quota group, or `""` for every type.
+//! (`m5.large`, `m5.large-preemptible`), the same in one zone with zones on
+//! (`m5.large-preemptible@subnet-1`), a quota group, or `""` for every type.
 //!
 //! The file is JSON, written whole to `PATH.tmp` and renamed over `PATH` after each change, so
 //! a crash never leaves half a file. A missing file is a first start; an unreadable one is

@@ -32,6 +32,8 @@ pub struct HoldOff {
 /// A create call in flight, keyed by the instance secret it carries.
 pub(super) struct Creating {
     pub(super) it: Arc<InstanceType>,
+    /// The zone it is pinned to (see `Pool::zones`).
+    pub(super) zone: Option<String>,
     /// The create call failed without saying whether a VM was made (no answer in time, a
     /// server error): since when. The place is kept, so nothing creates a second VM for it,
     /// until the cloud list shows the VM (it is adopted) or a list started
@@ -62,7 +64,37 @@ impl Pool {
         [String::new(), self.set.instance_quota_group(it), provider]
     }
 
+    /// The capacity key of `it`'s offering in `zone`.
+    fn zone_key(&self, it: &InstanceType, zone: &str) -> String {
+        let [_, _, provider] = self.capacity_keys(it);
+        format!("{provider}@{zone}")
+    }
+
+    /// With zones: where the next create of `it` goes. The zone of the offering's last
+    /// successful create first, then the others in the operator's order; a zone held off is
+    /// skipped, and so is one in doubt while a create probes it (the launch budget). `None`:
+    /// every zone is out for now (or there are no zones).
+    fn pick_zone(&self, st: &State, it: &InstanceType, now: Instant) -> Option<String> {
+        let [_, _, provider] = self.capacity_keys(it);
+        let last = st.last_good_zone.get(&provider);
+        last.into_iter()
+            .chain(self.zones.iter().filter(|z| Some(*z) != last))
+            .find(|z| {
+                let key = self.zone_key(it, z);
+                let held = st.at_capacity_until.get(&key).is_some_and(|t| now < *t);
+                let probing = st.capacity_failures.get(&key).is_some_and(|n| *n > 0)
+                    && st.creating.values().any(|c| {
+                        c.zone.as_ref() == Some(*z) && self.capacity_keys(&c.it)[2] == provider
+                    });
+                !held && !probing
+            })
+            .cloned()
+    }
+
     pub(super) fn at_capacity_locked(&self, st: &State, it: &InstanceType, now: Instant) -> bool {
+        if !self.zones.is_empty() && self.pick_zone(st, it, now).is_none() {
+            return true;
+        }
         let keys = self.capacity_keys(it);
         if keys
             .iter()
@@ -208,12 +240,14 @@ impl Pool {
             st.create_ops_hold_until = Some(now + self.cfg.create_ops_hold_off);
             return None;
         }
+        let zone = self.pick_zone(&st, it, now);
         let it = Arc::new(it.clone());
         let secret = cloud::tags::new_instance_secret();
         st.creating.insert(
             secret.clone(),
             Creating {
                 it: it.clone(),
+                zone: zone.clone(),
                 unknown_since: None,
             },
         );
@@ -227,7 +261,7 @@ impl Pool {
         drop(st);
         self.notify();
         let view = InstanceView::new("", &it, WorkerState::Booting);
-        self.spawn(async move { pool.create_in_background(secret, it).await });
+        self.spawn(async move { pool.create_in_background(secret, it, zone).await });
         Some(view)
     }
 
@@ -235,6 +269,7 @@ impl Pool {
         self: Arc<Self>,
         secret: String,
         it: Arc<InstanceType>,
+        zone: Option<String>,
     ) {
         let keys = &self.cfg.tag_keys;
         let tags: InstanceTags = [
@@ -249,15 +284,21 @@ impl Pool {
             tags,
             init_command: cloud::tags::init_command(&secret, &self.cfg.instance_init_command),
             public_key: self.cfg.install_public_key.clone(),
+            zone: zone.clone(),
         };
         let result = self.set.create(&it, req).await;
+        let zone_key = zone.as_ref().map(|z| self.zone_key(&it, z));
         let now = Instant::now();
         {
             let mut st = self.lock();
             match result {
                 Ok(inst) => {
                     let mut recovered = false;
-                    for key in self.capacity_keys(&it) {
+                    if let Some(z) = &zone {
+                        let [_, _, provider] = self.capacity_keys(&it);
+                        st.last_good_zone.insert(provider, z.clone());
+                    }
+                    for key in self.capacity_keys(&it).into_iter().chain(zone_key) {
                         recovered |= st.capacity_failures.remove(&key).is_some();
                         st.capacity_error.remove(&key);
                     }
@@ -305,9 +346,15 @@ impl Pool {
                             st.at_quota_until = None;
                         }
                     }
-                    if e.is_capacity() {
+                    // Pinned to a zone: short there (or the zone's own failure, such as a
+                    // subnet out of addresses); the next create tries another zone.
+                    let in_zone =
+                        zone_key.filter(|_| e.zone_specific || e.is_instance_type_specific());
+                    if e.is_capacity() || in_zone.is_some() {
                         let [all, group, provider] = self.capacity_keys(&it);
-                        let key = if e.is_quota_group_specific() {
+                        let key = if let Some(k) = in_zone {
+                            k
+                        } else if e.is_quota_group_specific() {
                             group
                         } else if e.is_instance_type_specific() {
                             provider

@@ -72,6 +72,8 @@ struct State {
     capacity_failures: HashMap<String, u32>,
     /// The cloud's last capacity error per capacity key.
     capacity_error: HashMap<String, String>,
+    /// With zones: the zone of each offering's last successful create (tried first).
+    last_good_zone: HashMap<String, String>,
     /// `MaxConcurrentInstanceCreateOps` was hit; cleared early when a create finishes.
     create_ops_hold_until: Option<Instant>,
     /// `MaxConcurrentInstanceCreateOps` (0: unlimited).
@@ -90,6 +92,9 @@ pub struct Pool {
     /// Demand per instance type, for `IdleTime.Adaptive` (its own lock, taken after the
     /// state's when both are held).
     demand: Mutex<shutdown::Demand>,
+    /// The zones creates are pinned to, each its own offering (with `Capacity.Backoff` and a
+    /// driver with more than one zone; empty otherwise: the driver chooses, as in Arvados).
+    zones: Vec<String>,
     /// Every task the pool spawns. Cancelled by [`Pool::stop`]: loops and waits end, creates
     /// and starts are refused; [`Pool::join`] waits for the tasks.
     tasks: Tasks,
@@ -111,7 +116,12 @@ impl Pool {
         registry: &prometheus::Registry,
     ) -> Result<Arc<Pool>, prometheus::Error> {
         let metrics = PoolMetrics::new(registry)?;
+        let zones = match set.zones() {
+            z if cfg.capacity.backoff && z.len() > 1 => z,
+            _ => Vec::new(),
+        };
         Ok(Arc::new_cyclic(|me| Pool {
+            zones,
             set: Arc::new(Throttled::new(set)),
             state: Mutex::new(State {
                 max_concurrent_creates: cfg.max_concurrent_creates,

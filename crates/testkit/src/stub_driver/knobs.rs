@@ -56,8 +56,13 @@ pub struct StubConfig {
     pub broken_types_until: BTreeMap<String, Duration>,
     /// Creates of these provider types within this long of the instance set's start are
     /// type-specific capacity errors, as a cloud short of that type for a while
-    /// (`ShortOfCapacityUntil: {providertype: 10m}`; `providertype-preemptible`: spot only).
+    /// (`ShortOfCapacityUntil: {providertype: 10m}`; `providertype-preemptible`: spot only;
+    /// `providertype@zone`, `providertype-preemptible@zone`: in that zone only).
     pub short_of_capacity_until: BTreeMap<String, Duration>,
+    /// The cloud's zones, as EC2's subnets (`Zones: [a, b, c]`; default none). A create not
+    /// pinned to one tries them as Arvados' EC2 driver tries subnets: from the last zone that
+    /// worked, on to the next after a capacity error, each try a launch of its own.
+    pub zones: Vec<String>,
     /// After this long from create, commands never answer (`HangAfter`).
     pub hang_after: Option<Duration>,
     /// After this long from create, the cloud takes the VM away (a spot interruption): it
@@ -152,6 +157,18 @@ impl StubConfig {
         };
         let broken_types_until = durations_by_type("BrokenTypesUntil")?;
         let short_of_capacity_until = durations_by_type("ShortOfCapacityUntil")?;
+        let mut zones = Vec::new();
+        if let Some(v) = params.get("Zones") {
+            let list = v.as_array().ok_or_else(|| bad("Zones", "not a list"))?;
+            for (i, z) in list.iter().enumerate() {
+                match z.as_str() {
+                    Some(z) if !z.is_empty() && !zones.iter().any(|k| k == z) => {
+                        zones.push(z.to_string())
+                    }
+                    _ => return Err(bad(&format!("Zones.{i}"), "not a new, non-empty name")),
+                }
+            }
+        }
         let mut vm_profiles = Vec::new();
         if let Some(v) = params.get("VmProfiles") {
             let list = v
@@ -177,6 +194,7 @@ impl StubConfig {
         Ok(StubConfig {
             broken_types_until,
             short_of_capacity_until,
+            zones,
             hang_after: p.duration("HangAfter")?,
             vanish_after: p.duration("VanishAfter")?,
             interruption_notice: p.duration("InterruptionNotice")?,
@@ -219,10 +237,11 @@ mod tests {
             "BootDelay": "2s", "QuotaMaxInstances": 3, "CapacityPerType": {"m5": 1},
             "ErrorRateCreate": 0.5, "MinTimeBetweenCreateCalls": "100ms", "HoldCloudOps": true,
             "BrokenAfter": "1m", "CrashRate": 0.1, "StaleLockDeadlockRate": 1, "Seed": 7,
-            "ShortOfCapacityUntil": {"m5-preemptible": "10m"},
+            "ShortOfCapacityUntil": {"m5-preemptible": "10m"}, "Zones": ["a", "b"],
         }))
         .unwrap();
         assert_eq!(c.boot_delay, Duration::from_secs(2));
+        assert_eq!(c.zones, ["a", "b"]);
         assert_eq!(c.quota_max_instances, Some(3));
         assert_eq!(c.capacity_per_type["m5"], 1);
         assert_eq!(c.error_rate_create, 0.5);
@@ -263,6 +282,9 @@ mod tests {
                 json!({"ShortOfCapacityUntil": ["m5"]}),
                 "DriverParameters.ShortOfCapacityUntil",
             ),
+            (json!({"Zones": "a"}), "DriverParameters.Zones"),
+            (json!({"Zones": ["a", "a"]}), "DriverParameters.Zones.1"),
+            (json!({"Zones": ["a", 3]}), "DriverParameters.Zones.1"),
         ] {
             let e = StubConfig::from_params(&params).unwrap_err().to_string();
             assert!(e.starts_with(key), "{e}");

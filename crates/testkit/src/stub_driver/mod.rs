@@ -4,8 +4,9 @@
 //! through the Arvados API like the real one ([`crate::fake_crunch_run::drive`]).
 //!
 //! Faults are knobs ([`StubConfig`], read from `DriverParameters`): cloud-side (error rates,
-//! rate limits between calls, quota, capacity per type, a type short for a while with
-//! `ShortOfCapacityUntil`, held operations) here; VM-side (boot delay, broken, hung, crunch-run
+//! rate limits between calls, quota, capacity per type, zones tried as EC2's subnets with
+//! `Zones`, a type short for a while (everywhere or in one zone) with `ShortOfCapacityUntil`,
+//! held operations) here; VM-side (boot delay, broken, hung, crunch-run
 //! missing, crashes, stale locks, broken reports, spot interruption notices before
 //! `VanishAfter`) in `vm`, per VM by creation count with `VmProfiles`, broken types for a while
 //! with `BrokenTypesUntil`. The set keeps its own records: every create's outcome
@@ -113,6 +114,8 @@ pub struct LaunchRecord {
     pub at: chrono::DateTime<chrono::Utc>,
     pub provider_type: String,
     pub preemptible: bool,
+    /// The zone tried (empty: the cloud has none).
+    pub zone: String,
     /// `None`: a VM was made. Otherwise the error's kind: `capacity`, `quota`, `rate-limit`,
     /// `other`.
     pub failed: Option<&'static str>,
@@ -148,6 +151,22 @@ impl Cloud {
         {
             p.forget();
         }
+    }
+
+    /// How long `it` is short of capacity (in `zone`) from the start, if it is at all
+    /// (`ShortOfCapacityUntil`): the longest of the knobs that apply.
+    fn short_until(&self, it: &InstanceType, zone: Option<&str>) -> Option<Duration> {
+        let mut keys = vec![it.provider_type.clone()];
+        if it.preemptible {
+            keys.push(format!("{}-preemptible", it.provider_type));
+        }
+        if let Some(z) = zone {
+            keys.extend(keys.clone().into_iter().map(|k| format!("{k}@{z}")));
+        }
+        keys.iter()
+            .filter_map(|k| self.cfg.short_of_capacity_until.get(k))
+            .max()
+            .copied()
     }
 
     fn unlucky(&self, rate: f64) -> bool {
@@ -196,6 +215,9 @@ impl MinInterval {
 pub struct StubSet {
     cloud: Arc<Cloud>,
     next: Mutex<usize>,
+    /// The zone an unpinned create tries first (the last that worked, as Arvados' EC2 driver
+    /// keeps one subnet index for every type).
+    zone_index: Mutex<usize>,
     create_interval: MinInterval,
     list_interval: MinInterval,
     /// Where the VMs' SSH servers (and the crunch-runs they start) run; by default the
@@ -220,6 +242,7 @@ impl StubSet {
                 lives: Default::default(),
             }),
             next: Mutex::new(0),
+            zone_index: Mutex::new(0),
             vm_runtime: Default::default(),
         }
     }
@@ -372,31 +395,28 @@ impl Instance for StubVm {
 }
 
 impl StubSet {
-    /// What `create` answers, before the launch log records it.
+    /// What one launch in `zone` answers, before the launch log records it.
     async fn create_vm(
         &self,
         it: &InstanceType,
         req: CreateRequest,
+        zone: Option<&str>,
     ) -> Result<Arc<dyn Instance>, CloudError> {
         let cloud = &self.cloud;
         cloud.hang_if_dead().await;
         cloud.hold().await;
         self.create_interval.check()?;
-        let spot_key = format!("{}-preemptible", it.provider_type);
-        let short = &cloud.cfg.short_of_capacity_until;
-        if let Some(until) = short.get(&it.provider_type).or(if it.preemptible {
-            short.get(&spot_key)
-        } else {
-            None
-        }) && cloud.started.elapsed() < *until
+        if let Some(until) = cloud.short_until(it, zone)
+            && cloud.started.elapsed() < until
         {
+            let place = zone.map(|z| format!(" in zone {z}")).unwrap_or_default();
             return Err(CloudError::new(
                 ErrorKind::Capacity {
                     instance_type_specific: true,
                     quota_group_specific: false,
                 },
                 format!(
-                    "stub: {} is short of capacity (ShortOfCapacityUntil)",
+                    "stub: {} is short of capacity{place} (ShortOfCapacityUntil)",
                     it.provider_type
                 ),
             ));
@@ -519,18 +539,48 @@ impl InstanceSet for StubSet {
     ) -> BoxFuture<'_, Result<Arc<dyn Instance>, CloudError>> {
         let it = it.clone();
         Box::pin(async move {
-            let result = self.create_vm(&it, req).await;
-            self.cloud.launches.lock().push(LaunchRecord {
-                at: chrono::Utc::now(),
-                provider_type: it.provider_type.clone(),
-                preemptible: it.preemptible,
-                failed: result.as_ref().err().map(|e| match e.kind {
-                    ErrorKind::Capacity { .. } => "capacity",
-                    ErrorKind::Quota => "quota",
-                    ErrorKind::RateLimit { .. } => "rate-limit",
-                    _ => "other",
-                }),
-            });
+            let zones = &self.cloud.cfg.zones;
+            // The zones to try, in order: the pinned one, or all from the last that worked.
+            let tries: Vec<Option<usize>> = match &req.zone {
+                Some(z) => vec![zones.iter().position(|k| k == z)],
+                None if zones.is_empty() => vec![None],
+                None => {
+                    let start = *self.zone_index.lock();
+                    (0..zones.len())
+                        .map(|i| Some((start + i) % zones.len()))
+                        .collect()
+                }
+            };
+            let n = tries.len();
+            let mut result = Err(CloudError::other("stub: no zone to try"));
+            for (i, zone) in tries.into_iter().enumerate() {
+                let name = zone.map(|z| zones[z].as_str());
+                result = match (&req.zone, zone) {
+                    (Some(z), None) => Err(CloudError::other(format!("stub: no zone {z}"))),
+                    _ => self.create_vm(&it, req.clone(), name).await,
+                };
+                self.cloud.launches.lock().push(LaunchRecord {
+                    at: chrono::Utc::now(),
+                    provider_type: it.provider_type.clone(),
+                    preemptible: it.preemptible,
+                    zone: name.unwrap_or_default().to_string(),
+                    failed: result.as_ref().err().map(|e| match e.kind {
+                        ErrorKind::Capacity { .. } => "capacity",
+                        ErrorKind::Quota => "quota",
+                        ErrorKind::RateLimit { .. } => "rate-limit",
+                        _ => "other",
+                    }),
+                });
+                if req.zone.is_none()
+                    && let Some(z) = zone
+                {
+                    *self.zone_index.lock() = z;
+                }
+                match &result {
+                    Err(e) if e.is_capacity() && i + 1 < n => continue,
+                    _ => break,
+                }
+            }
             result
         })
     }
@@ -576,6 +626,10 @@ impl InstanceSet for StubSet {
             g.push_str("-p");
         }
         g
+    }
+
+    fn zones(&self) -> Vec<String> {
+        self.cloud.cfg.zones.clone()
     }
 
     fn stop(&self) {}
