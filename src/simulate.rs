@@ -56,10 +56,15 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "N")]
     max_instances: Option<i64>,
     /// Make the stub cloud short of a provider type from the start for this long (e.g.
-    /// m5.xlarge=10m; m5.xlarge-preemptible=10m for its spot market only); repeatable. The
-    /// report counts the launches wasted on it (stub knob ShortOfCapacityUntil)
+    /// m5.xlarge=10m; m5.xlarge-preemptible=10m for its spot market only; m5.xlarge@a=10m in
+    /// zone a only, with --zones); repeatable. The report counts the launches wasted on it
+    /// (stub knob ShortOfCapacityUntil)
     #[arg(long, value_name = "TYPE=DURATION", value_parser = parse_shortage)]
     capacity_shortage: Vec<(String, String)>,
+    /// Give the stub cloud these zones, tried as EC2's subnets (e.g. a,b,c; stub knob
+    /// Zones). The report counts launches per zone
+    #[arg(long, value_name = "ZONE,ZONE,...", value_delimiter = ',')]
+    zones: Vec<String>,
     /// A spot interruption storm: the stub cloud takes every VM back this long after
     /// creating it (e.g. 30s; stub knob VanishAfter). The report counts the crunch-runs cut
     /// and the work lost
@@ -137,8 +142,14 @@ fn lost_work(lives: &[testkit::stub_driver::ProcessLife]) -> Value {
 /// `-preemptible` for spot).
 fn launch_summary(log: &[testkit::stub_driver::LaunchRecord]) -> Value {
     let mut by_type: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut by_zone: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let mut failed: BTreeMap<&str, usize> = BTreeMap::new();
     for l in log {
+        if !l.zone.is_empty() {
+            let z = by_zone.entry(&l.zone).or_default();
+            z.0 += 1;
+            z.1 += usize::from(l.failed == Some("capacity"));
+        }
         let key = if l.preemptible {
             format!("{}-preemptible", l.provider_type)
         } else {
@@ -161,6 +172,10 @@ fn launch_summary(log: &[testkit::stub_driver::LaunchRecord]) -> Value {
         "by_provider_type": by_type
             .into_iter()
             .map(|(k, (calls, capacity))| (k, json!({"calls": calls, "failed_for_capacity": capacity})))
+            .collect::<serde_json::Map<String, Value>>(),
+        "by_zone": by_zone
+            .into_iter()
+            .map(|(k, (calls, capacity))| (k.to_string(), json!({"calls": calls, "failed_for_capacity": capacity})))
             .collect::<serde_json::Map<String, Value>>(),
     })
 }
@@ -240,6 +255,10 @@ pub fn run(
     }
     if let Some(d) = args.interruption_notice {
         set_param(&mut cluster, "InterruptionNotice", go_duration(d).into());
+    }
+    if !args.zones.is_empty() {
+        let zones = args.zones.iter().map(|z| z.clone().into()).collect();
+        set_param(&mut cluster, "Zones", serde_norway::Value::Sequence(zones));
     }
     if !args.capacity_shortage.is_empty() {
         let mut short = serde_norway::Mapping::new();

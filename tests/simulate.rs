@@ -216,6 +216,66 @@ fn simulate_capacity_shortage_reports_the_wasted_launches() {
     }
 }
 
+/// Issue 19's zone shortage, small: three zones; m5.xlarge is short in a and b, r5.xlarge in
+/// c, for the whole run. Without back-off the stub cloud fails over as Arvados' EC2 driver
+/// does, from the one zone that last worked for any type, so each type keeps failing in the
+/// zones where the other succeeded; with `Capacity.Backoff` each offering learns its short
+/// zones once and goes back to its good one. Wasted launches are the stub cloud's capacity
+/// errors (its launch log, per zone).
+#[test]
+fn simulate_zone_shortage_wastes_fewer_launches_with_capacity_per_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("settings.yml");
+    std::fs::write(&settings, "Capacity:\n  Backoff: true\n").unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--containers",
+            "200",
+            "--seed",
+            "3",
+            "--arrival-interval",
+            "100ms",
+            "--zones",
+            "a,b,c",
+            "--capacity-shortage",
+            "m5.xlarge@a=5m",
+            "--capacity-shortage",
+            "m5.xlarge@b=5m",
+            "--capacity-shortage",
+            "r5.xlarge@c=5m",
+        ];
+        args.extend_from_slice(extra);
+        let (out, r) = simulate(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(r["complete"], 200, "{r}");
+        assert_eq!(r["ran_more_than_once"], serde_json::json!([]));
+        assert_eq!(r["instances_left"], 0);
+        assert_adds_up(&r);
+        r
+    };
+    let off = run(&[]);
+    let on = run(&["--settings", settings.to_str().unwrap()]);
+    let wasted = |r: &serde_json::Value| r["launches"]["failed_for_capacity"].as_u64().unwrap();
+    let zones = |r: &serde_json::Value| r["launches"]["by_zone"].clone();
+    assert!(
+        wasted(&off) >= 6,
+        "the shared fail-over index keeps failing: {}",
+        zones(&off)
+    );
+    // At most each short zone once per offering (both markets of m5.xlarge in a and b, both
+    // of r5.xlarge in c).
+    assert!(
+        wasted(&on) <= 6 && wasted(&on) < wasted(&off),
+        "on {} vs off {}",
+        zones(&on),
+        zones(&off)
+    );
+}
+
 /// Issue 19's spot interruption storm, small: the stub cloud takes every VM back 12 s after
 /// creating it and announces it 6 s before; 200 containers run 1–3 s. Without
 /// `Interruptions.Drain` (Arvados) containers keep starting on doomed VMs and are cut; with
