@@ -50,6 +50,19 @@ impl Rig {
         capacity_error_ttl: Duration,
     ) -> Arc<Pool> {
         let (ondemand, spot) = types();
+        let subnet = std::slice::from_ref(&self.subnet);
+        self.pool_of(id, capacity, capacity_error_ttl, &[ondemand, spot], subnet)
+    }
+
+    /// [`Rig::pool`] of these types, creating in these subnets.
+    fn pool_of(
+        &self,
+        id: &str,
+        capacity: CapacitySettings,
+        capacity_error_ttl: Duration,
+        types: &[InstanceType],
+        subnets: &[String],
+    ) -> Arc<Pool> {
         let mut c = arvados::Cluster {
             cluster_id: "zzzzz".into(),
             ..Default::default()
@@ -58,8 +71,8 @@ impl Rig {
         v.image_id = self.image.clone();
         v.deploy_runner_binary = String::new();
         v.sync_interval = Duration::from_millis(200);
-        for t in [ondemand, spot] {
-            c.instance_types.insert(t.name.clone(), t);
+        for t in types {
+            c.instance_types.insert(t.name.clone(), t.clone());
         }
         let key = Arc::new(cloud::sshd::new_ed25519_key());
         let mut cfg = PoolConfig::from_cluster(&c, id, key);
@@ -68,7 +81,7 @@ impl Rig {
         cfg.max_concurrent_creates = 0;
         let params = Ec2Params::from_params(&json!({
             "AccessKeyID": "test", "SecretAccessKey": "test", "Region": "us-east-1",
-            "SubnetID": self.subnet, "Endpoint": self.proxy.url, "AdminUsername": "crunch",
+            "SubnetID": subnets, "Endpoint": self.proxy.url, "AdminUsername": "crunch",
         }))
         .unwrap();
         let set = Arc::new(Ec2Set::new(params, &id.to_string(), None).unwrap());
@@ -219,4 +232,106 @@ async fn ec2_an_offering_in_doubt_gets_one_probe_launch_per_pass() {
         assert_eq!(r.spot_launches() - before, 1 + want, "backoff {on}");
         p.stop();
     }
+}
+
+/// Capacity per zone over EC2 (with `Capacity.Backoff` and three subnets): t3.large is short
+/// in the first two subnets, t3.small in the third. The pool pins each create to one subnet
+/// and keeps each type on the subnet that worked for it, so each short subnet fails once per
+/// type. Without back-off (Arvados) every create fails over from the one subnet that last
+/// worked for any type, and each type keeps failing where the other succeeded. The fault
+/// proxy's record of `RunInstances` calls is the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ec2_capacity_is_kept_per_subnet_and_each_type_returns_to_its_good_subnet() {
+    let Some(r) = rig().await else { return };
+    let (large, _) = types();
+    let small = InstanceType {
+        name: "small".into(),
+        provider_type: "t3.small".into(),
+        ..large.clone()
+    };
+    let s = r.subnets.clone();
+    let mut failed = Vec::new();
+    for on in [false, true] {
+        r.proxy.clear();
+        for (ty, subnet) in [
+            ("t3.large", &s[0]),
+            ("t3.large", &s[1]),
+            ("t3.small", &s[2]),
+        ] {
+            r.proxy.inject(
+                Ec2Fault::new(
+                    "RunInstances",
+                    "InsufficientInstanceCapacity",
+                    "We currently do not have sufficient capacity in the Availability Zone you requested.",
+                )
+                .when("InstanceType", ty)
+                .when("NetworkInterface.1.SubnetId", subnet),
+            );
+        }
+        let before = r.proxy.calls("RunInstances").len();
+        let id = format!("zzzzz-zones-{on}");
+        let p = r.pool_of(
+            &id,
+            backoff(on),
+            Duration::from_secs(60),
+            &[large.clone(), small.clone()],
+            &s,
+        );
+        let mut made = 0;
+        for t in [&large, &small, &large, &small] {
+            made += 1;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while p.instances().len() < made {
+                assert!(
+                    Instant::now() < deadline,
+                    "backoff {on}: {:?}",
+                    p.holdoffs()
+                );
+                if !p.at_capacity(t) {
+                    assert!(p.create(t).is_some(), "backoff {on}: create accepted");
+                }
+                // The create's answer: a VM, or no create left in flight.
+                wait_for("the create answered", Duration::from_secs(10), || {
+                    p.instances().iter().all(|v| !v.instance.is_empty())
+                })
+                .await;
+            }
+        }
+        let calls = r.proxy.calls("RunInstances");
+        let calls = &calls[before..];
+        // Moto's own record: where this set's instances of each type are.
+        let out = r.ec2.describe_instances().send().await.unwrap();
+        let mut made_in: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for i in out.reservations().iter().flat_map(|r| r.instances()) {
+            let ours = i
+                .tags()
+                .iter()
+                .any(|t| t.key() == Some("ArvadosInstanceSetID") && t.value() == Some(id.as_str()));
+            if ours {
+                made_in
+                    .entry(i.instance_type().unwrap().as_str().to_string())
+                    .or_default()
+                    .push(i.subnet_id().unwrap().to_string());
+            }
+        }
+        let made_in = |ty: &str| made_in.get(ty).cloned().unwrap_or_default();
+        assert_eq!(
+            made_in("t3.large"),
+            [s[2].clone(), s[2].clone()],
+            "backoff {on}"
+        );
+        assert_eq!(
+            made_in("t3.small"),
+            [s[0].clone(), s[0].clone()],
+            "backoff {on}"
+        );
+        failed.push(calls.len() - 4);
+        p.stop();
+    }
+    // Off: t3.large fails in two subnets each time, t3.small in one. On: each once.
+    assert_eq!(
+        failed,
+        [2 + 1 + 2 + 1, 2],
+        "failed RunInstances calls, off and on"
+    );
 }

@@ -1,5 +1,5 @@
-//! `moto_server` with what the EC2 tests need in it: a VPC 127.0.0.0/16 with the subnet
-//! 127.0.0.0/24 (so every instance address is on loopback), an image, and the project's fault
+//! `moto_server` with what the EC2 tests need in it: a VPC 127.0.0.0/16 with three subnets
+//! 127.0.0-2.0/24 (so every instance address is on loopback), an image, and the project's fault
 //! proxy in front of it. Explicit credentials, region and endpoint: the SDK never looks for a
 //! metadata service.
 
@@ -12,7 +12,10 @@ pub struct MotoVpc {
     pub proxy: FaultProxy,
     /// A client of moto itself (not through the proxy): the harness's view of the cloud.
     pub ec2: aws_sdk_ec2::Client,
+    /// The first of [`MotoVpc::subnets`]: where a set of one subnet creates.
     pub subnet: String,
+    /// Three subnets (127.0.0.0/24, 127.0.1.0/24, 127.0.2.0/24), as zones.
+    pub subnets: Vec<String>,
     pub image: String,
 }
 
@@ -40,18 +43,17 @@ pub async fn moto_vpc() -> Option<MotoVpc> {
         .send()
         .await
         .unwrap();
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(vpc.vpc().unwrap().vpc_id().unwrap())
-        .cidr_block("127.0.0.0/24")
-        .send()
-        .await
-        .unwrap()
-        .subnet()
-        .unwrap()
-        .subnet_id()
-        .unwrap()
-        .to_string();
+    let mut subnets = Vec::new();
+    for cidr in ["127.0.0.0/24", "127.0.1.0/24", "127.0.2.0/24"] {
+        let s = ec2
+            .create_subnet()
+            .vpc_id(vpc.vpc().unwrap().vpc_id().unwrap())
+            .cidr_block(cidr)
+            .send()
+            .await
+            .unwrap();
+        subnets.push(s.subnet().unwrap().subnet_id().unwrap().to_string());
+    }
     let image = ec2.describe_images().send().await.unwrap().images()[0]
         .image_id()
         .unwrap()
@@ -61,7 +63,8 @@ pub async fn moto_vpc() -> Option<MotoVpc> {
         moto,
         proxy,
         ec2,
-        subnet,
+        subnet: subnets[0].clone(),
+        subnets,
         image,
     })
 }
