@@ -51,7 +51,14 @@ impl Rig {
     ) -> Arc<Pool> {
         let (ondemand, spot) = types();
         let subnet = std::slice::from_ref(&self.subnet);
-        self.pool_of(id, capacity, capacity_error_ttl, &[ondemand, spot], subnet)
+        self.pool_of(
+            id,
+            capacity,
+            capacity_error_ttl,
+            &[ondemand, spot],
+            subnet,
+            |_| {},
+        )
     }
 
     /// [`Rig::pool`] of these types, creating in these subnets.
@@ -62,6 +69,7 @@ impl Rig {
         capacity_error_ttl: Duration,
         types: &[InstanceType],
         subnets: &[String],
+        tweak: impl FnOnce(&mut PoolConfig),
     ) -> Arc<Pool> {
         let mut c = arvados::Cluster {
             cluster_id: "zzzzz".into(),
@@ -79,6 +87,7 @@ impl Rig {
         cfg.capacity = capacity;
         cfg.capacity_error_ttl = capacity_error_ttl;
         cfg.max_concurrent_creates = 0;
+        tweak(&mut cfg);
         let params = Ec2Params::from_params(&json!({
             "AccessKeyID": "test", "SecretAccessKey": "test", "Region": "us-east-1",
             "SubnetID": subnets, "Endpoint": self.proxy.url, "AdminUsername": "crunch",
@@ -276,6 +285,7 @@ async fn ec2_capacity_is_kept_per_subnet_and_each_type_returns_to_its_good_subne
             Duration::from_secs(60),
             &[large.clone(), small.clone()],
             &s,
+            |_| {},
         );
         let mut made = 0;
         for t in [&large, &small, &large, &small] {
@@ -334,4 +344,72 @@ async fn ec2_capacity_is_kept_per_subnet_and_each_type_returns_to_its_good_subne
         [2 + 1 + 2 + 1, 2],
         "failed RunInstances calls, off and on"
     );
+}
+
+/// Issue 19, interruption notices from EC2 itself: with `Interruptions.Drain` the pool has
+/// its set watch, and a spot instance whose spot request EC2 marks for termination is drained
+/// (its `IdleBehavior` tag, as moto keeps it, becomes `drain`) without any container saying
+/// so. Off (Arvados), the pool never asks EC2 and the instance stays `run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ec2_a_spot_instance_marked_for_termination_is_drained() {
+    let Some(r) = rig().await else { return };
+    let (_, spot) = types();
+    for drain in [false, true] {
+        r.proxy.clear();
+        let id = format!("zzzzz-notice-{drain}");
+        let p = r.pool_of(
+            &id,
+            backoff(false),
+            Duration::from_secs(60),
+            std::slice::from_ref(&spot),
+            std::slice::from_ref(&r.subnet),
+            |cfg| cfg.interruptions.drain = drain,
+        );
+        wait_for("first cloud list", Duration::from_secs(10), || p.loaded()).await;
+        assert!(p.create(&spot).is_some());
+        wait_for("the spot VM", Duration::from_secs(10), || {
+            p.instances().iter().any(|v| !v.instance.is_empty())
+        })
+        .await;
+        let vm = p.instances()[0].instance.clone();
+        r.proxy.inject(Ec2Fault::reply(
+            "DescribeSpotInstanceRequests",
+            &testkit::moto::spot_request_xml(&vm, "marked-for-termination"),
+        ));
+        // Moto's tags on the VM: the oracle.
+        let idle_behavior = || async {
+            let out = r
+                .ec2
+                .describe_instances()
+                .instance_ids(&vm)
+                .send()
+                .await
+                .unwrap();
+            out.reservations()[0].instances()[0]
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some("ArvadosIdleBehavior"))
+                .and_then(|t| t.value())
+                .unwrap_or_default()
+                .to_string()
+        };
+        if drain {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while idle_behavior().await != "drain" {
+                assert!(Instant::now() < deadline, "{:?}", p.instances());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(!r.proxy.calls("DescribeSpotInstanceRequests").is_empty());
+        } else {
+            // Several syncs (every 200 ms) after the notice is there to be seen.
+            let lists = r.proxy.calls("DescribeInstances").len();
+            wait_for("three more syncs", Duration::from_secs(10), || {
+                r.proxy.calls("DescribeInstances").len() >= lists + 3
+            })
+            .await;
+            assert_eq!(idle_behavior().await, "run");
+            assert!(r.proxy.calls("DescribeSpotInstanceRequests").is_empty());
+        }
+        p.stop();
+    }
 }

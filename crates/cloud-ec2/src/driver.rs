@@ -7,7 +7,7 @@
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use arvados::InstanceType;
@@ -86,7 +86,17 @@ pub struct Ec2Set {
     key_names: Mutex<HashMap<String, String>>,
     metrics: ProviderMetrics,
     spot: Mutex<HashMap<SpotKey, (SystemTime, Vec<InstancePrice>)>>,
+    /// Ask for the spot requests' status at each list ([`InstanceSet::watch_interruptions`]).
+    watch_interruptions: AtomicBool,
 }
+
+/// Spot request status codes that announce the instance's interruption (AWS: "Spot request
+/// status", the codes of an instance about to be taken back).
+const INTERRUPTION_CODES: [&str; 3] = [
+    "marked-for-termination",
+    "marked-for-stop",
+    "marked-for-hibernation",
+];
 
 fn api_error<E: ProvideErrorMetadata>(e: &E) -> Option<ApiError> {
     e.code().map(|c| ApiError {
@@ -122,6 +132,7 @@ impl Ec2Set {
             key_names: Mutex::new(HashMap::new()),
             metrics,
             spot: Mutex::new(HashMap::new()),
+            watch_interruptions: AtomicBool::new(false),
         })
     }
 
@@ -417,10 +428,69 @@ impl Ec2Set {
         if !spot_seen.is_empty() && !self.params.spot_price_update_interval.is_zero() {
             self.refresh_spot_prices(client, &spot_seen).await;
         }
+        let notices = if self.watch_interruptions.load(Ordering::Relaxed) {
+            let spot: Vec<String> = raw
+                .iter()
+                .filter(|i| i.instance_lifecycle() == Some(&InstanceLifecycleType::Spot))
+                .filter_map(|i| i.instance_id().map(str::to_string))
+                .collect();
+            self.interruption_notices(client, spot).await
+        } else {
+            HashMap::new()
+        };
         Ok(raw
             .iter()
-            .map(|inst| Arc::new(Ec2Instance::new(self, inst, client.clone())) as Arc<dyn Instance>)
+            .map(|inst| {
+                let mut i = Ec2Instance::new(self, inst, client.clone());
+                i.interruption = notices.get(&i.id).copied();
+                Arc::new(i) as Arc<dyn Instance>
+            })
             .collect())
+    }
+
+    /// Instance id → when EC2 announced its interruption, for these spot instances (their
+    /// spot requests, by the `instance-id` filter). A failed call (say the IAM policy lacks
+    /// `ec2:DescribeSpotInstanceRequests`) is logged and reads as no notices: the list
+    /// itself stands.
+    async fn interruption_notices(
+        &self,
+        client: &Client,
+        instances: Vec<String>,
+    ) -> HashMap<String, chrono::DateTime<chrono::Utc>> {
+        let mut out = HashMap::new();
+        for chunk in instances.chunks(100) {
+            let answer = client
+                .describe_spot_instance_requests()
+                .filters(
+                    Filter::builder()
+                        .name("instance-id")
+                        .set_values(Some(chunk.to_vec()))
+                        .build(),
+                )
+                .send()
+                .await;
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %text(&e), "DescribeSpotInstanceRequests failed; no spot interruption notices from EC2 this time");
+                    return out;
+                }
+            };
+            for r in answer.spot_instance_requests() {
+                let (Some(id), Some(status)) = (r.instance_id(), r.status()) else {
+                    continue;
+                };
+                if !INTERRUPTION_CODES.contains(&status.code().unwrap_or_default()) {
+                    continue;
+                }
+                let at = status
+                    .update_time()
+                    .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
+                    .unwrap_or_else(chrono::Utc::now);
+                out.insert(id.to_string(), at);
+            }
+        }
+        out
     }
 
     /// Refresh the spot price cache for the (type, zone) pairs in use (§3.7).
@@ -515,6 +585,8 @@ pub struct Ec2Instance {
     /// Spot prices of its type in its zone as of the list (empty for on-demand instances).
     spot_prices: Vec<InstancePrice>,
     ebs_price: f64,
+    /// When EC2 announced its interruption, as of the list (with `watch_interruptions`).
+    interruption: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl std::fmt::Debug for Ec2Instance {
@@ -557,6 +629,7 @@ impl Ec2Instance {
             client,
             spot_prices,
             ebs_price: set.params.ebs_price,
+            interruption: None,
         }
     }
 }
@@ -620,6 +693,9 @@ impl Instance for Ec2Instance {
     fn verify_host_key(&self, _key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
         Box::pin(async { Err(CloudError::not_implemented()) })
     }
+    fn interruption_notice(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.interruption
+    }
 }
 
 impl InstanceSet for Ec2Set {
@@ -644,6 +720,9 @@ impl InstanceSet for Ec2Set {
             it.preemptible,
             &self.params.instance_type_quota_groups,
         )
+    }
+    fn watch_interruptions(&self) {
+        self.watch_interruptions.store(true, Ordering::Relaxed);
     }
     /// The subnets, when there is a choice (`SubnetID` a list of more than one).
     fn zones(&self) -> Vec<String> {

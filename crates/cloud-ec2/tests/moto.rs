@@ -597,3 +597,75 @@ async fn ac_ec2_11_spot_price_history() {
             .any(|p| (p.price - 0.01).abs() < 1e-9)
     );
 }
+
+/// Issue 19, the cloud's own interruption notices: a set that watches asks EC2 for its spot
+/// instances' requests at each list, and an instance whose request is `marked-for-termination`
+/// says so (with EC2's time); a set that does not watch never asks (Arvados makes no such
+/// call, and the IAM policy may not allow it); on-demand instances are not asked about; a
+/// refused call leaves the list standing, with no notices. The proxy's record is the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watching_set_reports_ec2_spot_interruption_notices() {
+    let Some(r) = rig(&["127.0.0.0/24"]).await else {
+        return;
+    };
+    let set = r.set(&r.subnets, None);
+    let mut spot = it("t3.micro");
+    spot.preemptible = true;
+    let vm = set.create(&spot, r.request()).await.unwrap().id();
+    set.create(&it("t3.micro"), r.request()).await.unwrap();
+    r.proxy.inject(Ec2Fault::reply(
+        "DescribeSpotInstanceRequests",
+        &testkit::moto::spot_request_xml(&vm, "marked-for-termination"),
+    ));
+    let notices = |listed: &[Arc<dyn cloud::Instance>]| -> Vec<(String, Option<String>)> {
+        let mut v: Vec<(String, Option<String>)> = listed
+            .iter()
+            .map(|i| (i.id(), i.interruption_notice().map(|t| t.to_rfc3339())))
+            .collect();
+        v.sort();
+        v
+    };
+    let listed = set.instances(&InstanceTags::new()).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(notices(&listed).iter().all(|(_, n)| n.is_none()));
+    assert!(
+        r.proxy.calls("DescribeSpotInstanceRequests").is_empty(),
+        "not watching: no call"
+    );
+    set.watch_interruptions();
+    let listed = set.instances(&InstanceTags::new()).await.unwrap();
+    let noticed: Vec<(String, Option<String>)> = notices(&listed)
+        .into_iter()
+        .filter(|(_, n)| n.is_some())
+        .collect();
+    assert_eq!(
+        noticed,
+        [(vm.clone(), Some("2026-12-01T09:00:00+00:00".to_string()))]
+    );
+    let calls = r.proxy.calls("DescribeSpotInstanceRequests");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["Filter.1.Name"], "instance-id");
+    assert_eq!(
+        calls[0]["Filter.1.Value.1"], vm,
+        "only the spot instance is asked about"
+    );
+    assert!(!calls[0].contains_key("Filter.1.Value.2"));
+    // A request that is fulfilled is no notice.
+    r.proxy.clear();
+    r.proxy.inject(Ec2Fault::reply(
+        "DescribeSpotInstanceRequests",
+        &testkit::moto::spot_request_xml(&vm, "fulfilled"),
+    ));
+    let listed = set.instances(&InstanceTags::new()).await.unwrap();
+    assert!(notices(&listed).iter().all(|(_, n)| n.is_none()));
+    // Refused: the list stands, without notices.
+    r.proxy.clear();
+    r.proxy.inject(Ec2Fault::new(
+        "DescribeSpotInstanceRequests",
+        "UnauthorizedOperation",
+        "You are not authorized to perform this operation.",
+    ));
+    let listed = set.instances(&InstanceTags::new()).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(notices(&listed).iter().all(|(_, n)| n.is_none()));
+}

@@ -85,6 +85,13 @@ pub trait Instance: Send + Sync + std::fmt::Debug {
     /// Whether `key` (OpenSSH format) is this VM's host key. `ErrorKind::NotImplemented`
     /// makes the pool fall back to the instance-secret check.
     fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>>;
+    /// When the cloud announced, as of the list this snapshot came from, that it will take
+    /// this VM back (a spot interruption; EC2: its spot request marked for termination).
+    /// `None` when it has not, or when its set does not watch
+    /// ([`InstanceSet::watch_interruptions`]).
+    fn interruption_notice(&self) -> Option<DateTime<Utc>> {
+        None
+    }
 }
 
 /// The VMs of one dispatcher in one cloud account. All methods are safe to call concurrently.
@@ -107,6 +114,10 @@ pub trait InstanceSet: Send + Sync {
     fn zones(&self) -> Vec<String> {
         Vec::new()
     }
+    /// From now on, have each listed instance say whether the cloud announced its
+    /// interruption ([`Instance::interruption_notice`]). It may cost the driver a call per
+    /// list (EC2: `DescribeSpotInstanceRequests`). Default: the driver cannot tell.
+    fn watch_interruptions(&self) {}
     fn stop(&self);
 }
 

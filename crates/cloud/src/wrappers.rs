@@ -149,6 +149,9 @@ impl<H: Hook> Instance for Hooked<H> {
     fn verify_host_key(&self, key: &str) -> BoxFuture<'_, Result<(), CloudError>> {
         self.hook.around_verify(self.inner.verify_host_key(key))
     }
+    fn interruption_notice(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.inner.interruption_notice()
+    }
 }
 
 /// Counts each call in `driver_operations` and `driver_errors_total`.
@@ -199,6 +202,9 @@ impl InstanceSet for Instrumented {
     }
     fn zones(&self) -> Vec<String> {
         self.inner.zones()
+    }
+    fn watch_interruptions(&self) {
+        self.inner.watch_interruptions()
     }
     fn stop(&self) {
         self.inner.stop()
@@ -289,6 +295,9 @@ impl InstanceSet for Deadline {
     }
     fn zones(&self) -> Vec<String> {
         self.inner.zones()
+    }
+    fn watch_interruptions(&self) {
+        self.inner.watch_interruptions()
     }
     fn stop(&self) {
         self.inner.stop()
@@ -391,6 +400,9 @@ impl InstanceSet for RateLimited {
     fn zones(&self) -> Vec<String> {
         self.inner.zones()
     }
+    fn watch_interruptions(&self) {
+        self.inner.watch_interruptions()
+    }
     fn stop(&self) {
         self.inner.stop()
     }
@@ -433,6 +445,9 @@ impl InstanceSet for DefaultTags {
     }
     fn zones(&self) -> Vec<String> {
         self.inner.zones()
+    }
+    fn watch_interruptions(&self) {
+        self.inner.watch_interruptions()
     }
     fn stop(&self) {
         self.inner.stop()
@@ -478,6 +493,9 @@ impl InstanceSet for Filtering {
     }
     fn zones(&self) -> Vec<String> {
         self.inner.zones()
+    }
+    fn watch_interruptions(&self) {
+        self.inner.watch_interruptions()
     }
     fn stop(&self) {
         self.inner.stop()
@@ -601,6 +619,9 @@ impl InstanceSet for Throttled {
     }
     fn zones(&self) -> Vec<String> {
         self.inner.zones()
+    }
+    fn watch_interruptions(&self) {
+        self.inner.watch_interruptions()
     }
     fn stop(&self) {
         self.inner.stop()

@@ -1052,3 +1052,49 @@ async fn capacity_is_kept_per_zone_and_each_offering_returns_to_its_good_zone() 
         "failed launches, off and on"
     );
 }
+
+/// Issue 19, interruption notices from the cloud itself (the stub announces each VM's end
+/// 29 s before taking it back at 30 s): with `Interruptions.Drain` the pool has the set watch,
+/// drains the noticed instance although no container says so, and, idle, it is shut down at
+/// once; the stub cloud's VM list (the VM gone long before the cloud would take it) is the
+/// oracle. Off (Arvados) the instance stays, in `run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_the_cloud_announces_it_will_take_back_is_drained() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), None);
+    for drain in [false, true] {
+        let set = stub(json!({"VanishAfter": "30s", "InterruptionNotice": "29s"}));
+        let p = pool(&c, set.clone(), &key, |cfg| cfg.interruptions.drain = drain);
+        wait_for("first cloud list", Duration::from_secs(5), || p.loaded()).await;
+        assert!(p.create(&t1).is_some());
+        wait_for("the VM", Duration::from_secs(10), || set.vms().len() == 1).await;
+        let vm = cloud::Instance::id(set.vms()[0].as_ref());
+        if drain {
+            wait_for("the noticed VM destroyed", Duration::from_secs(10), || {
+                set.vms().is_empty()
+            })
+            .await;
+            assert!(
+                p.events.all().iter().any(|e| e.kind == "drain"
+                    && e.subject == vm
+                    && e.detail.contains("the cloud's notice")),
+                "{:?}",
+                p.events.all()
+            );
+        } else {
+            wait_for("the instance idle", Duration::from_secs(10), || {
+                states(&p) == [(t1.name.clone(), WorkerState::Idle, IdleBehavior::Run)]
+            })
+            .await;
+            // The notice is a second after create; the cloud takes the VM at 30 s.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(set.vms().len(), 1);
+            assert_eq!(
+                states(&p),
+                [(t1.name.clone(), WorkerState::Idle, IdleBehavior::Run)]
+            );
+        }
+        p.stop();
+    }
+}

@@ -277,3 +277,26 @@ impl FaultHandle {
             .collect()
     }
 }
+
+/// EC2's answer to `DescribeSpotInstanceRequests` (moto makes no spot requests): `instance`'s
+/// request has status `code` (`marked-for-termination`: an interruption notice), updated at
+/// 2026-12-01T09:00:00Z. For [`Ec2Fault::reply`].
+pub fn spot_request_xml(instance: &str, code: &str) -> String {
+    format!(
+        r#"<DescribeSpotInstanceRequestsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+  <requestId>7a62c49f-347e-4fc4-9331-6e8eEXAMPLE</requestId>
+  <spotInstanceRequestSet>
+    <item>
+      <spotInstanceRequestId>sir-1a2b3c4d</spotInstanceRequestId>
+      <state>active</state>
+      <status>
+        <code>{code}</code>
+        <updateTime>2026-12-01T09:00:00.000Z</updateTime>
+        <message>Spot status {code}</message>
+      </status>
+      <instanceId>{instance}</instanceId>
+    </item>
+  </spotInstanceRequestSet>
+</DescribeSpotInstanceRequestsResponse>"#
+    )
+}

@@ -48,6 +48,12 @@ impl Instance for MemInstance {
     fn verify_host_key(&self, _: &str) -> BoxFuture<'_, Result<(), CloudError>> {
         Box::pin(async { Err(CloudError::not_implemented()) })
     }
+    /// Instances whose id starts with `noticed` have a notice (at the Unix epoch).
+    fn interruption_notice(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.id
+            .starts_with("noticed")
+            .then_some(chrono::DateTime::UNIX_EPOCH)
+    }
 }
 
 /// Records calls; fails the next create/list with `fail_next` if set.
@@ -115,6 +121,12 @@ impl InstanceSet for MemSet {
     }
     fn instance_quota_group(&self, _: &InstanceType) -> String {
         String::new()
+    }
+    fn zones(&self) -> Vec<String> {
+        vec!["z1".into(), "z2".into()]
+    }
+    fn watch_interruptions(&self) {
+        self.log.lock().push("watch".into());
     }
     fn stop(&self) {}
 }
@@ -390,4 +402,43 @@ async fn deadline_ends_calls_a_hanging_cloud_never_answers() {
     assert!(err.outcome_unknown && err.to_string().starts_with("Create: "));
     // A plain error is not "outcome unknown".
     assert!(!CloudError::other("x").outcome_unknown);
+}
+
+/// Issue 19: zones, watching for interruptions and an instance's notice reach through the
+/// whole wrapper stack (a wrapper that forgot one would answer with the trait's default).
+#[tokio::test]
+async fn zones_and_interruption_notices_pass_through_every_wrapper() {
+    let mem = Arc::new(MemSet::default());
+    mem.add("noticed-1", &[]);
+    mem.add("calm-2", &[]);
+    let registry = prometheus::Registry::new();
+    let inner: Arc<dyn InstanceSet> = mem.clone();
+    let set: Arc<dyn InstanceSet> = Arc::new(Instrumented::new(inner, &registry).unwrap());
+    let set: Arc<dyn InstanceSet> = Arc::new(Deadline::new(
+        set,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    ));
+    let set: Arc<dyn InstanceSet> = Arc::new(RateLimited::new(set, 1000.0));
+    let set: Arc<dyn InstanceSet> = Arc::new(DefaultTags::new(set, InstanceTags::new()));
+    let set: Arc<dyn InstanceSet> = Arc::new(Filtering::new(set));
+    let set = Throttled::new(set);
+    assert_eq!(set.zones(), ["z1", "z2"]);
+    set.watch_interruptions();
+    assert_eq!(mem.calls().iter().filter(|c| *c == "watch").count(), 1);
+    let mut noticed: Vec<(String, bool)> = set
+        .instances(&InstanceTags::new())
+        .await
+        .unwrap()
+        .iter()
+        .map(|i| (i.id(), i.interruption_notice().is_some()))
+        .collect();
+    noticed.sort();
+    assert_eq!(
+        noticed,
+        [
+            ("calm-2".to_string(), false),
+            ("noticed-1".to_string(), true)
+        ]
+    );
 }

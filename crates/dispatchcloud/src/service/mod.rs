@@ -196,6 +196,7 @@ impl Service {
         let mut pool_config = PoolConfig::from_cluster(cluster, &instance_set_id, Arc::new(key));
         pool_config.capacity = settings.capacity.clone();
         pool_config.idle_time = settings.idle_time;
+        pool_config.interruptions = settings.interruptions;
         let pool = Pool::new(pool_config, set, &registry)?;
         let client = ClientConfig::from_cluster(cluster)
             .and_then(Client::new)

@@ -142,58 +142,83 @@ impl Pool {
             .send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// A spot interruption notice for the worker running `uuid`: drain it (unless the operator
-    /// already set a behaviour other than `run`); for a preemptible type, mark its offering at
-    /// risk (in doubt, as after a capacity error, until a create of it succeeds: with
-    /// `Capacity.Backoff`, one create of it at a time); then, if `pre_boot`, create a
-    /// replacement of its type. False if no worker runs `uuid` or it was not in `run`.
+    /// A spot interruption notice for the worker running `uuid` (from its container's
+    /// `runtime_status`): see [`Pool::drain_for_interruption`]; then, if `pre_boot`, create
+    /// a replacement of its type. False if no worker runs `uuid` or it was not in `run`.
+    pub(super) fn on_interruption_notice(&self, uuid: &str, pre_boot: bool) -> bool {
+        let drained = {
+            let mut st = self.lock();
+            let Some(id) = st
+                .workers
+                .values()
+                .find(|w| w.running.contains_key(uuid) || w.starting.contains_key(uuid))
+                .map(|w| w.id.clone())
+            else {
+                return false;
+            };
+            self.drain_for_interruption(&mut st, &id, &format!("container {uuid}"))
+        };
+        let Some(it) = drained else {
+            return false;
+        };
+        self.after_interruptions(&[it], pre_boot);
+        true
+    }
+
+    /// Drain worker `id` for a spot interruption notice (`source` says who gave it), unless
+    /// the operator already set a behaviour other than `run`; for a preemptible type, mark
+    /// its offering at risk (in doubt, as after a capacity error, until a create of it
+    /// succeeds: with `Capacity.Backoff`, one create of it at a time). Its type, if drained.
     ///
     /// The offering is not held off: a container that asked for spot may have no other
     /// type, and with Arvados' fixed minute per hold a storm of notices stalled such
     /// containers for a minute each time (seen in `simulate`).
-    pub(super) fn on_interruption_notice(&self, uuid: &str, pre_boot: bool) -> bool {
-        let it = {
-            let mut st = self.lock();
-            let Some(w) = st
-                .workers
-                .values_mut()
-                .find(|w| w.running.contains_key(uuid) || w.starting.contains_key(uuid))
-            else {
-                return false;
-            };
-            if w.idle_behavior != IdleBehavior::Run {
-                return false;
-            }
-            w.idle_behavior = IdleBehavior::Drain;
-            self.save_tags(w);
-            tracing::warn!(Instance = %w.id, ContainerUUID = %uuid, "spot interruption notice: draining the instance");
-            self.events.push(
-                "drain",
-                w.id.clone(),
-                format!("spot interruption notice (container {uuid})"),
-            );
-            let (id, it) = (w.id.clone(), w.it.clone());
-            if it.preemptible {
-                let key = self.capacity_keys(&it)[2].clone();
-                let n = st.capacity_failures.entry(key.clone()).or_default();
-                *n = (*n).max(1);
-                st.capacity_error
-                    .insert(key, format!("spot interruption notice on {id}"));
-            }
-            it
-        };
+    pub(super) fn drain_for_interruption(
+        &self,
+        st: &mut State,
+        id: &str,
+        source: &str,
+    ) -> Option<Arc<arvados::InstanceType>> {
+        let w = st.workers.get_mut(id)?;
+        if w.idle_behavior != IdleBehavior::Run {
+            return None;
+        }
+        w.idle_behavior = IdleBehavior::Drain;
+        self.save_tags(w);
+        tracing::warn!(Instance = %w.id, source, "spot interruption notice: draining the instance");
+        self.events.push(
+            "drain",
+            w.id.clone(),
+            format!("spot interruption notice ({source})"),
+        );
+        let it = w.it.clone();
         if it.preemptible {
+            let key = self.capacity_keys(&it)[2].clone();
+            let n = st.capacity_failures.entry(key.clone()).or_default();
+            *n = (*n).max(1);
+            st.capacity_error
+                .insert(key, format!("spot interruption notice on {id}"));
+        }
+        Some(it)
+    }
+
+    /// After draining instances of `types` for interruption notices (the state unlocked):
+    /// save the capacity state, pre-boot one replacement of each if `pre_boot`, wake the
+    /// scheduler.
+    pub(super) fn after_interruptions(&self, types: &[Arc<arvados::InstanceType>], pre_boot: bool) {
+        if types.iter().any(|it| it.preemptible) {
             self.capacity_changed();
         }
-        if pre_boot && self.do_create(&it).is_some() {
-            self.events.push(
-                "pre-boot",
-                it.name.clone(),
-                "replacement for a drained instance",
-            );
+        for it in types {
+            if pre_boot && self.do_create(it).is_some() {
+                self.events.push(
+                    "pre-boot",
+                    it.name.clone(),
+                    "replacement for a drained instance",
+                );
+            }
         }
         self.notify();
-        true
     }
 
     /// Load `Capacity.StateFile`, if set and present, into the pool.

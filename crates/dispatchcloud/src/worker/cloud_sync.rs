@@ -38,6 +38,12 @@ impl Pool {
         let now = Instant::now();
         let mut st = self.lock();
         let mut listed = std::collections::HashSet::new();
+        // The cloud's own interruption notices (the set watches with `Interruptions.Drain`).
+        let noticed: Vec<String> = list
+            .iter()
+            .filter(|i| i.interruption_notice().is_some())
+            .map(|i| i.id())
+            .collect();
         for inst in list {
             listed.insert(inst.id());
             self.update_worker(&mut st, inst, now);
@@ -104,7 +110,18 @@ impl Pool {
             st.loaded = true;
             tracing::info!(N = st.workers.len(), "loaded initial instance list");
         }
+        let drained: Vec<Arc<InstanceType>> = if self.cfg.interruptions.drain {
+            noticed
+                .iter()
+                .filter_map(|id| self.drain_for_interruption(&mut st, id, "the cloud's notice"))
+                .collect()
+        } else {
+            Vec::new()
+        };
         drop(st);
+        if !drained.is_empty() {
+            self.after_interruptions(&drained, self.cfg.interruptions.pre_boot);
+        }
         self.notify();
         Ok(())
     }

@@ -76,6 +76,9 @@ pub struct PoolConfig {
     pub capacity: crate::settings::CapacitySettings,
     /// `IdleTime` from the settings file (default: `timeout_idle` for every instance).
     pub idle_time: crate::settings::IdleTimeSettings,
+    /// `Interruptions` from the settings file: with `drain`, the pool also drains instances
+    /// the cloud itself announces it will take back (default: off, as Arvados).
+    pub interruptions: crate::settings::InterruptionSettings,
     /// How long reaching `MaxConcurrentInstanceCreateOps` stops creates (Go: 5 s), unless a
     /// create finishes sooner.
     pub create_ops_hold_off: Duration,
@@ -236,6 +239,7 @@ impl PoolConfig {
             capacity_error_ttl: Duration::from_secs(60),
             capacity: Default::default(),
             idle_time: Default::default(),
+            interruptions: Default::default(),
             create_ops_hold_off: Duration::from_secs(5),
             unknown_create_grace: Duration::from_secs(30),
             api_host: api_host(&cluster.services.controller.external_url),

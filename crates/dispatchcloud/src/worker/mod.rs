@@ -116,6 +116,9 @@ impl Pool {
         registry: &prometheus::Registry,
     ) -> Result<Arc<Pool>, prometheus::Error> {
         let metrics = PoolMetrics::new(registry)?;
+        if cfg.interruptions.drain {
+            set.watch_interruptions();
+        }
         let zones = match set.zones() {
             z if cfg.capacity.backoff && z.len() > 1 => z,
             _ => Vec::new(),

@@ -71,7 +71,8 @@ pub struct StubConfig {
     /// With `VanishAfter`: this long before the VM vanishes, each crunch-run on it (and each
     /// started later) records a spot interruption notice in its container's `runtime_status`
     /// (`preemptionNotice`), as crunch-run does when EC2 announces a spot interruption
-    /// (`InterruptionNotice`).
+    /// (`InterruptionNotice`); from then on the VM also reports the notice itself to a set
+    /// that watches (`Instance::interruption_notice`), as EC2's spot request status does.
     pub interruption_notice: Option<Duration>,
     /// VM-side knobs by creation count: VM number n gets `VmProfiles[n % len]` over the
     /// set's own knobs (`VmProfiles: [{CrunchRunMissing: true}, {HangAfter: 50ms}, …]`).

@@ -132,6 +132,8 @@ struct Cloud {
     rng: Mutex<StdRng>,
     /// Held create/destroy calls wait for a permit (`HoldCloudOps`).
     held: Semaphore,
+    /// VMs report the cloud's interruption notices ([`InstanceSet::watch_interruptions`]).
+    watch_interruptions: std::sync::atomic::AtomicBool,
     started: Instant,
     detach_log: vm::DetachLog,
     lives: vm::LifeLog,
@@ -237,6 +239,7 @@ impl StubSet {
                 history: Default::default(),
                 launches: Default::default(),
                 held: Semaphore::new(0),
+                watch_interruptions: Default::default(),
                 started: Instant::now(),
                 detach_log: Default::default(),
                 lives: Default::default(),
@@ -309,6 +312,8 @@ pub struct StubVm {
     init_command: String,
     /// When the cloud takes it away (`VanishAfter`).
     vanish_at: Option<Instant>,
+    /// When the cloud announces that (`InterruptionNotice` before `vanish_at`).
+    notice_at: Option<Instant>,
     /// Its commands answer this much later (see [`StubSet::set_command_delay`]).
     command_delay_ms: Arc<std::sync::atomic::AtomicU64>,
     cloud: std::sync::Weak<Cloud>,
@@ -392,6 +397,20 @@ impl Instance for StubVm {
         let r = cloud::sshd::check_host_key(&self.host_key, key);
         Box::pin(async move { r })
     }
+    /// Once the cloud has announced its end (`InterruptionNotice` before `VanishAfter`), to
+    /// a set that watches.
+    fn interruption_notice(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let cloud = self.cloud.upgrade()?;
+        if !cloud
+            .watch_interruptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        let at = self.notice_at?;
+        let ago = Instant::now().checked_duration_since(at)?;
+        Some(chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap_or_default())
+    }
 }
 
 impl StubSet {
@@ -464,6 +483,9 @@ impl StubSet {
             vm_cfg.boot_delay = Duration::from_secs(365 * 24 * 3600);
         }
         let vanish_at = vm_cfg.vanish_after.map(|d| Instant::now() + d);
+        let notice_at = vanish_at
+            .zip(vm_cfg.interruption_notice)
+            .map(|(t, d)| t.checked_sub(d).unwrap_or(t));
         let now = chrono::Utc::now();
         cloud.history.lock().push(VmRecord {
             id: format!("inst{n},{}", it.provider_type),
@@ -510,6 +532,7 @@ impl StubSet {
             ssh: Mutex::new(Some(ssh)),
             init_command: req.init_command.clone(),
             vanish_at,
+            notice_at,
             command_delay_ms,
             os,
             cloud: Arc::downgrade(cloud),
@@ -630,6 +653,12 @@ impl InstanceSet for StubSet {
 
     fn zones(&self) -> Vec<String> {
         self.cloud.cfg.zones.clone()
+    }
+
+    fn watch_interruptions(&self) {
+        self.cloud
+            .watch_interruptions
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn stop(&self) {}
