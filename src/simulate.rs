@@ -75,6 +75,11 @@ pub struct SimulateArgs {
     /// InterruptionNotice)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg, requires = "vanish_after")]
     interruption_notice: Option<Duration>,
+    /// Retry a container that ends Cancelled, up to this many times, as Arvados' container
+    /// requests do (container_count_max): a new container with the same spec. The report
+    /// gives the retries and the restart delay (a cut crunch-run's end to its retry's start)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    retries: usize,
     /// Also write the summary as JSON here
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -178,6 +183,139 @@ fn launch_summary(log: &[testkit::stub_driver::LaunchRecord]) -> Value {
             .map(|(k, (calls, capacity))| (k.to_string(), json!({"calls": calls, "failed_for_capacity": capacity})))
             .collect::<serde_json::Map<String, Value>>(),
     })
+}
+
+/// One retry (`--retries`): a new container with the spec of a Cancelled one.
+struct Retry {
+    uuid: String,
+    /// Its spec: the workload's entry.
+    spec: usize,
+    /// The container it retries.
+    of: String,
+    /// 1 for the retry of an original container, 2 for the retry of a retry, …
+    attempt: usize,
+}
+
+/// The harness's container requests: it retries Cancelled containers as Arvados does.
+#[derive(Default)]
+struct Retries {
+    made: Vec<Retry>,
+    /// Containers final and looked at (retried, or Complete).
+    settled: std::collections::HashSet<String>,
+}
+
+impl Retries {
+    /// Retry each container (original or retry) that is Cancelled and has attempts left.
+    fn scan(
+        &mut self,
+        fake: &FakeArvados,
+        queued: &[String],
+        workload: &[testkit::fake_api::ContainerSpec],
+        max: usize,
+    ) {
+        let candidates: Vec<(String, usize, usize)> = queued
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.clone(), i, 0))
+            .chain(
+                self.made
+                    .iter()
+                    .map(|r| (r.uuid.clone(), r.spec, r.attempt)),
+            )
+            .filter(|(u, _, _)| !self.settled.contains(u))
+            .collect();
+        for (u, spec, attempt) in candidates {
+            let state = fake
+                .container(&u)
+                .and_then(|c| c["state"].as_str().map(str::to_string));
+            match state.as_deref() {
+                Some("Complete") => {
+                    self.settled.insert(u);
+                }
+                Some("Cancelled") => {
+                    self.settled.insert(u.clone());
+                    if attempt < max {
+                        let uuid = fake.add_container(&workload[spec]);
+                        self.made.push(Retry {
+                            uuid,
+                            spec,
+                            of: u,
+                            attempt: attempt + 1,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The retries in numbers: how many, how they ended, how many originals completed in
+    /// the end, and the restart delay: from the end of the retried container's last
+    /// crunch-run (cut with its VM, or ended otherwise) to its retry's first crunch-run.
+    fn summary(
+        &self,
+        fake: &FakeArvados,
+        originals: &[String],
+        lives: &[testkit::stub_driver::ProcessLife],
+    ) -> Value {
+        let state = |u: &str| {
+            fake.container(u)
+                .and_then(|c| c["state"].as_str().map(str::to_string))
+                .unwrap_or_default()
+        };
+        let mut last_end: std::collections::HashMap<&str, chrono::DateTime<chrono::Utc>> =
+            Default::default();
+        let mut first_start: std::collections::HashMap<&str, chrono::DateTime<chrono::Utc>> =
+            Default::default();
+        for l in lives {
+            first_start.entry(l.uuid.as_str()).or_insert(l.started_at);
+            if let Some(e) = l.end {
+                let end =
+                    l.started_at + chrono::Duration::from_std(e - l.start).unwrap_or_default();
+                let t = last_end.entry(l.uuid.as_str()).or_insert(end);
+                *t = (*t).max(end);
+            }
+        }
+        let mut delays: Vec<f64> = self
+            .made
+            .iter()
+            .filter_map(|r| {
+                let gap = *first_start.get(r.uuid.as_str())? - *last_end.get(r.of.as_str())?;
+                Some(gap.num_milliseconds() as f64 / 1000.0)
+            })
+            .collect();
+        delays.sort_by(f64::total_cmp);
+        // Each retry's original container.
+        let mut root: std::collections::HashMap<&str, &str> = Default::default();
+        for r in &self.made {
+            let of = root.get(r.of.as_str()).copied().unwrap_or(r.of.as_str());
+            root.insert(r.uuid.as_str(), of);
+        }
+        let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
+        let mut completed: std::collections::HashSet<&str> = originals
+            .iter()
+            .map(String::as_str)
+            .filter(|u| state(u) == "Complete")
+            .collect();
+        for r in &self.made {
+            let s = state(&r.uuid);
+            if s == "Complete" {
+                completed.insert(root[r.uuid.as_str()]);
+            }
+            *by_state.entry(s).or_default() += 1;
+        }
+        json!({
+            "containers": self.made.len(),
+            "by_state": by_state,
+            "originals_complete_in_the_end": completed.len(),
+            "restart_delay_seconds": {
+                "count": delays.len(),
+                "p50": percentile(&delays, 0.5),
+                "p95": percentile(&delays, 0.95),
+                "max": delays.last().copied().unwrap_or(0.0),
+            },
+        })
+    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -417,6 +555,7 @@ async fn simulate(
     let mut last_sample = Instant::now();
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let mut injected_503 = args.faults != Faults::Chaos;
+    let mut retries = Retries::default();
     let finished = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let dt = last_sample.elapsed().as_secs_f64();
@@ -456,6 +595,9 @@ async fn simulate(
         // is enough.
         if last_count.elapsed() >= Duration::from_millis(300) {
             last_count = Instant::now();
+            if args.retries > 0 {
+                retries.scan(&fake, &queued.lock(), &workload, args.retries);
+            }
             by_state = fake.count_by_state();
         }
         let done = by_state.get("Complete").copied().unwrap_or(0)
@@ -494,7 +636,7 @@ async fn simulate(
                 }
             );
         }
-        if done == total
+        if done == total + retries.made.len()
             && queued.lock().len() == total
             && instances.is_empty()
             && cloud.vms().is_empty()
@@ -656,6 +798,7 @@ async fn simulate(
                 cheapest.price * (run_ms / 1000.0 + boot_delay.as_secs_f64()) / 3600.0;
         }
     }
+    let retried = retries.summary(&fake, &uuids, &lives);
     latencies.sort_by(f64::total_cmp);
     spot_latencies.sort_by(f64::total_cmp);
     let quantiles = |pick: fn(&WaitSplit) -> f64| {
@@ -692,6 +835,8 @@ async fn simulate(
         "cancelled": cancelled,
         "unfinished": unfinished,
         "ran_more_than_once": ran_twice,
+        // With --retries: the retry containers (not in the counts above).
+        "retries": retried,
         "wall_seconds": wall,
         "containers_per_second": if wall > 0.0 { (complete + cancelled) as f64 / wall } else { 0.0 },
         // Issue 18's throughput: from the start of the run (the first Queued) to the last
@@ -798,6 +943,18 @@ async fn simulate(
             report["interruptions"]["work_lost_seconds"]
                 .as_f64()
                 .unwrap_or(0.0),
+        );
+    }
+    let r = &report["retries"];
+    if r["containers"].as_u64().unwrap_or(0) > 0 {
+        let d = &r["restart_delay_seconds"];
+        println!(
+            "  retries:          {} containers ({} originals complete in the end); restart delay p50 {:.2} s, p95 {:.2} s, max {:.2} s",
+            r["containers"],
+            r["originals_complete_in_the_end"],
+            d["p50"].as_f64().unwrap_or(0.0),
+            d["p95"].as_f64().unwrap_or(0.0),
+            d["max"].as_f64().unwrap_or(0.0),
         );
     }
     println!(

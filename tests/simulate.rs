@@ -331,6 +331,50 @@ fn simulate_spot_interruption_storm_loses_less_work_with_drain() {
     assert!(drain["complete"].as_u64() > off["complete"].as_u64());
 }
 
+/// Issue 19's restart delay: a storm that cuts long containers (8–16 s runs, VMs taken back
+/// 30 s after create) with `--retries 3`, which retries a Cancelled container as Arvados'
+/// container requests do. Each cut container is retried with the same spec, retries rescue
+/// originals (more complete in the end than at first), the restart delay is measured from the
+/// stub cloud's record of crunch-run lives, and nothing runs twice at once.
+#[test]
+fn simulate_retries_cut_containers_and_reports_the_restart_delay() {
+    let (out, r) = simulate(&[
+        "--containers",
+        "60",
+        "--seed",
+        "2",
+        "--arrival-interval",
+        "300ms",
+        "--run-time",
+        "8s..16s",
+        "--boot-delay",
+        "3s",
+        "--vanish-after",
+        "30s",
+        "--interruption-notice",
+        "10s",
+        "--retries",
+        "3",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(r["ran_more_than_once"], serde_json::json!([]));
+    assert_eq!(r["instances_left"], 0);
+    assert_adds_up(&r);
+    let retries = &r["retries"];
+    let made = retries["containers"].as_u64().unwrap();
+    let cancelled = r["cancelled"].as_u64().unwrap();
+    assert!(cancelled >= 1, "the storm cuts some containers: {r}");
+    // Every Cancelled original is retried; retries of retries come on top.
+    assert!(made >= cancelled, "{retries}");
+    let rescued = retries["originals_complete_in_the_end"].as_u64().unwrap();
+    assert!(rescued > r["complete"].as_u64().unwrap(), "{retries}");
+    let delay = &retries["restart_delay_seconds"];
+    assert!(delay["count"].as_u64().unwrap() >= 1, "{retries}");
+    assert!(delay["p50"].as_f64().unwrap() >= 0.0, "{retries}");
+    assert!(stdout.contains("restart delay p50"), "{stdout}");
+}
+
 /// Issue 19's spot → on-demand fallback, small: every spot market is short for the first
 /// 20 s, and a capacity error holds a type off for Arvados' fixed minute, so without the
 /// fallback a spot container queued at the start waits about a minute. With
