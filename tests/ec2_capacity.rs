@@ -413,3 +413,95 @@ async fn ec2_a_spot_instance_marked_for_termination_is_drained() {
         p.stop();
     }
 }
+
+/// Issue 19, `Capacity.StateFile` over EC2, with capacity per subnet: spot t3.large is short
+/// in the first subnet; the pool's first create there fails, and the hold-off (keyed by
+/// offering and subnet, with EC2's own error text) is in the file. A new pool on the same
+/// file, as after a restart, knows it at once: its spot create goes straight to the second
+/// subnet, with no launch wasted on the first. The proxy's record of `RunInstances` calls is
+/// the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ec2_capacity_state_survives_a_restart_per_subnet() {
+    let Some(r) = rig().await else { return };
+    let (_, spot) = types();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capacity.json");
+    let s = r.subnets.clone();
+    r.proxy.inject(
+        Ec2Fault::new(
+            "RunInstances",
+            "InsufficientInstanceCapacity",
+            "We currently do not have sufficient t3.large capacity in the Availability Zone you requested.",
+        )
+        .when("InstanceMarketOptions.MarketType", "spot")
+        .when("NetworkInterface.1.SubnetId", &s[0]),
+    );
+    let settings = || CapacitySettings {
+        backoff_base: Duration::from_secs(60),
+        state_file: Some(file.clone()),
+        ..backoff(true)
+    };
+    let offering = format!("t3.large-preemptible@{}", s[0]);
+    let first = r.pool_of(
+        "zzzzz-restart-1",
+        settings(),
+        Duration::from_secs(60),
+        std::slice::from_ref(&spot),
+        &s,
+        |_| {},
+    );
+    wait_for("first cloud list", Duration::from_secs(10), || {
+        first.loaded()
+    })
+    .await;
+    assert!(first.create(&spot).is_some());
+    wait_for("the state file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&offering))
+    })
+    .await;
+    let saved =
+        dispatchcloud::worker::capacity_file(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let o = &saved.offerings[&offering];
+    assert_eq!(o.errors_in_a_row, 1);
+    assert!(o.held_until.is_some());
+    assert!(o.error.contains("InsufficientInstanceCapacity"), "{o:?}");
+    first.stop();
+    assert!(first.join(Duration::from_secs(10)).await);
+
+    // The next dispatcher (another instance set, so nothing to adopt), same state file.
+    let before = r.proxy.calls("RunInstances").len();
+    let p = r.pool_of(
+        "zzzzz-restart-2",
+        settings(),
+        Duration::from_secs(60),
+        std::slice::from_ref(&spot),
+        &s,
+        |_| {},
+    );
+    let h = p.holdoffs();
+    assert_eq!(
+        h.iter()
+            .filter_map(|h| h.offering.clone())
+            .collect::<Vec<_>>(),
+        std::slice::from_ref(&offering),
+        "{h:?}"
+    );
+    assert!(!p.at_capacity(&spot), "the other subnets are not held off");
+    wait_for("first cloud list", Duration::from_secs(10), || p.loaded()).await;
+    assert!(p.create(&spot).is_some());
+    wait_for("the spot VM", Duration::from_secs(10), || {
+        p.instances().iter().any(|v| !v.instance.is_empty())
+    })
+    .await;
+    let calls = r.proxy.calls("RunInstances");
+    let subnets: Vec<&str> = calls[before..]
+        .iter()
+        .map(|c| c["NetworkInterface.1.SubnetId"].as_str())
+        .collect();
+    assert_eq!(
+        subnets,
+        [s[1].as_str()],
+        "no launch wasted on the first subnet"
+    );
+    p.stop();
+}

@@ -333,6 +333,74 @@ async fn a_spot_interruption_notice_drains_the_ec2_instance() {
     run.stop().await;
 }
 
+/// Issue 19 over EC2, `Interruptions.PreBoot`: as above, and at the notice the dispatcher
+/// also launches a replacement spot `t3.large` while the container still runs on the doomed
+/// VM (the drain test above, without `PreBoot`, sees one launch only). The proxy's record of
+/// `RunInstances` calls is the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_interruption_notice_pre_boots_a_replacement_on_ec2() {
+    let Some(r) = rig().await else { return };
+    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+    let key = cloud::sshd::new_ed25519_key();
+    let port = free_port();
+    let mut c = r.cluster(&f, &key, port, &[types().1]);
+    c.containers.cloud_vms.timeout_idle = Duration::from_secs(600);
+    let settings =
+        Settings::from_str("Interruptions:\n  Drain: true\n  PreBoot: true\n", "test").unwrap();
+    let u = f.add_container(&container(8000, true));
+    let vm = StubConfig {
+        vanish_after: Some(Duration::from_secs(600)),
+        interruption_notice: Some(Duration::from_secs(599)),
+        ..Default::default()
+    };
+    let run = r.start(&c, &settings, &key, port, vm);
+    wait_until(
+        "the replacement launch",
+        Duration::from_secs(60),
+        async || r.proxy.calls("RunInstances").len() == 2,
+    )
+    .await;
+    assert_eq!(
+        state(&f, &u),
+        "Running",
+        "pre-booted while its container runs"
+    );
+    let launches = r.proxy.calls("RunInstances");
+    assert!(
+        launches
+            .iter()
+            .all(|l| l["InstanceMarketOptions.MarketType"] == "spot"),
+        "the same shape: {launches:?}"
+    );
+    wait_until(
+        "the container to complete",
+        Duration::from_secs(30),
+        async || state(&f, &u) == "Complete",
+    )
+    .await;
+    // The drained VM goes; the replacement stays (idle, TimeoutIdle 10 minutes).
+    wait_until(
+        "the drained VM to be terminated",
+        Duration::from_secs(30),
+        async || {
+            let all = r.instances().await;
+            all.iter()
+                .filter(|(_, st, _)| *st == InstanceStateName::Terminated)
+                .count()
+                == 1
+        },
+    )
+    .await;
+    let all = r.instances().await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(
+        r.proxy.calls("RunInstances").len(),
+        2,
+        "one replacement only"
+    );
+    run.stop().await;
+}
+
 /// Issue 19 over EC2, `SpotFallback`: spot `t3.large` is short (the fault proxy answers spot
 /// `RunInstances` with `InsufficientInstanceCapacity`); after `After` (1 s) the container
 /// that asked for spot runs on an on-demand `t3.large`, launched without spot market options.
