@@ -275,6 +275,55 @@ async fn dispatcher_runs_a_container_on_ec2_and_terminates_the_idle_vm() {
     assert_eq!(run.stop().await, 1);
 }
 
+/// Issue 19 over EC2, `IdleTime.Adaptive`: after its one container, nothing asks for the
+/// VM's type, so it is terminated after `Min` (1 s) although `TimeoutIdle` is 10 minutes;
+/// off (Arvados), it is still running well after that. Moto's instance states are the
+/// oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_idle_time_terminates_an_unwanted_ec2_instance_early() {
+    for adaptive in [false, true] {
+        // A cloud each: the second dispatcher would adopt the first one's idle VM.
+        let Some(r) = rig().await else { return };
+        let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+        let key = cloud::sshd::new_ed25519_key();
+        let port = free_port();
+        let mut c = r.cluster(&f, &key, port, &[types().0]);
+        c.containers.cloud_vms.timeout_idle = Duration::from_secs(600);
+        let settings = if adaptive {
+            Settings::from_str(
+                "IdleTime:\n  Adaptive: true\n  Min: 1s\n  Max: 10m\n",
+                "test",
+            )
+            .unwrap()
+        } else {
+            Settings::default()
+        };
+        let u = f.add_container(&container(300, false));
+        let run = r.start(&c, &settings, &key, port, StubConfig::default());
+        wait_until(
+            "the container to complete",
+            Duration::from_secs(60),
+            async || state(&f, &u) == "Complete",
+        )
+        .await;
+        let ours = async || -> Vec<InstanceStateName> {
+            r.instances().await.into_iter().map(|(_, s, _)| s).collect()
+        };
+        if adaptive {
+            wait_until(
+                "the idle VM to be terminated",
+                Duration::from_secs(30),
+                async || ours().await == [InstanceStateName::Terminated],
+            )
+            .await;
+        } else {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            assert_eq!(ours().await, [InstanceStateName::Running]);
+        }
+        run.stop().await;
+    }
+}
+
 /// Issue 19 over EC2, `Interruptions.Drain`: the stub VM's crunch-run records the spot
 /// interruption notice a second after the VM comes up; the dispatcher drains the instance
 /// (EC2 has its `ArvadosIdleBehavior` tag at `drain`), and terminates it as soon as its
