@@ -448,6 +448,21 @@ impl Inner {
         req: CreateRequest,
     ) -> Result<Arc<dyn Instance>, CloudError> {
         let market = Self::market(&it);
+        if let Some(zone) = &req.zone {
+            // Pinned: the pool keeps capacity per zone (with back-off) and chose this one;
+            // no fail-over, and the driver's own fixed hold-off is not consulted.
+            if !self.params.zones.contains(zone) {
+                return Err(CloudError::other(format!(
+                    "Create: pinned to zone {zone}, which is not one of the configured Zones"
+                )));
+            }
+            let r = self.create_in(&it, &req, zone).await;
+            self.metrics.count_start(zone, r.is_ok());
+            return r.map_err(|e| CloudError {
+                zone_specific: e.is_instance_type_specific(),
+                ..e
+            });
+        }
         let mut last: Option<CloudError> = None;
         for zone in self.params.zones.clone() {
             let held = {
@@ -562,6 +577,13 @@ impl InstanceSet for GceSet {
     }
     fn instance_quota_group(&self, it: &InstanceType) -> String {
         quota_group(&it.provider_type, it.preemptible, it.gpu.device_count > 0)
+    }
+    /// The configured zones, when there is a choice (more than one).
+    fn zones(&self) -> Vec<String> {
+        match &self.0.params.zones {
+            z if z.len() > 1 => z.clone(),
+            _ => Vec::new(),
+        }
     }
     fn stop(&self) {}
 }

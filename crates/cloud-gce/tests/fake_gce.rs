@@ -305,6 +305,74 @@ async fn capacity_in_one_zone_moves_to_the_next_and_is_remembered() {
     assert!(vm3.id().starts_with("us-central1-a/"));
 }
 
+/// Issue 19, zones: with more than one zone the set offers them; a create pinned to one
+/// (the pool's capacity model chose it) tries that zone only, even when the driver's own
+/// hold-off would skip it, and its capacity error is the zone's. The fake's request log is
+/// the oracle.
+#[tokio::test]
+async fn a_create_pinned_to_a_zone_tries_only_that_zone() {
+    let f = fake().await;
+    let s = set(&f, json!({}));
+    assert_eq!(s.zones(), ZONES);
+    let one = Arc::new(
+        GceSet::new(
+            params(&f, json!({"Zones": [ZONES[0]]})),
+            &"isid".to_string(),
+            None,
+        )
+        .unwrap(),
+    );
+    assert!(one.zones().is_empty(), "one zone: no choice");
+    let posts = |zone: &str| {
+        let path = format!("POST /compute/v1/projects/proj/zones/{zone}/instances");
+        f.log().iter().filter(|l| l.starts_with(&path)).count()
+    };
+    f.inject(GceFault::OperationError {
+        zone: Some(ZONES[0].into()),
+        code: "ZONE_RESOURCE_POOL_EXHAUSTED".into(),
+        message: "The zone does not have enough resources".into(),
+        times: 2,
+    });
+    let pinned = |z: &str| CreateRequest {
+        zone: Some(z.to_string()),
+        ..request(&[])
+    };
+    let e = s
+        .create(&it("n2-standard-8"), pinned(ZONES[0]))
+        .await
+        .err()
+        .unwrap();
+    assert!(e.is_capacity() && e.zone_specific, "{e:?}");
+    assert_eq!(
+        (posts(ZONES[0]), posts(ZONES[1])),
+        (1, 0),
+        "no fail-over when pinned"
+    );
+    // Unpinned, the driver fails over (and holds zone a off itself)…
+    let vm = s.create(&it("n2-standard-8"), request(&[])).await.unwrap();
+    assert!(
+        vm.id().starts_with(&format!("{}/", ZONES[1])),
+        "{}",
+        vm.id()
+    );
+    // …but a create pinned to zone a asks zone a: the pool decides.
+    let vm = s
+        .create(&it("n2-standard-8"), pinned(ZONES[0]))
+        .await
+        .unwrap();
+    assert!(
+        vm.id().starts_with(&format!("{}/", ZONES[0])),
+        "{}",
+        vm.id()
+    );
+    let e = s
+        .create(&it("n2-standard-8"), pinned("mars-1"))
+        .await
+        .err()
+        .unwrap();
+    assert!(!e.is_capacity() && e.to_string().contains("mars-1"), "{e}");
+}
+
 #[tokio::test]
 async fn spot_and_gpu_create_bodies() {
     let f = fake().await;
