@@ -1098,3 +1098,55 @@ async fn an_instance_the_cloud_announces_it_will_take_back_is_drained() {
         p.stop();
     }
 }
+
+/// Issue 19, capacity per zone across markets: once on-demand providertype1 has met capacity
+/// errors in zones a and b, a first spot create of the same provider type goes to zone c,
+/// which has no trouble, instead of finding a and b short again (spot draws on the same
+/// hardware). The stub cloud's launch log is the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_market_of_a_type_tries_its_troubled_zones_last() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let ondemand = fixture_type(1);
+    let spot = InstanceType {
+        name: format!("{}.spot", ondemand.name),
+        preemptible: true,
+        ..ondemand.clone()
+    };
+    let c = cluster(&[ondemand.clone(), spot.clone()], None);
+    let set = stub(json!({
+        "Zones": ["a", "b", "c"],
+        "ShortOfCapacityUntil": {"providertype1@a": "1h", "providertype1@b": "1h"},
+    }));
+    let p = pool(&c, set.clone(), &key, |cfg| cfg.capacity = backoff(true));
+    wait_for("first cloud list", Duration::from_secs(5), || p.loaded()).await;
+    for t in [&ondemand, &spot] {
+        let made = set.vms().len();
+        while set.vms().len() == made {
+            wait_for("a zone to try", Duration::from_secs(10), || {
+                !p.at_capacity(t)
+            })
+            .await;
+            assert!(p.create(t).is_some());
+            wait_for("the create answered", Duration::from_secs(10), || {
+                p.instances().len() == set.vms().len()
+            })
+            .await;
+        }
+    }
+    let launches: Vec<(bool, String, bool)> = set
+        .launch_log()
+        .into_iter()
+        .map(|l| (l.preemptible, l.zone, l.failed.is_none()))
+        .collect();
+    let l = |spot: bool, z: &str, ok: bool| (spot, z.to_string(), ok);
+    assert_eq!(
+        launches,
+        [
+            l(false, "a", false),
+            l(false, "b", false),
+            l(false, "c", true),
+            l(true, "c", true),
+        ]
+    );
+    p.stop();
+}

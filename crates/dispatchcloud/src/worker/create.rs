@@ -71,24 +71,45 @@ impl Pool {
     }
 
     /// With zones: where the next create of `it` goes. The zone of the offering's last
-    /// successful create first, then the others in the operator's order; a zone held off is
-    /// skipped, and so is one in doubt while a create probes it (the launch budget). `None`:
-    /// every zone is out for now (or there are no zones).
+    /// successful create first; then, in the operator's order, the zones with no trouble for
+    /// its provider type; then the rest (in doubt for the offering after a hold-off, or short
+    /// for the type's other market: spot and on demand draw on the same hardware). A zone
+    /// held off is skipped, and so is one in doubt while a create probes it (the launch
+    /// budget). `None`: every zone is out for now (or there are no zones).
     fn pick_zone(&self, st: &State, it: &InstanceType, now: Instant) -> Option<String> {
         let [_, _, provider] = self.capacity_keys(it);
         let last = st.last_good_zone.get(&provider);
-        last.into_iter()
-            .chain(self.zones.iter().filter(|z| Some(*z) != last))
-            .find(|z| {
+        let mut order: Vec<(u8, &String, String)> = self
+            .zones
+            .iter()
+            .map(|z| {
                 let key = self.zone_key(it, z);
-                let held = st.at_capacity_until.get(&key).is_some_and(|t| now < *t);
-                let probing = st.capacity_failures.get(&key).is_some_and(|n| *n > 0)
+                let rank = if Some(z) == last {
+                    0
+                } else if st.capacity_failures.get(&key).is_some_and(|n| *n > 0)
+                    || st
+                        .zone_trouble
+                        .contains(&format!("{}@{z}", it.provider_type))
+                {
+                    2
+                } else {
+                    1
+                };
+                (rank, z, key)
+            })
+            .collect();
+        order.sort_by_key(|(rank, _, _)| *rank);
+        order
+            .into_iter()
+            .find(|(_, z, key)| {
+                let held = st.at_capacity_until.get(key).is_some_and(|t| now < *t);
+                let probing = st.capacity_failures.get(key).is_some_and(|n| *n > 0)
                     && st.creating.values().any(|c| {
                         c.zone.as_ref() == Some(*z) && self.capacity_keys(&c.it)[2] == provider
                     });
                 !held && !probing
             })
-            .cloned()
+            .map(|(_, z, _)| z.clone())
     }
 
     pub(super) fn at_capacity_locked(&self, st: &State, it: &InstanceType, now: Instant) -> bool {
@@ -297,6 +318,7 @@ impl Pool {
                     if let Some(z) = &zone {
                         let [_, _, provider] = self.capacity_keys(&it);
                         st.last_good_zone.insert(provider, z.clone());
+                        st.zone_trouble.remove(&format!("{}@{z}", it.provider_type));
                     }
                     for key in self.capacity_keys(&it).into_iter().chain(zone_key) {
                         recovered |= st.capacity_failures.remove(&key).is_some();
@@ -353,6 +375,9 @@ impl Pool {
                     if e.is_capacity() || in_zone.is_some() {
                         let [all, group, provider] = self.capacity_keys(&it);
                         let key = if let Some(k) = in_zone {
+                            if let Some(z) = zone.as_ref().filter(|_| e.is_capacity()) {
+                                st.zone_trouble.insert(format!("{}@{z}", it.provider_type));
+                            }
                             k
                         } else if e.is_quota_group_specific() {
                             group

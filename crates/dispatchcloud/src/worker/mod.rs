@@ -74,6 +74,9 @@ struct State {
     capacity_error: HashMap<String, String>,
     /// With zones: the zone of each offering's last successful create (tried first).
     last_good_zone: HashMap<String, String>,
+    /// With zones: `providertype@zone` where a create of either market met a capacity error
+    /// and none of the type has succeeded since (tried after the zones without trouble).
+    zone_trouble: std::collections::HashSet<String>,
     /// `MaxConcurrentInstanceCreateOps` was hit; cleared early when a create finishes.
     create_ops_hold_until: Option<Instant>,
     /// `MaxConcurrentInstanceCreateOps` (0: unlimited).
