@@ -331,8 +331,9 @@ fn simulate_spot_interruption_storm_loses_less_work_with_drain() {
     assert!(drain["complete"].as_u64() > off["complete"].as_u64());
 }
 
-/// Issue 19's restart delay: a storm that cuts long containers (8–16 s runs, VMs taken back
-/// 30 s after create) with `--retries 3`, which retries a Cancelled container as Arvados'
+/// Issue 19's restart delay: a storm that cuts long containers (5–15 s runs, VMs taken back
+/// 20 s after create, so a container placed on a VM that already ran one is likely cut) with
+/// `--retries 3`, which retries a Cancelled container as Arvados'
 /// container requests do. Each cut container is retried with the same spec, retries rescue
 /// originals (more complete in the end than at first), the restart delay is measured from the
 /// stub cloud's record of crunch-run lives, and nothing runs twice at once.
@@ -346,11 +347,11 @@ fn simulate_retries_cut_containers_and_reports_the_restart_delay() {
         "--arrival-interval",
         "300ms",
         "--run-time",
-        "8s..16s",
+        "5s..15s",
         "--boot-delay",
-        "3s",
+        "2s",
         "--vanish-after",
-        "30s",
+        "20s",
         "--interruption-notice",
         "10s",
         "--retries",
