@@ -198,6 +198,28 @@ fn free_port() -> u16 {
         .port()
 }
 
+impl Rig {
+    /// A dispatcher with `settings` (settings-file YAML) and one 8 s container that asked for
+    /// spot, whose VM's crunch-run records the spot interruption notice a second after the
+    /// VM comes up (`TimeoutIdle` 10 minutes, so only the notice ends the VM early).
+    async fn doomed_spot_container(&self, settings: &str) -> (FakeArvados, String, Running) {
+        let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
+        let key = cloud::sshd::new_ed25519_key();
+        let port = free_port();
+        let mut c = self.cluster(&f, &key, port, &[types().1]);
+        c.containers.cloud_vms.timeout_idle = Duration::from_secs(600);
+        let settings = Settings::from_str(settings, "test").unwrap();
+        let u = f.add_container(&container(8000, true));
+        let vm = StubConfig {
+            vanish_after: Some(Duration::from_secs(600)),
+            interruption_notice: Some(Duration::from_secs(599)),
+            ..Default::default()
+        };
+        let run = self.start(&c, &settings, &key, port, vm);
+        (f, u, run)
+    }
+}
+
 /// `t3.large` on demand, and its spot variant.
 fn types() -> (arvados::InstanceType, arvados::InstanceType) {
     let ondemand = arvados::InstanceType {
@@ -331,19 +353,9 @@ async fn adaptive_idle_time_terminates_an_unwanted_ec2_instance_early() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spot_interruption_notice_drains_the_ec2_instance() {
     let Some(r) = rig().await else { return };
-    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
-    let key = cloud::sshd::new_ed25519_key();
-    let port = free_port();
-    let mut c = r.cluster(&f, &key, port, &[types().1]);
-    c.containers.cloud_vms.timeout_idle = Duration::from_secs(600);
-    let settings = Settings::from_str("Interruptions:\n  Drain: true\n", "test").unwrap();
-    let u = f.add_container(&container(8000, true));
-    let vm = StubConfig {
-        vanish_after: Some(Duration::from_secs(600)),
-        interruption_notice: Some(Duration::from_secs(599)),
-        ..Default::default()
-    };
-    let run = r.start(&c, &settings, &key, port, vm);
+    let (f, u, run) = r
+        .doomed_spot_container("Interruptions:\n  Drain: true\n")
+        .await;
     wait_until("the notice", Duration::from_secs(60), async || {
         f.container(&u).unwrap()["runtime_status"]["preemptionNotice"].is_string()
     })
@@ -389,20 +401,9 @@ async fn a_spot_interruption_notice_drains_the_ec2_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spot_interruption_notice_pre_boots_a_replacement_on_ec2() {
     let Some(r) = rig().await else { return };
-    let f = FakeArvados::start(FakeConfig::default()).await.unwrap();
-    let key = cloud::sshd::new_ed25519_key();
-    let port = free_port();
-    let mut c = r.cluster(&f, &key, port, &[types().1]);
-    c.containers.cloud_vms.timeout_idle = Duration::from_secs(600);
-    let settings =
-        Settings::from_str("Interruptions:\n  Drain: true\n  PreBoot: true\n", "test").unwrap();
-    let u = f.add_container(&container(8000, true));
-    let vm = StubConfig {
-        vanish_after: Some(Duration::from_secs(600)),
-        interruption_notice: Some(Duration::from_secs(599)),
-        ..Default::default()
-    };
-    let run = r.start(&c, &settings, &key, port, vm);
+    let (f, u, run) = r
+        .doomed_spot_container("Interruptions:\n  Drain: true\n  PreBoot: true\n")
+        .await;
     wait_until(
         "the replacement launch",
         Duration::from_secs(60),
