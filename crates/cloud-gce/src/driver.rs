@@ -87,6 +87,8 @@ pub struct Inner {
     /// (provider type + market, zone) → no creates there until.
     zone_hold: Mutex<HashMap<(String, String), Instant>>,
     metrics: ProviderMetrics,
+    /// Report preemptions ([`InstanceSet::watch_interruptions`]).
+    watch_interruptions: std::sync::atomic::AtomicBool,
 }
 
 fn model_to_json<T: serde::Serialize>(v: &T) -> Value {
@@ -169,6 +171,7 @@ impl Inner {
             create_backoff: Backoff::default(),
             call_backoff: Backoff::default(),
             zone_hold: Mutex::new(HashMap::new()),
+            watch_interruptions: Default::default(),
             metrics,
         })
     }
@@ -407,7 +410,28 @@ impl Inner {
                 .to_string(),
             tags: tags_from_metadata(&v["metadata"]["items"]),
             address,
+            interruption: self.preemption(&v),
         })
+    }
+
+    /// With `watch_interruptions`: a spot VM that is `STOPPING` is being preempted (GCE gives
+    /// it 30 s; this driver only deletes, and the pool ignores notices for instances it is
+    /// shutting down). When: its `lastStopTimestamp`, or now.
+    fn preemption(&self, v: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+        let watching = self
+            .watch_interruptions
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let spot = v["scheduling"]["provisioningModel"] == "SPOT"
+            || v["scheduling"]["preemptible"] == true;
+        if !(watching && spot && v["status"] == "STOPPING") {
+            return None;
+        }
+        Some(
+            v["lastStopTimestamp"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map_or_else(chrono::Utc::now, |t| t.with_timezone(&chrono::Utc)),
+        )
     }
 
     async fn create_in(
@@ -578,6 +602,11 @@ impl InstanceSet for GceSet {
     fn instance_quota_group(&self, it: &InstanceType) -> String {
         quota_group(&it.provider_type, it.preemptible, it.gpu.device_count > 0)
     }
+    fn watch_interruptions(&self) {
+        self.0
+            .watch_interruptions
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     /// The configured zones, when there is a choice (more than one).
     fn zones(&self) -> Vec<String> {
         match &self.0.params.zones {
@@ -596,6 +625,8 @@ pub struct GceInstance {
     provider_type: String,
     tags: InstanceTags,
     address: String,
+    /// Being preempted, as of the list (with `watch_interruptions`).
+    interruption: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl std::fmt::Debug for GceInstance {
@@ -732,6 +763,9 @@ impl Instance for GceInstance {
                 "GCE: host keys come from the guest attributes, which this driver does not read",
             ))
         })
+    }
+    fn interruption_notice(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.interruption
     }
 }
 

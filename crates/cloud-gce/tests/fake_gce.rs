@@ -373,6 +373,42 @@ async fn a_create_pinned_to_a_zone_tries_only_that_zone() {
     assert!(!e.is_capacity() && e.to_string().contains("mars-1"), "{e}");
 }
 
+/// Issue 19, the cloud's own interruption notices on GCE: a set that watches reports a spot
+/// VM that is `STOPPING` (being preempted) as interrupted; an on-demand VM that is stopping,
+/// or any VM when the set does not watch, is not.
+#[tokio::test]
+async fn a_watching_set_reports_a_stopping_spot_vm_as_preempted() {
+    let f = fake().await;
+    let s = set(&f, json!({}));
+    let mut spot = it("e2-standard-2");
+    spot.preemptible = true;
+    let vm = s.create(&spot, request(&[])).await.unwrap().id();
+    let plain = s
+        .create(&it("e2-standard-2"), request(&[]))
+        .await
+        .unwrap()
+        .id();
+    for id in [&vm, &plain] {
+        let (zone, name) = id.split_once('/').unwrap();
+        assert!(f.set_status(zone, name, "STOPPING"));
+    }
+    let noticed = || async {
+        let mut v: Vec<String> = s
+            .instances(&InstanceTags::new())
+            .await
+            .unwrap()
+            .iter()
+            .filter(|i| i.interruption_notice().is_some())
+            .map(|i| i.id())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(noticed().await.is_empty(), "not watching");
+    s.watch_interruptions();
+    assert_eq!(noticed().await, std::slice::from_ref(&vm));
+}
+
 #[tokio::test]
 async fn spot_and_gpu_create_bodies() {
     let f = fake().await;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::{Duration, Instant};
 
 use super::{Pool, State};
-use crate::worker_state::IdleBehavior;
+use crate::worker_state::{IdleBehavior, WorkerState};
 
 /// The file's format version.
 const VERSION: u32 = 1;
@@ -180,7 +180,9 @@ impl Pool {
         source: &str,
     ) -> Option<Arc<arvados::InstanceType>> {
         let w = st.workers.get_mut(id)?;
-        if w.idle_behavior != IdleBehavior::Run {
+        // An instance being shut down is no news (GCE lists a VM it is deleting as STOPPING,
+        // as it does one being preempted).
+        if w.idle_behavior != IdleBehavior::Run || w.state == WorkerState::Shutdown {
             return None;
         }
         w.idle_behavior = IdleBehavior::Drain;
