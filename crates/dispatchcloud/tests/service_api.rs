@@ -1273,8 +1273,8 @@ async fn holdoffs_api_shows_which_offerings_are_held_off_until_when_and_why() {
 }
 
 /// Issue 19, spot interruption notices (settings `Interruptions`). The stub cloud announces
-/// each VM's end a second after creating it (crunch-run records `preemptionNotice` in the
-/// container's `runtime_status`, as on EC2). Container A runs on VM 1 through the notice;
+/// VM 1's end a second after creating it (crunch-run records `preemptionNotice` in the
+/// container's `runtime_status`, as on EC2, and the VM reports it to the pool). Container A runs on VM 1 through the notice;
 /// B is queued after A completes. Judged from the stub cloud's record of crunch-run lives:
 /// * off (Arvados): B starts on the doomed VM 1, where its work would be lost;
 /// * `Drain`: VM 1 takes nothing new and is shut down when A ends; B runs on a new VM, and
@@ -1300,7 +1300,12 @@ async fn spot_interruption_notices_drain_the_instance_and_can_pre_boot_a_replace
             "test",
         )
         .unwrap();
-        let set = stub(json!({"VanishAfter": "60s", "InterruptionNotice": "59s"}));
+        // VM 1 (and every odd one) is doomed; the others are not. (With `Drain` the pool
+        // also reads the cloud's own notices, so a doomed replacement would be drained too.)
+        let set = stub(json!({"VmProfiles": [
+            {"VanishAfter": "60s", "InterruptionNotice": "59s"},
+            {},
+        ]}));
         let r = start_full(
             &c,
             &settings,

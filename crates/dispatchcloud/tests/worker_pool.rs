@@ -1056,16 +1056,20 @@ async fn capacity_is_kept_per_zone_and_each_offering_returns_to_its_good_zone() 
 /// Issue 19, interruption notices from the cloud itself (the stub announces each VM's end
 /// 29 s before taking it back at 30 s): with `Interruptions.Drain` the pool has the set watch,
 /// drains the noticed instance although no container says so, and, idle, it is shut down at
-/// once; the stub cloud's VM list (the VM gone long before the cloud would take it) is the
-/// oracle. Off (Arvados) the instance stays, in `run`.
+/// once, with no pre-booted replacement (nothing ran on it to retry); the stub cloud's VM
+/// list (the VM gone long before the cloud would take it) is the oracle. Off (Arvados) the
+/// instance stays, in `run`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_the_cloud_announces_it_will_take_back_is_drained() {
     let key = Arc::new(cloud::sshd::new_ed25519_key());
     let t1 = fixture_type(1);
     let c = cluster(std::slice::from_ref(&t1), None);
-    for drain in [false, true] {
+    for (drain, pre_boot) in [(false, false), (true, false), (true, true)] {
         let set = stub(json!({"VanishAfter": "30s", "InterruptionNotice": "29s"}));
-        let p = pool(&c, set.clone(), &key, |cfg| cfg.interruptions.drain = drain);
+        let p = pool(&c, set.clone(), &key, |cfg| {
+            cfg.interruptions.drain = drain;
+            cfg.interruptions.pre_boot = pre_boot;
+        });
         wait_for("first cloud list", Duration::from_secs(5), || p.loaded()).await;
         assert!(p.create(&t1).is_some());
         wait_for("the VM", Duration::from_secs(10), || set.vms().len() == 1).await;
@@ -1082,6 +1086,9 @@ async fn an_instance_the_cloud_announces_it_will_take_back_is_drained() {
                 "{:?}",
                 p.events.all()
             );
+            // It ran nothing: no container to retry, so `PreBoot` makes no replacement
+            // (which, noticed in its turn, would make another, and so on).
+            assert_eq!(set.vm_history().len(), 1, "pre-boot {pre_boot}");
         } else {
             wait_for("the instance idle", Duration::from_secs(10), || {
                 states(&p) == [(t1.name.clone(), WorkerState::Idle, IdleBehavior::Run)]

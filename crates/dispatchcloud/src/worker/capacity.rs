@@ -161,7 +161,12 @@ impl Pool {
         let Some(it) = drained else {
             return false;
         };
-        self.after_interruptions(&[it], pre_boot);
+        let replace = if pre_boot {
+            vec![it.clone()]
+        } else {
+            Vec::new()
+        };
+        self.after_interruptions(&[it], &replace);
         true
     }
 
@@ -204,15 +209,19 @@ impl Pool {
         Some(it)
     }
 
-    /// After draining instances of `types` for interruption notices (the state unlocked):
-    /// save the capacity state, pre-boot one replacement of each if `pre_boot`, wake the
-    /// scheduler.
-    pub(super) fn after_interruptions(&self, types: &[Arc<arvados::InstanceType>], pre_boot: bool) {
-        if types.iter().any(|it| it.preemptible) {
+    /// After draining instances of these types for interruption notices (the state
+    /// unlocked): save the capacity state, create one replacement of each type in
+    /// `pre_boot`, wake the scheduler.
+    pub(super) fn after_interruptions(
+        &self,
+        drained: &[Arc<arvados::InstanceType>],
+        pre_boot: &[Arc<arvados::InstanceType>],
+    ) {
+        if drained.iter().any(|it| it.preemptible) {
             self.capacity_changed();
         }
-        for it in types {
-            if pre_boot && self.do_create(it).is_some() {
+        for it in pre_boot {
+            if self.do_create(it).is_some() {
                 self.events.push(
                     "pre-boot",
                     it.name.clone(),

@@ -110,17 +110,31 @@ impl Pool {
             st.loaded = true;
             tracing::info!(N = st.workers.len(), "loaded initial instance list");
         }
-        let drained: Vec<Arc<InstanceType>> = if self.cfg.interruptions.drain {
-            noticed
-                .iter()
-                .filter_map(|id| self.drain_for_interruption(&mut st, id, "the cloud's notice"))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // A noticed instance that runs nothing has no container to retry: it is drained
+        // (and, idle, shut down) but gets no pre-booted replacement, or a replacement noticed
+        // in its turn would make another, and so on through a storm.
+        let mut drained: Vec<Arc<InstanceType>> = Vec::new();
+        let mut busy: Vec<Arc<InstanceType>> = Vec::new();
+        if self.cfg.interruptions.drain {
+            for id in &noticed {
+                let running = st
+                    .workers
+                    .get(id)
+                    .is_some_and(|w| !w.running.is_empty() || !w.starting.is_empty());
+                if let Some(it) = self.drain_for_interruption(&mut st, id, "the cloud's notice") {
+                    if running {
+                        busy.push(it.clone());
+                    }
+                    drained.push(it);
+                }
+            }
+        }
         drop(st);
         if !drained.is_empty() {
-            self.after_interruptions(&drained, self.cfg.interruptions.pre_boot);
+            if !self.cfg.interruptions.pre_boot {
+                busy.clear();
+            }
+            self.after_interruptions(&drained, &busy);
         }
         self.notify();
         Ok(())
