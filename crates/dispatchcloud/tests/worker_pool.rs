@@ -1157,3 +1157,47 @@ async fn the_other_market_of_a_type_tries_its_troubled_zones_last() {
     );
     p.stop();
 }
+
+/// Issue 19: a standby's read-only pool (passive) acts on no interruption notice from the
+/// cloud: it neither drains the noticed instance nor pre-boots a replacement. The stub
+/// cloud's VM history is the oracle for creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passive_pool_acts_on_no_interruption_notice() {
+    let key = Arc::new(cloud::sshd::new_ed25519_key());
+    let t1 = fixture_type(1);
+    let c = cluster(std::slice::from_ref(&t1), None);
+    let set = stub(json!({"VanishAfter": "30s", "InterruptionNotice": "30s"}));
+    // The active dispatcher made one VM, then went away.
+    let first = pool(&c, set.clone(), &key, |_| {});
+    wait_for("first cloud list", Duration::from_secs(5), || {
+        first.loaded()
+    })
+    .await;
+    assert!(first.create(&t1).is_some());
+    wait_for("the VM", Duration::from_secs(10), || set.vms().len() == 1).await;
+    first.stop();
+    assert!(first.join(Duration::from_secs(10)).await);
+    // The standby, with Drain and PreBoot, sees it (noticed from the start).
+    let cfg = {
+        let mut cfg = PoolConfig::from_cluster(&c, "zzzzz-test-pool", key.clone());
+        cfg.interruptions.drain = true;
+        cfg.interruptions.pre_boot = true;
+        cfg
+    };
+    let standby = Pool::new(cfg, set.clone(), &prometheus::Registry::new()).unwrap();
+    standby.set_passive(true);
+    for _ in 0..3 {
+        standby.sync().await.unwrap();
+    }
+    let vm = cloud::Instance::id(set.vms()[0].as_ref());
+    assert!(
+        cloud::Instance::interruption_notice(set.vms()[0].as_ref()).is_some(),
+        "the set watches and the VM is noticed"
+    );
+    assert_eq!(
+        standby.worker(&vm).map(|w| w.idle_behavior),
+        Some(IdleBehavior::Run)
+    );
+    assert_eq!(set.vm_history().len(), 1, "no replacement from a standby");
+    standby.stop();
+}

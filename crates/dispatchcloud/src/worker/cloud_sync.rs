@@ -115,7 +115,8 @@ impl Pool {
         // in its turn would make another, and so on through a storm.
         let mut drained: Vec<Arc<InstanceType>> = Vec::new();
         let mut busy: Vec<Arc<InstanceType>> = Vec::new();
-        if self.cfg.interruptions.drain {
+        // A standby's read-only view acts on nothing: it drains once it takes over.
+        if self.cfg.interruptions.drain && !self.is_passive() {
             for id in &noticed {
                 let running = st
                     .workers
