@@ -200,7 +200,7 @@ impl Pool {
         );
         let it = w.it.clone();
         if it.preemptible {
-            let key = self.capacity_keys(&it)[2].clone();
+            let key = super::create::offering_key(&it);
             let n = st.capacity_failures.entry(key.clone()).or_default();
             *n = (*n).max(1);
             st.capacity_error

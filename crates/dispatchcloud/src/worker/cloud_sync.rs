@@ -39,11 +39,15 @@ impl Pool {
         let mut st = self.lock();
         let mut listed = std::collections::HashSet::new();
         // The cloud's own interruption notices (the set watches with `Interruptions.Drain`).
-        let noticed: Vec<String> = list
-            .iter()
-            .filter(|i| i.interruption_notice().is_some())
-            .map(|i| i.id())
-            .collect();
+        // A standby's read-only view acts on none: it drains once it takes over.
+        let noticed: Vec<String> = if self.cfg.interruptions.drain && !self.is_passive() {
+            list.iter()
+                .filter(|i| i.interruption_notice().is_some())
+                .map(|i| i.id())
+                .collect()
+        } else {
+            Vec::new()
+        };
         for inst in list {
             listed.insert(inst.id());
             self.update_worker(&mut st, inst, now);
@@ -114,28 +118,22 @@ impl Pool {
         // (and, idle, shut down) but gets no pre-booted replacement, or a replacement noticed
         // in its turn would make another, and so on through a storm.
         let mut drained: Vec<Arc<InstanceType>> = Vec::new();
-        let mut busy: Vec<Arc<InstanceType>> = Vec::new();
-        // A standby's read-only view acts on nothing: it drains once it takes over.
-        if self.cfg.interruptions.drain && !self.is_passive() {
-            for id in &noticed {
-                let running = st
-                    .workers
-                    .get(id)
-                    .is_some_and(|w| !w.running.is_empty() || !w.starting.is_empty());
-                if let Some(it) = self.drain_for_interruption(&mut st, id, "the cloud's notice") {
-                    if running {
-                        busy.push(it.clone());
-                    }
-                    drained.push(it);
+        let mut pre_boot: Vec<Arc<InstanceType>> = Vec::new();
+        for id in &noticed {
+            let busy = st
+                .workers
+                .get(id)
+                .is_some_and(|w| !w.running.is_empty() || !w.starting.is_empty());
+            if let Some(it) = self.drain_for_interruption(&mut st, id, "the cloud's notice") {
+                if busy && self.cfg.interruptions.pre_boot {
+                    pre_boot.push(it.clone());
                 }
+                drained.push(it);
             }
         }
         drop(st);
         if !drained.is_empty() {
-            if !self.cfg.interruptions.pre_boot {
-                busy.clear();
-            }
-            self.after_interruptions(&drained, &busy);
+            self.after_interruptions(&drained, &pre_boot);
         }
         self.notify();
         Ok(())

@@ -52,22 +52,36 @@ impl State {
     }
 }
 
+/// `it`'s offering: its provider type in its market (`m5.large`, `m5.large-preemptible`).
+pub(super) fn offering_key(it: &InstanceType) -> String {
+    let mut key = it.provider_type.clone();
+    if it.preemptible {
+        key.push_str("-preemptible");
+    }
+    key
+}
+
+/// `it`'s offering in `zone` (with zones on): `m5.large-preemptible@subnet-1`.
+fn zone_key(it: &InstanceType, zone: &str) -> String {
+    format!("{}@{zone}", offering_key(it))
+}
+
+/// `it`'s provider type in `zone`, either market (`State::zone_trouble`).
+fn trouble_key(it: &InstanceType, zone: &str) -> String {
+    format!("{}@{zone}", it.provider_type)
+}
+
 impl Pool {
     // -----------------------------------------------------------------------------------
     // Quota and capacity (§8.5)
 
+    /// Every type (`""`), `it`'s quota group, and its offering ([`offering_key`]).
     pub(super) fn capacity_keys(&self, it: &InstanceType) -> [String; 3] {
-        let mut provider = it.provider_type.clone();
-        if it.preemptible {
-            provider.push_str("-preemptible");
-        }
-        [String::new(), self.set.instance_quota_group(it), provider]
-    }
-
-    /// The capacity key of `it`'s offering in `zone`.
-    fn zone_key(&self, it: &InstanceType, zone: &str) -> String {
-        let [_, _, provider] = self.capacity_keys(it);
-        format!("{provider}@{zone}")
+        [
+            String::new(),
+            self.set.instance_quota_group(it),
+            offering_key(it),
+        ]
     }
 
     /// With zones: where the next create of `it` goes. The zone of the offering's last
@@ -77,19 +91,17 @@ impl Pool {
     /// held off is skipped, and so is one in doubt while a create probes it (the launch
     /// budget). `None`: every zone is out for now (or there are no zones).
     fn pick_zone(&self, st: &State, it: &InstanceType, now: Instant) -> Option<String> {
-        let [_, _, provider] = self.capacity_keys(it);
+        let provider = offering_key(it);
         let last = st.last_good_zone.get(&provider);
         let mut order: Vec<(u8, &String, String)> = self
             .zones
             .iter()
             .map(|z| {
-                let key = self.zone_key(it, z);
+                let key = zone_key(it, z);
                 let rank = if Some(z) == last {
                     0
                 } else if st.capacity_failures.get(&key).is_some_and(|n| *n > 0)
-                    || st
-                        .zone_trouble
-                        .contains(&format!("{}@{z}", it.provider_type))
+                    || st.zone_trouble.contains(&trouble_key(it, z))
                 {
                     2
                 } else {
@@ -104,9 +116,10 @@ impl Pool {
             .find(|(_, z, key)| {
                 let held = st.at_capacity_until.get(key).is_some_and(|t| now < *t);
                 let probing = st.capacity_failures.get(key).is_some_and(|n| *n > 0)
-                    && st.creating.values().any(|c| {
-                        c.zone.as_ref() == Some(*z) && self.capacity_keys(&c.it)[2] == provider
-                    });
+                    && st
+                        .creating
+                        .values()
+                        .any(|c| c.zone.as_ref() == Some(*z) && offering_key(&c.it) == provider);
                 !held && !probing
             })
             .map(|(_, z, _)| z.clone())
@@ -308,7 +321,7 @@ impl Pool {
             zone: zone.clone(),
         };
         let result = self.set.create(&it, req).await;
-        let zone_key = zone.as_ref().map(|z| self.zone_key(&it, z));
+        let zone_key = zone.as_ref().map(|z| zone_key(&it, z));
         let now = Instant::now();
         {
             let mut st = self.lock();
@@ -316,9 +329,8 @@ impl Pool {
                 Ok(inst) => {
                     let mut recovered = false;
                     if let Some(z) = &zone {
-                        let [_, _, provider] = self.capacity_keys(&it);
-                        st.last_good_zone.insert(provider, z.clone());
-                        st.zone_trouble.remove(&format!("{}@{z}", it.provider_type));
+                        st.last_good_zone.insert(offering_key(&it), z.clone());
+                        st.zone_trouble.remove(&trouble_key(&it, z));
                     }
                     for key in self.capacity_keys(&it).into_iter().chain(zone_key) {
                         recovered |= st.capacity_failures.remove(&key).is_some();
@@ -376,7 +388,7 @@ impl Pool {
                         let [all, group, provider] = self.capacity_keys(&it);
                         let key = if let Some(k) = in_zone {
                             if let Some(z) = zone.as_ref().filter(|_| e.is_capacity()) {
-                                st.zone_trouble.insert(format!("{}@{z}", it.provider_type));
+                                st.zone_trouble.insert(trouble_key(&it, z));
                             }
                             k
                         } else if e.is_quota_group_specific() {
